@@ -1,0 +1,90 @@
+"""Export to ONNX (fp32; precision is applied in ONNX, not in PyTorch).
+
+Fake-quantized PyTorch graphs often fail to export, so a trial always exports
+the fp32 (pruned, fine-tuned) model and quantizes the ONNX graph afterwards.
+``onnx_node_names`` keeps the mapping from PyTorch module names to ONNX node
+names that ``nodes_to_exclude`` needs.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import onnx
+import torch
+from torch import nn
+
+from search.errors import TrialError
+from search.record import Layer
+
+__all__ = ["OPSET", "compressible_layers", "export_onnx", "onnx_node_names"]
+
+OPSET = 17
+_OP_TYPES: tuple[tuple[type[nn.Module], str], ...] = ((nn.Conv2d, "Conv"), (nn.Linear, "Gemm"))
+
+
+def compressible_layers(model: nn.Module) -> list[Layer]:
+    """The layers that get a precision each: Conv2d as ``Conv``, Linear as ``Gemm``."""
+    layers = []
+    for name, module in model.named_modules():
+        for cls, op_type in _OP_TYPES:
+            if isinstance(module, cls):
+                layers.append(Layer(name, op_type))
+    return layers
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
+    """Export ``model`` (eval mode, BatchNorm folded into Conv) with a dynamic batch axis."""
+    model = model.eval()
+    example = torch.zeros(1, *input_shape)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                buffer,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except Exception as exc:  # the exporter raises many types
+        raise TrialError("export", f"{type(exc).__name__}: {exc}") from exc
+    return buffer.getvalue()
+
+
+def _module_of(node_name: str) -> str:
+    """The module name behind a TorchScript-exporter node name.
+
+    Scopes name attributes relatively (``/layer1/conv1/Conv``) but containers'
+    children with their parent's name in front (``/stem/stem.0/Conv``,
+    ``/layer2/shortcut/shortcut.0/Conv``); both map to dotted module names.
+    """
+    parts = node_name.strip("/").split("/")[:-1]
+    name, previous = "", ""
+    for part in parts:
+        if previous and part.startswith(previous + "."):
+            name += part[len(previous):]
+        else:
+            name = f"{name}.{part}" if name else part
+        previous = part
+    return name
+
+
+def onnx_node_names(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, str]:
+    """Map each layer's module name to the name of its ONNX node."""
+    wanted = {layer.name: layer.op_type for layer in layers}
+    found: dict[str, str] = {}
+    for node in model.graph.node:
+        module = _module_of(node.name)
+        if wanted.get(module) == node.op_type:
+            found[module] = node.name
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise TrialError("export", f"no ONNX node found for layers {missing}")
+    return found

@@ -1,0 +1,151 @@
+"""Hardware profiles: what a device can run and how to measure on it.
+
+A profile is data (``hardware_profiles/*.yaml``) validated here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from search._schema import Strict, load_model
+from search.errors import ConfigError
+
+__all__ = [
+    "HardwareProfile",
+    "Int8Settings",
+    "MeasureSettings",
+    "PROFILES_DIR",
+    "available_profiles",
+    "host_cpu_flags",
+    "load_profile",
+    "measurable_here",
+]
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
+
+Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+OpType = Literal["Conv", "Gemm", "MatMul"]
+DeviceClass = Literal["cpu", "gpu", "fpga", "vpu", "gna", "npu"]
+
+
+class Int8Settings(Strict):
+    """How int8 layers may be quantized; each list is what the search may pick from.
+
+    On x86 ONNX Runtime fuses QDQ into fast int8 kernels only with uint8
+    activations (U8S8); int8 activations (S8S8) can be slower than fp32.
+    """
+
+    activation_types: list[Literal["uint8", "int8"]] = Field(default=["uint8"], min_length=1)
+    weight_types: list[Literal["int8", "uint8"]] = Field(default=["int8"], min_length=1)
+    per_channel: list[bool] = Field(default=[True], min_length=1)
+    activation_symmetric: list[bool] = Field(default=[False], min_length=1)
+    reduce_range: bool = False
+
+
+class MeasureSettings(Strict):
+    """How latency is measured: ONNX Runtime provider, threads, batch, repetitions."""
+
+    execution_provider: str = "CPUExecutionProvider"
+    threads: int = Field(default=1, ge=1, le=256)
+    batch_size: int = Field(default=1, ge=1, le=4096)
+    warmup_runs: int = Field(default=20, ge=0)
+    min_runs: int = Field(default=100, ge=3)
+    min_time_s: float = Field(default=1.0, ge=0.0, le=600.0)
+    max_cv: float = Field(default=0.25, gt=0.0)
+
+
+class HostRequirements(Strict):
+    """What the running machine must have for this profile to be measured on it."""
+
+    cpu_flags: list[str] = []
+
+
+class HardwareProfile(Strict):
+    """A target device: allowed precisions per op type and how to measure it."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    device_class: DeviceClass
+    description: str = ""
+    precisions: dict[OpType, list[Precision]] = Field(min_length=1)
+    int8: Int8Settings = Int8Settings()
+    sparse_kernels: Literal["none", "2:4", "unstructured"] = "none"
+    channel_multiple: int = Field(default=8, ge=1, le=256)
+    measure: MeasureSettings = MeasureSettings()
+    requires: HostRequirements = HostRequirements()
+    resource: str | None = None
+
+    @field_validator("precisions")
+    @classmethod
+    def _fp32_or_something(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for op, allowed in value.items():
+            if not allowed:
+                raise ValueError(f"op type {op} allows no precision at all")
+            if len(set(allowed)) != len(allowed):
+                raise ValueError(f"op type {op} lists a precision twice: {allowed}")
+        return value
+
+    @model_validator(mode="after")
+    def _default_resource(self) -> HardwareProfile:
+        if self.resource is None:
+            object.__setattr__(self, "resource", f"hw:{self.name}")
+        return self
+
+    def allowed(self, op_type: str) -> list[str]:
+        """Precisions this device runs for ``op_type`` (fp32 only for unknown ops)."""
+        return list(self.precisions.get(op_type, ["fp32"]))  # type: ignore[call-overload]
+
+
+def available_profiles() -> list[str]:
+    """Names of the built-in profiles."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """Load a built-in profile by name, or a user's profile from a YAML path."""
+    text = str(name_or_path)
+    path = Path(text)
+    if not (text.endswith((".yaml", ".yml")) or path.is_file()):
+        path = PROFILES_DIR / f"{text}.yaml"
+        if not path.is_file():
+            known = ", ".join(available_profiles())
+            raise ConfigError(
+                f"unknown profile {text!r}; known profiles: {known} "
+                "(or pass a path to a profile YAML file)"
+            )
+    elif not path.is_file():
+        raise ConfigError(f"profile file {path} does not exist")
+    return load_model(HardwareProfile, path)
+
+
+@functools.cache
+def host_cpu_flags() -> frozenset[str]:
+    """CPU feature flags of this machine (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def measurable_here(profile: HardwareProfile) -> tuple[bool, str]:
+    """Whether this machine can measure ``profile``, and why not if it cannot."""
+    import onnxruntime as ort
+
+    provider = profile.measure.execution_provider
+    if provider not in ort.get_available_providers():
+        return False, f"ONNX Runtime here lacks {provider}"
+    if profile.device_class != "cpu":
+        if provider == "CPUExecutionProvider":
+            return False, f"a {profile.device_class} cannot be measured with the CPU provider"
+        return True, f"{provider} available"
+    missing = sorted(set(profile.requires.cpu_flags) - host_cpu_flags())
+    if missing:
+        return False, f"this CPU lacks {', '.join(missing)}"
+    return True, "this CPU has the required flags"
