@@ -97,5 +97,27 @@ def apply_precision_plan(model: bytes, precisions: dict[str, str], node_names: d
         finally:
             root.setLevel(level)
         result = out.read_bytes()
-    onnx.checker.check_model(onnx.load_from_string(result))
-    return result
+    graph = onnx.load_from_string(result)
+    _feed_fp32_layers_fp32(graph, set(exclude))
+    onnx.checker.check_model(graph)
+    return graph.SerializeToString()
+
+
+def _feed_fp32_layers_fp32(model: onnx.ModelProto, fp32_nodes: set[str]) -> None:
+    """Rewire an fp32 layer's input around the Q -> DQ pair in front of it.
+
+    The quantizer leaves an excluded Conv between DequantizeLinear and
+    QuantizeLinear when its neighbours are int8, and ONNX Runtime (1.20+) then
+    quantizes its fp32 weights itself, so the "fp32" layer would run in int8.
+    Feeding it the fp32 tensor from before the QuantizeLinear keeps it fp32.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.name not in fp32_nodes or not node.input:
+            continue
+        dq = producers.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producers.get(dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            node.input[0] = q.input[0]

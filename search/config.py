@@ -1,0 +1,84 @@
+"""The validated configuration of one search, and its derived defaults.
+
+Validation happens here, once, before anything is computed or written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from search.errors import ConfigError
+
+__all__ = ["SAMPLERS", "SearchConfig", "ensure_writable"]
+
+SAMPLERS = ("tpe", "nsga2", "random")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What the user asked for; ``resolved()`` fills the defaults."""
+
+    profile: str
+    budget: int
+    task: str = "digits"
+    space: str = "default"
+    study_name: str | None = None
+    storage: str | None = None
+    tracking_uri: str | None = None
+    output_dir: Path | None = None
+    ray_address: str | None = None
+    seed: int = 0
+    sampler: str = "tpe"
+    parallel: int = 1
+    runs_root: Path = Path("search-runs")
+    max_accuracy_drop: float = 1.0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad setting and what is allowed."""
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int):
+            raise ConfigError(f"budget must be a whole number of trials, got {self.budget!r}")
+        if self.budget <= 0:
+            raise ConfigError(f"budget must be at least 1 trial, got {self.budget}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not isinstance(self.parallel, int) or self.parallel < 1:
+            raise ConfigError(f"parallel must be at least 1, got {self.parallel!r}")
+        if self.study_name is not None and not _NAME.match(self.study_name):
+            raise ConfigError(
+                f"study name {self.study_name!r} is not allowed: use letters, digits, '.', '_' "
+                "or '-', starting with a letter or digit, at most 128 characters"
+            )
+        if self.max_accuracy_drop < 0:
+            raise ConfigError(f"max accuracy drop must be >= 0, got {self.max_accuracy_drop}")
+
+    def resolved(self, profile_name: str) -> SearchConfig:
+        """A copy with every default filled in (study name, directories, store URLs)."""
+        self.validate()
+        name = self.study_name or f"{self.task}-{profile_name}"
+        root = Path(self.runs_root)
+        return replace(
+            self,
+            study_name=name,
+            output_dir=Path(self.output_dir) if self.output_dir else root / name,
+            storage=self.storage or f"sqlite:///{(root / 'optuna.db').resolve()}",
+        )
+
+
+def ensure_writable(directory: Path, what: str) -> None:
+    """Create ``directory`` and prove a file can be written there, or raise ConfigError."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {directory} cannot be written ({exc.strerror or exc}); "
+            "choose a writable directory"
+        ) from None

@@ -1,0 +1,342 @@
+"""The study driver: one process asks Optuna, runs trials on Ray, tells results.
+
+Only this driver writes to the Optuna storage and to MLflow. A trial's result
+is in the Optuna storage before anything else is done with it, so a study can
+be interrupted at any moment and resumed by rerunning the same command.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import ray
+
+from search._redact import redact
+from search.compress import compressible_layers
+from search.config import SearchConfig, ensure_writable
+from search.errors import ConfigError, SearchError
+from search.execution import Executor, connect
+from search.pareto import best_speedup, plot_front, trials_frame
+from search.profiles import HardwareProfile, load_profile, measurable_here
+from search.record import TrialRecord
+from search.spaces import ResolvedSpace, load_space, resolve_space
+from search.tasks import load_task
+from search.tracking import Tracker, default_tracking_uri
+
+__all__ = ["StudyResult", "make_sampler", "run_search"]
+
+log = logging.getLogger("search")
+_TRIAL_METRICS = ("accuracy", "test_accuracy", "latency_median_ms", "latency_p90_ms",
+                  "latency_cv", "size_mb", "sparsity", "macs", "params")
+
+
+@dataclass
+class StudyResult:
+    """What a finished (or interrupted) study leaves behind."""
+
+    study_name: str
+    output_dir: Path
+    trials: pd.DataFrame
+    front: pd.DataFrame  # the Pareto front plus the baselines (see its on_front column)
+    tracking_uri: str
+    parent_run_id: str
+    best_speedup: float | None
+    n_failed: int
+    wall_s: float
+    interrupted: bool = False
+
+
+def make_sampler(name: str, seed: int, budget: int) -> optuna.samplers.BaseSampler:
+    """Seeded sampler; re-created identically when a study resumes (Optuna does not persist it)."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True,
+            n_startup_trials=max(4, min(10, budget // 3)),
+        )
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, budget // 3)))
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    """Trials left RUNNING by a driver that died are marked FAILED (retried within budget)."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "failure", "driver stopped mid-trial")
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+
+
+def _n_complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def _record_attrs(record: TrialRecord) -> dict[str, Any]:
+    lat = record.latency
+    attrs: dict[str, Any] = {
+        "choices": record.choices.flat(),
+        "layer_precisions": record.layer_precisions,
+        "timings": record.timings,
+        "test_accuracy": record.test_accuracy,
+        "size_mb": record.size_mb,
+        "sparsity": record.sparsity,
+        "macs": record.macs,
+        "params": record.params,
+    }
+    if lat is not None:
+        attrs.update(latency_p90_ms=lat.p90_ms, latency_cv=lat.cv, latency_runs=lat.runs,
+                     latency_source=lat.source, device=lat.device, provider=lat.provider)
+    return attrs
+
+
+def _log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial) -> None:
+    """Log a finished trial to MLflow from what the Optuna storage holds."""
+    a = trial.user_attrs
+    complete = trial.state == optuna.trial.TrialState.COMPLETE
+    metrics: dict[str, float | None] = {}
+    if complete:
+        metrics = {"accuracy": trial.values[0], "latency_median_ms": trial.values[1]}
+        metrics.update({k: a.get(k) for k in _TRIAL_METRICS if k in a})
+        metrics.update({f"time_{k}_s": v for k, v in a.get("timings", {}).items()})
+        precisions = list(a.get("layer_precisions", {}).values())
+        if precisions:
+            for p in sorted(set(precisions)):
+                metrics[f"share_{p}"] = precisions.count(p) / len(precisions)
+    tags = {
+        "state": trial.state.name,
+        "latency_source": a.get("latency_source", ""),
+        "device": a.get("device", ""),
+        "baseline": a.get("baseline", ""),
+    }
+    if "failure" in a:
+        tags["failure_reason"] = a["failure"]
+    params = a.get("choices") or dict(trial.params)
+    tracker.log_trial(trial.number, params, metrics, tags, failed=not complete)
+
+
+class _Driver:
+    """The ask / run / tell loop of one study invocation."""
+
+    def __init__(self, cfg: SearchConfig, study: optuna.Study, resolved: ResolvedSpace,
+                 executor: Executor, tracker: Tracker, profile: HardwareProfile,
+                 show_progress: bool) -> None:
+        self.cfg, self.study, self.resolved = cfg, study, resolved
+        self.executor, self.tracker, self.profile = executor, tracker, profile
+        self.models_dir = Path(cfg.output_dir) / "models"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.in_flight: dict[ray.ObjectRef, tuple[optuna.Trial, str]] = {}
+        self.n_failed = 0
+        self.show_progress = show_progress
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        budget = self.cfg.budget
+        done = _n_complete(self.study)
+        bar = tqdm(total=budget, initial=min(done, budget), unit="trial", desc=self.cfg.study_name,
+                   disable=not self.show_progress, file=sys.stderr, dynamic_ncols=True)
+        max_failures = max(10, budget)
+        try:
+            while done < budget:
+                while len(self.in_flight) < self.cfg.parallel and done + len(self.in_flight) < budget:
+                    self._start_trial()
+                ready, _ = ray.wait(list(self.in_flight), num_returns=1)
+                state = self._advance(ready[0])
+                if state is optuna.trial.TrialState.COMPLETE:
+                    done += 1
+                    bar.update(1)
+                    bar.set_postfix_str(self._postfix(), refresh=True)
+                elif state is optuna.trial.TrialState.FAIL:
+                    self.n_failed += 1
+                    if self.n_failed >= max_failures:
+                        raise SearchError(f"{self.n_failed} trials failed; stopping. The last "
+                                          "failure reason is in trials.csv and MLflow.")
+        except BaseException:
+            self._abandon_in_flight("driver interrupted")
+            raise
+        finally:
+            bar.close()
+
+    def _start_trial(self) -> None:
+        trial = self.study.ask()
+        choices = self.resolved.sample(trial)
+        record = TrialRecord(trial.number, choices, seed=self.cfg.seed * 100_003 + trial.number)
+        self.in_flight[self.executor.submit_compress(record)] = (trial, "compress")
+
+    def _advance(self, ref: ray.ObjectRef) -> optuna.trial.TrialState | None:
+        trial, stage = self.in_flight.pop(ref)
+        try:
+            record: TrialRecord = ray.get(ref)
+        except Exception as exc:  # the worker died or raised outside a stage
+            return self._fail(trial, f"{stage}: {type(exc).__name__}: {str(exc)[-500:]}")
+        if record.error:
+            return self._fail(trial, record.error)
+        if stage == "compress":
+            self.in_flight[self.executor.submit_measure(record)] = (trial, "measure")
+            return None
+        return self._complete(trial, record)
+
+    def _fail(self, trial: optuna.Trial, reason: str) -> optuna.trial.TrialState:
+        trial.set_user_attr("failure", reason)
+        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        log.warning("trial %d failed: %s", trial.number, reason)
+        _log_frozen(self.tracker, self.study._storage.get_trial(trial._trial_id))
+        return optuna.trial.TrialState.FAIL
+
+    def _complete(self, trial: optuna.Trial, record: TrialRecord) -> optuna.trial.TrialState:
+        assert record.onnx_model is not None and record.latency is not None
+        (self.models_dir / f"trial-{trial.number}.onnx").write_bytes(record.onnx_model)
+        for key, value in _record_attrs(record).items():
+            trial.set_user_attr(key, value)
+        frozen = self.study.tell(trial, [record.accuracy, record.latency.median_ms])
+        _log_frozen(self.tracker, frozen)
+        return optuna.trial.TrialState.COMPLETE
+
+    def _abandon_in_flight(self, reason: str) -> None:
+        for ref, (trial, _) in list(self.in_flight.items()):
+            ray.cancel(ref, force=True)
+            try:
+                trial.set_user_attr("failure", reason)
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            except Exception:  # the storage may be what failed; nothing else to do
+                pass
+        self.in_flight.clear()
+
+    def _postfix(self) -> str:
+        df = trials_frame(self.study)
+        best = best_speedup(df, self.cfg.max_accuracy_drop)
+        best_text = f"{best:.2f}x" if best else "n/a"
+        return (f"front {int(df['on_front'].sum())}, best speedup within "
+                f"{self.cfg.max_accuracy_drop:g} pt {best_text}")
+
+
+def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]:
+    return {
+        "profile": profile.name, "task": cfg.task, "space": cfg.space, "sampler": cfg.sampler,
+        "budget": cfg.budget, "seed": cfg.seed, "study_name": cfg.study_name,
+        "storage": redact(cfg.storage), "parallel": cfg.parallel,
+    }
+
+
+def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker,
+                   interrupted: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    out = Path(cfg.output_dir)
+    df = trials_frame(study)
+    failed = [t for t in study.get_trials(deepcopy=False)
+              if t.state == optuna.trial.TrialState.FAIL]
+    all_rows = df
+    if failed:
+        fail_rows = pd.DataFrame({"trial": [t.number for t in failed], "state": "FAIL",
+                                  "failure": [t.user_attrs.get("failure", "") for t in failed]})
+        all_rows = pd.concat([df.assign(state="COMPLETE"), fail_rows], ignore_index=True)
+        all_rows = all_rows.sort_values("trial")
+    front = df[df["on_front"]].sort_values("latency_ms") if len(df) else df
+    all_rows.to_csv(out / "trials.csv", index=False)
+    # pareto.csv: the front, plus the baselines as reference rows (on_front tells which is which)
+    shown = df[df["on_front"] | (df["baseline"] != "")].sort_values("latency_ms") if len(df) else df
+    shown.to_csv(out / "pareto.csv", index=False)
+    artifacts = [out / "pareto.csv", out / "trials.csv"]
+    if len(df):
+        artifacts.append(plot_front(df, out / "pareto.png", f"{cfg.study_name}: "
+                                    f"{len(df)} trials, front of {len(front)}"))
+    front_models = out / "front_models"
+    front_models.mkdir(exist_ok=True)
+    for n in front["trial"]:
+        src = out / "models" / f"trial-{n}.onnx"
+        if src.exists():
+            (front_models / src.name).write_bytes(src.read_bytes())
+    artifacts.append(front_models)
+    for t in study.get_trials(deepcopy=False):  # catch up on logging missed by a dead driver
+        if t.state.is_finished() and t.number not in tracker.logged:
+            _log_frozen(tracker, t)
+    tracker.mark_front(set(int(n) for n in front["trial"]))
+    base = df.loc[df["baseline"] == "fp32", "accuracy"] if len(df) else pd.Series(dtype=float)
+    tracker.finish(
+        {"front_size": len(front), "completed_trials": len(df), "failed_trials": len(failed),
+         "best_speedup_within_drop": best_speedup(df, cfg.max_accuracy_drop) if len(df) else None,
+         "baseline_accuracy": float(base.iloc[0]) if len(base) else None},
+        artifacts, status="KILLED" if interrupted else "FINISHED",
+    )
+    return df, shown
+
+
+def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResult:
+    """Run (or resume) a study until ``budget`` trials are COMPLETE; write its front."""
+    start = time.perf_counter()
+    profile = load_profile(config.profile)
+    cfg = config.resolved(profile.name)
+    space = load_space(cfg.space)
+    measurable, why = measurable_here(profile)
+    if not measurable and cfg.ray_address is None:
+        raise ConfigError(
+            f"profile {profile.name!r} cannot be measured on this machine ({why}), and "
+            "predicted latency is not available yet; use a profile this machine can run "
+            "(see hardware_profiles/) or --ray-address for a cluster with the device"
+        )
+    root = Path(cfg.runs_root)
+    ensure_writable(Path(cfg.output_dir), "output directory")
+    if cfg.storage.startswith("sqlite:///") or cfg.tracking_uri is None:
+        ensure_writable(root, "runs directory")
+    tracking_uri = cfg.tracking_uri or default_tracking_uri(root)
+
+    task = load_task(cfg.task, cfg.seed)
+    info = task.teacher_info
+    log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")),
+             "trained in %.0f s" % info["trained_s"] if info.get("trained_s") else "cached")
+    resolved = resolve_space(space, profile, compressible_layers(task.teacher()))
+
+    try:
+        study = optuna.create_study(
+            storage=cfg.storage, sampler=make_sampler(cfg.sampler, cfg.seed, cfg.budget),
+            study_name=cfg.study_name, directions=["maximize", "minimize"], load_if_exists=True,
+        )
+    except Exception as exc:
+        raise ConfigError(f"cannot open the Optuna storage {redact(cfg.storage)}: "
+                          f"{type(exc).__name__}: {redact(str(exc))}") from None
+    _fail_stale(study)
+    if not study.get_trials(deepcopy=False):
+        for params, kind in zip(resolved.baselines(), ("fp32", "int8")):
+            study.enqueue_trial(params, user_attrs={"baseline": kind})
+    study.set_metric_names(["accuracy", "latency_ms"])
+
+    tracker = Tracker(tracking_uri, cfg.study_name, root / "mlartifacts")
+    tracker.log_study_params(_study_params(cfg, profile))
+    started = connect(cfg.ray_address, profile, measurable)
+    interrupted = False
+    try:
+        cpus = Executor.local_cpus()
+        executor = Executor(task, profile, train_cpus=cpus, measure_cpus=cpus if started else
+                            min(cpus, profile.measure.threads))
+        driver = _Driver(cfg, study, resolved, executor, tracker, profile, show_progress)
+        try:
+            driver.run()
+        except KeyboardInterrupt:
+            interrupted = True
+    finally:
+        if started:
+            ray.shutdown()
+    df, front = _write_outputs(study, cfg, tracker, interrupted)
+    n_failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
+    result = StudyResult(
+        study_name=cfg.study_name, output_dir=Path(cfg.output_dir), trials=df, front=front,
+        tracking_uri=tracking_uri, parent_run_id=tracker.parent_id,
+        best_speedup=best_speedup(df, cfg.max_accuracy_drop) if len(df) else None,
+        n_failed=n_failed, wall_s=time.perf_counter() - start, interrupted=interrupted,
+    )
+    return result
+
+
+def result_summary(result: StudyResult) -> dict[str, Any]:
+    """A JSON-friendly summary (for scripts and benchmarks)."""
+    data = asdict(result)
+    data["trials"] = len(result.trials)
+    data["front"] = result.front["trial"].tolist()
+    data["output_dir"] = str(result.output_dir)
+    return data

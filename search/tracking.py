@@ -1,0 +1,129 @@
+"""MLflow tracking, written by the study driver only (the one ``import mlflow``).
+
+One parent run per study; one nested child run per trial, logged with one
+``log_batch`` call. A resumed study reuses its parent run and never logs a
+trial twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from search._redact import redact
+from search.errors import ConfigError
+
+__all__ = ["EXPERIMENT", "Tracker", "default_tracking_uri"]
+
+EXPERIMENT = "compression-search"
+_STUDY_TAG = "search.study"
+_TRIAL_TAG = "search.trial"
+
+
+def default_tracking_uri(root: Path) -> str:
+    """The shared SQLite store under ``root`` (``./search-runs`` by default)."""
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def _metric_items(metrics: Mapping[str, float | None], step: int = 0) -> list[Metric]:
+    ts = int(time.time() * 1000)
+    return [Metric(k, float(v), ts, step) for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))]
+
+
+class Tracker:
+    """The study's MLflow parent run and its children."""
+
+    def __init__(self, tracking_uri: str, study_name: str, artifact_root: Path | None) -> None:
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        try:
+            experiment = self.client.get_experiment_by_name(EXPERIMENT)
+            if experiment is None:
+                location = artifact_root.resolve().as_uri() if artifact_root else None
+                experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=location)
+            else:
+                experiment_id = experiment.experiment_id
+        except Exception as exc:
+            raise ConfigError(f"cannot use the MLflow tracking store {redact(tracking_uri)}: "
+                              f"{type(exc).__name__}: {redact(str(exc))}") from None
+        self.experiment_id = experiment_id
+        self.study_name = study_name
+        self.parent_id = self._find_or_create_parent()
+        self.logged = self._logged_trials()
+
+    def _find_or_create_parent(self) -> str:
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{_STUDY_TAG}` = '{self.study_name}'",
+            max_results=1,
+        )
+        if runs:
+            run_id = runs[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=self.study_name, tags={_STUDY_TAG: self.study_name}
+        )
+        return run.info.run_id
+
+    def _logged_trials(self) -> dict[int, str]:
+        found: dict[int, str] = {}
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
+                max_results=1000, page_token=token,
+            )
+            for run in page:
+                if _TRIAL_TAG in run.data.tags:
+                    found[int(run.data.tags[_TRIAL_TAG])] = run.info.run_id
+            token = page.token
+            if not token:
+                return found
+
+    def log_study_params(self, params: Mapping[str, Any]) -> None:
+        existing = self.client.get_run(self.parent_id).data.params
+        new = [Param(k, redact(str(v))) for k, v in params.items() if k not in existing]
+        if new:
+            self.client.log_batch(self.parent_id, params=new)
+
+    def log_trial(self, number: int, params: Mapping[str, Any], metrics: Mapping[str, float | None],
+                  tags: Mapping[str, str], failed: bool = False) -> None:
+        """One child run per trial, in one batch; a trial already logged is skipped."""
+        if number in self.logged:
+            return
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{number}",
+            tags={"mlflow.parentRunId": self.parent_id, _TRIAL_TAG: str(number)},
+        )
+        self.client.log_batch(
+            run.info.run_id,
+            metrics=_metric_items(metrics),
+            params=[Param(k, str(v)) for k, v in params.items()],
+            tags=[RunTag(k, redact(str(v))) for k, v in tags.items()],
+        )
+        self.client.set_terminated(run.info.run_id, status="FAILED" if failed else "FINISHED")
+        self.logged[number] = run.info.run_id
+
+    def mark_front(self, front: set[int]) -> None:
+        for number, run_id in self.logged.items():
+            self.client.set_tag(run_id, "on_front", str(number in front).lower())
+
+    def finish(self, metrics: Mapping[str, float | None], artifacts: list[Path],
+               status: str = "FINISHED") -> None:
+        self.client.log_batch(self.parent_id, metrics=_metric_items(metrics))
+        for path in artifacts:
+            if path.is_dir():
+                self.client.log_artifacts(self.parent_id, str(path), path.name)
+            elif path.exists():
+                self.client.log_artifact(self.parent_id, str(path))
+        self.client.set_terminated(self.parent_id, status=status)

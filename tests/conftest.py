@@ -1,0 +1,43 @@
+"""Shared fixtures: the real digits task (teacher trained once, cached) and a fast profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search.compress import compressible_layers
+from search.profiles import PROFILES_DIR, load_profile
+from search.tasks import load_task
+
+
+@pytest.fixture(scope="session")
+def task():
+    return load_task("digits", 0)
+
+
+@pytest.fixture(scope="session")
+def layers(task):
+    return compressible_layers(task.teacher())
+
+
+@pytest.fixture(scope="session")
+def profile():
+    return load_profile("cpu-avx512-vnni")
+
+
+@pytest.fixture(scope="session")
+def fast_profile_path(tmp_path_factory) -> Path:
+    """The host profile with shorter measurements, loaded from a user path like a user would."""
+    data = yaml.safe_load((PROFILES_DIR / "cpu-avx512-vnni.yaml").read_text())
+    data["name"] = "fast-host"
+    data["measure"].update(warmup_runs=5, min_runs=20, min_time_s=0.2)
+    path = tmp_path_factory.mktemp("profiles") / "fast-host.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def fast_profile(fast_profile_path):
+    return load_profile(fast_profile_path)

@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search.errors import ConfigError
+from search.profiles import (
+    PROFILES_DIR,
+    available_profiles,
+    host_cpu_flags,
+    load_profile,
+    measurable_here,
+)
+
+
+def test_builtin_profiles_load():
+    names = available_profiles()
+    assert {"cpu-avx512-vnni", "cpu-avx2"} <= set(names)
+    for name in names:
+        profile = load_profile(name)
+        assert profile.name == name
+        assert profile.resource == f"hw:{name}"
+
+
+def test_cpu_profiles_offer_no_fp16():
+    for name in ("cpu-avx512-vnni", "cpu-avx2"):
+        profile = load_profile(name)
+        for op in ("Conv", "Gemm"):
+            assert "fp16" not in profile.allowed(op)
+
+
+def test_unknown_profile_lists_known():
+    with pytest.raises(ConfigError) as err:
+        load_profile("no-such-device")
+    assert "no-such-device" in str(err.value)
+    assert "cpu-avx512-vnni" in str(err.value)
+
+
+def _write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "dev.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def _base() -> dict:
+    return yaml.safe_load((PROFILES_DIR / "cpu-avx512-vnni.yaml").read_text())
+
+
+def test_unknown_field_names_file_field_and_allowed(tmp_path):
+    data = _base()
+    data["measure"]["thread"] = 2  # typo of "threads"
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_profile(path)
+    text = str(err.value)
+    assert str(path) in text and "measure.thread" in text and "threads" in text
+
+
+def test_bad_precision_names_allowed_values(tmp_path):
+    data = _base()
+    data["precisions"]["Conv"] = ["fp32", "int9"]
+    with pytest.raises(ConfigError) as err:
+        load_profile(_write(tmp_path, data))
+    assert "precisions.Conv" in str(err.value) and "int8" in str(err.value)
+
+
+def test_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_profile(_write(tmp_path, "name: [unclosed\n"))
+
+
+def test_value_out_of_range(tmp_path):
+    data = _base()
+    data["measure"]["threads"] = 0
+    with pytest.raises(ConfigError, match="measure.threads"):
+        load_profile(_write(tmp_path, data))
+
+
+def test_host_detection_matches_cpuinfo():
+    profile = load_profile("cpu-avx512-vnni")
+    ok, why = measurable_here(profile)
+    flags = host_cpu_flags()
+    assert ok == (set(profile.requires.cpu_flags) <= flags), why
+    if not ok:
+        assert "lacks" in why
