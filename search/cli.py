@@ -14,7 +14,8 @@ from search.errors import SearchError
 __all__ = ["main"]
 
 _FRONT_COLUMNS = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_source", "speedup",
-                  "size_mb", "int8_layers", "sparsity", "param.structured_ratio", "param.epochs", "on_front", "baseline"]
+                  "size_mb", "int8_layers", "sparsity", "param.structured_ratio", "param.epochs",
+                  "on_front", "baseline"]
 
 
 def _positive_int(text: str) -> int:

@@ -26,7 +26,7 @@ from search.compress import (
     prune_structured,
     prune_unstructured,
 )
-from search.compress.prune import remove_masks
+from search.compress.prune import recalibrate_batchnorm, remove_masks
 from search.errors import TrialError
 from search.evaluate import onnx_accuracy
 from search.latency import measure_latency
@@ -65,6 +65,9 @@ def compress(record: TrialRecord, task: Task, profile: HardwareProfile,
         macs, params = tp.utils.count_ops_and_params(student, example)
         record.macs, record.params = int(macs), int(params)
         prune_unstructured(student, choices.unstructured_sparsity)
+        if choices.structured_ratio > 0 or choices.unstructured_sparsity > 0:
+            order = torch.randperm(len(task.train))[:512]
+            recalibrate_batchnorm(student, task.train.x[order])
     with _stage(record, "train"):
         distill(student, task.teacher(), task.train, epochs=choices.epochs, lr=choices.lr,
                 temperature=choices.temperature, alpha=choices.alpha, seed=record.seed)

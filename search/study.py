@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class StudyResult:
     n_failed: int
     wall_s: float
     interrupted: bool = False
+    phases: dict[str, float] = field(default_factory=dict)  # setup, trials, finish (seconds)
 
 
 def make_sampler(name: str, seed: int, budget: int) -> optuna.samplers.BaseSampler:
@@ -231,12 +232,11 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker,
     df = trials_frame(study)
     failed = [t for t in study.get_trials(deepcopy=False)
               if t.state == optuna.trial.TrialState.FAIL]
-    all_rows = df
+    all_rows = df.assign(state="COMPLETE")
     if failed:
         fail_rows = pd.DataFrame({"trial": [t.number for t in failed], "state": "FAIL",
                                   "failure": [t.user_attrs.get("failure", "") for t in failed]})
-        all_rows = pd.concat([df.assign(state="COMPLETE"), fail_rows], ignore_index=True)
-        all_rows = all_rows.sort_values("trial")
+        all_rows = pd.concat([all_rows, fail_rows], ignore_index=True).sort_values("trial")
     front = df[df["on_front"]].sort_values("latency_ms") if len(df) else df
     all_rows.to_csv(out / "trials.csv", index=False)
     # pareto.csv: the front, plus the baselines as reference rows (on_front tells which is which)
@@ -289,7 +289,7 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     task = load_task(cfg.task, cfg.seed)
     info = task.teacher_info
     log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")),
-             "trained in %.0f s" % info["trained_s"] if info.get("trained_s") else "cached")
+             f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
     resolved = resolve_space(space, profile, compressible_layers(task.teacher()))
 
     try:
@@ -302,7 +302,7 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
                           f"{type(exc).__name__}: {redact(str(exc))}") from None
     _fail_stale(study)
     if not study.get_trials(deepcopy=False):
-        for params, kind in zip(resolved.baselines(), ("fp32", "int8")):
+        for params, kind in zip(resolved.baselines(), ("fp32", "int8"), strict=False):
             study.enqueue_trial(params, user_attrs={"baseline": kind})
     study.set_metric_names(["accuracy", "latency_ms"])
 
@@ -310,25 +310,31 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     tracker.log_study_params(_study_params(cfg, profile))
     started = connect(cfg.ray_address, profile, measurable)
     interrupted = False
+    phases = {"setup": time.perf_counter() - start}
     try:
         cpus = Executor.local_cpus()
         executor = Executor(task, profile, train_cpus=cpus, measure_cpus=cpus if started else
                             min(cpus, profile.measure.threads))
         driver = _Driver(cfg, study, resolved, executor, tracker, profile, show_progress)
+        loop_start = time.perf_counter()
         try:
             driver.run()
         except KeyboardInterrupt:
             interrupted = True
+        phases["trials"] = time.perf_counter() - loop_start
     finally:
         if started:
             ray.shutdown()
+    finish_start = time.perf_counter()
     df, front = _write_outputs(study, cfg, tracker, interrupted)
+    phases["finish"] = time.perf_counter() - finish_start
     n_failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
     result = StudyResult(
         study_name=cfg.study_name, output_dir=Path(cfg.output_dir), trials=df, front=front,
         tracking_uri=tracking_uri, parent_run_id=tracker.parent_id,
         best_speedup=best_speedup(df, cfg.max_accuracy_drop) if len(df) else None,
         n_failed=n_failed, wall_s=time.perf_counter() - start, interrupted=interrupted,
+        phases=phases,
     )
     return result
 

@@ -7,18 +7,20 @@ trial twice.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from search._redact import redact
 from search.errors import ConfigError
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO when imported
 
 __all__ = ["EXPERIMENT", "Tracker", "default_tracking_uri"]
 

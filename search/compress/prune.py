@@ -13,7 +13,13 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["count_zero_fraction", "prune_structured", "prune_unstructured", "remove_masks"]
+__all__ = [
+    "count_zero_fraction",
+    "prune_structured",
+    "prune_unstructured",
+    "recalibrate_batchnorm",
+    "remove_masks",
+]
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)
 
@@ -72,3 +78,25 @@ def count_zero_fraction(model: nn.Module) -> float:
             zeros += int((w == 0).sum())
             total += w.numel()
     return zeros / total if total else 0.0
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 128) -> nn.Module:
+    """Re-estimate BatchNorm running statistics after channels or weights were removed.
+
+    Pruning shifts every activation's distribution; stale BN statistics are the
+    main reason one-shot pruned models collapse. A few forward passes fix that.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the passes below
+    model.train()
+    for start in range(0, len(inputs), batch_size):
+        model(inputs[start : start + batch_size])
+    for m, momentum in saved:
+        m.momentum = momentum
+    return model.eval()

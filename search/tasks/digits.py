@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -143,6 +144,8 @@ def make_task(seed: int = 0) -> Task:
         state = torch.load(path, map_location="cpu", weights_only=True)
         info["trained_s"] = 0.0
     else:
+        logging.getLogger("search").info(
+            "training the digits teacher (first use, about a minute; cached in %s)", path.parent)
         start = time.perf_counter()
         state = _train_teacher(train, seed).state_dict()
         info["trained_s"] = time.perf_counter() - start

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from search.compress import count_zero_fraction, prune_structured, prune_unstructured
-from search.compress.prune import remove_masks
+from search.compress.prune import recalibrate_batchnorm, remove_masks
 
 
 def _convs(model):
@@ -25,7 +25,7 @@ def test_zero_ratio_changes_nothing(task):
     model = task.teacher()
     before = [p.clone() for p in model.parameters()]
     prune_structured(model, torch.zeros(1, *task.input_shape), 0.0, round_to=8)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_unstructured_pruning_reaches_requested_sparsity(task):
@@ -35,3 +35,17 @@ def test_unstructured_pruning_reaches_requested_sparsity(task):
     remove_masks(model)
     assert abs(count_zero_fraction(model) - 0.6) < 0.01
     assert not any(hasattr(m, "weight_mask") for m in model.modules())
+
+
+def test_batchnorm_recalibration_rescues_one_shot_pruning(task):
+    model = task.teacher()
+    prune_structured(model, torch.zeros(1, *task.input_shape), 0.15, round_to=8)
+
+    def accuracy():
+        with torch.no_grad():
+            return float((model(task.val.x).argmax(1) == task.val.y).float().mean()) * 100
+
+    before = accuracy()
+    recalibrate_batchnorm(model, task.train.x[:512])
+    assert not model.training
+    assert accuracy() > before + 20  # measured: 39% -> 93% at ratio 0.15

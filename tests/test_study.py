@@ -1,0 +1,94 @@
+"""End to end: real Optuna, Ray, PyTorch, ONNX Runtime and MLflow on the digits task."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.config import SearchConfig
+from search.study import run_search
+from search.tracking import EXPERIMENT
+
+pytestmark = pytest.mark.slow
+
+REQUIRED = ["trial", "accuracy", "latency_ms", "latency_source", "speedup", "size_mb"]
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory, fast_profile_path):
+    root = tmp_path_factory.mktemp("runs")
+    config = SearchConfig(profile=str(fast_profile_path), budget=4, runs_root=root, seed=0,
+                          study_name="e2e")
+    return config, run_search(config, show_progress=False)
+
+
+def _children(client: MlflowClient, parent_id: str):
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_csvs_hold_the_front_and_baselines(study_run):
+    config, result = study_run
+    trials = pd.read_csv(result.output_dir / "trials.csv")
+    pareto = pd.read_csv(result.output_dir / "pareto.csv")
+    assert set(REQUIRED) <= set(trials.columns) and set(REQUIRED) <= set(pareto.columns)
+    assert (trials["state"] == "COMPLETE").sum() == 4
+    assert set(trials["latency_source"].dropna()) == {"measured"}
+    fp32 = pareto[pareto["baseline"] == "fp32"]
+    assert len(fp32) == 1 and fp32["speedup"].iloc[0] == pytest.approx(1.0)
+    assert int(fp32["trial"].iloc[0]) == 0
+    int8 = trials[trials["baseline"] == "int8"]
+    assert int8["int8_layers"].iloc[0] == "10/10"
+    assert int8["speedup"].iloc[0] > 1.5  # U8S8 on this CPU (about 2.8x measured)
+    assert pareto["on_front"].any()
+    assert (result.output_dir / "pareto.png").stat().st_size > 1000
+
+
+def test_mlflow_has_parent_with_front_and_one_child_per_trial(study_run):
+    config, result = study_run
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.params["budget"] == "4"
+    assert parent.data.metrics["front_size"] >= 1
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto.csv", "trials.csv", "pareto.png", "front_models"} <= artifacts
+    children = _children(client, parent.info.run_id)
+    assert len(children) == 4
+    on_front = [c for c in children if c.data.tags.get("on_front") == "true"]
+    assert len(on_front) == int(result.trials["on_front"].sum())
+    child = on_front[0]
+    assert child.data.tags["latency_source"] == "measured"
+    assert "accuracy" in child.data.metrics and "latency_median_ms" in child.data.metrics
+    assert any(k.startswith("precision.") for k in child.data.params)
+
+
+def test_rerun_resumes_without_duplicates(study_run):
+    config, first = study_run
+    from dataclasses import replace
+
+    second = run_search(replace(config, budget=5), show_progress=False)
+    assert second.parent_run_id == first.parent_run_id
+    assert sorted(second.trials["trial"]) == list(range(5))
+    children = _children(MlflowClient(second.tracking_uri), second.parent_run_id)
+    numbers = sorted(int(c.data.tags["search.trial"]) for c in children)
+    assert numbers == list(range(5))
+    study = optuna.load_study(study_name="e2e", storage=second.trials.attrs.get("storage")
+                              or f"sqlite:///{(config.runs_root / 'optuna.db').resolve()}")
+    assert len(study.trials) == 5
+
+
+def test_the_command_runs_end_to_end(tmp_path, fast_profile_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget", "3",
+         "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Pareto front" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
+    pareto = pd.read_csv(tmp_path / "search-runs" / "digits-fast-host" / "pareto.csv")
+    assert set(REQUIRED) <= set(pareto.columns)
