@@ -8,13 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from search.config import SAMPLERS, SearchConfig
+from search.config import LATENCY_MODES, SAMPLERS, SearchConfig
 from search.errors import SearchError
 
 __all__ = ["main"]
 
 _FRONT_COLUMNS = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_source", "speedup",
-                  "size_mb", "int8_layers", "sparsity", "param.structured_ratio", "param.epochs",
+                  "size_mb", "precisions", "sparsity", "param.structured_ratio", "param.epochs",
                   "on_front", "baseline"]
 
 
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trials in flight at once (default 1)")
     parser.add_argument("--max-accuracy-drop", type=float, default=1.0,
                         help="accuracy drop (points) allowed when reporting the best speedup")
+    parser.add_argument("--latency", choices=LATENCY_MODES, default="auto",
+                        help="measure on the device, predict with the profile's latency model, "
+                             "or auto: measure where the device is reachable (default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -102,7 +105,35 @@ def _configure_logging() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def profiles_command(argv: list[str]) -> int:
+    """``search profiles``: every profile, what it runs, and whether it can be measured here."""
+    parser = argparse.ArgumentParser(prog="search profiles",
+                                     description="List the hardware profiles.")
+    parser.parse_args(argv)
+    from search.profiles import available_profiles, load_profile, measurable_here
+
+    for name in available_profiles():
+        try:
+            profile = load_profile(name)
+        except SearchError as exc:
+            print(f"{name}: INVALID: {exc}")
+            continue
+        ok, why = measurable_here(profile)
+        ops = "; ".join(f"{op} {'/'.join(p)}" for op, p in profile.precisions.items())
+        latency = "measured here" if ok else (
+            f"predicted ({why})" if profile.latency_model else f"unavailable ({why})")
+        print(f"{profile.name:<16} {profile.device_class:<5} {ops}")
+        print(f"{'':<16} latency: {latency}; sparse kernels: {profile.sparse_kernels}; "
+              f"channel multiple {profile.channel_multiple}; Ray resource {profile.resource}")
+        if profile.legacy:
+            print(f"{'':<16} legacy: {' '.join(profile.legacy.split())}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "profiles":
+        return profiles_command(argv[1:])
     args = build_parser().parse_args(argv)
     _configure_logging()
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
@@ -111,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         study_name=args.study_name, storage=args.storage, tracking_uri=args.tracking_uri,
         output_dir=args.output_dir, ray_address=args.ray_address, seed=args.seed,
         sampler=args.sampler, parallel=args.parallel, max_accuracy_drop=args.max_accuracy_drop,
+        latency=args.latency,
     )
     from search.study import run_search
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from search.errors import ConfigError
 
-__all__ = ["SAMPLERS", "SearchConfig", "ensure_writable"]
+__all__ = ["LATENCY_MODES", "SAMPLERS", "SearchConfig", "ensure_writable"]
 
 SAMPLERS = ("tpe", "nsga2", "random")
+LATENCY_MODES = ("auto", "measure", "predict")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -36,6 +37,7 @@ class SearchConfig:
     parallel: int = 1
     runs_root: Path = Path("search-runs")
     max_accuracy_drop: float = 1.0
+    latency: str = "auto"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting and what is allowed."""
@@ -54,6 +56,9 @@ class SearchConfig:
                 f"study name {self.study_name!r} is not allowed: use letters, digits, '.', '_' "
                 "or '-', starting with a letter or digit, at most 128 characters"
             )
+        if self.latency not in LATENCY_MODES:
+            raise ConfigError(f"unknown latency mode {self.latency!r}; choose one of "
+                              f"{', '.join(LATENCY_MODES)}")
         if self.max_accuracy_drop < 0:
             raise ConfigError(f"max accuracy drop must be >= 0, got {self.max_accuracy_drop}")
 

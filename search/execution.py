@@ -16,18 +16,23 @@ from typing import Any
 import ray
 
 from search.errors import ConfigError, TrialError
-from search.pipeline import compress, measure
+from search.latency.predict import Calibration
+from search.pipeline import compress, measure, predict
 from search.profiles import HardwareProfile
 from search.record import TrialRecord
 from search.tasks import Task
 
-__all__ = ["Executor", "connect"]
+__all__ = ["Executor", "connect", "device_reachable"]
 
 
 def _compress_remote(record: TrialRecord, task: Task, profile: HardwareProfile,
-                     threads: int) -> TrialRecord:
+                     threads: int, calibration: Calibration | None) -> TrialRecord:
+    """Compress and score; predict latency here too unless it will be measured."""
     try:
-        return compress(record, task, profile, threads)
+        record = compress(record, task, profile, threads)
+        if calibration is not None:
+            record = predict(record, profile, task.input_shape, calibration)
+        return record
     except TrialError as exc:
         record.error = str(exc)
         return record
@@ -35,6 +40,7 @@ def _compress_remote(record: TrialRecord, task: Task, profile: HardwareProfile,
 
 def _measure_remote(record: TrialRecord, profile: HardwareProfile,
                     input_shape: tuple[int, ...]) -> TrialRecord:
+    record.node = ray.get_runtime_context().get_node_id()
     try:
         return measure(record, profile, input_shape)
     except TrialError as exc:
@@ -72,6 +78,7 @@ class Executor:
     profile: HardwareProfile
     train_cpus: int
     measure_cpus: int
+    calibration: Calibration | None = None  # set: predict latency; None: measure it
 
     def __post_init__(self) -> None:
         self._task_ref = ray.put(self.task)
@@ -84,11 +91,23 @@ class Executor:
         )
 
     def submit_compress(self, record: TrialRecord) -> ray.ObjectRef:
-        return self._compress.remote(record, self._task_ref, self.profile, self.train_cpus)
+        return self._compress.remote(record, self._task_ref, self.profile, self.train_cpus,
+                                     self.calibration)
+
+    @property
+    def predicts(self) -> bool:
+        return self.calibration is not None
 
     def submit_measure(self, record: TrialRecord) -> ray.ObjectRef:
         return self._measure.remote(record, self.profile, self.task.input_shape)
 
     @staticmethod
-    def local_cpus() -> int:
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    def node_cpus() -> int:
+        """CPUs of the largest alive node: a task asking for more could never be scheduled."""
+        sizes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+        return max(1, int(max(sizes, default=1)))
+
+
+def device_reachable(profile: HardwareProfile) -> bool:
+    """Whether some node of the connected cluster advertises the profile's resource."""
+    return bool(profile.resource) and ray.cluster_resources().get(profile.resource, 0) >= 1

@@ -16,7 +16,15 @@ __all__ = ["COLUMNS", "best_speedup", "pareto_mask", "plot_front", "trials_frame
 
 COLUMNS = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "latency_cv",
            "latency_source", "device", "speedup", "size_mb", "macs", "params", "sparsity",
-           "int8_layers", "baseline", "on_front"]
+           "int8_layers", "precisions", "baseline", "reference", "on_front"]
+
+
+def _mix(precisions: dict[str, str]) -> str:
+    """``{"a": "int8", "b": "fp32", "c": "int8"}`` -> ``"int8:2 fp32:1"``."""
+    counts: dict[str, int] = {}
+    for p in precisions.values():
+        counts[p] = counts.get(p, 0) + 1
+    return " ".join(f"{p}:{n}" for p, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def pareto_mask(accuracy: np.ndarray, latency: np.ndarray) -> np.ndarray:
@@ -50,13 +58,15 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "sparsity": a.get("sparsity"),
             "int8_layers": f"{sum(p == 'int8' for p in precisions.values())}/{len(precisions)}",
             "baseline": a.get("baseline", ""),
+            "reference": bool(a.get("reference", False)),
+            "precisions": _mix(precisions),
         }
         row.update({f"param.{k}": v for k, v in a.get("choices", {}).items()})
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     df = pd.DataFrame(rows).sort_values("trial").reset_index(drop=True)
-    base = df.loc[df["baseline"] == "fp32", "latency_ms"]
+    base = df.loc[df["reference"], "latency_ms"]
     reference = float(base.iloc[0]) if len(base) else float("nan")
     df["speedup"] = reference / df["latency_ms"]
     df["on_front"] = pareto_mask(df["accuracy"].to_numpy(), df["latency_ms"].to_numpy())
@@ -65,8 +75,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 
 
 def best_speedup(df: pd.DataFrame, max_drop: float = 1.0) -> float | None:
-    """Best speedup among trials within ``max_drop`` points of the fp32 baseline's accuracy."""
-    base = df.loc[df["baseline"] == "fp32", "accuracy"]
+    """Best speedup among trials within ``max_drop`` points of the reference's accuracy."""
+    base = df.loc[df["reference"], "accuracy"]
     if df.empty or base.empty:
         return None
     ok = df[df["accuracy"] >= float(base.iloc[0]) - max_drop]

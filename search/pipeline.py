@@ -30,11 +30,12 @@ from search.compress.prune import recalibrate_batchnorm, remove_masks
 from search.errors import TrialError
 from search.evaluate import onnx_accuracy
 from search.latency import measure_latency
-from search.profiles import HardwareProfile
+from search.latency.predict import Calibration, predict_latency
+from search.profiles import HardwareProfile, measurable_here
 from search.record import TrialRecord
 from search.tasks import Task
 
-__all__ = ["compress", "measure", "run_trial"]
+__all__ = ["compress", "measure", "predict", "run_trial"]
 
 
 @contextmanager
@@ -95,7 +96,20 @@ def measure(record: TrialRecord, profile: HardwareProfile,
     if record.onnx_model is None:
         raise TrialError("measure", "the trial has no model to measure")
     with _stage(record, "measure"):
+        ok, why = measurable_here(profile)
+        if not ok:
+            raise TrialError("measure", f"this node cannot measure {profile.name}: {why}")
         record.latency = measure_latency(record.onnx_model, profile, input_shape)
+    return record
+
+
+def predict(record: TrialRecord, profile: HardwareProfile, input_shape: tuple[int, ...],
+            calibration: Calibration | None = None) -> TrialRecord:
+    """Predict the trial's latency on the profile's device from its final model."""
+    if record.onnx_model is None:
+        raise TrialError("predict", "the trial has no model to predict")
+    with _stage(record, "predict"):
+        record.latency = predict_latency(record.onnx_model, profile, input_shape, calibration)
     return record
 
 

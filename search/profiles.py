@@ -21,13 +21,14 @@ __all__ = [
     "PROFILES_DIR",
     "available_profiles",
     "host_cpu_flags",
+    "host_profile",
     "load_profile",
     "measurable_here",
 ]
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
 
-Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+Precision = Literal["fp32", "fp16", "bf16", "int8", "int16", "int4"]
 OpType = Literal["Conv", "Gemm", "MatMul"]
 DeviceClass = Literal["cpu", "gpu", "fpga", "vpu", "gna", "npu"]
 
@@ -39,7 +40,7 @@ class Int8Settings(Strict):
     activations (U8S8); int8 activations (S8S8) can be slower than fp32.
     """
 
-    activation_types: list[Literal["uint8", "int8"]] = Field(default=["uint8"], min_length=1)
+    activation_types: list[Literal["uint8", "int8", "int16"]] = Field(default=["uint8"], min_length=1)
     weight_types: list[Literal["int8", "uint8"]] = Field(default=["int8"], min_length=1)
     per_channel: list[bool] = Field(default=[True], min_length=1)
     activation_symmetric: list[bool] = Field(default=[False], min_length=1)
@@ -58,10 +59,35 @@ class MeasureSettings(Strict):
     max_cv: float = Field(default=0.25, gt=0.0)
 
 
+class LatencyModelSettings(Strict):
+    """The numbers the latency model needs (search/latency/predict.py).
+
+    ``peak_tops``: dense tera-operations per second per precision (one MAC = two
+    operations); ``efficiency``: the share of that peak real kernels reach, the
+    calibration factors that measurements refit.
+    """
+
+    peak_tops: dict[Precision, float] = Field(min_length=1)
+    memory_gbps: float = Field(gt=0)
+    op_overhead_us: float = Field(default=5.0, ge=0)
+    session_overhead_us: float = Field(default=20.0, ge=0)
+    efficiency: dict[Precision, float] = {}
+    sources: str = ""
+
+    @field_validator("peak_tops", "efficiency")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not v > 0}
+        if bad:
+            raise ValueError(f"must be positive numbers, got {bad}")
+        return value
+
+
 class HostRequirements(Strict):
     """What the running machine must have for this profile to be measured on it."""
 
     cpu_flags: list[str] = []
+    absent_cpu_flags: list[str] = []  # a newer CPU runs other kernels: not this device
 
 
 class HardwareProfile(Strict):
@@ -77,6 +103,8 @@ class HardwareProfile(Strict):
     measure: MeasureSettings = MeasureSettings()
     requires: HostRequirements = HostRequirements()
     resource: str | None = None
+    legacy: str | None = None
+    latency_model: LatencyModelSettings | None = None
 
     @field_validator("precisions")
     @classmethod
@@ -92,7 +120,19 @@ class HardwareProfile(Strict):
     def _default_resource(self) -> HardwareProfile:
         if self.resource is None:
             object.__setattr__(self, "resource", f"hw:{self.name}")
+        if self.latency_model is not None:
+            used = {p for allowed in self.precisions.values() for p in allowed}
+            missing = sorted(used - set(self.latency_model.peak_tops))
+            if missing:
+                raise ValueError(
+                    f"latency_model.peak_tops lacks {missing}, which precisions allows; "
+                    "give a peak for every precision the device runs"
+                )
         return self
+
+    def precisions_used(self) -> list[str]:
+        """Every precision some op type may run in."""
+        return sorted({p for allowed in self.precisions.values() for p in allowed})
 
     def allowed(self, op_type: str) -> list[str]:
         """Precisions this device runs for ``op_type`` (fp32 only for unknown ops)."""
@@ -100,13 +140,15 @@ class HardwareProfile(Strict):
 
 
 def available_profiles() -> list[str]:
-    """Names of the built-in profiles."""
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+    """Names of the built-in profiles (``host`` is detected from this machine)."""
+    return sorted([p.stem for p in PROFILES_DIR.glob("*.yaml")] + ["host"])
 
 
 def load_profile(name_or_path: str | Path) -> HardwareProfile:
     """Load a built-in profile by name, or a user's profile from a YAML path."""
     text = str(name_or_path)
+    if text == "host":
+        return host_profile()
     path = Path(text)
     if not (text.endswith((".yaml", ".yml")) or path.is_file()):
         path = PROFILES_DIR / f"{text}.yaml"
@@ -145,7 +187,34 @@ def measurable_here(profile: HardwareProfile) -> tuple[bool, str]:
         if provider == "CPUExecutionProvider":
             return False, f"a {profile.device_class} cannot be measured with the CPU provider"
         return True, f"{provider} available"
-    missing = sorted(set(profile.requires.cpu_flags) - host_cpu_flags())
+    flags = host_cpu_flags()
+    missing = sorted(set(profile.requires.cpu_flags) - flags)
     if missing:
         return False, f"this CPU lacks {', '.join(missing)}"
+    newer = sorted(set(profile.requires.absent_cpu_flags) & flags)
+    if newer:
+        return False, (f"this CPU has {', '.join(newer)}, so ONNX Runtime would run other "
+                       "kernels than the profiled device")
     return True, "this CPU has the required flags"
+
+
+def host_profile() -> HardwareProfile:
+    """The running machine as a profile, detected from its CPU flags.
+
+    The closest built-in CPU profile, renamed ``host``; a CPU with neither AVX2
+    nor VNNI gets an fp32-only profile.
+    """
+    flags = host_cpu_flags()
+    for name in ("cpu-avx512-vnni", "cpu-avx2"):
+        base = load_profile(name)
+        if measurable_here(base)[0]:
+            return base.model_copy(update={
+                "name": "host", "resource": "hw:host",
+                "description": f"this machine, detected as {name}: {base.description}",
+            })
+    return HardwareProfile(
+        name="host", device_class="cpu", resource="hw:host",
+        description=f"this machine ({'x86' if 'sse2' in flags else 'unknown'} CPU without AVX2 "
+                    "or VNNI): fp32 only, int8 is not expected to pay",
+        precisions={"Conv": ["fp32"], "Gemm": ["fp32"], "MatMul": ["fp32"]},
+    )

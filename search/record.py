@@ -75,4 +75,5 @@ class TrialRecord:
     layer_precisions: dict[str, str] = field(default_factory=dict)
     onnx_model: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    node: str | None = None  # Ray node that measured the latency
     error: str | None = None

@@ -30,6 +30,7 @@ __all__ = [
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
 Auto = Literal["auto"]
+_RANK = ["fp32", "bf16", "fp16", "int16", "int8", "int4"]  # least to most compressed
 
 
 class FloatRange(Strict):
@@ -107,7 +108,7 @@ class QuantizationSpace(Strict):
 
     granularity: Literal["layer", "uniform"] = "layer"
     precisions: list[Precision] | Auto = "auto"
-    activation_types: list[Literal["uint8", "int8"]] | Auto = "auto"
+    activation_types: list[Literal["uint8", "int8", "int16"]] | Auto = "auto"
     weight_types: list[Literal["int8", "uint8"]] | Auto = "auto"
     per_channel: list[bool] | Auto = "auto"
     activation_symmetric: list[bool] | Auto = "auto"
@@ -167,16 +168,23 @@ class ResolvedSpace:
     per_channel: tuple[bool, ...]
     activation_symmetric: tuple[bool, ...]
 
-    def baselines(self) -> list[dict[str, Any]]:
-        """Params of the trials enqueued first: fp32, then uniform int8 when allowed."""
+    def baselines(self) -> list[tuple[str, dict[str, Any]]]:
+        """The trials enqueued first, as (label, params).
+
+        First the reference: every layer at the highest precision the profile
+        allows it (fp32 where allowed; fp16 on a VPU, int16 on a GNA). Then
+        uniform int8 when every layer may run int8 and that differs.
+        """
         base: dict[str, Any] = {
             "unstructured_sparsity": 0.0,
             "structured_ratio": 0.0,
             "epochs": 0,
         }
-        out = [{**base, **self._uniform("fp32")}]
-        if all("int8" in p for p in self.layer_precisions.values()):
-            int8 = {**base, **self._uniform("int8")}
+        top = {name: min(allowed, key=_RANK.index) for name, allowed in self.layer_precisions.items()}
+        label = next(iter(set(top.values()))) if len(set(top.values())) == 1 else "reference"
+        out = [(label, {**base, **self._plan(top)})]
+        if all("int8" in p for p in self.layer_precisions.values()) and label != "int8":
+            int8 = {**base, **self._plan({name: "int8" for name in self.layer_precisions})}
             int8["activation_type"] = (
                 "uint8" if "uint8" in self.activation_types else self.activation_types[0]
             )
@@ -185,13 +193,13 @@ class ResolvedSpace:
             int8["activation_symmetric"] = (
                 False if False in self.activation_symmetric else self.activation_symmetric[0]
             )
-            out.append(int8)
+            out.append(("int8", int8))
         return out
 
-    def _uniform(self, precision: str) -> dict[str, str]:
+    def _plan(self, plan: dict[str, str]) -> dict[str, str]:
         if self.space.quantization.granularity == "uniform":
-            return {"precision": precision}
-        return {f"precision.{layer.name}": precision for layer in self.layers}
+            return {"precision": next(iter(plan.values()))}
+        return {f"precision.{name}": p for name, p in plan.items()}
 
     def sample(self, trial: optuna.Trial) -> Choices:
         """Draw one trial's choices (define-by-run, with conditional dimensions)."""
@@ -216,7 +224,7 @@ class ResolvedSpace:
                 )
                 for layer in self.layers
             }
-        if any(p == "int8" for p in choices.precisions.values()):
+        if any(p in ("int8", "int16") for p in choices.precisions.values()):
             choices.activation_type = _categorical(trial, "activation_type", self.activation_types)
             choices.weight_type = _categorical(trial, "weight_type", self.weight_types)
             choices.per_channel = _categorical(trial, "per_channel", self.per_channel)

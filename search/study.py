@@ -15,15 +15,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 import ray
 
+from search._paths import cache_dir
 from search._redact import redact
 from search.compress import compressible_layers
 from search.config import SearchConfig, ensure_writable
 from search.errors import ConfigError, SearchError
-from search.execution import Executor, connect
+from search.execution import Executor, connect, device_reachable
+from search.latency.predict import (
+    Calibration,
+    costs_from_onnx,
+    fit_calibration,
+    load_calibration,
+    predict_ms,
+    save_calibration,
+)
 from search.pareto import best_speedup, plot_front, trials_frame
 from search.profiles import HardwareProfile, load_profile, measurable_here
 from search.record import TrialRecord
@@ -167,7 +177,11 @@ class _Driver:
 
     def _start_trial(self) -> None:
         trial = self.study.ask()
-        choices = self.resolved.sample(trial)
+        try:
+            choices = self.resolved.sample(trial)
+        except Exception as exc:  # a space the checks let through: fatal, but leave no RUNNING
+            self._fail(trial, f"sampling: {type(exc).__name__}: {exc}")
+            raise SearchError(f"trial {trial.number} could not be sampled: {exc}") from exc
         record = TrialRecord(trial.number, choices, seed=self.cfg.seed * 100_003 + trial.number)
         self.in_flight[self.executor.submit_compress(record)] = (trial, "compress")
 
@@ -179,7 +193,7 @@ class _Driver:
             return self._fail(trial, f"{stage}: {type(exc).__name__}: {str(exc)[-500:]}")
         if record.error:
             return self._fail(trial, record.error)
-        if stage == "compress":
+        if stage == "compress" and not self.executor.predicts:
             self.in_flight[self.executor.submit_measure(record)] = (trial, "measure")
             return None
         return self._complete(trial, record)
@@ -257,7 +271,7 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker,
         if t.state.is_finished() and t.number not in tracker.logged:
             _log_frozen(tracker, t)
     tracker.mark_front(set(int(n) for n in front["trial"]))
-    base = df.loc[df["baseline"] == "fp32", "accuracy"] if len(df) else pd.Series(dtype=float)
+    base = df.loc[df["reference"], "accuracy"] if len(df) else pd.Series(dtype=float)
     tracker.finish(
         {"front_size": len(front), "completed_trials": len(df), "failed_trials": len(failed),
          "best_speedup_within_drop": best_speedup(df, cfg.max_accuracy_drop) if len(df) else None,
@@ -267,6 +281,72 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker,
     return df, shown
 
 
+def _check_latency_mode(cfg: SearchConfig, profile: HardwareProfile, measurable: bool,
+                        why: str) -> None:
+    """Fail before any work when the requested latency source cannot be had."""
+    if cfg.latency == "measure" and not measurable and cfg.ray_address is None:
+        raise ConfigError(
+            f"--latency measure: profile {profile.name!r} cannot be measured on this machine "
+            f"({why}); join a Ray cluster with a node that advertises {profile.resource!r} "
+            "(--ray-address), or use --latency predict"
+        )
+    will_predict = cfg.latency == "predict" or (not measurable and cfg.ray_address is None)
+    if will_predict and profile.latency_model is None:
+        raise ConfigError(
+            f"profile {profile.name!r} cannot be measured here ({why}) and has no "
+            "latency_model to predict with; add one to the profile"
+        )
+
+
+def _latency_source(cfg: SearchConfig, profile: HardwareProfile, study: optuna.Study,
+                    why: str) -> tuple[str, Calibration | None]:
+    """Measured or predicted for the whole study (never mixed), and the calibration to use."""
+    reachable = device_reachable(profile)
+    if cfg.latency == "measure" and not reachable:
+        raise ConfigError(f"--latency measure: no node of the Ray cluster advertises "
+                          f"{profile.resource!r} ({why})")
+    source = "measured" if cfg.latency != "predict" and reachable else "predicted"
+    previous = study.user_attrs.get("latency_source")
+    if previous and previous != source:
+        raise ConfigError(
+            f"study {cfg.study_name!r} has {previous} latencies; resuming it with {source} ones "
+            f"would mix them. Pass --latency {'measure' if previous == 'measured' else 'predict'}"
+            " or choose another --study-name"
+        )
+    study.set_user_attr("latency_source", source)
+    if source == "measured":
+        return source, None
+    assert profile.latency_model is not None
+    return source, load_calibration(profile, cache_dir()) or Calibration.of(profile.latency_model)
+
+
+def _self_calibrate(study: optuna.Study, cfg: SearchConfig, profile: HardwareProfile,
+                    tracker: Tracker) -> None:
+    """Refit the profile's latency model from this study's measurements and save it."""
+    samples = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        path = Path(cfg.output_dir) / "models" / f"trial-{t.number}.onnx"
+        if path.exists():
+            samples.append((costs_from_onnx(path.read_bytes(), profile.measure.batch_size),
+                            t.values[1]))
+    if len(samples) < 5:
+        return
+    previous = load_calibration(profile, cache_dir())
+    cal = fit_calibration(samples, profile, previous)
+    path = save_calibration(cal, profile, cache_dir())
+    predicted = [predict_ms(costs, profile, cal) for costs, _ in samples]
+    measured = [ms for _, ms in samples]
+    from scipy.stats import spearmanr
+
+    errors = [abs(p / m - 1) for p, m in zip(predicted, measured, strict=True)]
+    rho = float(spearmanr(predicted, measured).statistic)
+    tracker.log_summary_metrics({"latency_model_spearman": rho,
+                                 "latency_model_median_abs_error": float(np.median(errors))})
+    log.info("latency model for %s refit on %d measurements (Spearman %.2f, median error "
+             "%.0f%%), saved to %s", profile.name, len(samples), rho,
+             100 * float(np.median(errors)), path)
+
+
 def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResult:
     """Run (or resume) a study until ``budget`` trials are COMPLETE; write its front."""
     start = time.perf_counter()
@@ -274,12 +354,7 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     cfg = config.resolved(profile.name)
     space = load_space(cfg.space)
     measurable, why = measurable_here(profile)
-    if not measurable and cfg.ray_address is None:
-        raise ConfigError(
-            f"profile {profile.name!r} cannot be measured on this machine ({why}), and "
-            "predicted latency is not available yet; use a profile this machine can run "
-            "(see hardware_profiles/) or --ray-address for a cluster with the device"
-        )
+    _check_latency_mode(cfg, profile, measurable, why)
     root = Path(cfg.runs_root)
     ensure_writable(Path(cfg.output_dir), "output directory")
     if cfg.storage.startswith("sqlite:///") or cfg.tracking_uri is None:
@@ -302,19 +377,29 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
                           f"{type(exc).__name__}: {redact(str(exc))}") from None
     _fail_stale(study)
     if not study.get_trials(deepcopy=False):
-        for params, kind in zip(resolved.baselines(), ("fp32", "int8"), strict=False):
-            study.enqueue_trial(params, user_attrs={"baseline": kind})
+        for i, (label, params) in enumerate(resolved.baselines()):
+            study.enqueue_trial(params, user_attrs={"baseline": label, "reference": i == 0})
     study.set_metric_names(["accuracy", "latency_ms"])
 
     tracker = Tracker(tracking_uri, cfg.study_name, root / "mlartifacts")
     tracker.log_study_params(_study_params(cfg, profile))
     started = connect(cfg.ray_address, profile, measurable)
+    try:
+        source, calibration = _latency_source(cfg, profile, study, why)
+    except SearchError:
+        if started:
+            ray.shutdown()
+        raise
+    tracker.log_study_params({"latency_source": source,
+                              "calibration_fitted_on": calibration.fitted_on if calibration else 0})
+    log.info("latency: %s on %s", source, profile.name if source == "measured" else
+             f"{profile.name}'s latency model (device not reachable: {why})")
     interrupted = False
     phases = {"setup": time.perf_counter() - start}
     try:
-        cpus = Executor.local_cpus()
+        cpus = Executor.node_cpus()
         executor = Executor(task, profile, train_cpus=cpus, measure_cpus=cpus if started else
-                            min(cpus, profile.measure.threads))
+                            min(cpus, profile.measure.threads), calibration=calibration)
         driver = _Driver(cfg, study, resolved, executor, tracker, profile, show_progress)
         loop_start = time.perf_counter()
         try:
@@ -327,6 +412,8 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
             ray.shutdown()
     finish_start = time.perf_counter()
     df, front = _write_outputs(study, cfg, tracker, interrupted)
+    if source == "measured" and profile.latency_model is not None:
+        _self_calibrate(study, cfg, profile, tracker)
     phases["finish"] = time.perf_counter() - finish_start
     n_failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
     result = StudyResult(

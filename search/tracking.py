@@ -116,6 +116,9 @@ class Tracker:
         self.client.set_terminated(run.info.run_id, status="FAILED" if failed else "FINISHED")
         self.logged[number] = run.info.run_id
 
+    def log_summary_metrics(self, metrics: Mapping[str, float | None]) -> None:
+        self.client.log_batch(self.parent_id, metrics=_metric_items(metrics))
+
     def mark_front(self, front: set[int]) -> None:
         for number, run_id in self.logged.items():
             self.client.set_tag(run_id, "on_front", str(number in front).lower())

@@ -83,3 +83,42 @@ def test_host_detection_matches_cpuinfo():
     assert ok == (set(profile.requires.cpu_flags) <= flags), why
     if not ok:
         assert "lacks" in why
+
+
+def test_required_builtins_exist_and_legacy_devices_say_so():
+    names = set(available_profiles())
+    assert {"cpu-avx2", "cpu-avx512-vnni", "t4-gpu", "a100-gpu", "h100-gpu", "fpga", "vpu",
+            "gna", "npu", "host"} <= names
+    for name in ("vpu", "gna"):
+        assert "removed" in load_profile(name).legacy
+    assert load_profile("vpu").precisions_used() == ["fp16"]
+    assert set(load_profile("gna").precisions_used()) <= {"int8", "int16"}
+
+
+def test_every_profile_can_be_predicted_or_measured():
+    for name in available_profiles():
+        profile = load_profile(name)
+        assert profile.latency_model is not None or measurable_here(profile)[0], name
+
+
+def test_host_profile_matches_this_machine():
+    host = load_profile("host")
+    assert host.name == "host" and host.device_class == "cpu"
+    assert measurable_here(host)[0]
+    if {"avx512_vnni", "avx512f"} <= host_cpu_flags():
+        assert host.precisions == load_profile("cpu-avx512-vnni").precisions
+
+
+def test_avx2_profile_is_not_measured_on_a_vnni_cpu():
+    ok, why = measurable_here(load_profile("cpu-avx2"))
+    if "avx512_vnni" in host_cpu_flags():
+        assert not ok and "avx512_vnni" in why
+
+
+def test_latency_model_must_price_every_allowed_precision(tmp_path):
+    data = yaml.safe_load((PROFILES_DIR / "t4-gpu.yaml").read_text())
+    del data["latency_model"]["peak_tops"]["fp16"]
+    path = tmp_path / "t4.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="fp16"):
+        load_profile(path)

@@ -56,7 +56,8 @@ def test_sampling_stays_inside_the_space(profile, layers):
 
 def test_baselines_are_fp32_then_uniform_u8s8(profile, layers):
     resolved = resolve_space(load_space("default"), profile, layers)
-    fp32, int8 = resolved.baselines()
+    (label_a, fp32), (label_b, int8) = resolved.baselines()
+    assert (label_a, label_b) == ("fp32", "int8")
     assert {v for k, v in fp32.items() if k.startswith("precision.")} == {"fp32"}
     assert {v for k, v in int8.items() if k.startswith("precision.")} == {"int8"}
     assert int8["activation_type"] == "uint8" and int8["per_channel"] is True

@@ -40,11 +40,12 @@ def test_csvs_hold_the_front_and_baselines(study_run):
     assert set(REQUIRED) <= set(trials.columns) and set(REQUIRED) <= set(pareto.columns)
     assert (trials["state"] == "COMPLETE").sum() == 4
     assert set(trials["latency_source"].dropna()) == {"measured"}
-    fp32 = pareto[pareto["baseline"] == "fp32"]
+    fp32 = pareto[pareto["reference"]]
+    assert fp32["baseline"].tolist() == ["fp32"]
     assert len(fp32) == 1 and fp32["speedup"].iloc[0] == pytest.approx(1.0)
     assert int(fp32["trial"].iloc[0]) == 0
     int8 = trials[trials["baseline"] == "int8"]
-    assert int8["int8_layers"].iloc[0] == "10/10"
+    assert int8["precisions"].iloc[0] == "int8:10"
     assert int8["speedup"].iloc[0] > 1.5  # U8S8 on this CPU (about 2.8x measured)
     assert pareto["on_front"].any()
     assert (result.output_dir / "pareto.png").stat().st_size > 1000
@@ -92,3 +93,41 @@ def test_the_command_runs_end_to_end(tmp_path, fast_profile_path):
     assert "Pareto front" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
     pareto = pd.read_csv(tmp_path / "search-runs" / "digits-fast-host" / "pareto.csv")
     assert set(REQUIRED) <= set(pareto.columns)
+
+
+def test_gpu_profile_is_predicted_and_labelled(tmp_path):
+    config = SearchConfig(profile="t4-gpu", budget=3, runs_root=tmp_path, study_name="t4")
+    result = run_search(config, show_progress=False)
+    pareto = pd.read_csv(result.output_dir / "pareto.csv")
+    assert set(pareto["latency_source"]) == {"predicted"}
+    assert pareto["device"].str.contains("latency model").all()
+    client = MlflowClient(result.tracking_uri)
+    assert client.get_run(result.parent_run_id).data.params["latency_source"] == "predicted"
+    assert {c.data.tags["latency_source"] for c in _children(client, result.parent_run_id)} == \
+        {"predicted"}
+    with pytest.raises(Exception, match="measure"):
+        run_search(SearchConfig(profile="t4-gpu", budget=3, runs_root=tmp_path, study_name="t4m",
+                                latency="measure"), show_progress=False)
+
+
+def test_vpu_study_produces_only_fp16_layers(tmp_path):
+    config = SearchConfig(profile="vpu", budget=3, runs_root=tmp_path, study_name="vpu")
+    result = run_search(config, show_progress=False)
+    assert set(result.trials["precisions"]) == {"fp16:10"}
+    assert result.trials.loc[result.trials["reference"], "baseline"].tolist() == ["fp16"]
+    from search.latency.predict import costs_from_onnx
+
+    for path in (result.output_dir / "models").glob("*.onnx"):
+        kinds = {c.precision for c in costs_from_onnx(path.read_bytes())
+                 if c.op_type in ("Conv", "Gemm")}
+        assert kinds == {"fp16"}, path
+
+
+def test_a_study_never_mixes_latency_sources(tmp_path, fast_profile_path):
+    base = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path,
+                        study_name="mix", latency="predict")
+    run_search(base, show_progress=False)
+    from dataclasses import replace
+
+    with pytest.raises(Exception, match="mix"):
+        run_search(replace(base, budget=3, latency="measure"), show_progress=False)

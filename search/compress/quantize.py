@@ -21,8 +21,9 @@ from search.record import Choices
 
 __all__ = ["apply_precision_plan"]
 
-_QTYPES = {"uint8": "QUInt8", "int8": "QInt8"}
-_SUPPORTED = {"fp32", "int8"}
+_QTYPES = {"uint8": "QUInt8", "int8": "QInt8", "int16": "QInt16"}
+_SUPPORTED = {"fp32", "fp16", "int8", "int16"}
+_INTEGER = {"int8", "int16"}
 
 
 class _Calibration:
@@ -59,12 +60,44 @@ def apply_precision_plan(model: bytes, precisions: dict[str, str], node_names: d
     if unknown:
         raise TrialError("quantize", f"precisions {unknown} are not implemented yet "
                                      f"(supported: {sorted(_SUPPORTED)})")
-    if not any(p == "int8" for p in precisions.values()):
-        return model
+    if any(p in _INTEGER for p in precisions.values()):
+        model = _quantize_integer(model, precisions, node_names, choices, calibration,
+                               reduce_range=reduce_range, seed=seed)
+    if any(p == "fp16" for p in precisions.values()):
+        model = _to_fp16(model, precisions, node_names)
+    return model
+
+
+def _to_fp16(model: bytes, precisions: dict[str, str], node_names: dict[str, str]) -> bytes:
+    """Convert the fp16 layers (and the ops between them) to fp16; inputs/outputs stay fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load_from_string(model)
+    keep = {node_names[layer] for layer, p in precisions.items() if p != "fp16"}
+    keep |= {n.name for n in proto.graph.node
+             if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    try:
+        converted = convert_float_to_float16(proto, keep_io_types=True,
+                                             node_block_list=sorted(keep))
+    except Exception as exc:
+        raise TrialError("quantize", f"fp16 conversion failed: {type(exc).__name__}: {exc}") from exc
+    return converted.SerializeToString()
+
+
+def _quantize_integer(model: bytes, precisions: dict[str, str], node_names: dict[str, str],
+                      choices: Choices, calibration: torch.Tensor, *, reduce_range: bool,
+                      seed: int) -> bytes:
+    """Static QDQ for the int8/int16 layers; every other layer is excluded by node name.
+
+    The precision of an integer layer is the precision of its weights; int16
+    layers get int16 weights through per-tensor overrides (GNA runs int8 or
+    int16 weights with int16 activations).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    exclude = [node_names[layer] for layer, p in precisions.items() if p == "fp32"]
+    exclude = [node_names[layer] for layer, p in precisions.items() if p not in _INTEGER]
+    wide = {node_names[layer] for layer, p in precisions.items() if p == "int16"}
     subset = _calibration_subset(calibration, choices.calibration_samples, seed)
     with tempfile.TemporaryDirectory(prefix="search-quant-") as tmp:
         src, pre, out = (Path(tmp) / n for n in ("model.onnx", "pre.onnx", "int8.onnx"))
@@ -72,8 +105,13 @@ def apply_precision_plan(model: bytes, precisions: dict[str, str], node_names: d
         root = logging.getLogger()
         level = root.level
         try:
-            root.setLevel(logging.WARNING)  # the quantizer logs at INFO on the root logger
+            root.setLevel(logging.ERROR)  # the quantizer logs INFO and opset notes on root
             quant_pre_process(str(src), str(pre))
+            overrides = {}
+            if wide:
+                weights = {n.name: n.input[1] for n in onnx.load(str(pre)).graph.node
+                           if n.name in wide and len(n.input) > 1}
+                overrides = {w: [{"quant_type": QuantType.QInt16}] for w in weights.values()}
             quantize_static(
                 str(pre),
                 str(out),
@@ -88,6 +126,7 @@ def apply_precision_plan(model: bytes, precisions: dict[str, str], node_names: d
                 extra_options={
                     "ActivationSymmetric": choices.activation_symmetric,
                     "WeightSymmetric": True,
+                    "TensorQuantOverrides": overrides,
                 },
             )
         except TrialError:
@@ -104,20 +143,38 @@ def apply_precision_plan(model: bytes, precisions: dict[str, str], node_names: d
 
 
 def _feed_fp32_layers_fp32(model: onnx.ModelProto, fp32_nodes: set[str]) -> None:
-    """Rewire an fp32 layer's input around the Q -> DQ pair in front of it.
+    """Give an fp32 layer its input in fp32, through a Clip instead of a Q -> DQ pair.
 
     The quantizer leaves an excluded Conv between DequantizeLinear and
     QuantizeLinear when its neighbours are int8, and ONNX Runtime (1.20+) then
     quantizes its fp32 weights itself, so the "fp32" layer would run in int8.
-    Feeding it the fp32 tensor from before the QuantizeLinear keeps it fp32.
+    The Q -> DQ pair may also carry a fused ReLU (a zero point at the bottom of
+    the range clamps negatives), so it is replaced by the Clip to the same
+    range, which keeps the semantics in fp32.
     """
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
+    new_nodes = []
     for node in model.graph.node:
-        if node.name not in fp32_nodes or not node.input:
-            continue
-        dq = producers.get(node.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear":
-            continue
-        q = producers.get(dq.input[0])
-        if q is not None and q.op_type == "QuantizeLinear":
-            node.input[0] = q.input[0]
+        if node.name in fp32_nodes and node.input:
+            dq = producers.get(node.input[0])
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and len(q.input) >= 3 \
+                    and q.input[1] in inits and q.input[2] in inits:
+                scale = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32)
+                zero = numpy_helper.to_array(inits[q.input[2]])
+                info = np.iinfo(zero.dtype)
+                zf = zero.astype(np.float32)
+                lo = ((info.min - zf) * scale).astype(np.float32).reshape(())
+                hi = ((info.max - zf) * scale).astype(np.float32).reshape(())
+                base = f"{node.name}_fp32_input"
+                model.graph.initializer.extend([numpy_helper.from_array(lo, f"{base}_lo"),
+                                                numpy_helper.from_array(hi, f"{base}_hi")])
+                new_nodes.append(helper.make_node("Clip", [q.input[0], f"{base}_lo", f"{base}_hi"],
+                                                  [base], name=f"{base}_clip"))
+                node.input[0] = base
+        new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)

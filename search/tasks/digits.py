@@ -11,18 +11,17 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search._paths import cache_dir
 from search.tasks._base import Split, Task
 
-__all__ = ["DigitsResNet", "make_task", "cache_dir"]
+__all__ = ["DigitsResNet", "make_task"]
 
 SIZE = 32
 _TRAIN = {"epochs": 12, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-4, "shift": 2}
@@ -64,12 +63,6 @@ class DigitsResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def cache_dir() -> Path:
-    """Where trained teachers are kept (``$SEARCH_CACHE_DIR`` or ``~/.cache/hw-search``)."""
-    root = os.environ.get("SEARCH_CACHE_DIR") or Path.home() / ".cache" / "hw-search"
-    return Path(root)
 
 
 def _splits(seed_split: int = 0) -> tuple[Split, Split, Split, str]:

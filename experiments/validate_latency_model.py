@@ -1,0 +1,204 @@
+"""Validate the latency model (issue 3): published T4 speedups and this host's measurements.
+
+Table 1: NVIDIA's published TensorRT speedups on a Tesla T4 (fp16 and int8 over
+fp32, batch 1 and 8; shared/reference/published_numbers.md) against the
+t4-gpu profile's prediction for the same torchvision architectures (random
+weights; only shapes matter). The calibration (efficiency per precision, op
+and session overheads) is fitted leave-one-model-out: each model's cells are
+predicted by a calibration fitted on the other models' cells only.
+
+Table 2: on this host (cpu-avx512-vnni), predicted against measured latency
+for compressed variants (structured ratio x precision plan, plus unstructured
+sparsity) of three architectures, again leave-one-architecture-out.
+
+    python experiments/validate_latency_model.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import torch
+import torchvision
+from scipy.optimize import least_squares
+from scipy.stats import spearmanr
+
+from search.compress import (
+    apply_precision_plan,
+    compressible_layers,
+    export_onnx,
+    onnx_node_names,
+    prune_structured,
+)
+from search.compress.prune import prune_unstructured, remove_masks
+from search.latency import measure_latency
+from search.latency.predict import (
+    Calibration,
+    LayerCost,
+    costs_from_onnx,
+    costs_from_torch,
+    fit_calibration,
+    predict_ms,
+)
+from search.profiles import load_profile
+from search.record import Choices
+from search.tasks import load_task
+
+# shared/reference/published_numbers.md: b1 fp16, b1 int8, b8 fp16, b8 int8
+PUBLISHED = {
+    "mobilenet_v2": (1.50, 1.90, 2.34, 3.98),
+    "resnet50": (2.07, 3.52, 4.09, 7.25),
+    "vgg16": (2.63, 2.71, 4.14, 6.44),
+    "vgg19": (2.88, 3.09, 4.25, 6.95),
+    "inception_v3": (2.38, 3.95, 3.76, 6.36),
+    "resnext101_32x8d": (2.49, 3.55, 3.58, 6.26),
+}
+NOT_IN_TORCHVISION = ["MobileNet v1", "Inception v4"]
+CELLS = [(1, "fp16"), (1, "int8"), (8, "fp16"), (8, "int8")]
+
+
+def _with_precision(costs: list[LayerCost], precision: str) -> list[LayerCost]:
+    return [replace(c, precision=precision) for c in costs]
+
+
+def _t4_costs() -> dict[str, dict[int, list[LayerCost]]]:
+    out = {}
+    for name in PUBLISHED:
+        with torch.device("meta"):
+            kwargs = {"aux_logits": False, "init_weights": False} if name == "inception_v3" else {}
+            model = getattr(torchvision.models, name)(weights=None, **kwargs)
+        size = 299 if name == "inception_v3" else 224
+        out[name] = {b: costs_from_torch(model, (3, size, size), b, device="meta") for b in (1, 8)}
+    return out
+
+
+def _speedups(costs: dict[int, list[LayerCost]], profile, cal) -> list[float]:  # noqa: ANN001
+    return [predict_ms(_with_precision(costs[b], "fp32"), profile, cal)
+            / predict_ms(_with_precision(costs[b], p), profile, cal) for b, p in CELLS]
+
+
+def _fit_speedups(models: list[str], costs, profile) -> Calibration:  # noqa: ANN001
+    start = Calibration.of(profile.latency_model)
+    keys = ["fp32", "fp16", "int8"]
+
+    def unpack(theta: np.ndarray) -> Calibration:
+        eff = dict(start.efficiency)
+        eff.update({k: float(np.exp(v)) for k, v in zip(keys, theta[:3], strict=True)})
+        return Calibration(eff, float(np.exp(theta[3])), float(np.exp(theta[4])), len(models) * 4)
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        cal = unpack(theta)
+        return np.array([math.log(pred / pub) for m in models
+                         for pred, pub in zip(_speedups(costs[m], profile, cal), PUBLISHED[m],
+                                              strict=True)])
+
+    theta0 = np.log([start.efficiency[k] for k in keys] + [start.op_overhead_us,
+                                                           start.session_overhead_us])
+    fit = least_squares(residuals, theta0, bounds=(np.log([1e-3] * 3 + [1e-2, 1e-2]),
+                                                   np.log([1.0] * 3 + [1e3, 1e4])))
+    return unpack(fit.x)
+
+
+def t4_table() -> None:
+    profile = load_profile("t4-gpu")
+    costs = _t4_costs()
+    print("Table 1: T4 TensorRT speedup over fp32, published vs predicted "
+          "(leave-one-model-out calibration)")
+    print(f"{'model':<18}{'cell':<10}{'published':>10}{'predicted':>11}{'error':>8}"
+          f"{'uncalibrated':>14}")
+    errors, raw_errors = [], []
+    for held_out in PUBLISHED:
+        cal = _fit_speedups([m for m in PUBLISHED if m != held_out], costs, profile)
+        predicted = _speedups(costs[held_out], profile, cal)
+        raw = _speedups(costs[held_out], profile, None)
+        for (b, p), pub, pred, r in zip(CELLS, PUBLISHED[held_out], predicted, raw, strict=True):
+            err = pred / pub - 1
+            errors.append(err)
+            raw_errors.append(r / pub - 1)
+            print(f"{held_out:<18}{f'b{b} {p}':<10}{pub:>10.2f}{pred:>11.2f}{err:>+8.0%}{r:>14.2f}")
+    e = np.abs(errors)
+    print(f"cells {len(e)}; within 25%: {int((e <= 0.25).sum())}/{len(e)}; median |error| "
+          f"{np.median(e):.0%}; max {e.max():.0%} (uncalibrated median "
+          f"{np.median(np.abs(raw_errors)):.0%})")
+    print(f"not in torchvision, not scored: {', '.join(NOT_IN_TORCHVISION)}\n")
+
+
+def _variants(arch: str, quick: bool):  # noqa: ANN202
+    task = load_task("digits", 0)
+    if arch == "digits-resnet":
+        make, shape = task.teacher, task.input_shape
+    else:
+        def make():  # noqa: ANN202
+            torch.manual_seed(0)
+            return getattr(torchvision.models, arch)(weights=None, num_classes=10).eval()
+        shape = (3, 32, 32)
+    calib = torch.randn(32, *shape)
+    ratios = (0.0, 0.5) if quick else (0.0, 0.3, 0.5)
+    for ratio in ratios:
+        model = make()
+        if ratio:
+            prune_structured(model, torch.zeros(1, *shape), ratio, round_to=8)
+        layers = compressible_layers(model)
+        fp32 = export_onnx(model, shape)
+        names = onnx_node_names(onnx.load_from_string(fp32), layers)
+        plans = {"fp32": {x.name: "fp32" for x in layers},
+                 "int8": {x.name: "int8" for x in layers}}
+        mixed = dict(plans["int8"])
+        mixed[layers[0].name] = mixed[layers[-1].name] = "fp32"
+        plans["int8 first/last fp32"] = mixed
+        for label, plan in plans.items():
+            model_bytes = apply_precision_plan(fp32, plan, names, Choices(precisions=plan),
+                                               calib, reduce_range=False)
+            yield f"{arch} r{ratio:.1f} {label}", model_bytes, shape
+    model = make()
+    prune_unstructured(model, 0.7)
+    remove_masks(model)
+    yield f"{arch} 70% zeros fp32", export_onnx(model, shape), shape
+
+
+def host_table(quick: bool) -> None:
+    profile = load_profile("cpu-avx512-vnni")
+    rows = []
+    for arch in ("digits-resnet", "resnet18", "mobilenet_v2"):
+        for label, model, shape in _variants(arch, quick):
+            measured = measure_latency(model, profile, shape)
+            rows.append((arch, label, costs_from_onnx(model), measured.median_ms, measured.cv))
+    print("Table 2: cpu-avx512-vnni (this host, 1 thread, batch 1), predicted vs measured "
+          "(leave-one-architecture-out calibration)")
+    print(f"{'variant':<40}{'measured ms':>12}{'cv':>6}{'predicted':>11}{'error':>8}")
+    preds, meas = [], []
+    for arch in dict.fromkeys(r[0] for r in rows):
+        cal = fit_calibration([(c, ms) for a, _, c, ms, _ in rows if a != arch], profile)
+        for a, label, costs, ms, cv in rows:
+            if a == arch:
+                p = predict_ms(costs, profile, cal)
+                preds.append(p)
+                meas.append(ms)
+                print(f"{label:<40}{ms:>12.3f}{cv:>6.2f}{p:>11.3f}{p / ms - 1:>+8.0%}")
+    errors = np.abs(np.array(preds) / np.array(meas) - 1)
+    rho = spearmanr(preds, meas).statistic
+    raw = [predict_ms(c, profile) for _, _, c, _, _ in rows]
+    print(f"variants {len(rows)}; Spearman {rho:.3f}; median |error| {np.median(errors):.0%}; "
+          f"max {errors.max():.0%} (uncalibrated Spearman {spearmanr(raw, meas).statistic:.3f}, "
+          f"median |error| {np.median(np.abs(np.array(raw) / np.array(meas) - 1)):.0%})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer host variants")
+    parser.add_argument("--skip-host", action="store_true")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    t4_table()
+    if not args.skip_host:
+        host_table(args.quick)
+    print(f"\n({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Predicted latency: a roofline over the model's layers, with per-op overheads.
+
+Each Conv/Gemm/MatMul costs ``max(compute time, memory time) + op overhead`` at
+the precision it runs in, using the profile's peak throughput, its efficiency
+(calibration) factor and memory bandwidth. A layer whose input arrives in
+another precision pays a conversion pass (fp32 islands cost, DESIGN.md §3).
+Unstructured zeros only shrink compute where the profile has sparse kernels;
+structured pruning shrinks the layers themselves, so it is seen directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from search.errors import ConfigError
+from search.profiles import HardwareProfile, LatencyModelSettings
+from search.record import LatencyStats
+
+__all__ = [
+    "Calibration",
+    "LayerCost",
+    "costs_from_onnx",
+    "costs_from_torch",
+    "fit_calibration",
+    "load_calibration",
+    "predict_latency",
+    "predict_ms",
+    "save_calibration",
+]
+
+BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int16": 2.0, "int8": 1.0, "int4": 0.5}
+_COMPUTE = ("Conv", "Gemm", "MatMul")
+_FREE = {"QuantizeLinear", "DequantizeLinear", "Cast", "Reshape", "Flatten", "Squeeze",
+         "Unsqueeze", "Identity", "Relu", "Clip", "Shape", "Constant", "Transpose"}
+_ONNX_PRECISION = {
+    onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16",
+    onnx.TensorProto.BFLOAT16: "bf16", onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "int8", onnx.TensorProto.INT16: "int16",
+    onnx.TensorProto.UINT16: "int16", onnx.TensorProto.INT4: "int4",
+    onnx.TensorProto.UINT4: "int4",
+}
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What one operation does: MACs and elements moved, in its precision."""
+
+    name: str
+    op_type: str
+    precision: str
+    macs: int = 0
+    weight_elems: int = 0
+    in_elems: int = 0
+    out_elems: int = 0
+    density: float = 1.0  # share of non-zero weights
+    nm_sparse: bool = False  # weights follow a 2:4 pattern
+    input_precision: str | None = None  # when it differs, a conversion pass is paid
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Multipliers on a profile's latency model, refit from measurements."""
+
+    efficiency: dict[str, float]
+    op_overhead_us: float
+    session_overhead_us: float
+    fitted_on: int = 0
+
+    @staticmethod
+    def of(settings: LatencyModelSettings) -> Calibration:
+        eff = {p: settings.efficiency.get(p, 0.5) for p in settings.peak_tops}
+        return Calibration(eff, settings.op_overhead_us, settings.session_overhead_us)
+
+
+def _shape_elems(shape: onnx.TensorShapeProto) -> int | None:
+    total = 1
+    for dim in shape.dim:
+        if not dim.HasField("dim_value"):
+            return None
+        total *= dim.dim_value
+    return total
+
+
+def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = batch
+    return model
+
+
+def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1) -> list[LayerCost]:
+    """Layer costs of an ONNX model as it will run (int8 where weights are QDQ int8)."""
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
+    proto = shape_inference.infer_shapes(_fix_batch(proto, batch))
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    elems: dict[str, int] = {}
+    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+        n = _shape_elems(value.type.tensor_type.shape)
+        if n is not None:
+            elems[value.name] = n
+    for name, tensor in inits.items():
+        elems[name] = int(np.prod(tensor.dims)) if tensor.dims else 1
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def weight_of(name: str) -> tuple[onnx.TensorProto | None, str]:
+        node = producers.get(name)
+        seen = 0
+        while node is not None and node.op_type in ("DequantizeLinear", "Cast") and seen < 4:
+            if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+                t = inits[node.input[0]]
+                return t, _ONNX_PRECISION.get(t.data_type, "fp32")
+            name, node, seen = node.input[0], producers.get(node.input[0]), seen + 1
+        t = inits.get(name)
+        return t, _ONNX_PRECISION.get(t.data_type, "fp32") if t is not None else "fp32"
+
+    tensor_precision: dict[str, str] = {}
+    for value in graph.input:
+        tensor_precision[value.name] = _ONNX_PRECISION.get(value.type.tensor_type.elem_type, "fp32")
+    costs: list[LayerCost] = []
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        incoming = tensor_precision.get(ins[0], "fp32") if ins else "fp32"
+        if node.op_type in _COMPUTE and len(ins) >= 2:
+            tensor, precision = weight_of(ins[1])
+            weight = numpy_helper.to_array(tensor) if tensor is not None else None
+            w_elems = int(weight.size) if weight is not None else elems.get(ins[1], 0)
+            out = elems.get(node.output[0], 0)
+            if node.op_type == "Conv" and weight is not None and weight.ndim >= 3:
+                out_channels = weight.shape[0]
+                macs = out // max(out_channels, 1) * w_elems
+            elif weight is not None and weight.ndim == 2:
+                rows = elems.get(ins[0], 0) // max(_reduce_dim(node, weight), 1)
+                macs = rows * weight.size
+            else:
+                macs = 0
+            density, nm = _sparsity(weight)
+            costs.append(LayerCost(
+                name=node.name, op_type=node.op_type, precision=precision, macs=int(macs),
+                weight_elems=w_elems, in_elems=elems.get(ins[0], 0), out_elems=out,
+                density=density, nm_sparse=nm,
+                input_precision=incoming if incoming != precision else None,
+            ))
+            for o in node.output:
+                tensor_precision[o] = precision
+            continue
+        if node.op_type == "QuantizeLinear":
+            zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+            precision = _ONNX_PRECISION.get(zp.data_type, "int8") if zp is not None else "int8"
+        elif node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), onnx.TensorProto.FLOAT)
+            precision = _ONNX_PRECISION.get(to, "fp32")
+        else:
+            precision = incoming  # DequantizeLinear and elementwise ops keep the precision
+        for o in node.output:
+            tensor_precision[o] = precision
+        if node.op_type not in _FREE:
+            costs.append(LayerCost(name=node.name, op_type=node.op_type, precision=precision,
+                                   in_elems=sum(elems.get(i, 0) for i in ins if i not in inits),
+                                   out_elems=sum(elems.get(o, 0) for o in node.output)))
+    return costs
+
+
+def _reduce_dim(node: onnx.NodeProto, weight: np.ndarray) -> int:
+    """The K of a Gemm/MatMul from its weight (respecting Gemm's transB)."""
+    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+    if node.op_type == "Gemm" and trans_b:
+        return int(weight.shape[1])
+    return int(weight.shape[0])
+
+
+def _sparsity(weight: np.ndarray | None) -> tuple[float, bool]:
+    if weight is None or weight.size == 0:
+        return 1.0, False
+    nonzero = weight != 0
+    density = float(nonzero.mean())
+    flat = nonzero.reshape(weight.shape[0], -1)
+    nm = False
+    if flat.shape[1] % 4 == 0:
+        nm = bool((flat.reshape(flat.shape[0], -1, 4).sum(-1) <= 2).all())
+    return density, nm
+
+
+def costs_from_torch(model, input_shape: tuple[int, ...], batch: int,  # noqa: ANN001
+                     precision: str = "fp32", device: str = "cpu") -> list[LayerCost]:
+    """Layer costs of a PyTorch model's Conv/Linear layers, without exporting it.
+
+    ``device="meta"`` sizes a large model without allocating or computing anything.
+    """
+    import torch
+    from torch import nn
+
+    costs: list[LayerCost] = []
+
+    def hook(module, inputs, output):  # noqa: ANN001, ANN202
+        x = inputs[0]
+        w = module.weight
+        if isinstance(module, nn.Conv2d):
+            macs = output.numel() // output.shape[1] * w.numel()
+            op = "Conv"
+        else:
+            macs = x.numel() // x.shape[-1] * w.numel()
+            op = "Gemm"
+        costs.append(LayerCost(name=module._cost_name, op_type=op, precision=precision,
+                               macs=int(macs), weight_elems=w.numel(), in_elems=x.numel(),
+                               out_elems=output.numel()))
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            module._cost_name = name
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(batch, *input_shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return costs
+
+
+def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
+               calibration: Calibration | None = None) -> float:
+    """Predicted latency in milliseconds of the whole model on ``profile``."""
+    settings = profile.latency_model
+    if settings is None:
+        raise ConfigError(f"profile {profile.name!r} has no latency_model, so latency cannot "
+                          "be predicted for it; add one (see hardware_profiles/t4-gpu.yaml)")
+    cal = calibration or Calibration.of(settings)
+    bandwidth = settings.memory_gbps * 1e9
+    total_us = cal.session_overhead_us
+    for c in costs:
+        b = BYTES.get(c.precision, 4.0)
+        memory_s = (c.weight_elems + c.in_elems + c.out_elems) * b / bandwidth
+        if c.op_type in _COMPUTE:
+            peak = settings.peak_tops.get(c.precision)
+            if peak is None:
+                raise ConfigError(f"profile {profile.name!r} cannot run {c.precision} "
+                                  f"({c.op_type} {c.name}); it runs {sorted(settings.peak_tops)}")
+            work = 2.0 * c.macs
+            if profile.sparse_kernels == "unstructured":
+                work *= c.density
+            elif profile.sparse_kernels == "2:4" and c.nm_sparse:
+                work *= 0.5
+            compute_s = work / (peak * 1e12 * cal.efficiency.get(c.precision, 0.5))
+            total_us += max(compute_s, memory_s) * 1e6 + cal.op_overhead_us
+            if c.input_precision is not None:  # a conversion pass at a precision boundary
+                conv_bytes = c.in_elems * (b + BYTES.get(c.input_precision, 4.0))
+                total_us += conv_bytes / bandwidth * 1e6 + cal.op_overhead_us
+        else:
+            total_us += memory_s * 1e6 + 0.25 * cal.op_overhead_us
+    return total_us / 1e3
+
+
+def predict_latency(model: bytes, profile: HardwareProfile, input_shape: tuple[int, ...],
+                    calibration: Calibration | None = None) -> LatencyStats:
+    """A LatencyStats labelled ``predicted`` for the profile's device and batch size."""
+    ms = predict_ms(costs_from_onnx(model, profile.measure.batch_size), profile, calibration)
+    return LatencyStats(median_ms=ms, p90_ms=ms, mean_ms=ms, cv=0.0, runs=0, source="predicted",
+                        device=f"{profile.name} (latency model)", provider="")
+
+
+def fit_calibration(samples: Iterable[tuple[list[LayerCost], float]], profile: HardwareProfile,
+                    base: Calibration | None = None) -> Calibration:
+    """Refit efficiencies and overheads so predictions match measured latencies (ms).
+
+    Least squares on log latency, so fast and slow models weigh alike.
+    """
+    from scipy.optimize import least_squares
+
+    data = [(c, ms) for c, ms in samples if ms > 0]
+    settings = profile.latency_model
+    if settings is None or len(data) < 3:
+        return base or Calibration.of(settings) if settings else base  # type: ignore[return-value]
+    start = base or Calibration.of(settings)
+    used = sorted({c.precision for costs, _ in data for c in costs if c.op_type in _COMPUTE})
+    keys = [p for p in used if p in start.efficiency]
+
+    def unpack(theta: np.ndarray) -> Calibration:
+        eff = dict(start.efficiency)
+        eff.update({p: float(np.exp(v)) for p, v in zip(keys, theta[: len(keys)], strict=True)})
+        return Calibration(eff, float(np.exp(theta[-2])), float(np.exp(theta[-1])), len(data))
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        cal = unpack(theta)
+        return np.array([math.log(predict_ms(costs, profile, cal) / ms) for costs, ms in data])
+
+    theta0 = np.array([math.log(start.efficiency[p]) for p in keys]
+                      + [math.log(max(start.op_overhead_us, 1e-3)),
+                         math.log(max(start.session_overhead_us, 1e-3))])
+    bounds = ([math.log(1e-4)] * len(keys) + [math.log(1e-3)] * 2,
+              [math.log(1.0)] * len(keys) + [math.log(1e5)] * 2)
+    fit = least_squares(residuals, theta0, bounds=bounds)
+    return unpack(fit.x)
+
+
+def _calibration_path(root: Path, profile: HardwareProfile) -> Path:
+    return root / "calibration" / f"{profile.name}.json"
+
+
+def save_calibration(cal: Calibration, profile: HardwareProfile, root: Path) -> Path:
+    path = _calibration_path(root, profile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(cal), indent=2))
+    return path
+
+
+def load_calibration(profile: HardwareProfile, root: Path) -> Calibration | None:
+    """A saved calibration for ``profile``, or None."""
+    path = _calibration_path(root, profile)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return Calibration(**data)
+    except (ValueError, TypeError):
+        return None
+
+
+def scaled(cal: Calibration, **changes: float | Mapping[str, float]) -> Calibration:
+    """A copy with some fields changed (for experiments)."""
+    return replace(cal, **changes)  # type: ignore[arg-type]

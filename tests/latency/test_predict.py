@@ -1,0 +1,106 @@
+"""The latency model's basic sanity, on real exported models."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from search.compress import apply_precision_plan, export_onnx, onnx_node_names, prune_structured
+from search.compress.prune import prune_unstructured, remove_masks
+from search.errors import ConfigError
+from search.latency.predict import (
+    Calibration,
+    costs_from_onnx,
+    costs_from_torch,
+    fit_calibration,
+    predict_ms,
+)
+from search.profiles import load_profile
+from search.record import Choices
+
+PROFILES = ["t4-gpu", "a100-gpu", "vpu", "fpga", "npu", "cpu-avx512-vnni", "cpu-avx2"]
+
+
+def _pruned(task, ratio):
+    model = task.teacher()
+    prune_structured(model, torch.zeros(1, *task.input_shape), ratio, round_to=8)
+    return export_onnx(model, task.input_shape)
+
+
+@pytest.fixture(scope="module")
+def pruned_models(task):
+    return {ratio: _pruned(task, ratio) for ratio in (0.0, 0.25, 0.5)}
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_removing_channels_never_predicts_slower(name, pruned_models):
+    profile = load_profile(name)
+    p = profile.precisions_used()[0]
+    times = []
+    for ratio in (0.0, 0.25, 0.5):
+        costs = [c if c.op_type not in ("Conv", "Gemm") else
+                 type(c)(**{**c.__dict__, "precision": p}) for c in costs_from_onnx(pruned_models[ratio])]
+        times.append(predict_ms(costs, profile))
+    assert times[0] > times[1] > times[2], times
+
+
+def test_unstructured_zeros_pay_only_with_sparse_kernels(task):
+    model = task.teacher()
+    prune_unstructured(model, 0.7)
+    remove_masks(model)
+    sparse = costs_from_onnx(export_onnx(model, task.input_shape))
+    dense = costs_from_onnx(export_onnx(task.teacher(), task.input_shape))
+    assert min(c.density for c in sparse if c.op_type == "Conv") < 0.5
+    none = load_profile("cpu-avx512-vnni")
+    assert none.sparse_kernels == "none"
+    assert predict_ms(sparse, none) == pytest.approx(predict_ms(dense, none))
+    with_kernels = none.model_copy(update={"sparse_kernels": "unstructured"})
+    assert predict_ms(sparse, with_kernels) < predict_ms(dense, with_kernels)
+
+
+def test_lower_precision_predicts_faster_on_a_gpu(task):
+    profile = load_profile("t4-gpu")
+    model = torch.nn.Sequential(torch.nn.Conv2d(64, 128, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(128, 128, 3, padding=1))
+    times = {p: predict_ms(costs_from_torch(model, (64, 56, 56), 8, p), profile)
+             for p in ("fp32", "fp16", "int8")}
+    assert times["fp32"] > times["fp16"] > times["int8"], times
+
+
+def test_onnx_and_torch_layer_costs_agree(task):
+    fp32 = costs_from_onnx(export_onnx(task.teacher(), task.input_shape))
+    torch_costs = costs_from_torch(task.teacher(), task.input_shape, 1)
+    assert sum(c.macs for c in fp32) == sum(c.macs for c in torch_costs)
+
+
+def test_int8_precision_is_read_from_the_qdq_graph(task, layers):
+    fp32 = export_onnx(task.teacher(), task.input_shape)
+    names = onnx_node_names(onnx.load_from_string(fp32), layers)
+    plan = {layer.name: "int8" for layer in layers}
+    plan["fc"] = "fp32"
+    q = apply_precision_plan(fp32, plan, names, Choices(precisions=plan), task.calibration,
+                             reduce_range=False)
+    realized = {c.name: c.precision for c in costs_from_onnx(q) if c.op_type in ("Conv", "Gemm")}
+    assert realized[names["fc"]] == "fp32"
+    assert {realized[names[x.name]] for x in layers if x.name != "fc"} == {"int8"}
+
+
+def test_profile_without_latency_model_cannot_predict(task):
+    bare = load_profile("cpu-avx512-vnni").model_copy(update={"latency_model": None})
+    with pytest.raises(ConfigError, match="latency_model"):
+        predict_ms(costs_from_onnx(export_onnx(task.teacher(), task.input_shape)), bare)
+
+
+def test_calibration_refit_recovers_known_factors(pruned_models):
+    """Measurements generated from known factors: the fit must find them again."""
+    profile = load_profile("cpu-avx512-vnni")
+    truth = Calibration({"fp32": 0.2, "int8": 0.05}, op_overhead_us=9.0, session_overhead_us=40.0)
+    samples = []
+    for model in pruned_models.values():
+        for p in ("fp32", "int8"):
+            costs = [type(c)(**{**c.__dict__, "precision": p}) for c in costs_from_onnx(model)]
+            samples.append((costs, predict_ms(costs, profile, truth)))
+    fitted = fit_calibration(samples, profile)
+    errors = [abs(predict_ms(c, profile, fitted) / ms - 1) for c, ms in samples]
+    assert np.max(errors) < 0.02
+    assert fitted.fitted_on == len(samples)
