@@ -25,7 +25,6 @@ import numpy as np
 import onnx
 import torch
 import torchvision
-from scipy.optimize import least_squares
 from scipy.stats import spearmanr
 
 from search.compress import (
@@ -40,6 +39,7 @@ from search.latency import measure_latency
 from search.latency.predict import (
     Calibration,
     LayerCost,
+    _least_squares,
     costs_from_onnx,
     costs_from_torch,
     fit_calibration,
@@ -83,25 +83,13 @@ def _speedups(costs: dict[int, list[LayerCost]], profile, cal) -> list[float]:  
 
 
 def _fit_speedups(models: list[str], costs, profile) -> Calibration:  # noqa: ANN001
-    start = Calibration.of(profile.latency_model)
-    keys = ["fp32", "fp16", "int8"]
-
-    def unpack(theta: np.ndarray) -> Calibration:
-        eff = dict(start.efficiency)
-        eff.update({k: float(np.exp(v)) for k, v in zip(keys, theta[:3], strict=True)})
-        return Calibration(eff, float(np.exp(theta[3])), float(np.exp(theta[4])), len(models) * 4)
-
-    def residuals(theta: np.ndarray) -> np.ndarray:
-        cal = unpack(theta)
-        return np.array([math.log(pred / pub) for m in models
-                         for pred, pub in zip(_speedups(costs[m], profile, cal), PUBLISHED[m],
-                                              strict=True)])
-
-    theta0 = np.log([start.efficiency[k] for k in keys] + [start.op_overhead_us,
-                                                           start.session_overhead_us])
-    fit = least_squares(residuals, theta0, bounds=(np.log([1e-3] * 3 + [1e-2, 1e-2]),
-                                                   np.log([1.0] * 3 + [1e3, 1e4])))
-    return unpack(fit.x)
+    return _least_squares(
+        Calibration.of(profile.latency_model), ["fp32", "fp16", "int8"],
+        lambda cal: [math.log(pred / pub) for m in models
+                     for pred, pub in zip(_speedups(costs[m], profile, cal), PUBLISHED[m],
+                                          strict=True)],
+        len(models) * 4, per_precision_overheads=False, memory=False,
+    )
 
 
 def t4_table() -> None:
@@ -161,31 +149,45 @@ def _variants(arch: str, quick: bool):  # noqa: ANN202
     yield f"{arch} 70% zeros fp32", export_onnx(model, shape), shape
 
 
-def host_table(quick: bool) -> None:
+def host_rows(quick: bool) -> list[tuple]:
     profile = load_profile("cpu-avx512-vnni")
     rows = []
     for arch in ("digits-resnet", "resnet18", "mobilenet_v2"):
         for label, model, shape in _variants(arch, quick):
             measured = measure_latency(model, profile, shape)
             rows.append((arch, label, costs_from_onnx(model), measured.median_ms, measured.cv))
-    print("Table 2: cpu-avx512-vnni (this host, 1 thread, batch 1), predicted vs measured "
-          "(leave-one-architecture-out calibration)")
-    print(f"{'variant':<40}{'measured ms':>12}{'cv':>6}{'predicted':>11}{'error':>8}")
-    preds, meas = [], []
-    for arch in dict.fromkeys(r[0] for r in rows):
+    return rows
+
+
+def host_table(quick: bool, rows: list[tuple] | None = None) -> None:
+    profile = load_profile("cpu-avx512-vnni")
+    rows = rows or host_rows(quick)
+    meas = np.array([r[3] for r in rows])
+
+    def report(title: str, preds: list[float]) -> None:
+        errors = np.abs(np.array(preds) / meas - 1)
+        print(f"{title}: Spearman {spearmanr(preds, meas).statistic:.3f}; median |error| "
+              f"{np.median(errors):.0%}; within 20%: {int((errors <= 0.2).sum())}/{len(rows)}; "
+              f"max {errors.max():.0%}")
+
+    # leave one variant out: each variant predicted by a calibration fitted on the other
+    # variants (all architectures), as a study's self-calibration would be
+    lovo = [predict_ms(costs, profile, fit_calibration(
+        [(c, ms) for j, (_, _, c, ms, _) in enumerate(rows) if j != i], profile))
+        for i, (_, _, costs, _, _) in enumerate(rows)]
+    # leave one architecture out: harder, the architecture was never measured
+    loao = []
+    for arch, _, costs, _, _ in rows:
         cal = fit_calibration([(c, ms) for a, _, c, ms, _ in rows if a != arch], profile)
-        for a, label, costs, ms, cv in rows:
-            if a == arch:
-                p = predict_ms(costs, profile, cal)
-                preds.append(p)
-                meas.append(ms)
-                print(f"{label:<40}{ms:>12.3f}{cv:>6.2f}{p:>11.3f}{p / ms - 1:>+8.0%}")
-    errors = np.abs(np.array(preds) / np.array(meas) - 1)
-    rho = spearmanr(preds, meas).statistic
-    raw = [predict_ms(c, profile) for _, _, c, _, _ in rows]
-    print(f"variants {len(rows)}; Spearman {rho:.3f}; median |error| {np.median(errors):.0%}; "
-          f"max {errors.max():.0%} (uncalibrated Spearman {spearmanr(raw, meas).statistic:.3f}, "
-          f"median |error| {np.median(np.abs(np.array(raw) / np.array(meas) - 1)):.0%})")
+        loao.append(predict_ms(costs, profile, cal))
+    print("Table 2: cpu-avx512-vnni (this host, 1 thread, batch 1), predicted vs measured ms")
+    print(f"{'variant':<40}{'measured':>9}{'cv':>6}{'LOVO':>8}{'err':>6}{'LOAO':>8}{'err':>6}")
+    for (_, label, _, ms, cv), a, b in zip(rows, lovo, loao, strict=True):
+        print(f"{label:<40}{ms:>9.3f}{cv:>6.2f}{a:>8.3f}{a / ms - 1:>+6.0%}{b:>8.3f}"
+              f"{b / ms - 1:>+6.0%}")
+    report(f"{len(rows)} variants, leave-one-variant-out", lovo)
+    report("leave-one-architecture-out", loao)
+    report("uncalibrated profile numbers", [predict_ms(c, profile) for _, _, c, _, _ in rows])
 
 
 def main() -> None:

@@ -8,8 +8,14 @@ __all__ = ["make_session"]
 
 
 def make_session(model: bytes, *, threads: int, provider: str = "CPUExecutionProvider",
+                 provider_options: dict[str, str] | None = None,
                  optimized_path: str | None = None) -> ort.InferenceSession:
-    """A session with all graph optimizations, ``threads`` intra-op threads, sequential."""
+    """A session with all graph optimizations, ``threads`` intra-op threads, sequential.
+
+    For any provider but the CPU's, falling back to the CPU for unsupported
+    nodes is disabled: session creation then fails instead of silently
+    measuring the CPU (QLinearConv on CUDA is the classic case).
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -18,4 +24,6 @@ def make_session(model: bytes, *, threads: int, provider: str = "CPUExecutionPro
     options.log_severity_level = 3
     if optimized_path:
         options.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(model, options, providers=[provider])
+    if provider != "CPUExecutionProvider":
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return ort.InferenceSession(model, options, providers=[(provider, provider_options or {})])

@@ -51,6 +51,7 @@ class MeasureSettings(Strict):
     """How latency is measured: ONNX Runtime provider, threads, batch, repetitions."""
 
     execution_provider: str = "CPUExecutionProvider"
+    provider_options: dict[str, str] = {}
     threads: int = Field(default=1, ge=1, le=256)
     batch_size: int = Field(default=1, ge=1, le=4096)
     warmup_runs: int = Field(default=20, ge=0)
@@ -72,9 +73,10 @@ class LatencyModelSettings(Strict):
     op_overhead_us: float = Field(default=5.0, ge=0)
     session_overhead_us: float = Field(default=20.0, ge=0)
     efficiency: dict[Precision, float] = {}
+    memory_efficiency: dict[Precision, float] = {}
     sources: str = ""
 
-    @field_validator("peak_tops", "efficiency")
+    @field_validator("peak_tops", "efficiency", "memory_efficiency")
     @classmethod
     def _positive(cls, value: dict[str, float]) -> dict[str, float]:
         bad = {k: v for k, v in value.items() if not v > 0}

@@ -72,9 +72,11 @@ def measure_latency(model: bytes, profile: HardwareProfile,
     settings = profile.measure
     provider = settings.execution_provider
     try:
-        session = make_session(model, threads=settings.threads, provider=provider)
+        session = make_session(model, threads=settings.threads, provider=provider,
+                               provider_options=settings.provider_options)
     except Exception as exc:
-        raise TrialError("measure", f"cannot create a {provider} session: {exc}") from exc
+        raise TrialError("measure", f"cannot create a {provider} session (nodes it cannot run "
+                                    f"are refused, not moved to the CPU): {exc}") from exc
     if session.get_providers()[0] != provider:
         raise TrialError("measure", f"session fell back to {session.get_providers()}; "
                                     f"refusing to report it as {provider}")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,11 +73,15 @@ class Calibration:
     op_overhead_us: float
     session_overhead_us: float
     fitted_on: int = 0
+    memory_efficiency: dict[str, float] = field(default_factory=dict)  # default 1.0
+    overhead_scale: dict[str, float] = field(default_factory=dict)  # per precision, default 1.0
 
     @staticmethod
     def of(settings: LatencyModelSettings) -> Calibration:
         eff = {p: settings.efficiency.get(p, 0.5) for p in settings.peak_tops}
-        return Calibration(eff, settings.op_overhead_us, settings.session_overhead_us)
+        mem = {p: settings.memory_efficiency.get(p, 1.0) for p in settings.peak_tops}
+        return Calibration(eff, settings.op_overhead_us, settings.session_overhead_us,
+                           memory_efficiency=mem)
 
 
 def _shape_elems(shape: onnx.TensorShapeProto) -> int | None:
@@ -241,7 +245,8 @@ def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
     total_us = cal.session_overhead_us
     for c in costs:
         b = BYTES.get(c.precision, 4.0)
-        memory_s = (c.weight_elems + c.in_elems + c.out_elems) * b / bandwidth
+        memory_s = (c.weight_elems + c.in_elems + c.out_elems) * b / (
+            bandwidth * cal.memory_efficiency.get(c.precision, 1.0))
         if c.op_type in _COMPUTE:
             peak = settings.peak_tops.get(c.precision)
             if peak is None:
@@ -253,12 +258,14 @@ def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
             elif profile.sparse_kernels == "2:4" and c.nm_sparse:
                 work *= 0.5
             compute_s = work / (peak * 1e12 * cal.efficiency.get(c.precision, 0.5))
-            total_us += max(compute_s, memory_s) * 1e6 + cal.op_overhead_us
+            overhead = cal.op_overhead_us * cal.overhead_scale.get(c.precision, 1.0)
+            total_us += max(compute_s, memory_s) * 1e6 + overhead
             if c.input_precision is not None:  # a conversion pass at a precision boundary
                 conv_bytes = c.in_elems * (b + BYTES.get(c.input_precision, 4.0))
                 total_us += conv_bytes / bandwidth * 1e6 + cal.op_overhead_us
         else:
-            total_us += memory_s * 1e6 + 0.25 * cal.op_overhead_us
+            total_us += memory_s * 1e6 + 0.25 * cal.op_overhead_us * cal.overhead_scale.get(
+                c.precision, 1.0)
     return total_us / 1e3
 
 
@@ -276,8 +283,6 @@ def fit_calibration(samples: Iterable[tuple[list[LayerCost], float]], profile: H
 
     Least squares on log latency, so fast and slow models weigh alike.
     """
-    from scipy.optimize import least_squares
-
     data = [(c, ms) for c, ms in samples if ms > 0]
     settings = profile.latency_model
     if settings is None or len(data) < 3:
@@ -285,22 +290,45 @@ def fit_calibration(samples: Iterable[tuple[list[LayerCost], float]], profile: H
     start = base or Calibration.of(settings)
     used = sorted({c.precision for costs, _ in data for c in costs if c.op_type in _COMPUTE})
     keys = [p for p in used if p in start.efficiency]
+    keys = (["fp32"] if "fp32" in keys else []) + [p for p in keys if p != "fp32"]
+    return _least_squares(start, keys, lambda cal: [math.log(predict_ms(costs, profile, cal) / ms)
+                                                    for costs, ms in data], len(data))
+
+
+def _least_squares(start: Calibration, eff_keys: list[str],
+                   residuals: Callable[[Calibration], list[float]], n: int, *,
+                   per_precision_overheads: bool = True, memory: bool = True) -> Calibration:
+    """Fit compute efficiency per precision, one memory efficiency, overheads.
+
+    Parameters: efficiency of each precision in ``eff_keys``; a memory
+    efficiency shared by all precisions (caches make small models read weights
+    faster than DRAM); the op overhead and, for precisions other than the
+    first, a multiplier on it (int8 kernels cost more per call on a CPU); the
+    session overhead. All in log space, bounded.
+    """
+    from scipy.optimize import least_squares
+
+    k = len(eff_keys)
+    scaled_keys = eff_keys[1:] if per_precision_overheads else []
 
     def unpack(theta: np.ndarray) -> Calibration:
         eff = dict(start.efficiency)
-        eff.update({p: float(np.exp(v)) for p, v in zip(keys, theta[: len(keys)], strict=True)})
-        return Calibration(eff, float(np.exp(theta[-2])), float(np.exp(theta[-1])), len(data))
+        eff.update({p: float(np.exp(v)) for p, v in zip(eff_keys, theta[:k], strict=True)})
+        mem = ({p: float(np.exp(theta[k])) for p in start.efficiency} if memory
+               else dict(start.memory_efficiency))
+        scale = {p: float(np.exp(v)) for p, v in
+                 zip(scaled_keys, theta[k + 1:k + 1 + len(scaled_keys)], strict=True)}
+        return Calibration(eff, float(np.exp(theta[-2])), float(np.exp(theta[-1])), n, mem, scale)
 
-    def residuals(theta: np.ndarray) -> np.ndarray:
-        cal = unpack(theta)
-        return np.array([math.log(predict_ms(costs, profile, cal) / ms) for costs, ms in data])
-
-    theta0 = np.array([math.log(start.efficiency[p]) for p in keys]
-                      + [math.log(max(start.op_overhead_us, 1e-3)),
-                         math.log(max(start.session_overhead_us, 1e-3))])
-    bounds = ([math.log(1e-4)] * len(keys) + [math.log(1e-3)] * 2,
-              [math.log(1.0)] * len(keys) + [math.log(1e5)] * 2)
-    fit = least_squares(residuals, theta0, bounds=bounds)
+    theta0 = np.log([start.efficiency[p] for p in eff_keys]
+                    + [1.0]
+                    + [start.overhead_scale.get(p, 1.0) for p in scaled_keys]
+                    + [max(start.op_overhead_us, 1e-2), max(start.session_overhead_us, 1e-2)])
+    mem_bounds = (0.1, 20.0) if memory else (0.999999, 1.000001)
+    bounds = (np.log([1e-4] * k + [mem_bounds[0]] + [0.2] * len(scaled_keys) + [1e-2, 1e-2]),
+              np.log([1.0] * k + [mem_bounds[1]] + [20.0] * len(scaled_keys) + [1e5, 1e5]))
+    theta0 = np.clip(theta0, bounds[0] + 1e-9, bounds[1] - 1e-9)
+    fit = least_squares(lambda t: np.asarray(residuals(unpack(t))), theta0, bounds=bounds)
     return unpack(fit.x)
 
 
