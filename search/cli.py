@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -39,33 +38,52 @@ def _non_negative_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag defaults to None so that a flag the user typed can beat the config file."""
     parser = argparse.ArgumentParser(
         prog="search",
         description="Hardware-aware compression search: a multi-objective Optuna study over "
-                    "pruning, distillation and per-layer precision, scored on the device.",
+                    "pruning, distillation and per-layer precision, scored on the device. "
+                    "Also: `search profiles`.",
     )
-    parser.add_argument("--profile", required=True,
-                        help="hardware profile name (see hardware_profiles/) or a YAML path")
-    parser.add_argument("--budget", required=True, type=_positive_int,
-                        help="number of COMPLETE trials the study should end with")
-    parser.add_argument("--task", default="digits", help="task to compress (default: digits)")
-    parser.add_argument("--space", default="default", help="search space name or YAML path")
-    parser.add_argument("--study-name", help="default: <task>-<profile>; rerun to resume")
-    parser.add_argument("--storage", help="Optuna storage URL (default: SQLite in search-runs/)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in search-runs/)")
-    parser.add_argument("--output-dir", type=Path, help="default: search-runs/<study-name>/")
-    parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0)
-    parser.add_argument("--sampler", choices=SAMPLERS, default="tpe")
-    parser.add_argument("--parallel", type=_positive_int, default=1,
-                        help="trials in flight at once (default 1)")
-    parser.add_argument("--max-accuracy-drop", type=float, default=1.0,
-                        help="accuracy drop (points) allowed when reporting the best speedup")
-    parser.add_argument("--latency", choices=LATENCY_MODES, default="auto",
-                        help="measure on the device, predict with the profile's latency model, "
-                             "or auto: measure where the device is reachable (default)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add = parser.add_argument
+    add("--config", type=Path, help="YAML file with any of these settings (flags beat it)")
+    add("--profile", help="hardware profile name (`search profiles`) or a YAML path")
+    add("--budget", type=_positive_int, help="number of COMPLETE trials the study ends with")
+    add("--task", help="task to compress (default: digits)")
+    add("--space", help="search space name or YAML path (default: default)")
+    add("--study-name", help="default: <task>-<profile>; rerun the command to resume")
+    add("--storage", help="Optuna storage: an RDB URL or a journal file (journal:///path); "
+                          "default: SQLite in search-runs/")
+    add("--tracking-uri", help="MLflow tracking URI (default: SQLite in search-runs/)")
+    add("--output-dir", type=Path, help="default: search-runs/<study-name>/")
+    add("--ray-address", help="join this Ray cluster: auto, host:port or ray://host:port "
+                              "(default: start a local Ray)")
+    add("--seed", type=_non_negative_int)
+    add("--sampler", choices=SAMPLERS, help="default: tpe")
+    add("--parallel", type=_positive_int,
+        help="trials in flight (default: what the cluster allows, one per node)")
+    add("--max-accuracy-drop", type=float,
+        help="accuracy drop (points) allowed when reporting the best speedup (default 1)")
+    add("--latency", choices=LATENCY_MODES,
+        help="measure on the device, predict with the profile's latency model, or auto: "
+             "measure where the device is reachable (default)")
+    add("--grace-period", dest="grace_period_s", type=float,
+        help="seconds running trials get to finish after Ctrl-C (default 30)")
+    add("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _settings(args: argparse.Namespace) -> dict[str, object]:
+    """Defaults, then the config file, then the flags actually typed."""
+    from search.config import load_config_file
+
+    values: dict[str, object] = {}
+    if args.config is not None:
+        values.update(load_config_file(args.config))
+    typed = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("config", "quiet")}
+    values.update(typed)
+    return values
 
 
 def _print_result(result) -> None:  # noqa: ANN001
@@ -134,16 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "profiles":
         return profiles_command(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _configure_logging()
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
-    config = SearchConfig(
-        profile=args.profile, budget=args.budget, task=args.task, space=args.space,
-        study_name=args.study_name, storage=args.storage, tracking_uri=args.tracking_uri,
-        output_dir=args.output_dir, ray_address=args.ray_address, seed=args.seed,
-        sampler=args.sampler, parallel=args.parallel, max_accuracy_drop=args.max_accuracy_drop,
-        latency=args.latency,
-    )
+    try:
+        values = _settings(args)
+    except SearchError as exc:
+        print(f"search: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    missing = [f"--{k}" for k in ("profile", "budget") if values.get(k) is None]
+    if missing:
+        parser.error(f"{' and '.join(missing)} required (as flags or in --config)")
+    if "output_dir" in values:
+        values["output_dir"] = Path(str(values["output_dir"]))
+    config = SearchConfig(**values)  # type: ignore[arg-type]
     from search.study import run_search
 
     try:

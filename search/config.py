@@ -9,10 +9,14 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
+from pydantic import Field
+
+from search._schema import Strict, load_model
 from search.errors import ConfigError
 
-__all__ = ["LATENCY_MODES", "SAMPLERS", "SearchConfig", "ensure_writable"]
+__all__ = ["ConfigFile", "LATENCY_MODES", "SAMPLERS", "load_config_file", "SearchConfig", "ensure_writable"]
 
 SAMPLERS = ("tpe", "nsga2", "random")
 LATENCY_MODES = ("auto", "measure", "predict")
@@ -34,10 +38,11 @@ class SearchConfig:
     ray_address: str | None = None
     seed: int = 0
     sampler: str = "tpe"
-    parallel: int = 1
+    parallel: int | None = None  # None: what the cluster allows
     runs_root: Path = Path("search-runs")
     max_accuracy_drop: float = 1.0
     latency: str = "auto"
+    grace_period_s: float = 30.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting and what is allowed."""
@@ -49,7 +54,7 @@ class SearchConfig:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if not isinstance(self.parallel, int) or self.parallel < 1:
+        if self.parallel is not None and (not isinstance(self.parallel, int) or self.parallel < 1):
             raise ConfigError(f"parallel must be at least 1, got {self.parallel!r}")
         if self.study_name is not None and not _NAME.match(self.study_name):
             raise ConfigError(
@@ -87,3 +92,31 @@ def ensure_writable(directory: Path, what: str) -> None:
             f"{what} {directory} cannot be written ({exc.strerror or exc}); "
             "choose a writable directory"
         ) from None
+
+
+class ConfigFile(Strict):
+    """A config file (``search --config F``): the flags' names in snake_case, all optional.
+
+    Flags typed on the command line beat the file, which beats the defaults.
+    """
+
+    profile: str | None = None
+    budget: int | None = Field(default=None, ge=1)
+    task: str | None = None
+    space: str | None = None
+    study_name: str | None = None
+    storage: str | None = None
+    tracking_uri: str | None = None
+    output_dir: str | None = None
+    ray_address: str | None = None
+    seed: int | None = Field(default=None, ge=0)
+    sampler: Literal["tpe", "nsga2", "random"] | None = None
+    parallel: int | None = Field(default=None, ge=1)
+    max_accuracy_drop: float | None = Field(default=None, ge=0)
+    latency: Literal["auto", "measure", "predict"] | None = None
+    grace_period_s: float | None = Field(default=None, ge=0)
+
+
+def load_config_file(path: Path) -> dict[str, object]:
+    """The settings a config file gives (only those it names)."""
+    return load_model(ConfigFile, Path(path)).model_dump(exclude_none=True)

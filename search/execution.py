@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from search.profiles import HardwareProfile
 from search.record import TrialRecord
 from search.tasks import Task
 
-__all__ = ["Executor", "connect", "device_reachable"]
+__all__ = ["Executor", "check_address", "connect", "device_reachable", "plan_parallel"]
 
 
 def _compress_remote(record: TrialRecord, task: Task, profile: HardwareProfile,
@@ -46,6 +47,42 @@ def _measure_remote(record: TrialRecord, profile: HardwareProfile,
     except TrialError as exc:
         record.error = str(exc)
         return record
+
+
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail within seconds, before anything is written, when a cluster address is unreachable.
+
+    ``ray.init`` itself retries for a long time; a plain TCP connect answers fast.
+    """
+    if address is None or address == "auto":
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r} is not auto, host:port or ray://host:port")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: "
+                          f"{exc.strerror or type(exc).__name__} (waited at most {timeout_s:.0f} s)"
+                          ) from None
+
+
+def plan_parallel(requested: int | None) -> tuple[int, int]:
+    """Trials in flight and CPUs per trial for the connected cluster.
+
+    By default one trial per node-sized slot, each with a whole node's CPUs;
+    ``requested`` trials share the cluster's CPUs (at least one each).
+    """
+    node = Executor.node_cpus()
+    total = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if requested is None:
+        return max(1, total // node), node
+    if requested > total:
+        raise ConfigError(f"--parallel {requested} can never be scheduled: the Ray cluster has "
+                          f"{total} CPUs and a trial needs at least one; use at most {total}")
+    return requested, min(node, max(1, total // requested))
 
 
 def connect(address: str | None, profile: HardwareProfile, measurable: bool) -> bool:

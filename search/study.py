@@ -8,10 +8,12 @@ be interrupted at any moment and resumed by rerunning the same command.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,13 @@ from search._redact import redact
 from search.compress import compressible_layers
 from search.config import SearchConfig, ensure_writable
 from search.errors import ConfigError, SearchError
-from search.execution import Executor, connect, device_reachable
+from search.execution import (
+    Executor,
+    check_address,
+    connect,
+    device_reachable,
+    plan_parallel,
+)
 from search.latency.predict import (
     Calibration,
     costs_from_onnx,
@@ -78,6 +86,24 @@ def make_sampler(name: str, seed: int, budget: int) -> optuna.samplers.BaseSampl
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def open_storage(url: str) -> str | optuna.storages.BaseStorage:
+    """An Optuna storage: any RDB URL, or a journal file (``journal:///path`` or ``*.journal``).
+
+    A journal file suits a shared filesystem where no database server runs.
+    """
+    path = None
+    if url.startswith("journal://"):
+        path = url[len("journal://"):]
+    elif url.endswith((".journal", ".jsonl")) and "://" not in url:
+        path = url
+    if path is None:
+        return url
+    from optuna.storages.journal import JournalFileBackend
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(path))
+
+
 def _fail_stale(study: optuna.Study) -> None:
     """Trials left RUNNING by a driver that died are marked FAILED (retried within budget)."""
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -101,6 +127,8 @@ def _record_attrs(record: TrialRecord) -> dict[str, Any]:
         "macs": record.macs,
         "params": record.params,
     }
+    if record.node:
+        attrs["node"] = record.node
     if lat is not None:
         attrs.update(latency_p90_ms=lat.p90_ms, latency_cv=lat.cv, latency_runs=lat.runs,
                      latency_source=lat.source, device=lat.device, provider=lat.provider)
@@ -147,6 +175,13 @@ class _Driver:
         self.show_progress = show_progress
 
     def run(self) -> None:
+        """Run until ``budget`` trials are COMPLETE.
+
+        Ctrl-C stops asking for trials and gives the running ones
+        ``grace_period_s`` to finish; a second Ctrl-C (or the end of the grace
+        period) marks them FAILED. Either way KeyboardInterrupt is raised at the
+        end so the caller reports an interrupted study.
+        """
         from tqdm import tqdm
 
         budget = self.cfg.budget
@@ -154,11 +189,32 @@ class _Driver:
         bar = tqdm(total=budget, initial=min(done, budget), unit="trial", desc=self.cfg.study_name,
                    disable=not self.show_progress, file=sys.stderr, dynamic_ncols=True)
         max_failures = max(10, budget)
+        stop = threading.Event()
+
+        def on_sigint(signum, frame):  # noqa: ANN001, ARG001
+            if stop.is_set():
+                raise KeyboardInterrupt
+            stop.set()
+            log.warning("interrupted: no new trials; %d running trial(s) get %.0f s to finish "
+                        "(Ctrl-C again to stop now)", len(self.in_flight), self.cfg.grace_period_s)
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        deadline: float | None = None
         try:
             while done < budget:
-                while len(self.in_flight) < self.cfg.parallel and done + len(self.in_flight) < budget:
-                    self._start_trial()
-                ready, _ = ray.wait(list(self.in_flight), num_returns=1)
+                if stop.is_set():
+                    deadline = deadline or time.monotonic() + self.cfg.grace_period_s
+                    if not self.in_flight or time.monotonic() > deadline:
+                        break
+                else:
+                    while (len(self.in_flight) < self.cfg.parallel
+                           and done + len(self.in_flight) < budget):
+                        self._start_trial()
+                ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+                if not ready:
+                    continue
                 state = self._advance(ready[0])
                 if state is optuna.trial.TrialState.COMPLETE:
                     done += 1
@@ -174,6 +230,11 @@ class _Driver:
             raise
         finally:
             bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if stop.is_set():
+            self._abandon_in_flight("interrupted: grace period over")
+            raise KeyboardInterrupt
 
     def _start_trial(self) -> None:
         trial = self.study.ask()
@@ -236,7 +297,7 @@ def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]
     return {
         "profile": profile.name, "task": cfg.task, "space": cfg.space, "sampler": cfg.sampler,
         "budget": cfg.budget, "seed": cfg.seed, "study_name": cfg.study_name,
-        "storage": redact(cfg.storage), "parallel": cfg.parallel,
+        "storage": redact(cfg.storage), "parallel": cfg.parallel or "auto",
     }
 
 
@@ -355,6 +416,7 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     space = load_space(cfg.space)
     measurable, why = measurable_here(profile)
     _check_latency_mode(cfg, profile, measurable, why)
+    check_address(cfg.ray_address)
     root = Path(cfg.runs_root)
     ensure_writable(Path(cfg.output_dir), "output directory")
     if cfg.storage.startswith("sqlite:///") or cfg.tracking_uri is None:
@@ -369,7 +431,7 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
 
     try:
         study = optuna.create_study(
-            storage=cfg.storage, sampler=make_sampler(cfg.sampler, cfg.seed, cfg.budget),
+            storage=open_storage(cfg.storage), sampler=make_sampler(cfg.sampler, cfg.seed, cfg.budget),
             study_name=cfg.study_name, directions=["maximize", "minimize"], load_if_exists=True,
         )
     except Exception as exc:
@@ -386,6 +448,7 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     started = connect(cfg.ray_address, profile, measurable)
     try:
         source, calibration = _latency_source(cfg, profile, study, why)
+        parallel, train_cpus = plan_parallel(cfg.parallel)
     except SearchError:
         if started:
             ray.shutdown()
@@ -395,17 +458,22 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     log.info("latency: %s on %s", source, profile.name if source == "measured" else
              f"{profile.name}'s latency model (device not reachable: {why})")
     interrupted = False
+    stopped: SearchError | None = None
     phases = {"setup": time.perf_counter() - start}
     try:
         cpus = Executor.node_cpus()
-        executor = Executor(task, profile, train_cpus=cpus, measure_cpus=cpus if started else
-                            min(cpus, profile.measure.threads), calibration=calibration)
-        driver = _Driver(cfg, study, resolved, executor, tracker, profile, show_progress)
+        executor = Executor(task, profile, train_cpus=train_cpus, measure_cpus=cpus if started
+                            else min(cpus, profile.measure.threads), calibration=calibration)
+        log.info("%d trial(s) in flight, %d CPU(s) each", parallel, train_cpus)
+        driver = _Driver(replace(cfg, parallel=parallel), study, resolved, executor, tracker,
+                         profile, show_progress)
         loop_start = time.perf_counter()
         try:
             driver.run()
         except KeyboardInterrupt:
             interrupted = True
+        except SearchError as exc:  # too many failures: still write what completed
+            stopped = exc
         phases["trials"] = time.perf_counter() - loop_start
     finally:
         if started:
@@ -415,6 +483,8 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     if source == "measured" and profile.latency_model is not None:
         _self_calibrate(study, cfg, profile, tracker)
     phases["finish"] = time.perf_counter() - finish_start
+    if stopped is not None:
+        raise stopped
     n_failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
     result = StudyResult(
         study_name=cfg.study_name, output_dir=Path(cfg.output_dir), trials=df, front=front,

@@ -27,15 +27,22 @@ def profile():
     return load_profile("cpu-avx512-vnni")
 
 
-@pytest.fixture(scope="session")
-def fast_profile_path(tmp_path_factory) -> Path:
-    """The host profile with shorter measurements, loaded from a user path like a user would."""
+def fast_profile_file() -> Path:
+    """The host profile with shorter measurements, written where a user's profile would be."""
+    import tempfile
+
     data = yaml.safe_load((PROFILES_DIR / "cpu-avx512-vnni.yaml").read_text())
     data["name"] = "fast-host"
     data["measure"].update(warmup_runs=5, min_runs=20, min_time_s=0.2)
-    path = tmp_path_factory.mktemp("profiles") / "fast-host.yaml"
+    path = Path(tempfile.gettempdir()) / "search-tests" / "fast-host.yaml"
+    path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+@pytest.fixture(scope="session")
+def fast_profile_path() -> Path:
+    return fast_profile_file()
 
 
 @pytest.fixture(scope="session")

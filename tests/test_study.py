@@ -82,6 +82,9 @@ def test_rerun_resumes_without_duplicates(study_run):
     study = optuna.load_study(study_name="e2e", storage=second.trials.attrs.get("storage")
                               or f"sqlite:///{(config.runs_root / 'optuna.db').resolve()}")
     assert len(study.trials) == 5
+    # self-calibration: the measured study refit the profile's latency model
+    parent = MlflowClient(second.tracking_uri).get_run(second.parent_run_id)
+    assert parent.data.metrics["latency_model_spearman"] > 0
 
 
 def test_the_command_runs_end_to_end(tmp_path, fast_profile_path):

@@ -1,0 +1,83 @@
+"""Faults during a study: a trial that raises, a device node that dies."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from ray.cluster_utils import Cluster
+
+from search.config import SearchConfig
+from search.errors import ConfigError
+from search.study import run_search
+
+pytestmark = pytest.mark.slow
+
+
+def _complete(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except Exception:
+        return []
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def test_losing_the_device_node_mid_study_keeps_the_full_budget(tmp_path, fast_profile,
+                                                                 fast_profile_path):
+    """The study runs as a separate driver (the CLI) joined to a local multi-node cluster;
+    the node that holds the device is killed after two trials and a new one joins."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    first = cluster.add_node(num_cpus=1, resources={fast_profile.resource: 1})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cmd = [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget",
+           "6", "--storage", storage, "--study-name", "chaos", "--ray-address", cluster.address,
+           "--quiet"]
+    try:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while len(_complete(storage, "chaos")) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.3)
+        cluster.remove_node(first, allow_graceful=False)
+        time.sleep(2)
+        second = cluster.add_node(num_cpus=1, resources={fast_profile.resource: 1})
+        _, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err[-3000:]
+        trials = _complete(storage, "chaos")
+        assert len(trials) == 6
+        nodes = {t.user_attrs.get("node") for t in trials}
+        assert first.node_id in nodes and second.node_id in nodes
+        assert None not in nodes  # every trial says where it was measured
+    finally:
+        cluster.shutdown()
+
+
+def test_parallel_beyond_the_cluster_is_refused(tmp_path, fast_profile_path):
+    config = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path,
+                          parallel=64, study_name="too-wide")
+    with pytest.raises(ConfigError, match="--parallel 64 can never be scheduled"):
+        run_search(config, show_progress=False)
+
+
+def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path, fast_profile_path):
+    """A learning rate that makes every fine-tune diverge: those trials FAIL with the reason."""
+    space = tmp_path / "diverge.yaml"
+    space.write_text("distillation:\n  epochs: {low: 1, high: 1}\n"
+                     "  lr: {low: 1.0e+6, high: 1.0e+7, log: true}\n  alpha: {low: 0, high: 0}\n")
+    config = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path,
+                          space=str(space), study_name="diverge")
+    with pytest.raises(Exception, match="trials failed"):
+        run_search(config, show_progress=False)
+    study = optuna.load_study(study_name="diverge",
+                              storage=f"sqlite:///{(tmp_path / 'optuna.db').resolve()}")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) >= 10
+    assert all(t.user_attrs["failure"].startswith("fine-tune") for t in failed)
+    import pandas as pd
+
+    trials = pd.read_csv(tmp_path / "diverge" / "trials.csv")
+    assert (trials["state"] == "FAIL").sum() == len(failed)

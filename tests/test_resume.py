@@ -1,0 +1,74 @@
+"""Interrupt a study with Ctrl-C (SIGINT), rerun the same command: nothing lost, nothing doubled."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.tracking import EXPERIMENT
+
+pytestmark = pytest.mark.slow
+
+SPACE = """
+name: quick
+pruning:
+  unstructured_sparsity: {low: 0.0, high: 0.5, step: 0.1}
+  structured_ratio: {low: 0.0, high: 0.3, step: 0.1}
+distillation:
+  epochs: {low: 0, high: 1}
+"""
+
+
+def test_sigint_then_rerun_ends_with_exactly_the_budget(tmp_path, fast_profile_path):
+    (tmp_path / "quick.yaml").write_text(SPACE)
+    cmd = [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget",
+           "10", "--space", "quick.yaml", "--study-name", "resume", "--quiet",
+           "--grace-period", "20"]
+    storage = f"sqlite:///{tmp_path / 'search-runs' / 'optuna.db'}"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+    def complete() -> list[optuna.trial.FrozenTrial]:
+        try:
+            study = optuna.load_study(study_name="resume", storage=storage)
+        except Exception:
+            return []
+        return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+
+    deadline = time.monotonic() + 300
+    while len(complete()) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Rerun the same command" in err
+    before = {t.number: (t.values, t.params) for t in complete()}
+    assert 3 <= len(before) < 10
+
+    rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    after = complete()
+    assert len(after) == 10
+    for t in after:  # completed results unchanged
+        if t.number in before:
+            assert (t.values, t.params) == before[t.number]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'search-runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    complete_numbers = sorted(t.number for t in after)
+    logged = sorted(int(r.data.tags["search.trial"]) for r in children
+                    if r.data.tags.get("state") == "COMPLETE")
+    assert logged == complete_numbers  # one child per COMPLETE trial, none doubled
+    numbers = [int(r.data.tags["search.trial"]) for r in children]
+    assert len(numbers) == len(set(numbers))
