@@ -81,7 +81,9 @@ def validate_model(cls: type[M], data: Any, source: str) -> M:
 def load_model(cls: type[M], path: Path, overrides: dict[str, Any] | None = None) -> M:
     """Read a YAML file and validate it as ``cls``."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:

@@ -8,11 +8,14 @@ be interrupted at any moment and resumed by rerunning the same command.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +48,7 @@ from search.latency.predict import (
 from search.pareto import best_speedup, plot_front, trials_frame
 from search.profiles import HardwareProfile, load_profile, measurable_here
 from search.record import TrialRecord
-from search.spaces import ResolvedSpace, load_space, resolve_space
+from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
 from search.tasks import load_task
 from search.tracking import Tracker, default_tracking_uri
 
@@ -102,6 +105,36 @@ def open_storage(url: str) -> str | optuna.storages.BaseStorage:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(path))
+
+
+@contextmanager
+def _driver_lock(output_dir: Path, study_name: str) -> Iterator[None]:
+    """One driver per study output directory: a second one refuses instead of racing.
+
+    An advisory lock (flock) on ``<output-dir>/.driver.lock``, released when the
+    process dies, so a killed driver never blocks its own resume.
+    """
+    import fcntl
+
+    path = output_dir / ".driver.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise ConfigError(
+                f"study {study_name!r} is already being run by another driver (pid {owner}, "
+                f"lock {path}); wait for it to finish or stop it, then rerun to resume"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _fail_stale(study: optuna.Study) -> None:
@@ -421,6 +454,14 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     ensure_writable(Path(cfg.output_dir), "output directory")
     if cfg.storage.startswith("sqlite:///") or cfg.tracking_uri is None:
         ensure_writable(root, "runs directory")
+    with _driver_lock(Path(cfg.output_dir), cfg.study_name):
+        return _run_locked(cfg, profile, space, measurable, why, start, show_progress)
+
+
+def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace, measurable: bool,
+                why: str, start: float, show_progress: bool) -> StudyResult:
+    """Everything after validation, with the study's driver lock held."""
+    root = Path(cfg.runs_root)
     tracking_uri = cfg.tracking_uri or default_tracking_uri(root)
 
     task = load_task(cfg.task, cfg.seed)

@@ -81,3 +81,22 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path, fast_profil
 
     trials = pd.read_csv(tmp_path / "diverge" / "trials.csv")
     assert (trials["state"] == "FAIL").sum() == len(failed)
+
+
+def test_a_second_driver_on_the_same_study_refuses(tmp_path, fast_profile_path):
+    """While one driver holds the study, a second one exits 2 and changes nothing."""
+    cmd = [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget",
+           "3", "--study-name", "shared", "--quiet"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    storage = f"sqlite:///{tmp_path / 'search-runs' / 'optuna.db'}"
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "search-runs" / "shared" / ".driver.lock").exists() \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2
+    assert "already being run by another driver" in second.stderr
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert len(_complete(storage, "shared")) == 3
