@@ -39,10 +39,6 @@ class Choices:
         out.update({f"precision.{k}": v for k, v in self.precisions.items()})
         return out
 
-    @property
-    def quantized(self) -> bool:
-        return any(p != "fp32" for p in self.precisions.values())
-
 
 @dataclass
 class LatencyStats:

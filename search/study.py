@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -536,11 +536,3 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     )
     return result
 
-
-def result_summary(result: StudyResult) -> dict[str, Any]:
-    """A JSON-friendly summary (for scripts and benchmarks)."""
-    data = asdict(result)
-    data["trials"] = len(result.trials)
-    data["front"] = result.front["trial"].tolist()
-    data["output_dir"] = str(result.output_dir)
-    return data

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -354,7 +354,3 @@ def load_calibration(profile: HardwareProfile, root: Path) -> Calibration | None
     except (ValueError, TypeError):
         return None
 
-
-def scaled(cal: Calibration, **changes: float | Mapping[str, float]) -> Calibration:
-    """A copy with some fields changed (for experiments)."""
-    return replace(cal, **changes)  # type: ignore[arg-type]
