@@ -148,10 +148,80 @@ def profiles_command(argv: list[str]) -> int:
     return 0
 
 
+def _study_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--study", required=True, help="study name")
+    parser.add_argument("--storage", help="Optuna storage (default: SQLite in search-runs/)")
+    return parser
+
+
+def _load_study(args: argparse.Namespace):  # noqa: ANN202
+    import optuna
+
+    from search.study import open_storage
+
+    storage = args.storage or f"sqlite:///{Path('search-runs', 'optuna.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=args.study, storage=open_storage(storage))
+    except Exception as exc:  # KeyError for an unknown study, DB errors
+        from search._redact import redact
+
+        raise SearchError(f"cannot load study {args.study!r} from {redact(storage)}: "
+                          f"{type(exc).__name__}: {exc}") from None
+
+
+def report_command(argv: list[str]) -> int:
+    """``search report --study S``: the front table, from the Optuna storage alone."""
+    import pandas as pd
+
+    from search.pareto import trials_frame
+
+    args = _study_parser("search report", "Print a study's Pareto front.").parse_args(argv)
+    df = trials_frame(_load_study(args))
+    shown = df[df["on_front"] | (df["baseline"] != "")].sort_values("latency_ms")
+    cols = [c for c in _FRONT_COLUMNS if c in shown.columns]
+    with pd.option_context("display.width", 200, "display.max_columns", 20,
+                           "display.float_format", "{:.3f}".format):
+        print(f"{args.study}: {len(df)} completed trials, front of {int(df['on_front'].sum())}")
+        print(shown[cols].to_string(index=False))
+    return 0
+
+
+def export_command(argv: list[str]) -> int:
+    """``search export --study S --trial N --to PATH``: write one trial's ONNX model."""
+    parser = _study_parser("search export", "Write a trial's ONNX model to a path.")
+    parser.add_argument("--trial", type=int, required=True)
+    parser.add_argument("--to", type=Path, required=True)
+    parser.add_argument("--output-dir", type=Path, help="default: search-runs/<study>/")
+    args = parser.parse_args(argv)
+    models = (args.output_dir or Path("search-runs") / args.study) / "models"
+    source = models / f"trial-{args.trial}.onnx"
+    if not source.is_file():
+        import optuna
+
+        study = _load_study(args)
+        done = sorted(t.number for t in study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        raise SearchError(f"no model for trial {args.trial} in {models}; completed trials: "
+                          f"{done}")
+    args.to.parent.mkdir(parents=True, exist_ok=True)
+    args.to.write_bytes(source.read_bytes())
+    print(f"wrote {args.to} (trial {args.trial} of {args.study})")
+    return 0
+
+
+_SUBCOMMANDS = {"profiles": profiles_command, "report": report_command, "export": export_command}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "profiles":
-        return profiles_command(argv[1:])
+    if argv and argv[0] in _SUBCOMMANDS:
+        try:
+            return _SUBCOMMANDS[argv[0]](argv[1:])
+        except SearchError as exc:
+            print(f"search: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging()

@@ -12,7 +12,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-__all__ = ["COLUMNS", "best_speedup", "pareto_mask", "plot_front", "trials_frame"]
+__all__ = ["COLUMNS", "best_speedup", "pareto_mask", "plot_front", "trials_frame", "write_html"]
 
 COLUMNS = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "latency_cv",
            "latency_source", "device", "speedup", "size_mb", "macs", "params", "sparsity",
@@ -106,4 +106,84 @@ def plot_front(df: pd.DataFrame, path: Path, title: str) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return path
+
+
+def write_html(df: pd.DataFrame, path: Path, title: str) -> Path:
+    """An interactive accuracy/latency plot that works offline: inline SVG, no external script.
+
+    Hovering a point shows its trial, accuracy, latency, speedup and precisions;
+    the front is drawn as a line; clicking a column header sorts the table.
+    """
+    from html import escape
+
+    width, height, pad = 720, 420, 56
+    lat = df["latency_ms"].astype(float)
+    acc = df["accuracy"].astype(float)
+    x0, x1 = float(lat.min()) * 0.9, float(lat.max()) * 1.05
+    y0, y1 = max(0.0, float(acc.min()) - 2), min(100.0, float(acc.max()) + 1)
+
+    def sx(v: float) -> float:
+        return pad + (v - x0) / max(x1 - x0, 1e-12) * (width - 2 * pad)
+
+    def sy(v: float) -> float:
+        return height - pad - (v - y0) / max(y1 - y0, 1e-12) * (height - 2 * pad)
+
+    points = []
+    for _, r in df.iterrows():
+        tip = (f"trial {r['trial']}: accuracy {r['accuracy']:.2f}%, latency "
+               f"{r['latency_ms']:.3f} ms ({r['latency_source']}), speedup {r['speedup']:.2f}x, "
+               f"{r['precisions']}")
+        color = "#d62728" if r["on_front"] else "#9e9e9e"
+        points.append(f'<circle cx="{sx(r["latency_ms"]):.1f}" cy="{sy(r["accuracy"]):.1f}" '
+                      f'r="{6 if r["on_front"] else 4}" fill="{color}" class="pt" '
+                      f'data-trial="{r["trial"]}"><title>{escape(tip)}</title></circle>')
+    front = df[df["on_front"]].sort_values("latency_ms")
+    line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(front["latency_ms"],
+                                                              front["accuracy"], strict=True))
+    cols = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_source", "speedup",
+            "size_mb", "precisions", "sparsity", "on_front", "baseline"]
+    cols = [c for c in cols if c in df.columns]
+    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{escape(f'{r[c]:.3f}' if isinstance(r[c], float) else str(r[c]))}"
+                         "</td>" for c in cols) + "</tr>"
+        for _, r in df.sort_values("latency_ms").iterrows()
+    )
+    ticks = "".join(
+        f'<text x="{sx(v):.1f}" y="{height - pad + 18}" text-anchor="middle">{v:.3g}</text>'
+        for v in np.linspace(x0, x1, 6)
+    ) + "".join(
+        f'<text x="{pad - 8}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.1f}</text>'
+        for v in np.linspace(y0, y1, 6)
+    )
+    html = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} svg text{{font-size:11px}}
+.pt:hover{{stroke:#000;stroke-width:2}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12px}} th{{cursor:pointer;background:#eee}}
+</style></head><body>
+<h2>{escape(title)}</h2>
+<p>Validation accuracy against latency; red: Pareto front. Hover a point for details.</p>
+<svg width="{width}" height="{height}" role="img" aria-label="Pareto front">
+<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" fill="none"
+ stroke="#888"/>{ticks}
+<polyline points="{line}" fill="none" stroke="#d62728" stroke-width="1.5"/>
+{''.join(points)}
+<text x="{width / 2}" y="{height - 12}" text-anchor="middle">latency, ms</text>
+<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})"
+ text-anchor="middle">accuracy, %</text></svg>
+<h3>Trials</h3><table id="trials"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
+<script>
+document.querySelectorAll('#trials th').forEach((th, i) => th.onclick = () => {{
+  const body = th.closest('table').tBodies[0];
+  const rows = Array.from(body.rows);
+  const num = rows.every(r => !isNaN(parseFloat(r.cells[i].textContent)));
+  rows.sort((a, b) => num ? parseFloat(a.cells[i].textContent) - parseFloat(b.cells[i].textContent)
+                          : a.cells[i].textContent.localeCompare(b.cells[i].textContent));
+  rows.forEach(r => body.appendChild(r));
+}});
+</script></body></html>
+"""
+    path.write_text(html)
     return path

@@ -45,7 +45,7 @@ from search.latency.predict import (
     predict_ms,
     save_calibration,
 )
-from search.pareto import best_speedup, plot_front, trials_frame
+from search.pareto import best_speedup, plot_front, trials_frame, write_html
 from search.profiles import HardwareProfile, load_profile, measurable_here
 from search.record import TrialRecord
 from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
@@ -205,6 +205,7 @@ class _Driver:
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.in_flight: dict[ray.ObjectRef, tuple[optuna.Trial, str]] = {}
         self.n_failed = 0
+        self.tracking_s = 0.0  # time spent logging trials to MLflow
         self.show_progress = show_progress
 
     def run(self) -> None:
@@ -296,7 +297,7 @@ class _Driver:
         trial.set_user_attr("failure", reason)
         self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         log.warning("trial %d failed: %s", trial.number, reason)
-        _log_frozen(self.tracker, self.study._storage.get_trial(trial._trial_id))
+        self._track(self.study._storage.get_trial(trial._trial_id))
         return optuna.trial.TrialState.FAIL
 
     def _complete(self, trial: optuna.Trial, record: TrialRecord) -> optuna.trial.TrialState:
@@ -305,8 +306,20 @@ class _Driver:
         for key, value in _record_attrs(record).items():
             trial.set_user_attr(key, value)
         frozen = self.study.tell(trial, [record.accuracy, record.latency.median_ms])
-        _log_frozen(self.tracker, frozen)
+        self._track(frozen)
         return optuna.trial.TrialState.COMPLETE
+
+    def _track(self, trial: optuna.trial.FrozenTrial) -> None:
+        """Log to MLflow; if the tracking server is down, go on (the result is in the Optuna
+        storage and is logged when the study is finished or resumed)."""
+        start = time.perf_counter()
+        try:
+            _log_frozen(self.tracker, trial)
+        except Exception as exc:
+            log.warning("MLflow logging of trial %d failed (%s); it will be logged later",
+                        trial.number, type(exc).__name__)
+        finally:
+            self.tracking_s += time.perf_counter() - start
 
     def _abandon_in_flight(self, reason: str) -> None:
         for ref, (trial, _) in list(self.in_flight.items()):
@@ -334,8 +347,26 @@ def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]
     }
 
 
-def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker,
-                   interrupted: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: list,
+             best: float | None) -> str:
+    """A short human summary of the study (summary.md)."""
+    lines = [f"# {cfg.study_name}", "",
+             f"- profile `{cfg.profile}`, task `{cfg.task}`, space `{cfg.space}`, "
+             f"sampler `{cfg.sampler}`, seed {cfg.seed}",
+             f"- {len(df)} completed trials of a budget of {cfg.budget}, {len(failed)} failed",
+             f"- latency: {', '.join(sorted(set(df['latency_source'].dropna()))) or 'n/a'}",
+             f"- best speedup within {cfg.max_accuracy_drop:g} point(s) of the reference: "
+             + (f"{best:.2f}x" if best else "n/a"), "", "| trial | accuracy % | latency ms | "
+             "speedup | precisions |", "|---|---|---|---|---|"]
+    for _, r in front.iterrows():
+        lines.append(f"| {r['trial']} | {r['accuracy']:.2f} | {r['latency_ms']:.3f} | "
+                     f"{r['speedup']:.2f}x | {r['precisions']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, interrupted: bool,
+                   input_shape: tuple[int, ...], providers: list[str]) -> tuple[pd.DataFrame,
+                                                                                pd.DataFrame]:
     out = Path(cfg.output_dir)
     df = trials_frame(study)
     failed = [t for t in study.get_trials(deepcopy=False)
@@ -352,26 +383,38 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker,
     shown.to_csv(out / "pareto.csv", index=False)
     artifacts = [out / "pareto.csv", out / "trials.csv"]
     if len(df):
-        artifacts.append(plot_front(df, out / "pareto.png", f"{cfg.study_name}: "
-                                    f"{len(df)} trials, front of {len(front)}"))
+        title = f"{cfg.study_name}: {len(df)} trials, front of {len(front)}"
+        artifacts.append(plot_front(df, out / "pareto.png", title))
+        artifacts.append(write_html(df, out / "pareto.html", title))
     front_models = out / "front_models"
     front_models.mkdir(exist_ok=True)
+    models: dict[int, Path] = {}
     for n in front["trial"]:
         src = out / "models" / f"trial-{n}.onnx"
         if src.exists():
             (front_models / src.name).write_bytes(src.read_bytes())
+            models[int(n)] = front_models / src.name
     artifacts.append(front_models)
-    for t in study.get_trials(deepcopy=False):  # catch up on logging missed by a dead driver
-        if t.state.is_finished() and t.number not in tracker.logged:
-            _log_frozen(tracker, t)
-    tracker.mark_front(set(int(n) for n in front["trial"]))
-    base = df.loc[df["reference"], "accuracy"] if len(df) else pd.Series(dtype=float)
-    tracker.finish(
-        {"front_size": len(front), "completed_trials": len(df), "failed_trials": len(failed),
-         "best_speedup_within_drop": best_speedup(df, cfg.max_accuracy_drop) if len(df) else None,
-         "baseline_accuracy": float(base.iloc[0]) if len(base) else None},
-        artifacts, status="KILLED" if interrupted else "FINISHED",
-    )
+    best = best_speedup(df, cfg.max_accuracy_drop) if len(df) else None
+    summary = out / "summary.md"
+    summary.write_text(_summary(cfg, df, front, failed, best))
+    artifacts.append(summary)
+    try:
+        for t in study.get_trials(deepcopy=False):  # catch up on logging missed earlier
+            if t.state.is_finished() and t.number not in tracker.logged:
+                _log_frozen(tracker, t)
+        tracker.mark_front(set(int(n) for n in front["trial"]))
+        tracker.log_models(models, input_shape, providers)
+        base = df.loc[df["reference"], "accuracy"] if len(df) else pd.Series(dtype=float)
+        tracker.finish(
+            {"front_size": len(front), "completed_trials": len(df), "failed_trials": len(failed),
+             "best_speedup_within_drop": best,
+             "baseline_accuracy": float(base.iloc[0]) if len(base) else None},
+            artifacts, status="KILLED" if interrupted else "FINISHED",
+        )
+    except Exception as exc:  # results are safe in the Optuna storage and the CSVs
+        log.warning("MLflow logging failed (%s: %s); the CSVs are written, and rerunning the "
+                    "command completes the MLflow run", type(exc).__name__, redact(str(exc))[:300])
     return df, shown
 
 
@@ -516,11 +559,13 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
         except SearchError as exc:  # too many failures: still write what completed
             stopped = exc
         phases["trials"] = time.perf_counter() - loop_start
+        phases["mlflow_trial_logging"] = driver.tracking_s
     finally:
         if started:
             ray.shutdown()
     finish_start = time.perf_counter()
-    df, front = _write_outputs(study, cfg, tracker, interrupted)
+    providers = list(dict.fromkeys([profile.measure.execution_provider, "CPUExecutionProvider"]))
+    df, front = _write_outputs(study, cfg, tracker, interrupted, task.input_shape, providers)
     if source == "measured" and profile.latency_model is not None:
         _self_calibrate(study, cfg, profile, tracker)
     phases["finish"] = time.perf_counter() - finish_start

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import mlflow.onnx
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -122,6 +124,30 @@ class Tracker:
     def mark_front(self, front: set[int]) -> None:
         for number, run_id in self.logged.items():
             self.client.set_tag(run_id, "on_front", str(number in front).lower())
+
+    def log_models(self, models: Mapping[int, Path], input_shape: tuple[int, ...],
+                   providers: list[str] | None = None) -> None:
+        """Log each front model as an MLflow ONNX model (signature, input example) in the
+        parent run, ready to register from the UI; its child run gets the model URI."""
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        from mlflow.models import infer_signature
+
+        mlflow.set_tracking_uri(self.uri)
+        example = np.zeros((1, *input_shape), dtype=np.float32)
+        with mlflow.start_run(run_id=self.parent_id):
+            for number, path in sorted(models.items()):
+                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                output = session.run(None, {"input": example})[0]
+                info = mlflow.onnx.log_model(
+                    onnx.load(str(path)), name=f"trial-{number}", input_example=example,
+                    signature=infer_signature(example, output), save_as_external_data=False,
+                    pip_requirements=["onnxruntime", "onnx"],
+                    onnx_execution_providers=providers or ["CPUExecutionProvider"],
+                )
+                if number in self.logged:
+                    self.client.set_tag(self.logged[number], "model_uri", info.model_uri)
 
     def finish(self, metrics: Mapping[str, float | None], artifacts: list[Path],
                status: str = "FINISHED") -> None:

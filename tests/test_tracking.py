@@ -1,0 +1,84 @@
+"""MLflow against a real `mlflow server` on loopback: runs, children, a deployable front model."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import mlflow.onnx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.config import SearchConfig
+from search.evaluate import onnx_accuracy
+from search.study import run_search
+from search.tracking import EXPERIMENT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_study_against_a_tracking_server(server, tmp_path, fast_profile_path, task):
+    config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=tmp_path,
+                          tracking_uri=server, study_name="served")
+    result = run_search(config, show_progress=False)
+    client = MlflowClient(server)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.params["study_name"] == "served"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto.csv", "pareto.html", "pareto.png", "summary.md", "trials.csv"} <= artifacts
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 3
+    front = [c for c in children if c.data.tags.get("on_front") == "true"]
+    assert front
+    mlflow.set_tracking_uri(server)
+    for child in front:
+        model = mlflow.onnx.load_model(child.data.tags["model_uri"])
+        accuracy = onnx_accuracy(model.SerializeToString(), task.val)
+        assert accuracy == pytest.approx(child.data.metrics["accuracy"])
+
+
+def test_offline_plot_loads_no_remote_script(server, tmp_path, fast_profile_path):
+    path = tmp_path / "served" / "pareto.html"
+    if not path.exists():  # produced by the study above when run in the same session
+        run_search(SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path,
+                                tracking_uri=server, study_name="served-html"),
+                   show_progress=False)
+        path = tmp_path / "served-html" / "pareto.html"
+    html = path.read_text()
+    assert "<svg" in html and "<script src" not in html and "http" not in html.split("<body>")[1]
