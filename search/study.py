@@ -527,7 +527,9 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
             study.enqueue_trial(params, user_attrs={"baseline": label, "reference": i == 0})
     study.set_metric_names(["accuracy", "latency_ms"])
 
-    tracker = Tracker(tracking_uri, cfg.study_name, root / "mlartifacts")
+    # artifacts beside the default local store; a tracking server keeps its own
+    tracker = Tracker(tracking_uri, cfg.study_name,
+                      root / "mlartifacts" if cfg.tracking_uri is None else None)
     tracker.log_study_params(_study_params(cfg, profile))
     started = connect(cfg.ray_address, profile, measurable)
     try:

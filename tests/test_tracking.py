@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import mlflow.onnx
@@ -82,3 +83,76 @@ def test_offline_plot_loads_no_remote_script(server, tmp_path, fast_profile_path
         path = tmp_path / "served-html" / "pareto.html"
     html = path.read_text()
     assert "<svg" in html and "<script src" not in html and "http" not in html.split("<body>")[1]
+
+
+def _browser():
+    """Headless Debian Chromium through Selenium, or skip saying what is missing."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Debian's chromium and chromium-driver are not installed "
+                    "(apt-get install chromium chromium-driver; .ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    from selenium.webdriver.chrome.service import Service
+
+    return webdriver.Chrome(options=options, service=Service(driver))
+
+
+def test_a_person_reviews_the_study_in_the_mlflow_ui(server, tmp_path, fast_profile_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    try:
+        result = run_search(SearchConfig(profile=str(fast_profile_path), budget=3,
+                                         runs_root=tmp_path, tracking_uri=server,
+                                         study_name="reviewed"), show_progress=False)
+        client = MlflowClient(server)
+        exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+        parent = result.parent_run_id
+        wait = WebDriverWait(browser, 90)
+
+        browser.get(f"{server}/#/experiments/{exp}/runs")
+        wait.until(lambda d: "reviewed" in d.find_element("tag name", "body").text)
+        browser.save_screenshot(str(shots / "experiment.png"))
+
+        browser.get(f"{server}/#/experiments/{exp}/runs/{parent}/artifacts")
+        wait.until(lambda d: "pareto.html" in d.find_element("tag name", "body").text)
+        browser.save_screenshot(str(shots / "parent-artifacts.png"))
+
+        browser.find_element("xpath", "//*[text()='pareto.html']").click()
+        wait.until(lambda d: d.find_elements("tag name", "iframe"))
+        browser.switch_to.frame(browser.find_elements("tag name", "iframe")[0])
+        wait.until(lambda d: d.find_elements("css selector", "svg circle"))
+        body = browser.find_element("tag name", "body").text
+        assert "Pareto front" in body and "reviewed" in body
+        points = browser.find_elements("css selector", "svg circle")
+        assert len(points) == len(result.trials)
+        browser.switch_to.default_content()
+        browser.save_screenshot(str(shots / "pareto.png"))
+
+        children = client.search_runs(
+            [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                 "tags.on_front = 'true'")
+        child = children[0]
+        browser.get(f"{server}/#/experiments/{exp}/runs/{child.info.run_id}")
+        wait.until(lambda d: "latency_median_ms" in d.find_element("tag name", "body").text)
+        text = browser.find_element("tag name", "body").text
+        assert "on_front" in text and f"trial-{child.data.tags['search.trial']}" in text
+        browser.save_screenshot(str(shots / "front-child.png"))
+        assert all((shots / f).stat().st_size > 10_000 for f in
+                   ("experiment.png", "parent-artifacts.png", "pareto.png", "front-child.png"))
+        keep = Path(__file__).parent.parent / "search-runs" / "screenshots"  # for a person to see
+        keep.mkdir(parents=True, exist_ok=True)
+        for f in shots.iterdir():
+            (keep / f.name).write_bytes(f.read_bytes())
+    finally:
+        browser.quit()
