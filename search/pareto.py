@@ -12,7 +12,8 @@ import numpy as np
 import optuna
 import pandas as pd
 
-__all__ = ["COLUMNS", "best_speedup", "pareto_mask", "plot_front", "trials_frame", "write_html"]
+__all__ = ["COLUMNS", "best_speedup", "hypervolume", "pareto_mask", "plot_front", "trials_frame",
+           "write_html"]
 
 COLUMNS = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "latency_cv",
            "latency_source", "device", "speedup", "size_mb", "macs", "params", "sparsity",
@@ -72,6 +73,21 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     df["on_front"] = pareto_mask(df["accuracy"].to_numpy(), df["latency_ms"].to_numpy())
     extra = [c for c in df.columns if c not in COLUMNS]
     return df[COLUMNS + extra]
+
+
+def hypervolume(df: pd.DataFrame) -> float:
+    """Area dominated by the front in (accuracy %, speedup) space, from (0 %, 0x).
+
+    Speedup rather than latency keeps the number comparable across studies of
+    one model; larger is better.
+    """
+    points = sorted(zip(df["speedup"], df["accuracy"], strict=True), reverse=True)
+    area, best_accuracy = 0.0, 0.0
+    for speed, acc in points:  # sweep from the fastest down
+        if acc > best_accuracy:
+            area += speed * (acc - best_accuracy)
+            best_accuracy = acc
+    return float(area)
 
 
 def best_speedup(df: pd.DataFrame, max_drop: float = 1.0) -> float | None:

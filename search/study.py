@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import ray
+import yaml
 
 from search._paths import cache_dir
 from search._redact import redact
@@ -45,7 +46,7 @@ from search.latency.predict import (
     predict_ms,
     save_calibration,
 )
-from search.pareto import best_speedup, plot_front, trials_frame, write_html
+from search.pareto import best_speedup, hypervolume, plot_front, trials_frame, write_html
 from search.profiles import HardwareProfile, load_profile, measurable_here
 from search.record import TrialRecord
 from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
@@ -168,13 +169,24 @@ def _record_attrs(record: TrialRecord) -> dict[str, Any]:
     return attrs
 
 
-def _log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial) -> None:
+def _reference_accuracy(study: optuna.Study) -> float | None:
+    """Accuracy of the reference trial (trial 0: the least compressed model)."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("reference"):
+            return float(t.values[0])
+    return None
+
+
+def _log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial,
+                reference_accuracy: float | None = None) -> None:
     """Log a finished trial to MLflow from what the Optuna storage holds."""
     a = trial.user_attrs
     complete = trial.state == optuna.trial.TrialState.COMPLETE
     metrics: dict[str, float | None] = {}
     if complete:
         metrics = {"accuracy": trial.values[0], "latency_median_ms": trial.values[1]}
+        if reference_accuracy is not None:
+            metrics["accuracy_drop"] = reference_accuracy - trial.values[0]
         metrics.update({k: a.get(k) for k in _TRIAL_METRICS if k in a})
         metrics.update({f"time_{k}_s": v for k, v in a.get("timings", {}).items()})
         precisions = list(a.get("layer_precisions", {}).values())
@@ -314,7 +326,7 @@ class _Driver:
         storage and is logged when the study is finished or resumed)."""
         start = time.perf_counter()
         try:
-            _log_frozen(self.tracker, trial)
+            _log_frozen(self.tracker, trial, _reference_accuracy(self.study))
         except Exception as exc:
             log.warning("MLflow logging of trial %d failed (%s); it will be logged later",
                         trial.number, type(exc).__name__)
@@ -365,8 +377,8 @@ def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: l
 
 
 def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, interrupted: bool,
-                   input_shape: tuple[int, ...], providers: list[str]) -> tuple[pd.DataFrame,
-                                                                                pd.DataFrame]:
+                   profile: HardwareProfile, input_shape: tuple[int, ...],
+                   providers: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     out = Path(cfg.output_dir)
     df = trials_frame(study)
     failed = [t for t in study.get_trials(deepcopy=False)
@@ -396,18 +408,26 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
             models[int(n)] = front_models / src.name
     artifacts.append(front_models)
     best = best_speedup(df, cfg.max_accuracy_drop) if len(df) else None
+    config_path = out / "config.yaml"
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    settings.update(storage=redact(cfg.storage), tracking_uri=redact(cfg.tracking_uri))
+    config_path.write_text(yaml.safe_dump(settings, sort_keys=True))
+    profile_path = out / "profile.yaml"
+    profile_path.write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
+    artifacts += [config_path, profile_path]
     summary = out / "summary.md"
     summary.write_text(_summary(cfg, df, front, failed, best))
     artifacts.append(summary)
     try:
         for t in study.get_trials(deepcopy=False):  # catch up on logging missed earlier
             if t.state.is_finished() and t.number not in tracker.logged:
-                _log_frozen(tracker, t)
+                _log_frozen(tracker, t, _reference_accuracy(study))
         tracker.mark_front(set(int(n) for n in front["trial"]))
         tracker.log_models(models, input_shape, providers)
         base = df.loc[df["reference"], "accuracy"] if len(df) else pd.Series(dtype=float)
         tracker.finish(
             {"front_size": len(front), "completed_trials": len(df), "failed_trials": len(failed),
+             "hypervolume": hypervolume(df) if len(df) else None,
              "best_speedup_within_drop": best,
              "baseline_accuracy": float(base.iloc[0]) if len(base) else None},
             artifacts, status="KILLED" if interrupted else "FINISHED",
@@ -567,7 +587,8 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
             ray.shutdown()
     finish_start = time.perf_counter()
     providers = list(dict.fromkeys([profile.measure.execution_provider, "CPUExecutionProvider"]))
-    df, front = _write_outputs(study, cfg, tracker, interrupted, task.input_shape, providers)
+    df, front = _write_outputs(study, cfg, tracker, interrupted, profile, task.input_shape,
+                               providers)
     if source == "measured" and profile.latency_model is not None:
         _self_calibrate(study, cfg, profile, tracker)
     phases["finish"] = time.perf_counter() - finish_start

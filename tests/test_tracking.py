@@ -60,7 +60,11 @@ def test_study_against_a_tracking_server(server, tmp_path, fast_profile_path, ta
     parent = client.get_run(result.parent_run_id)
     assert parent.data.params["study_name"] == "served"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"pareto.csv", "pareto.html", "pareto.png", "summary.md", "trials.csv"} <= artifacts
+    assert {"pareto.csv", "pareto.html", "pareto.png", "summary.md", "trials.csv", "config.yaml",
+            "profile.yaml"} <= artifacts
+    assert parent.data.metrics["hypervolume"] > 0
+    assert {"profile", "task", "space", "sampler", "budget", "seed", "storage"} <= set(
+        parent.data.params)
     exp = client.get_experiment_by_name(EXPERIMENT)
     children = client.search_runs(
         [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
@@ -68,6 +72,10 @@ def test_study_against_a_tracking_server(server, tmp_path, fast_profile_path, ta
     front = [c for c in children if c.data.tags.get("on_front") == "true"]
     assert front
     mlflow.set_tracking_uri(server)
+    for child in children:
+        assert {"accuracy", "accuracy_drop", "latency_median_ms", "latency_p90_ms", "latency_cv",
+                "size_mb", "macs", "sparsity"} <= set(child.data.metrics)
+        assert {"on_front", "latency_source", "device", "state"} <= set(child.data.tags)
     for child in front:
         model = mlflow.onnx.load_model(child.data.tags["model_uri"])
         accuracy = onnx_accuracy(model.SerializeToString(), task.val)
