@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from search.errors import ConfigError
 
-__all__ = ["Strict", "load_model", "validate_model"]
+__all__ = ["Strict", "load_model", "resolve_builtin", "validate_model"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -95,3 +95,18 @@ def load_model(cls: type[M], path: Path, overrides: dict[str, Any] | None = None
     if overrides and isinstance(data, dict):
         data = {**data, **overrides}
     return validate_model(cls, data, str(path))
+
+
+def resolve_builtin(name_or_path: str | Path, directory: Path, kind: str,
+                    known: list[str]) -> Path:
+    """The YAML file for a built-in ``kind`` by name, or a user's file by path."""
+    text = str(name_or_path)
+    path = Path(text)
+    if not (text.endswith((".yaml", ".yml")) or path.is_file()):
+        path = directory / f"{text}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown {kind} {text!r}; known {kind}s: {', '.join(known)} "
+                              f"(or pass a path to a {kind} YAML file)")
+    elif not path.is_file():
+        raise ConfigError(f"{kind} file {path} does not exist")
+    return path

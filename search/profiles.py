@@ -11,8 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from search._schema import Strict, load_model
-from search.errors import ConfigError
+from search._schema import Strict, load_model, resolve_builtin
 
 __all__ = [
     "HardwareProfile",
@@ -151,17 +150,7 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
     text = str(name_or_path)
     if text == "host":
         return host_profile()
-    path = Path(text)
-    if not (text.endswith((".yaml", ".yml")) or path.is_file()):
-        path = PROFILES_DIR / f"{text}.yaml"
-        if not path.is_file():
-            known = ", ".join(available_profiles())
-            raise ConfigError(
-                f"unknown profile {text!r}; known profiles: {known} "
-                "(or pass a path to a profile YAML file)"
-            )
-    elif not path.is_file():
-        raise ConfigError(f"profile file {path} does not exist")
+    path = resolve_builtin(text, PROFILES_DIR, "profile", available_profiles())
     return load_model(HardwareProfile, path)
 
 

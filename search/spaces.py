@@ -12,7 +12,7 @@ from typing import Any, Literal
 import optuna
 from pydantic import Field, model_validator
 
-from search._schema import Strict, load_model
+from search._schema import Strict, load_model, resolve_builtin
 from search.errors import ConfigError
 from search.profiles import HardwareProfile, Precision
 from search.record import Choices, Layer
@@ -142,17 +142,7 @@ def available_spaces() -> list[str]:
 
 def load_space(name_or_path: str | Path) -> SearchSpace:
     """Load a built-in space by name, or a user's space from a YAML path."""
-    text = str(name_or_path)
-    path = Path(text)
-    if not (text.endswith((".yaml", ".yml")) or path.is_file()):
-        path = SPACES_DIR / f"{text}.yaml"
-        if not path.is_file():
-            raise ConfigError(
-                f"unknown space {text!r}; known spaces: {', '.join(available_spaces())} "
-                "(or pass a path to a space YAML file)"
-            )
-    elif not path.is_file():
-        raise ConfigError(f"space file {path} does not exist")
+    path = resolve_builtin(name_or_path, SPACES_DIR, "space", available_spaces())
     return load_model(SearchSpace, path)
 
 
