@@ -34,7 +34,7 @@ from search.compress import (
     onnx_node_names,
     prune_structured,
 )
-from search.compress.prune import prune_unstructured, remove_masks
+from search.compress.prune import prune_unstructured
 from search.latency import measure_latency
 from search.latency.predict import (
     Calibration,
@@ -145,7 +145,6 @@ def _variants(arch: str, quick: bool):  # noqa: ANN202
             yield f"{arch} r{ratio:.1f} {label}", model_bytes, shape
     model = make()
     prune_unstructured(model, 0.7)
-    remove_masks(model)
     yield f"{arch} 70% zeros fp32", export_onnx(model, shape), shape
 
 

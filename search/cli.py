@@ -59,11 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ray-address", help="join this Ray cluster: auto, host:port or ray://host:port "
                               "(default: start a local Ray)")
     add("--seed", type=_non_negative_int)
-    add("--sampler", choices=SAMPLERS, help="default: tpe")
+    add("--sampler", choices=SAMPLERS,
+        help="tpe (default: best hypervolume per trial in experiments/sampler_benchmark.py), "
+             "nsga2, gp or random")
     add("--parallel", type=_positive_int,
         help="trials in flight (default: what the cluster allows, one per node)")
     add("--max-accuracy-drop", type=float,
-        help="accuracy drop (points) allowed when reporting the best speedup (default 1)")
+        help="constraint: trials losing more accuracy points than this against the reference "
+             "never reach the front (default: unconstrained; best speedup reported within 1)")
+    add("--max-latency-ms", type=float,
+        help="constraint: trials slower than this never reach the front")
     add("--latency", choices=LATENCY_MODES,
         help="measure on the device, predict with the profile's latency model, or auto: "
              "measure where the device is reachable (default)")

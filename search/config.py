@@ -18,8 +18,9 @@ from search.errors import ConfigError
 
 __all__ = ["ConfigFile", "LATENCY_MODES", "SAMPLERS", "load_config_file", "SearchConfig", "ensure_writable"]
 
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
 LATENCY_MODES = ("auto", "measure", "predict")
+REPORT_DROP = 1.0  # points of accuracy the best speedup is reported within by default
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -40,7 +41,10 @@ class SearchConfig:
     sampler: str = "tpe"
     parallel: int | None = None  # None: what the cluster allows
     runs_root: Path = Path("search-runs")
-    max_accuracy_drop: float = 1.0
+    # constraints: trials beyond them never reach the front (None: unconstrained, and the best
+    # speedup is reported within REPORT_DROP points)
+    max_accuracy_drop: float | None = None
+    max_latency_ms: float | None = None
     latency: str = "auto"
     grace_period_s: float = 30.0
 
@@ -64,8 +68,15 @@ class SearchConfig:
         if self.latency not in LATENCY_MODES:
             raise ConfigError(f"unknown latency mode {self.latency!r}; choose one of "
                               f"{', '.join(LATENCY_MODES)}")
-        if self.max_accuracy_drop < 0:
-            raise ConfigError(f"max accuracy drop must be >= 0, got {self.max_accuracy_drop}")
+        if self.max_accuracy_drop is not None and not self.max_accuracy_drop >= 0:
+            raise ConfigError(f"max accuracy drop must be >= 0 points, got {self.max_accuracy_drop}")
+        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
+            raise ConfigError(f"max latency must be > 0 ms, got {self.max_latency_ms}")
+
+    @property
+    def report_drop(self) -> float:
+        """The accuracy drop the best speedup is reported within."""
+        return REPORT_DROP if self.max_accuracy_drop is None else self.max_accuracy_drop
 
     def resolved(self, profile_name: str) -> SearchConfig:
         """A copy with every default filled in (study name, directories, store URLs)."""
@@ -110,9 +121,10 @@ class ConfigFile(Strict):
     output_dir: str | None = None
     ray_address: str | None = None
     seed: int | None = Field(default=None, ge=0)
-    sampler: Literal["tpe", "nsga2", "random"] | None = None
+    sampler: Literal["tpe", "nsga2", "gp", "random"] | None = None
     parallel: int | None = Field(default=None, ge=1)
     max_accuracy_drop: float | None = Field(default=None, ge=0)
+    max_latency_ms: float | None = Field(default=None, gt=0)
     latency: Literal["auto", "measure", "predict"] | None = None
     grace_period_s: float | None = Field(default=None, ge=0)
 

@@ -17,7 +17,9 @@ __all__ = ["COLUMNS", "best_speedup", "hypervolume", "pareto_mask", "plot_front"
 
 COLUMNS = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "latency_cv",
            "latency_source", "device", "speedup", "size_mb", "macs", "params", "sparsity",
-           "int8_layers", "precisions", "baseline", "reference", "on_front"]
+           "int8_layers", "precisions", "dropped_blocks", "baseline", "reference", "cached_from",
+           "feasible", "on_front"]
+HV_ACCURACY_SPAN = 10.0  # points below the reference's accuracy where the hypervolume box ends
 
 
 def _mix(precisions: dict[str, str]) -> str:
@@ -61,6 +63,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "baseline": a.get("baseline", ""),
             "reference": bool(a.get("reference", False)),
             "precisions": _mix(precisions),
+            "dropped_blocks": " ".join(a.get("dropped_blocks", [])),
+            "cached_from": a.get("cached_from"),
         }
         row.update({f"param.{k}": v for k, v in a.get("choices", {}).items()})
         rows.append(row)
@@ -70,24 +74,48 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     base = df.loc[df["reference"], "latency_ms"]
     reference = float(base.iloc[0]) if len(base) else float("nan")
     df["speedup"] = reference / df["latency_ms"]
-    df["on_front"] = pareto_mask(df["accuracy"].to_numpy(), df["latency_ms"].to_numpy())
+    df["feasible"] = feasible(df, study.user_attrs.get("max_accuracy_drop"),
+                              study.user_attrs.get("max_latency_ms"))
+    df["on_front"] = False
+    ok = df["feasible"].to_numpy()
+    df.loc[ok, "on_front"] = pareto_mask(df.loc[ok, "accuracy"].to_numpy(),
+                                         df.loc[ok, "latency_ms"].to_numpy())
     extra = [c for c in df.columns if c not in COLUMNS]
     return df[COLUMNS + extra]
 
 
-def hypervolume(df: pd.DataFrame) -> float:
-    """Area dominated by the front in (accuracy %, speedup) space, from (0 %, 0x).
+def feasible(df: pd.DataFrame, max_drop: float | None, max_latency_ms: float | None) -> pd.Series:
+    """Rows within the study's constraints (accuracy drop against the reference, latency)."""
+    ok = pd.Series(True, index=df.index)
+    base = df.loc[df["reference"], "accuracy"]
+    if max_drop is not None and len(base):
+        ok &= df["accuracy"] >= float(base.iloc[0]) - max_drop - 1e-9
+    if max_latency_ms is not None:
+        ok &= df["latency_ms"] <= max_latency_ms
+    return ok
 
-    Speedup rather than latency keeps the number comparable across studies of
-    one model; larger is better.
+
+def hypervolume(df: pd.DataFrame, span: float = HV_ACCURACY_SPAN) -> float:
+    """Share of the box [reference accuracy - ``span``, reference accuracy] x [0, reference
+    latency] that the feasible trials dominate (Optuna's hypervolume).
+
+    1.0 would be the reference's accuracy at zero latency; uniform int8 at no loss
+    and 2.8x speedup scores about 0.64. Trials slower than the reference or more
+    than ``span`` points worse add nothing.
     """
-    points = sorted(zip(df["speedup"], df["accuracy"], strict=True), reverse=True)
-    area, best_accuracy = 0.0, 0.0
-    for speed, acc in points:  # sweep from the fastest down
-        if acc > best_accuracy:
-            area += speed * (acc - best_accuracy)
-            best_accuracy = acc
-    return float(area)
+    from optuna._hypervolume import compute_hypervolume
+
+    ref = df[df["reference"]]
+    if df.empty or ref.empty:
+        return 0.0
+    acc0, lat0 = float(ref["accuracy"].iloc[0]), float(ref["latency_ms"].iloc[0])
+    rows = df[df["feasible"]] if "feasible" in df else df
+    loss = np.stack([-(rows["accuracy"].to_numpy(float) - (acc0 - span)) / span,
+                     rows["latency_ms"].to_numpy(float) / lat0], axis=1)
+    loss = loss[(loss[:, 0] < 0) & (loss[:, 1] < 1)]
+    if not len(loss):
+        return 0.0
+    return float(compute_hypervolume(loss, np.array([0.0, 1.0])))
 
 
 def best_speedup(df: pd.DataFrame, max_drop: float = 1.0) -> float | None:

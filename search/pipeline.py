@@ -15,8 +15,11 @@ from contextlib import contextmanager
 import onnx
 import torch
 import torch_pruning as tp
+from torch import nn
 
 from search.compress import (
+    FakeQuant,
+    Sparsifier,
     apply_precision_plan,
     compressible_layers,
     count_zero_fraction,
@@ -24,18 +27,24 @@ from search.compress import (
     export_onnx,
     onnx_node_names,
     prune_structured,
-    prune_unstructured,
 )
-from search.compress.prune import recalibrate_batchnorm, remove_masks
+from search.compress.prune import (
+    attention_modules,
+    drop_blocks,
+    droppable_blocks,
+    recalibrate_batchnorm,
+)
+from search.compress.sparsity import fisher_scores, taylor_scores
 from search.errors import TrialError
 from search.evaluate import onnx_accuracy
 from search.latency import measure_latency
 from search.latency.predict import Calibration, predict_latency
 from search.profiles import HardwareProfile, measurable_here
 from search.record import TrialRecord
+from search.spaces import ModelFacts
 from search.tasks import Task
 
-__all__ = ["compress", "measure", "predict", "run_trial"]
+__all__ = ["compress", "measure", "model_facts", "predict", "run_trial"]
 
 
 @contextmanager
@@ -52,34 +61,75 @@ def _stage(record: TrialRecord, name: str) -> Iterator[None]:
         record.timings[name] = record.timings.get(name, 0.0) + time.perf_counter() - start
 
 
+def model_facts(task: Task) -> ModelFacts:
+    """What the task's model offers the space: droppable blocks, attention, sparse init."""
+    teacher = task.teacher()
+    example = torch.zeros(1, *task.input_shape)
+    return ModelFacts(droppable_blocks=len(droppable_blocks(teacher, example)),
+                      attention=bool(attention_modules(teacher)),
+                      sparse_init=task.sparse_state is not None)
+
+
+def _prune(record: TrialRecord, task: Task, profile: HardwareProfile) -> tuple[nn.Module,
+                                                                               Sparsifier]:
+    """Layer dropping, channel/head removal, then weight sparsity (or the checkpoint's zeros)."""
+    c = record.choices
+    torch.manual_seed(record.seed)
+    student = task.sparse_student() if c.init == "sparse" else task.teacher()
+    example = torch.zeros(1, *task.input_shape)
+    probe = task.train.x[torch.randperm(len(task.train))[:256]]
+    record.dropped_blocks = drop_blocks(student, c.drop_blocks, probe)
+    prune_structured(student, example, c.structured_ratio, profile.channel_multiple,
+                     importance=c.structured_importance, head_ratio=c.head_ratio, data=task.train)
+    macs, params = tp.utils.count_ops_and_params(student, example)
+    record.macs, record.params = int(macs), int(params)
+    if c.init == "sparse":
+        sparsifier = Sparsifier.from_zeros(student)
+    else:
+        sparsifier = Sparsifier(student, sparsity=c.unstructured_sparsity,
+                                criterion=c.unstructured_criterion, scope=c.unstructured_scope,
+                                pattern=c.sparsity_pattern)
+        gradual = c.unstructured_criterion == "movement" and c.epochs > 0
+        scores = None
+        if sparsifier.active and c.unstructured_criterion == "fisher":
+            scores = fisher_scores(student, task.train, seed=record.seed)
+        elif sparsifier.active and c.unstructured_criterion == "movement" and not gradual:
+            scores = taylor_scores(student, task.train, seed=record.seed)
+        sparsifier.start(scores, gradual=gradual)
+    if record.dropped_blocks or c.structured_ratio > 0 or c.head_ratio > 0 or sparsifier.active:
+        recalibrate_batchnorm(student, probe.repeat(2, *([1] * (probe.dim() - 1))))
+    return student, sparsifier
+
+
 def compress(record: TrialRecord, task: Task, profile: HardwareProfile,
              threads: int = 1) -> TrialRecord:
     """Prune, fine-tune, export, quantize and score one trial's model."""
     torch.set_num_threads(threads)
-    choices = record.choices
+    c = record.choices
     with _stage(record, "prune"):
-        torch.manual_seed(record.seed)
-        student = task.teacher()
+        student, sparsifier = _prune(record, task, profile)
         layers = compressible_layers(student)
-        example = torch.zeros(1, *task.input_shape)
-        prune_structured(student, example, choices.structured_ratio, profile.channel_multiple)
-        macs, params = tp.utils.count_ops_and_params(student, example)
-        record.macs, record.params = int(macs), int(params)
-        prune_unstructured(student, choices.unstructured_sparsity)
-        if choices.structured_ratio > 0 or choices.unstructured_sparsity > 0:
-            order = torch.randperm(len(task.train))[:512]
-            recalibrate_batchnorm(student, task.train.x[order])
+        plan = {layer.name: c.precisions.get(layer.name, "fp32") for layer in layers}
     with _stage(record, "train"):
-        distill(student, task.teacher(), task.train, epochs=choices.epochs, lr=choices.lr,
-                temperature=choices.temperature, alpha=choices.alpha, seed=record.seed)
-        remove_masks(student)
+        hooks: list = [sparsifier]
+        fake = None
+        if c.qat and c.epochs > 0:
+            fake = FakeQuant(student, [n for n, p in plan.items() if p == "int8"],
+                             per_channel=c.per_channel,
+                             activation_symmetric=c.activation_symmetric)
+            hooks.append(fake)
+        distill(student, task.teacher(), task.train, epochs=c.epochs, lr=c.lr,
+                temperature=c.temperature, alpha=c.alpha, seed=record.seed,
+                loss=c.distill_loss, loss_weight=c.distill_weight, hooks=hooks)
+        sparsifier.finish()
+        if fake is not None:
+            fake.finish()
         record.sparsity = count_zero_fraction(student)
     with _stage(record, "export"):
         fp32 = export_onnx(student, task.input_shape)
         names = onnx_node_names(onnx.load_from_string(fp32), layers)
     with _stage(record, "quantize"):
-        plan = {layer.name: choices.precisions.get(layer.name, "fp32") for layer in layers}
-        final = apply_precision_plan(fp32, plan, names, choices, task.calibration,
+        final = apply_precision_plan(fp32, plan, names, c, task.calibration,
                                      reduce_range=profile.int8.reduce_range, seed=record.seed)
         record.layer_precisions = plan
     with _stage(record, "evaluate"):

@@ -20,17 +20,34 @@ class Layer:
 class Choices:
     """Everything one trial decided; defaults are the uncompressed fp32 model."""
 
+    # where the student starts: the teacher, or a pre-sparsified checkpoint (sparse transfer)
+    init: str = "teacher"
+    # weight sparsity: unstructured share, or an N:M pattern ("2:4")
+    sparsity_pattern: str = "unstructured"
     unstructured_sparsity: float = 0.0
+    unstructured_criterion: str = "magnitude"  # magnitude | movement | fisher
+    unstructured_scope: str = "global"  # global | layer
+    # structure: residual blocks dropped, channels and attention heads removed
+    drop_blocks: int = 0
     structured_ratio: float = 0.0
+    structured_importance: str = "magnitude"  # magnitude | bn_scale | taylor | lamp
+    head_ratio: float = 0.0
+    # fine-tune with distillation (0 epochs: one-shot post-training)
     epochs: int = 0
     lr: float = 1e-3
     temperature: float = 4.0
     alpha: float = 0.5
+    distill_loss: str = "response"  # response | feature | relation
+    distill_weight: float = 1.0
+    # precision plan and integer quantization
     precisions: dict[str, str] = field(default_factory=dict)
+    quant_mode: str = "static"  # static | dynamic
+    qat: bool = False
     activation_type: str = "uint8"
     weight_type: str = "int8"
     per_channel: bool = True
     activation_symmetric: bool = False
+    calibration_method: str = "minmax"  # minmax | entropy | percentile
     calibration_samples: int = 128
 
     def flat(self) -> dict[str, Any]:
@@ -69,6 +86,7 @@ class TrialRecord:
     macs: int | None = None
     sparsity: float | None = None  # achieved share of zero weights in Conv/Gemm
     layer_precisions: dict[str, str] = field(default_factory=dict)
+    dropped_blocks: list[str] = field(default_factory=list)
     onnx_model: bytes | None = None
     timings: dict[str, float] = field(default_factory=dict)
     node: str | None = None  # Ray node that measured the latency

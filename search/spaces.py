@@ -5,6 +5,7 @@ This is the only module that calls ``trial.suggest_*``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ __all__ = [
     "SPACES_DIR",
     "FloatRange",
     "IntRange",
+    "ModelFacts",
     "ResolvedSpace",
     "SearchSpace",
     "available_spaces",
@@ -69,28 +71,54 @@ def _unit(low: float, high: float, step: float | None = 0.05) -> FloatRange:
     return FloatRange(low=low, high=high, step=step)
 
 
-class PruningSpace(Strict):
-    """Global unstructured magnitude sparsity and structured channel-pruning ratio."""
+_PATTERN = re.compile(r"^(unstructured|(\d+):(\d+))$")
 
+
+class PruningSpace(Strict):
+    """Where the student starts, weight sparsity, and what structure is removed."""
+
+    init: list[Literal["teacher", "sparse"]] | Auto = "auto"
+    sparsity_pattern: list[str] | Auto = "auto"
     unstructured_sparsity: FloatRange = _unit(0.0, 0.8)
+    unstructured_criterion: list[Literal["magnitude", "movement", "fisher"]] = \
+        ["magnitude", "movement", "fisher"]
+    unstructured_scope: list[Literal["global", "layer"]] = ["global", "layer"]
+    drop_blocks: IntRange = IntRange(low=0, high=1)
     structured_ratio: FloatRange = _unit(0.0, 0.6)
+    structured_importance: list[Literal["magnitude", "bn_scale", "taylor", "lamp"]] = \
+        ["magnitude", "bn_scale", "taylor", "lamp"]
+    head_ratio: FloatRange = FloatRange(low=0.0, high=0.5, step=0.25)
 
     @model_validator(mode="after")
     def _fractions(self) -> PruningSpace:
-        for name in ("unstructured_sparsity", "structured_ratio"):
+        for name in ("unstructured_sparsity", "structured_ratio", "head_ratio"):
             r = getattr(self, name)
             if r.low < 0 or r.high >= 1:
                 raise ValueError(f"{name} must lie in [0, 1), got [{r.low}, {r.high}]")
+        if self.drop_blocks.low < 0:
+            raise ValueError("drop_blocks must be >= 0")
+        if self.sparsity_pattern != "auto":
+            for p in self.sparsity_pattern:
+                m = _PATTERN.match(p)
+                if m is None or (m.group(2) and not 0 < int(m.group(2)) < int(m.group(3))):
+                    raise ValueError(f"sparsity_pattern {p!r}: use 'unstructured' or 'N:M' "
+                                     "with 0 < N < M, e.g. '2:4'")
+        for name in ("init", "sparsity_pattern", "unstructured_criterion", "unstructured_scope",
+                     "structured_importance"):
+            if getattr(self, name) == []:
+                raise ValueError(f"{name} must list at least one value")
         return self
 
 
 class DistillationSpace(Strict):
-    """Fine-tuning with response distillation; 0 epochs means one-shot post-training."""
+    """Fine-tuning with distillation; 0 epochs means one-shot post-training."""
 
     epochs: IntRange = IntRange(low=0, high=3)
     lr: FloatRange = FloatRange(low=1e-4, high=1e-2, log=True)
     temperature: FloatRange = FloatRange(low=1.0, high=8.0)
     alpha: FloatRange = _unit(0.0, 1.0)
+    loss: list[Literal["response", "feature", "relation"]] = ["response", "feature", "relation"]
+    loss_weight: FloatRange = FloatRange(low=0.1, high=10.0, log=True)
 
     @model_validator(mode="after")
     def _sane(self) -> DistillationSpace:
@@ -100,24 +128,38 @@ class DistillationSpace(Strict):
             raise ValueError("temperature must be > 0")
         if self.alpha.low < 0 or self.alpha.high > 1:
             raise ValueError("alpha must lie in [0, 1]")
+        if self.loss == []:
+            raise ValueError("loss must list at least one value")
+        if self.loss_weight.low < 0:
+            raise ValueError("loss_weight must be >= 0")
         return self
 
 
 class QuantizationSpace(Strict):
-    """Per-layer precisions and int8 settings; ``auto`` means what the profile allows."""
+    """Per-layer (or per-group) precisions and integer settings; ``auto`` = what the profile
+    allows.
 
-    granularity: Literal["layer", "uniform"] = "layer"
+    ``granularity``: one precision per ``layer``, per residual ``block``
+    (``layer1.0``), per ``stage`` (``layer1``), or one for the whole model
+    (``uniform``). Grouping keeps the space small for large models.
+    """
+
+    granularity: Literal["layer", "block", "stage", "uniform"] = "layer"
     precisions: list[Precision] | Auto = "auto"
+    mode: list[Literal["static", "dynamic"]] | Auto = "auto"
+    qat: list[bool] = [False, True]
     activation_types: list[Literal["uint8", "int8", "int16"]] | Auto = "auto"
     weight_types: list[Literal["int8", "uint8"]] | Auto = "auto"
     per_channel: list[bool] | Auto = "auto"
     activation_symmetric: list[bool] | Auto = "auto"
-    calibration_samples: IntRange = IntRange(low=128, high=128)
+    calibration_method: list[Literal["minmax", "entropy", "percentile"]] = \
+        ["minmax", "entropy", "percentile"]
+    calibration_samples: IntRange = IntRange(low=64, high=512)
 
     @model_validator(mode="after")
     def _non_empty(self) -> QuantizationSpace:
-        for name in ("precisions", "activation_types", "weight_types", "per_channel",
-                     "activation_symmetric"):
+        for name in ("precisions", "mode", "qat", "activation_types", "weight_types",
+                     "per_channel", "activation_symmetric", "calibration_method"):
             if getattr(self, name) == []:
                 raise ValueError(f"{name} must list at least one value (or be 'auto')")
         if self.calibration_samples.low < 1:
@@ -135,6 +177,15 @@ class SearchSpace(Strict):
     quantization: QuantizationSpace = QuantizationSpace()
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the task's model offers the space beyond its layers."""
+
+    droppable_blocks: int = 0  # residual blocks that can be replaced by the identity
+    attention: bool = False  # has multi-head attention (heads can be removed)
+    sparse_init: bool = False  # the task ships a pre-sparsified checkpoint
+
+
 def available_spaces() -> list[str]:
     """Names of the built-in spaces."""
     return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
@@ -146,35 +197,66 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
     return load_model(SearchSpace, path)
 
 
+def layer_group(name: str, granularity: str) -> str:
+    """The group a layer's precision is chosen with.
+
+    ``stage``: the first part of the module name (``layer1``); ``block``: up to
+    the first numbered part (``layer1.0`` in torchvision ResNets,
+    ``features.3`` in MobileNetV2), else the stage; ``layer``: the name itself.
+    """
+    if granularity == "layer":
+        return name
+    parts = name.split(".")
+    if granularity == "block":
+        for i, part in enumerate(parts[:-1]):
+            if part.isdigit():
+                return ".".join(parts[: i + 1])
+    return parts[0] if len(parts) > 1 else name
+
+
 @dataclass(frozen=True)
 class ResolvedSpace:
-    """A space checked against a profile and a model's layers: what each trial may pick."""
+    """A space checked against a profile and a model: what each trial may pick."""
 
     space: SearchSpace
     layers: tuple[Layer, ...]
     layer_precisions: dict[str, tuple[str, ...]]
+    groups: dict[str, tuple[str, ...]]  # precision group -> its layers
+    group_precisions: dict[str, tuple[str, ...]]
     activation_types: tuple[str, ...]
     weight_types: tuple[str, ...]
     per_channel: tuple[bool, ...]
     activation_symmetric: tuple[bool, ...]
+    modes: tuple[str, ...]
+    patterns: tuple[str, ...]
+    inits: tuple[str, ...]
+    facts: ModelFacts = ModelFacts()
 
     def baselines(self) -> list[tuple[str, dict[str, Any]]]:
         """The trials enqueued first, as (label, params).
 
         First the reference: every layer at the highest precision the profile
-        allows it (fp32 where allowed; fp16 on a VPU, int16 on a GNA). Then
-        uniform int8 when every layer may run int8 and that differs.
+        allows it (fp32 where allowed; fp16 on a VPU, int16 on a GNA), nothing
+        pruned, no fine-tune. Then uniform static U8S8 int8 (per-channel, min-max
+        calibration) when every layer may run int8 and that differs.
         """
+        q = self.space.quantization
         base: dict[str, Any] = {
+            "init": "teacher",
+            "sparsity_pattern": "unstructured",
             "unstructured_sparsity": 0.0,
+            "drop_blocks": 0,
             "structured_ratio": 0.0,
+            "head_ratio": 0.0,
             "epochs": 0,
         }
-        top = {name: min(allowed, key=_RANK.index) for name, allowed in self.layer_precisions.items()}
+        top = {g: min(allowed, key=_RANK.index) for g, allowed in self.group_precisions.items()}
         label = next(iter(set(top.values()))) if len(set(top.values())) == 1 else "reference"
         out = [(label, {**base, **self._plan(top)})]
-        if all("int8" in p for p in self.layer_precisions.values()) and label != "int8":
-            int8 = {**base, **self._plan({name: "int8" for name in self.layer_precisions})}
+        if all("int8" in p for p in self.group_precisions.values()) and label != "int8":
+            int8 = {**base, **self._plan({g: "int8" for g in self.group_precisions})}
+            int8["quant_mode"] = "static"
+            int8["qat"] = False
             int8["activation_type"] = (
                 "uint8" if "uint8" in self.activation_types else self.activation_types[0]
             )
@@ -183,51 +265,77 @@ class ResolvedSpace:
             int8["activation_symmetric"] = (
                 False if False in self.activation_symmetric else self.activation_symmetric[0]
             )
+            int8["calibration_method"] = ("minmax" if "minmax" in q.calibration_method
+                                          else q.calibration_method[0])
+            r = q.calibration_samples
+            int8["calibration_samples"] = min(max(256, r.low), r.high)
             out.append(("int8", int8))
         return out
 
     def _plan(self, plan: dict[str, str]) -> dict[str, str]:
         if self.space.quantization.granularity == "uniform":
             return {"precision": next(iter(plan.values()))}
-        return {f"precision.{name}": p for name, p in plan.items()}
+        return {f"precision.{group}": p for group, p in plan.items()}
 
     def sample(self, trial: optuna.Trial) -> Choices:
         """Draw one trial's choices (define-by-run, with conditional dimensions)."""
         pruning, distil, quant = self.space.pruning, self.space.distillation, self.space.quantization
-        choices = Choices(
-            unstructured_sparsity=_float(trial, "unstructured_sparsity", pruning.unstructured_sparsity),
-            structured_ratio=_float(trial, "structured_ratio", pruning.structured_ratio),
-            epochs=_int(trial, "epochs", distil.epochs),
-        )
-        if choices.epochs > 0:
-            choices.lr = _float(trial, "lr", distil.lr)
-            choices.temperature = _float(trial, "temperature", distil.temperature)
-            choices.alpha = _float(trial, "alpha", distil.alpha)
+        c = Choices()
+        c.init = _categorical(trial, "init", self.inits)
+        if c.init == "teacher":
+            c.sparsity_pattern = _categorical(trial, "sparsity_pattern", self.patterns)
+            if c.sparsity_pattern == "unstructured":
+                c.unstructured_sparsity = _float(trial, "unstructured_sparsity",
+                                                 pruning.unstructured_sparsity)
+                if c.unstructured_sparsity > 0:
+                    c.unstructured_scope = _categorical(trial, "unstructured_scope",
+                                                        pruning.unstructured_scope)
+            if c.sparsity_pattern != "unstructured" or c.unstructured_sparsity > 0:
+                c.unstructured_criterion = _categorical(trial, "unstructured_criterion",
+                                                        pruning.unstructured_criterion)
+        blocks = IntRange(low=min(pruning.drop_blocks.low, self.facts.droppable_blocks),
+                          high=min(pruning.drop_blocks.high, self.facts.droppable_blocks))
+        c.drop_blocks = _int(trial, "drop_blocks", blocks)
+        c.structured_ratio = _float(trial, "structured_ratio", pruning.structured_ratio)
+        if c.structured_ratio > 0:
+            c.structured_importance = _categorical(trial, "structured_importance",
+                                                   pruning.structured_importance)
+        if self.facts.attention:
+            c.head_ratio = _float(trial, "head_ratio", pruning.head_ratio)
+        c.epochs = _int(trial, "epochs", distil.epochs)
+        if c.epochs > 0:
+            c.lr = _float(trial, "lr", distil.lr)
+            c.temperature = _float(trial, "temperature", distil.temperature)
+            c.alpha = _float(trial, "alpha", distil.alpha)
+            c.distill_loss = _categorical(trial, "distill_loss", distil.loss)
+            if c.distill_loss != "response":
+                c.distill_weight = _float(trial, "distill_weight", distil.loss_weight)
         if quant.granularity == "uniform":
-            common = [p for p in self._common_precisions()]
-            pick = _categorical(trial, "precision", common)
-            choices.precisions = {layer.name: pick for layer in self.layers}
+            pick = _categorical(trial, "precision", self._common_precisions())
+            c.precisions = {layer.name: pick for layer in self.layers}
         else:
-            choices.precisions = {
-                layer.name: _categorical(
-                    trial, f"precision.{layer.name}", self.layer_precisions[layer.name]
-                )
-                for layer in self.layers
-            }
-        if any(p in ("int8", "int16") for p in choices.precisions.values()):
-            choices.activation_type = _categorical(trial, "activation_type", self.activation_types)
-            choices.weight_type = _categorical(trial, "weight_type", self.weight_types)
-            choices.per_channel = _categorical(trial, "per_channel", self.per_channel)
-            choices.activation_symmetric = _categorical(
-                trial, "activation_symmetric", self.activation_symmetric
-            )
-            choices.calibration_samples = _int(
-                trial, "calibration_samples", quant.calibration_samples
-            )
-        return choices
+            chosen = {g: _categorical(trial, f"precision.{g}", self.group_precisions[g])
+                      for g in self.groups}
+            c.precisions = {name: chosen[g] for g, names in self.groups.items() for name in names}
+        if any(p in ("int8", "int16") for p in c.precisions.values()):
+            wide = "int16" in c.precisions.values()
+            c.quant_mode = "static" if wide else _categorical(trial, "quant_mode", self.modes)
+            c.weight_type = _categorical(trial, "weight_type", self.weight_types)
+            c.per_channel = _categorical(trial, "per_channel", self.per_channel)
+            if c.quant_mode == "static":
+                c.activation_type = _categorical(trial, "activation_type", self.activation_types)
+                c.activation_symmetric = _categorical(trial, "activation_symmetric",
+                                                      self.activation_symmetric)
+                c.calibration_method = _categorical(trial, "calibration_method",
+                                                    quant.calibration_method)
+                c.calibration_samples = _int(trial, "calibration_samples",
+                                             quant.calibration_samples)
+                if c.epochs > 0 and not wide:
+                    c.qat = _categorical(trial, "qat", quant.qat)
+        return c
 
     def _common_precisions(self) -> list[str]:
-        first, *rest = self.layer_precisions.values()
+        first, *rest = self.group_precisions.values()
         return [p for p in first if all(p in r for r in rest)]
 
 
@@ -262,9 +370,44 @@ def _pick(space_value: Any, profile_value: list[Any], what: str, space: SearchSp
     return tuple(space_value)
 
 
+def _patterns(space: SearchSpace, profile: HardwareProfile) -> tuple[str, ...]:
+    """``auto``: unstructured, plus the N:M pattern the profile's runtime accelerates."""
+    asked = space.pruning.sparsity_pattern
+    if asked == "auto":
+        return ("unstructured", "2:4") if profile.sparse_kernels == "2:4" else ("unstructured",)
+    return tuple(asked)
+
+
+def _modes(space: SearchSpace, profile: HardwareProfile) -> tuple[str, ...]:
+    """``auto``: static, plus dynamic where the profile runs uint8 activations (ONNX Runtime's
+    dynamic kernels take uint8 activations) on a CPU."""
+    asked = space.quantization.mode
+    dynamic_ok = "uint8" in profile.int8.activation_types and profile.device_class == "cpu"
+    if asked == "auto":
+        return ("static", "dynamic") if dynamic_ok else ("static",)
+    if "dynamic" in asked and not dynamic_ok:
+        raise ConfigError(
+            f"space {space.name!r}: quantization.mode asks for dynamic, which profile "
+            f"{profile.name!r} cannot run (ONNX Runtime's dynamic int8 kernels are CPU kernels "
+            f"with uint8 activations); allowed: [static]"
+        )
+    return tuple(asked)
+
+
+def _inits(space: SearchSpace, facts: ModelFacts) -> tuple[str, ...]:
+    asked = space.pruning.init
+    if asked == "auto":
+        return ("teacher", "sparse") if facts.sparse_init else ("teacher",)
+    if "sparse" in asked and not facts.sparse_init:
+        raise ConfigError(f"space {space.name!r}: pruning.init asks for sparse (sparse transfer), "
+                          "but the task has no pre-sparsified checkpoint; allowed: [teacher]")
+    return tuple(asked)
+
+
 def resolve_space(space: SearchSpace, profile: HardwareProfile,
-                  layers: list[Layer] | tuple[Layer, ...]) -> ResolvedSpace:
-    """Check ``space`` against ``profile`` for these layers, before any trial runs."""
+                  layers: list[Layer] | tuple[Layer, ...],
+                  facts: ModelFacts = ModelFacts()) -> ResolvedSpace:
+    """Check ``space`` against ``profile`` for this model, before any trial runs."""
     quant = space.quantization
     per_layer: dict[str, tuple[str, ...]] = {}
     for layer in layers:
@@ -280,10 +423,26 @@ def resolve_space(space: SearchSpace, profile: HardwareProfile,
                 f"{layer.op_type}; allowed: {', '.join(allowed)}"
             )
         per_layer[layer.name] = tuple(quant.precisions)
+    granularity = "layer" if quant.granularity == "uniform" else quant.granularity
+    groups: dict[str, list[str]] = {}
+    for layer in layers:
+        groups.setdefault(layer_group(layer.name, granularity), []).append(layer.name)
+    group_precisions = {}
+    for group, names in groups.items():
+        common = [p for p in per_layer[names[0]] if all(p in per_layer[n] for n in names)]
+        if not common:
+            raise ConfigError(
+                f"space {space.name!r}: the layers of {quant.granularity} {group!r} share no "
+                f"precision on profile {profile.name!r} "
+                f"({', '.join(f'{n}: {per_layer[n]}' for n in names)}); use granularity 'layer'"
+            )
+        group_precisions[group] = tuple(common)
     resolved = ResolvedSpace(
         space=space,
         layers=tuple(layers),
         layer_precisions=per_layer,
+        groups={g: tuple(names) for g, names in groups.items()},
+        group_precisions=group_precisions,
         activation_types=_pick(quant.activation_types, profile.int8.activation_types,
                                "activation_types", space, profile),
         weight_types=_pick(quant.weight_types, profile.int8.weight_types, "weight_types",
@@ -293,6 +452,10 @@ def resolve_space(space: SearchSpace, profile: HardwareProfile,
         activation_symmetric=_pick(quant.activation_symmetric,
                                    profile.int8.activation_symmetric, "activation_symmetric",
                                    space, profile),
+        modes=_modes(space, profile),
+        patterns=_patterns(space, profile),
+        inits=_inits(space, facts),
+        facts=facts,
     )
     if quant.granularity == "uniform" and not resolved._common_precisions():
         raise ConfigError(

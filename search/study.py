@@ -7,6 +7,7 @@ be interrupted at any moment and resumed by rerunning the same command.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -47,8 +48,9 @@ from search.latency.predict import (
     save_calibration,
 )
 from search.pareto import best_speedup, hypervolume, plot_front, trials_frame, write_html
+from search.pipeline import model_facts
 from search.profiles import HardwareProfile, load_profile, measurable_here
-from search.record import TrialRecord
+from search.record import Choices, TrialRecord
 from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
 from search.tasks import load_task
 from search.tracking import Tracker, default_tracking_uri
@@ -77,16 +79,32 @@ class StudyResult:
     phases: dict[str, float] = field(default_factory=dict)  # setup, trials, finish (seconds)
 
 
-def make_sampler(name: str, seed: int, budget: int) -> optuna.samplers.BaseSampler:
-    """Seeded sampler; re-created identically when a study resumes (Optuna does not persist it)."""
+def _constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """Optuna's constraint convention: <= 0 is feasible. Computed by the driver at tell time."""
+    return list(trial.user_attrs.get("constraint_values", [0.0]))
+
+
+def make_sampler(name: str, seed: int, budget: int,
+                 constrained: bool = False) -> optuna.samplers.BaseSampler:
+    """Seeded sampler; re-created identically when a study resumes (Optuna does not persist it).
+
+    With ``constrained``, the sampler learns from the trials' constraint values
+    (accuracy drop, latency target) and prefers feasible regions.
+    """
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message=".*independent sampler.*")
+    constraints = _constraint_values if constrained else None
+    startup = max(4, min(10, budget // 3))
     if name == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, group=True,
-            n_startup_trials=max(4, min(10, budget // 3)),
-        )
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          n_startup_trials=startup, constraints_func=constraints)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, budget // 3)))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, budget // 3)),
+                                             constraints_func=constraints)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup,
+                                         constraints_func=constraints,
+                                         warn_independent_sampling=False)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -149,6 +167,11 @@ def _n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
+def _choices_key(flat: dict[str, Any]) -> str:
+    return json.dumps({k: (round(v, 9) if isinstance(v, float) else v) for k, v in flat.items()},
+                      sort_keys=True, default=str)
+
+
 def _record_attrs(record: TrialRecord) -> dict[str, Any]:
     lat = record.latency
     attrs: dict[str, Any] = {
@@ -160,6 +183,7 @@ def _record_attrs(record: TrialRecord) -> dict[str, Any]:
         "sparsity": record.sparsity,
         "macs": record.macs,
         "params": record.params,
+        "dropped_blocks": record.dropped_blocks,
     }
     if record.node:
         attrs["node"] = record.node
@@ -201,6 +225,8 @@ def _log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial,
     }
     if "failure" in a:
         tags["failure_reason"] = a["failure"]
+    if "cached_from" in a:
+        tags["cached_from"] = str(a["cached_from"])
     params = a.get("choices") or dict(trial.params)
     tracker.log_trial(trial.number, params, metrics, tags, failed=not complete)
 
@@ -257,7 +283,9 @@ class _Driver:
                 else:
                     while (len(self.in_flight) < self.cfg.parallel
                            and done + len(self.in_flight) < budget):
-                        self._start_trial()
+                        if self._start_trial() is optuna.trial.TrialState.COMPLETE:
+                            done += 1  # answered from the cache
+                            bar.update(1)
                 ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
                 if not ready:
                     continue
@@ -282,15 +310,42 @@ class _Driver:
             self._abandon_in_flight("interrupted: grace period over")
             raise KeyboardInterrupt
 
-    def _start_trial(self) -> None:
+    def _start_trial(self) -> optuna.trial.TrialState | None:
+        """Ask for a trial and start it, or answer it from the cache (then COMPLETE)."""
         trial = self.study.ask()
         try:
             choices = self.resolved.sample(trial)
         except Exception as exc:  # a space the checks let through: fatal, but leave no RUNNING
             self._fail(trial, f"sampling: {type(exc).__name__}: {exc}")
             raise SearchError(f"trial {trial.number} could not be sampled: {exc}") from exc
+        source = self._cached(choices)
+        if source is not None:
+            return self._answer_from_cache(trial, source)
         record = TrialRecord(trial.number, choices, seed=self.cfg.seed * 100_003 + trial.number)
         self.in_flight[self.executor.submit_compress(record)] = (trial, "compress")
+        return None
+
+    def _cached(self, choices: Choices) -> optuna.trial.FrozenTrial | None:
+        """A COMPLETE trial with exactly these choices (samplers do propose repeats)."""
+        key = _choices_key(choices.flat())
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if _choices_key(t.user_attrs.get("choices", {})) == key:
+                return t
+        return None
+
+    def _answer_from_cache(self, trial: optuna.Trial,
+                           source: optuna.trial.FrozenTrial) -> optuna.trial.TrialState:
+        origin = source.user_attrs.get("cached_from", source.number)
+        for key, value in source.user_attrs.items():
+            if key not in ("baseline", "reference", "cached_from"):
+                trial.set_user_attr(key, value)
+        trial.set_user_attr("cached_from", origin)
+        model = self.models_dir / f"trial-{source.number}.onnx"
+        if model.exists():
+            (self.models_dir / f"trial-{trial.number}.onnx").write_bytes(model.read_bytes())
+        log.info("trial %d repeats trial %d's choices: answered from the cache", trial.number,
+                 origin)
+        return self._tell_complete(trial, list(source.values))
 
     def _advance(self, ref: ray.ObjectRef) -> optuna.trial.TrialState | None:
         trial, stage = self.in_flight.pop(ref)
@@ -317,8 +372,27 @@ class _Driver:
         (self.models_dir / f"trial-{trial.number}.onnx").write_bytes(record.onnx_model)
         for key, value in _record_attrs(record).items():
             trial.set_user_attr(key, value)
-        frozen = self.study.tell(trial, [record.accuracy, record.latency.median_ms])
+        return self._tell_complete(trial, [record.accuracy, record.latency.median_ms])
+
+    def _tell_complete(self, trial: optuna.Trial, values: list[float]) -> optuna.trial.TrialState:
+        """Constraints, tell, MLflow child, and the front's hypervolume so far (step = trial)."""
+        reference = _reference_accuracy(self.study)
+        drop = reference - values[0] if reference is not None else 0.0
+        trial.set_user_attr("accuracy_drop", drop)
+        constraints = []
+        if self.cfg.max_accuracy_drop is not None:
+            constraints.append(drop - self.cfg.max_accuracy_drop)
+        if self.cfg.max_latency_ms is not None:
+            constraints.append(values[1] - self.cfg.max_latency_ms)
+        if constraints:
+            trial.set_user_attr("constraint_values", constraints)
+        frozen = self.study.tell(trial, values)
         self._track(frozen)
+        try:
+            hv = hypervolume(trials_frame(self.study))
+            self.tracker.log_summary_metrics({"hypervolume": hv}, step=frozen.number)
+        except Exception as exc:  # tracking outage: the final value is logged at the end
+            log.debug("hypervolume not logged: %s", exc)
         return optuna.trial.TrialState.COMPLETE
 
     def _track(self, trial: optuna.trial.FrozenTrial) -> None:
@@ -345,10 +419,10 @@ class _Driver:
 
     def _postfix(self) -> str:
         df = trials_frame(self.study)
-        best = best_speedup(df, self.cfg.max_accuracy_drop)
+        best = best_speedup(df, self.cfg.report_drop)
         best_text = f"{best:.2f}x" if best else "n/a"
         return (f"front {int(df['on_front'].sum())}, best speedup within "
-                f"{self.cfg.max_accuracy_drop:g} pt {best_text}")
+                f"{self.cfg.report_drop:g} pt {best_text}")
 
 
 def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]:
@@ -356,6 +430,7 @@ def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]
         "profile": profile.name, "task": cfg.task, "space": cfg.space, "sampler": cfg.sampler,
         "budget": cfg.budget, "seed": cfg.seed, "study_name": cfg.study_name,
         "storage": redact(cfg.storage), "parallel": cfg.parallel or "auto",
+        "max_accuracy_drop": cfg.max_accuracy_drop, "max_latency_ms": cfg.max_latency_ms,
     }
 
 
@@ -367,7 +442,7 @@ def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: l
              f"sampler `{cfg.sampler}`, seed {cfg.seed}",
              f"- {len(df)} completed trials of a budget of {cfg.budget}, {len(failed)} failed",
              f"- latency: {', '.join(sorted(set(df['latency_source'].dropna()))) or 'n/a'}",
-             f"- best speedup within {cfg.max_accuracy_drop:g} point(s) of the reference: "
+             f"- best speedup within {cfg.report_drop:g} point(s) of the reference: "
              + (f"{best:.2f}x" if best else "n/a"), "", "| trial | accuracy % | latency ms | "
              "speedup | precisions |", "|---|---|---|---|---|"]
     for _, r in front.iterrows():
@@ -407,7 +482,7 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
             (front_models / src.name).write_bytes(src.read_bytes())
             models[int(n)] = front_models / src.name
     artifacts.append(front_models)
-    best = best_speedup(df, cfg.max_accuracy_drop) if len(df) else None
+    best = best_speedup(df, cfg.report_drop) if len(df) else None
     config_path = out / "config.yaml"
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     settings.update(storage=redact(cfg.storage), tracking_uri=redact(cfg.tracking_uri))
@@ -531,11 +606,13 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     info = task.teacher_info
     log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")),
              f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
-    resolved = resolve_space(space, profile, compressible_layers(task.teacher()))
+    resolved = resolve_space(space, profile, compressible_layers(task.teacher()), model_facts(task))
+    constrained = cfg.max_accuracy_drop is not None or cfg.max_latency_ms is not None
 
     try:
         study = optuna.create_study(
-            storage=open_storage(cfg.storage), sampler=make_sampler(cfg.sampler, cfg.seed, cfg.budget),
+            storage=open_storage(cfg.storage),
+            sampler=make_sampler(cfg.sampler, cfg.seed, cfg.budget, constrained),
             study_name=cfg.study_name, directions=["maximize", "minimize"], load_if_exists=True,
         )
     except Exception as exc:
@@ -546,6 +623,8 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
         for i, (label, params) in enumerate(resolved.baselines()):
             study.enqueue_trial(params, user_attrs={"baseline": label, "reference": i == 0})
     study.set_metric_names(["accuracy", "latency_ms"])
+    study.set_user_attr("max_accuracy_drop", cfg.max_accuracy_drop)
+    study.set_user_attr("max_latency_ms", cfg.max_latency_ms)
 
     # artifacts beside the default local store; a tracking server keeps its own
     tracker = Tracker(tracking_uri, cfg.study_name,
@@ -598,7 +677,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     result = StudyResult(
         study_name=cfg.study_name, output_dir=Path(cfg.output_dir), trials=df, front=front,
         tracking_uri=tracking_uri, parent_run_id=tracker.parent_id,
-        best_speedup=best_speedup(df, cfg.max_accuracy_drop) if len(df) else None,
+        best_speedup=best_speedup(df, cfg.report_drop) if len(df) else None,
         n_failed=n_failed, wall_s=time.perf_counter() - start, interrupted=interrupted,
         phases=phases,
     )

@@ -118,8 +118,9 @@ class Tracker:
         self.client.set_terminated(run.info.run_id, status="FAILED" if failed else "FINISHED")
         self.logged[number] = run.info.run_id
 
-    def log_summary_metrics(self, metrics: Mapping[str, float | None]) -> None:
-        self.client.log_batch(self.parent_id, metrics=_metric_items(metrics))
+    def log_summary_metrics(self, metrics: Mapping[str, float | None], step: int = 0) -> None:
+        """Metrics of the parent run; ``step`` makes a history (hypervolume per trial)."""
+        self.client.log_batch(self.parent_id, metrics=_metric_items(metrics, step))
 
     def mark_front(self, front: set[int]) -> None:
         for number, run_id in self.logged.items():

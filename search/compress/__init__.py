@@ -1,15 +1,25 @@
-"""The compression stages of a trial: prune, distil, export, quantize."""
+"""The compression stages of a trial: prune, distil (with QAT), export, quantize."""
 
 from search.compress.distill import distill
 from search.compress.export import compressible_layers, export_onnx, onnx_node_names
-from search.compress.prune import count_zero_fraction, prune_structured, prune_unstructured
+from search.compress.prune import (
+    count_zero_fraction,
+    drop_blocks,
+    prune_structured,
+    prune_unstructured,
+)
+from search.compress.qat import FakeQuant
 from search.compress.quantize import apply_precision_plan
+from search.compress.sparsity import Sparsifier
 
 __all__ = [
+    "FakeQuant",
+    "Sparsifier",
     "apply_precision_plan",
     "compressible_layers",
     "count_zero_fraction",
     "distill",
+    "drop_blocks",
     "export_onnx",
     "onnx_node_names",
     "prune_structured",

@@ -1,8 +1,25 @@
-"""Fine-tuning with response distillation from the fp32 teacher (Hinton et al. 2015)."""
+"""Fine-tuning with distillation from the unpruned fp32 teacher.
+
+Three kinds of knowledge, each one choice of the search space:
+
+- ``response`` (Hinton et al. 2015): softened logits, temperature and alpha.
+- ``feature`` (FitNets, Romero et al. 2015): an MSE hint loss between the
+  student's and the teacher's intermediate features at the last three stages
+  of the network, through a 1x1 adapter where pruning left the student with
+  fewer channels. Adapters are trained with the student and thrown away.
+- ``relation`` (RKD, Park et al. 2019): the pairwise distances and angles
+  between the samples' penultimate embeddings should match the teacher's.
+
+The feature and relation losses are added to the response loss with weight
+``loss_weight``. Training hooks (sparsity masks, fake quantization) are called
+after each backward pass and each optimiser step.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +28,18 @@ from torch import nn
 from search.errors import TrialError
 from search.tasks import Split
 
-__all__ = ["distill", "distillation_loss"]
+__all__ = ["LOSSES", "TrainingHook", "distill", "distillation_loss", "feature_taps",
+           "relation_loss"]
+
+LOSSES = ("response", "feature", "relation")
+
+
+class TrainingHook(Protocol):
+    """Something that acts during a fine-tune (a sparsity mask, fake quantization)."""
+
+    def on_backward(self) -> None: ...
+
+    def on_step(self, progress: float) -> None: ...
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -30,29 +58,138 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * soft + (1 - alpha) * hard
 
 
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD: distance-wise plus twice the angle-wise relation loss (Park et al. 2019)."""
+    s, t = student.flatten(1), teacher.flatten(1)
+
+    def distances(e: torch.Tensor) -> torch.Tensor:
+        d = torch.cdist(e, e)
+        return d / d[d > 0].mean().clamp_min(1e-8)
+
+    def angles(e: torch.Tensor) -> torch.Tensor:
+        diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
+        return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+
+    with torch.no_grad():
+        td, ta = distances(t), angles(t)
+    return F.smooth_l1_loss(distances(s), td) + 2.0 * F.smooth_l1_loss(angles(s), ta)
+
+
+def feature_taps(model: nn.Module, example: torch.Tensor, count: int = 3) -> list[str]:
+    """The last ``count`` top-level stages whose output is a feature map or token sequence."""
+    outputs: dict[str, bool] = {}
+    hooks = [child.register_forward_hook(
+        lambda mod, args, out, name=name: outputs.__setitem__(
+            name, isinstance(out, torch.Tensor) and out.dim() >= 3))
+        for name, child in model.named_children()]
+    with torch.no_grad():
+        model.eval()(example)
+    for h in hooks:
+        h.remove()
+    return [name for name, ok in outputs.items() if ok][-count:]
+
+
+class _Capture:
+    """Forward hooks that keep the outputs (or inputs) of named modules."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], inputs: bool = False) -> None:
+        modules = dict(model.named_modules())
+        self.values: dict[str, torch.Tensor] = {}
+        if inputs:
+            self.hooks = [modules[n].register_forward_pre_hook(
+                lambda mod, args, n=n: self.values.__setitem__(n, args[0])) for n in names]
+        else:
+            self.hooks = [modules[n].register_forward_hook(
+                lambda mod, args, out, n=n: self.values.__setitem__(n, out)) for n in names]
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _adapter(student: torch.Tensor, teacher: torch.Tensor) -> nn.Module:
+    if student.shape[1:] == teacher.shape[1:]:
+        return nn.Identity()
+    if student.dim() == 4:
+        return nn.Conv2d(student.shape[1], teacher.shape[1], 1, bias=False)
+    return nn.Linear(student.shape[-1], teacher.shape[-1], bias=False)
+
+
+def _hint(adapters: nn.ModuleDict, s: dict[str, torch.Tensor],
+          t: dict[str, torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros(())
+    for name, ft in t.items():
+        ft = ft.detach()
+        total = total + F.mse_loss(adapters[name.replace(".", "_")](s[name]), ft) \
+            / ft.pow(2).mean().clamp_min(1e-8)
+    return total / max(len(t), 1)
+
+
+def _last_linear(model: nn.Module) -> str | None:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return names[-1] if names else None
+
+
 def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int, lr: float,
-            temperature: float, alpha: float, seed: int, batch_size: int = 64) -> nn.Module:
+            temperature: float, alpha: float, seed: int, batch_size: int = 64,
+            loss: str = "response", loss_weight: float = 1.0,
+            hooks: Sequence[TrainingHook] = ()) -> nn.Module:
     """Fine-tune ``student`` in place; zero epochs returns it untouched (one-shot)."""
     if epochs <= 0:
         return student.eval()
+    if loss not in LOSSES:
+        raise ValueError(f"unknown distillation loss {loss!r}; known: {', '.join(LOSSES)}")
     torch.manual_seed(seed)
     teacher.eval()
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
+    s_cap = t_cap = None
+    adapters = nn.ModuleDict()
+    if loss == "feature":
+        taps = feature_taps(teacher, train.x[:2])
+        s_cap, t_cap = _Capture(student, taps), _Capture(teacher, taps)
+        with torch.no_grad():
+            student.eval()(train.x[:2])
+            teacher(train.x[:2])
+        for name in taps:
+            adapters[name.replace(".", "_")] = _adapter(s_cap.values[name], t_cap.values[name])
+    elif loss == "relation":
+        head = _last_linear(teacher)
+        if head is None:
+            raise TrialError("fine-tune", "relation distillation needs a final Linear layer")
+        s_cap, t_cap = _Capture(student, [head], inputs=True), _Capture(teacher, [head], inputs=True)
+    opt = torch.optim.AdamW(list(student.parameters()) + list(adapters.parameters()),
+                            lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    for _ in range(epochs):
-        student.train()
-        order = torch.randperm(len(train))
-        for start in range(0, len(train), batch_size):
-            batch = order[start : start + batch_size]
-            xb, yb = train.x[batch], train.y[batch]
-            with torch.no_grad():
-                teacher_logits = teacher(xb)
-            loss = distillation_loss(student(xb), teacher_logits, yb, temperature, alpha)
-            if not torch.isfinite(loss):
-                raise TrialError("fine-tune", f"loss became {loss.item()} (lr={lr:g})")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    step = 0
+    try:
+        for _ in range(epochs):
+            student.train()
+            order = torch.randperm(len(train))
+            for start in range(0, len(train), batch_size):
+                batch = order[start : start + batch_size]
+                xb, yb = train.x[batch], train.y[batch]
+                with torch.no_grad():
+                    teacher_logits = teacher(xb)
+                value = distillation_loss(student(xb), teacher_logits, yb, temperature, alpha)
+                if loss == "feature":
+                    value = value + loss_weight * _hint(adapters, s_cap.values, t_cap.values)
+                elif loss == "relation":
+                    (name,) = t_cap.values
+                    value = value + loss_weight * relation_loss(s_cap.values[name],
+                                                                t_cap.values[name])
+                if not torch.isfinite(value):
+                    raise TrialError("fine-tune", f"loss became {value.item()} (lr={lr:g})")
+                opt.zero_grad()
+                value.backward()
+                for hook in hooks:
+                    hook.on_backward()
+                opt.step()
+                sched.step()
+                step += 1
+                for hook in hooks:
+                    hook.on_step(step / steps)
+    finally:
+        for cap in (s_cap, t_cap):
+            if cap is not None:
+                cap.close()
     return student.eval()

@@ -1,4 +1,4 @@
-"""Pruning: structured channel removal (torch-pruning) and unstructured magnitude masks.
+"""Pruning: channels and attention heads (torch-pruning), whole residual blocks, weights.
 
 Structured pruning really removes channels, rounded to the profile's channel
 multiple, since odd channel counts can run slower than the unpruned model.
@@ -8,64 +8,173 @@ measurement decides.
 
 from __future__ import annotations
 
+import re
+
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
-from torch.nn.utils import prune as torch_prune
+
+from search.tasks import Split
 
 __all__ = [
+    "IMPORTANCES",
+    "attention_modules",
     "count_zero_fraction",
+    "drop_blocks",
+    "droppable_blocks",
     "prune_structured",
     "prune_unstructured",
     "recalibrate_batchnorm",
-    "remove_masks",
 ]
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)
 
 
-def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float,
-                     round_to: int, keep: tuple[nn.Module, ...] = ()) -> nn.Module:
-    """Remove a ``ratio`` of output channels per layer group, in place, by L2 magnitude.
+IMPORTANCES = ("magnitude", "bn_scale", "taylor", "lamp")
 
-    ``keep`` layers (the classifier by default) keep their output width.
+
+def _importance(name: str):  # noqa: ANN202
+    if name == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    if name == "lamp":
+        return tp.importance.LAMPImportance(p=2)
+    raise ValueError(f"unknown structured importance {name!r}; known: {', '.join(IMPORTANCES)}")
+
+
+def attention_modules(model: nn.Module) -> list[nn.MultiheadAttention]:
+    """The model's multi-head attention modules (whose heads can be removed)."""
+    return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float,
+                     round_to: int, keep: tuple[nn.Module, ...] = (), *,
+                     importance: str = "magnitude", head_ratio: float = 0.0,
+                     data: Split | None = None) -> nn.Module:
+    """Remove channels (``ratio`` per layer group) and attention heads (``head_ratio``), in place.
+
+    torch-pruning's dependency graph keeps coupled layers consistent; channel
+    counts are rounded to ``round_to``. ``keep`` layers (the classifier by
+    default) keep their output width. ``taylor`` scores need gradients, taken
+    from one batch of ``data``. Heads are removed whole (``prune_num_heads``),
+    with their projections, so the attention really gets cheaper.
     """
-    if ratio <= 0:
+    if ratio <= 0 and head_ratio <= 0:
         return model
     if not keep:
-        keep = tuple(m for m in model.modules() if isinstance(m, nn.Linear))
+        keep = tuple(m for m in model.modules()
+                     if isinstance(m, nn.Linear) and not _inside_attention(model, m))
+    attention = attention_modules(model)
     pruner = tp.pruner.MetaPruner(
         model,
         example,
-        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        importance=_importance(importance),
         pruning_ratio=ratio,
         ignored_layers=list(keep),
-        round_to=round_to,
+        round_to=round_to if ratio > 0 else None,
+        num_heads={m: m.num_heads for m in attention},
+        prune_num_heads=head_ratio > 0,
+        prune_head_dims=False,
+        head_pruning_ratio=head_ratio,
     )
+    if importance == "taylor":
+        if data is None:
+            raise ValueError("taylor importance needs training data for its gradients")
+        model.zero_grad(set_to_none=True)
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:128]
+        F.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
     pruner.step()
+    model.zero_grad(set_to_none=True)
+    for m in attention:  # torch-pruning updates num_heads; keep head_dim consistent
+        m.head_dim = m.embed_dim // m.num_heads
     return model
 
 
-def prune_unstructured(model: nn.Module, sparsity: float) -> nn.Module:
-    """Zero the smallest-magnitude ``sparsity`` share of all Conv/Linear weights (global).
+def _inside_attention(model: nn.Module, layer: nn.Module) -> bool:
+    return any(layer is m.out_proj for m in attention_modules(model))
 
-    The mask stays attached (``weight_orig`` * ``weight_mask``) so fine-tuning keeps
-    the zeros; call :func:`remove_masks` before export.
+
+_BLOCK_NAME = re.compile(r"(Block|Bottleneck|InvertedResidual|EncoderLayer)$")
+
+
+@torch.no_grad()
+def droppable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Residual blocks whose output has the shape of their input: removing one leaves
+    the identity path, so the network still runs (layer dropping).
+
+    A block is a module whose class name ends in Block, Bottleneck,
+    InvertedResidual or EncoderLayer (torchvision's and PyTorch's names).
     """
-    if sparsity <= 0:
-        return model
-    params = [(m, "weight") for m in model.modules() if isinstance(m, _WEIGHTED)]
-    torch_prune.global_unstructured(
-        params, pruning_method=torch_prune.L1Unstructured, amount=float(sparsity)
-    )
-    return model
+    shapes: dict[str, bool] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if name and _BLOCK_NAME.search(type(module).__name__):
+            def hook(mod, args, out, name=name):  # noqa: ANN001, ANN202
+                x = args[0] if args else None
+                shapes[name] = isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) \
+                    and x.shape == out.shape
+            hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [name for name, ok in shapes.items() if ok]
 
 
-def remove_masks(model: nn.Module) -> nn.Module:
-    """Bake pruning masks into plain weights."""
-    for module in model.modules():
-        if isinstance(module, _WEIGHTED) and torch_prune.is_pruned(module):
-            torch_prune.remove(module, "weight")
+@torch.no_grad()
+def drop_blocks(model: nn.Module, n: int, inputs: torch.Tensor) -> list[str]:
+    """Replace the ``n`` residual blocks that change their input least by identities.
+
+    Importance of a block: ``||f(x) - x||^2 / ||x||^2`` on ``inputs`` (a
+    block that barely changes its input is the cheapest to lose). Returns the
+    dropped blocks' names.
+    """
+    if n <= 0:
+        return []
+    names = droppable_blocks(model, inputs[:1])
+    change: dict[str, float] = {}
+    hooks = []
+    modules = dict(model.named_modules())
+    for name in names:
+        def hook(mod, args, out, name=name):  # noqa: ANN001, ANN202
+            x = args[0]
+            change[name] = float(((out - x) ** 2).sum() / (x**2).sum().clamp_min(1e-12))
+        hooks.append(modules[name].register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        model(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    dropped = sorted(change, key=change.get)[:n]
+    for name in dropped:
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, nn.Identity())
+    return dropped
+
+
+def prune_unstructured(model: nn.Module, sparsity: float, criterion: str = "magnitude",
+                       scope: str = "global", data: Split | None = None) -> nn.Module:
+    """One-shot: zero the ``sparsity`` share of Conv/Linear weights with the lowest score."""
+    from search.compress.sparsity import Sparsifier, fisher_scores, taylor_scores
+
+    sparsifier = Sparsifier(model, sparsity=sparsity, criterion=criterion, scope=scope)
+    scores = None
+    if criterion == "fisher" and data is not None:
+        scores = fisher_scores(model, data)
+    elif criterion == "movement" and data is not None:
+        scores = taylor_scores(model, data)
+    sparsifier.start(scores, gradual=False)
     return model
 
 

@@ -9,7 +9,10 @@ Runtime at session creation; U8S8 fuses on x86, S8S8 often does not.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +22,13 @@ import torch
 from search.errors import TrialError
 from search.record import Choices
 
-__all__ = ["apply_precision_plan"]
+__all__ = ["CALIBRATION_METHODS", "apply_precision_plan"]
 
 _QTYPES = {"uint8": "QUInt8", "int8": "QInt8", "int16": "QInt16"}
-_SUPPORTED = {"fp32", "fp16", "int8", "int16"}
+_SUPPORTED = {"fp32", "fp16", "int8", "int16", "int4"}
 _INTEGER = {"int8", "int16"}
+_CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+CALIBRATION_METHODS = tuple(_CALIBRATION)
 
 
 class _Calibration:
@@ -61,8 +66,14 @@ def apply_precision_plan(model: bytes, precisions: dict[str, str], node_names: d
         raise TrialError("quantize", f"precisions {unknown} are not implemented yet "
                                      f"(supported: {sorted(_SUPPORTED)})")
     if any(p in _INTEGER for p in precisions.values()):
-        model = _quantize_integer(model, precisions, node_names, choices, calibration,
-                               reduce_range=reduce_range, seed=seed)
+        if choices.quant_mode == "dynamic":
+            model = _quantize_dynamic(model, precisions, node_names, choices,
+                                      reduce_range=reduce_range)
+        else:
+            model = _quantize_integer(model, precisions, node_names, choices, calibration,
+                                      reduce_range=reduce_range, seed=seed)
+    if any(p == "int4" for p in precisions.values()):
+        model = _to_int4(model, precisions, node_names)
     if any(p == "fp16" for p in precisions.values()):
         model = _to_fp16(model, precisions, node_names)
     return model
@@ -99,13 +110,10 @@ def _quantize_integer(model: bytes, precisions: dict[str, str], node_names: dict
     exclude = [node_names[layer] for layer, p in precisions.items() if p not in _INTEGER]
     wide = {node_names[layer] for layer, p in precisions.items() if p == "int16"}
     subset = _calibration_subset(calibration, choices.calibration_samples, seed)
-    with tempfile.TemporaryDirectory(prefix="search-quant-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="search-quant-") as tmp, _quiet():
         src, pre, out = (Path(tmp) / n for n in ("model.onnx", "pre.onnx", "int8.onnx"))
         src.write_bytes(model)
-        root = logging.getLogger()
-        level = root.level
         try:
-            root.setLevel(logging.ERROR)  # the quantizer logs INFO and opset notes on root
             quant_pre_process(str(src), str(pre))
             overrides = {}
             if wide:
@@ -122,7 +130,8 @@ def _quantize_integer(model: bytes, precisions: dict[str, str], node_names: dict
                 per_channel=choices.per_channel,
                 reduce_range=reduce_range,
                 nodes_to_exclude=exclude,
-                calibrate_method=CalibrationMethod.MinMax,
+                calibrate_method=getattr(CalibrationMethod,
+                                         _CALIBRATION[choices.calibration_method]),
                 extra_options={
                     "ActivationSymmetric": choices.activation_symmetric,
                     "WeightSymmetric": True,
@@ -133,13 +142,102 @@ def _quantize_integer(model: bytes, precisions: dict[str, str], node_names: dict
             raise
         except Exception as exc:
             raise TrialError("quantize", f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            root.setLevel(level)
         result = out.read_bytes()
     graph = onnx.load_from_string(result)
     _feed_fp32_layers_fp32(graph, set(exclude))
     onnx.checker.check_model(graph)
     return graph.SerializeToString()
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The quantizers log INFO and opset notes on the root logger, and the histogram
+    calibrators print to stdout."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as sink, redirect_stdout(sink):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _gemm_to_matmul(proto: onnx.ModelProto, names: set[str]) -> None:
+    """Rewrite the named Gemm nodes (constant weights) as MatMul + Add, keeping the name.
+
+    ONNX Runtime's dynamic and 4-bit weight-only quantizers handle MatMul, not
+    Gemm, and the exporter writes every Linear as a Gemm.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes = []
+    for node in proto.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.name not in names or node.input[1] not in inits
+                or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
+                or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = weight.T
+        w_name = f"{node.input[1]}_matmul"
+        proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight),
+                                                               w_name))
+        product = node.output[0] if len(node.input) < 3 else f"{node.name}_product"
+        nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [product], name=node.name))
+        if len(node.input) >= 3:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                          name=f"{node.name}_bias"))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
+def _quantize_dynamic(model: bytes, precisions: dict[str, str], node_names: dict[str, str],
+                      choices: Choices, *, reduce_range: bool) -> bytes:
+    """Dynamic int8: weights quantized ahead, activation ranges computed per inference
+    (no calibration data; ConvInteger / MatMulInteger kernels with uint8 activations)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    targets = {node_names[layer] for layer, p in precisions.items() if p == "int8"}
+    proto = onnx.load_from_string(model)
+    _gemm_to_matmul(proto, targets)
+    with tempfile.TemporaryDirectory(prefix="search-quant-") as tmp, _quiet():
+        src, out = Path(tmp) / "model.onnx", Path(tmp) / "dynamic.onnx"
+        onnx.save(proto, str(src))
+        try:
+            quantize_dynamic(str(src), str(out), weight_type=getattr(
+                QuantType, _QTYPES[choices.weight_type]), per_channel=choices.per_channel,
+                reduce_range=reduce_range, nodes_to_quantize=sorted(targets),
+                op_types_to_quantize=["Conv", "MatMul"])
+        except Exception as exc:
+            raise TrialError("quantize", f"dynamic: {type(exc).__name__}: {exc}") from exc
+        return out.read_bytes()
+
+
+def _to_int4(model: bytes, precisions: dict[str, str], node_names: dict[str, str]) -> bytes:
+    """4-bit weight-only (MatMulNBits, block 32, symmetric) for the int4 MatMul/Gemm layers."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    targets = {node_names[layer] for layer, p in precisions.items() if p == "int4"}
+    proto = onnx.load_from_string(model)
+    _gemm_to_matmul(proto, targets)
+    with _quiet():
+        try:
+            quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=32, is_symmetric=True,
+                                             nodes_to_include=sorted(targets),
+                                             op_types_to_quantize=("MatMul",))
+            quantizer.process()
+        except Exception as exc:
+            raise TrialError("quantize", f"int4: {type(exc).__name__}: {exc}") from exc
+    result = quantizer.model.model
+    left = [n.name for n in result.graph.node if n.name in targets and n.op_type != "MatMulNBits"]
+    if left:
+        raise TrialError("quantize", f"int4 weight-only quantization only applies to MatMul/Gemm "
+                                     f"layers; left in float: {left}")
+    return result.SerializeToString()
 
 
 def _feed_fp32_layers_fp32(model: onnx.ModelProto, fp32_nodes: set[str]) -> None:

@@ -39,11 +39,22 @@ class Task:
     input_shape: tuple[int, ...]
     num_classes: int
     teacher_info: dict[str, float | str] = field(default_factory=dict)
+    # a pre-sparsified checkpoint of the same architecture, for sparse transfer: its zeros
+    # are kept while the student is fine-tuned on this task
+    sparse_state: dict[str, torch.Tensor] | None = None
 
     def teacher(self) -> nn.Module:
         """A fresh copy of the trained teacher in eval mode."""
         model = self.make_model()
         model.load_state_dict(self.teacher_state)
+        return model.eval()
+
+    def sparse_student(self) -> nn.Module:
+        """A fresh model from the pre-sparsified checkpoint (sparse transfer)."""
+        if self.sparse_state is None:
+            raise ValueError(f"task {self.name!r} has no pre-sparsified checkpoint")
+        model = self.make_model()
+        model.load_state_dict(self.sparse_state)
         return model.eval()
 
     @property

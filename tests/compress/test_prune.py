@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from search.compress import count_zero_fraction, prune_structured, prune_unstructured
-from search.compress.prune import recalibrate_batchnorm, remove_masks
+from search.compress.prune import recalibrate_batchnorm
 
 
 def _convs(model):
@@ -32,7 +32,6 @@ def test_unstructured_pruning_reaches_requested_sparsity(task):
     model = task.teacher()
     assert count_zero_fraction(model) < 0.01
     prune_unstructured(model, 0.6)
-    remove_masks(model)
     assert abs(count_zero_fraction(model) - 0.6) < 0.01
     assert not any(hasattr(m, "weight_mask") for m in model.modules())
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from search.compress import apply_precision_plan, export_onnx, onnx_node_names, prune_structured
-from search.compress.prune import prune_unstructured, remove_masks
+from search.compress.prune import prune_unstructured
 from search.errors import ConfigError
 from search.latency.predict import (
     Calibration,
@@ -47,7 +47,6 @@ def test_removing_channels_never_predicts_slower(name, pruned_models):
 def test_unstructured_zeros_pay_only_with_sparse_kernels(task):
     model = task.teacher()
     prune_unstructured(model, 0.7)
-    remove_masks(model)
     sparse = costs_from_onnx(export_onnx(model, task.input_shape))
     dense = costs_from_onnx(export_onnx(task.teacher(), task.input_shape))
     assert min(c.density for c in sparse if c.op_type == "Conv") < 0.5
