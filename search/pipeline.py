@@ -28,6 +28,7 @@ from search.compress import (
     onnx_node_names,
     prune_structured,
 )
+from search.compress.heads import prune_heads
 from search.compress.prune import (
     attention_modules,
     drop_blocks,
@@ -40,11 +41,11 @@ from search.evaluate import onnx_accuracy
 from search.latency import measure_latency
 from search.latency.predict import Calibration, predict_latency
 from search.profiles import HardwareProfile, measurable_here
-from search.record import TrialRecord
+from search.record import Layer, TrialRecord
 from search.spaces import ModelFacts
 from search.tasks import Task
 
-__all__ = ["compress", "measure", "model_facts", "predict", "run_trial"]
+__all__ = ["compress", "measure", "model_facts", "predict", "run_trial", "student_layers"]
 
 
 @contextmanager
@@ -59,6 +60,13 @@ def _stage(record: TrialRecord, name: str) -> Iterator[None]:
         raise TrialError(name, f"{type(exc).__name__}: {exc}") from exc
     finally:
         record.timings[name] = record.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def student_layers(task: Task) -> list[Layer]:
+    """The layers a trial's student has before pruning (attention split into projections)."""
+    teacher = task.teacher()
+    prune_heads(teacher, 0.0, always=True)
+    return compressible_layers(teacher)
 
 
 def model_facts(task: Task) -> ModelFacts:
@@ -81,6 +89,7 @@ def _prune(record: TrialRecord, task: Task, profile: HardwareProfile) -> tuple[n
     record.dropped_blocks = drop_blocks(student, c.drop_blocks, probe)
     prune_structured(student, example, c.structured_ratio, profile.channel_multiple,
                      importance=c.structured_importance, head_ratio=c.head_ratio, data=task.train)
+    prune_heads(student, 0.0, always=True)  # attention as separate q/k/v/out projections
     macs, params = tp.utils.count_ops_and_params(student, example)
     record.macs, record.params = int(macs), int(params)
     if c.init == "sparse":

@@ -29,7 +29,6 @@ import yaml
 
 from search._paths import cache_dir
 from search._redact import redact
-from search.compress import compressible_layers
 from search.config import SearchConfig, ensure_writable
 from search.errors import ConfigError, SearchError
 from search.execution import (
@@ -48,7 +47,7 @@ from search.latency.predict import (
     save_calibration,
 )
 from search.pareto import best_speedup, hypervolume, plot_front, trials_frame, write_html
-from search.pipeline import model_facts
+from search.pipeline import model_facts, student_layers
 from search.profiles import HardwareProfile, load_profile, measurable_here
 from search.record import Choices, TrialRecord
 from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
@@ -606,7 +605,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     info = task.teacher_info
     log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")),
              f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
-    resolved = resolve_space(space, profile, compressible_layers(task.teacher()), model_facts(task))
+    resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
     constrained = cfg.max_accuracy_drop is not None or cfg.max_latency_ms is not None
 
     try:

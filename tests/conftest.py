@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,11 @@ def fast_profile_file() -> Path:
     data = yaml.safe_load((PROFILES_DIR / "cpu-avx512-vnni.yaml").read_text())
     data["name"] = "fast-host"
     data["measure"].update(warmup_runs=5, min_runs=20, min_time_s=0.2)
-    path = Path(tempfile.gettempdir()) / "search-tests" / "fast-host.yaml"
+    text = yaml.safe_dump(data)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]  # checkouts with other profiles differ
+    path = Path(tempfile.gettempdir()) / "search-tests" / f"fast-host-{digest}.yaml"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(text)
     return path
 
 

@@ -133,8 +133,13 @@ def _last_linear(model: nn.Module) -> str | None:
 def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int, lr: float,
             temperature: float, alpha: float, seed: int, batch_size: int = 64,
             loss: str = "response", loss_weight: float = 1.0,
-            hooks: Sequence[TrainingHook] = ()) -> nn.Module:
-    """Fine-tune ``student`` in place; zero epochs returns it untouched (one-shot)."""
+            hooks: Sequence[TrainingHook] = (),
+            history: dict[str, list[float]] | None = None) -> nn.Module:
+    """Fine-tune ``student`` in place; zero epochs returns it untouched (one-shot).
+
+    ``history``, when given, receives each epoch's mean ``response`` loss and,
+    for feature or relation distillation, the mean of that term.
+    """
     if epochs <= 0:
         return student.eval()
     if loss not in LOSSES:
@@ -165,18 +170,24 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
         for _ in range(epochs):
             student.train()
             order = torch.randperm(len(train))
+            sums = {"response": 0.0, loss: 0.0}
+            batches = 0
             for start in range(0, len(train), batch_size):
                 batch = order[start : start + batch_size]
                 xb, yb = train.x[batch], train.y[batch]
                 with torch.no_grad():
                     teacher_logits = teacher(xb)
                 value = distillation_loss(student(xb), teacher_logits, yb, temperature, alpha)
-                if loss == "feature":
-                    value = value + loss_weight * _hint(adapters, s_cap.values, t_cap.values)
-                elif loss == "relation":
-                    (name,) = t_cap.values
-                    value = value + loss_weight * relation_loss(s_cap.values[name],
-                                                                t_cap.values[name])
+                sums["response"] += float(value.detach())
+                if loss != "response":
+                    if loss == "feature":
+                        extra = _hint(adapters, s_cap.values, t_cap.values)
+                    else:
+                        (name,) = t_cap.values
+                        extra = relation_loss(s_cap.values[name], t_cap.values[name])
+                    sums[loss] += float(extra.detach())
+                    value = value + loss_weight * extra
+                batches += 1
                 if not torch.isfinite(value):
                     raise TrialError("fine-tune", f"loss became {value.item()} (lr={lr:g})")
                 opt.zero_grad()
@@ -188,6 +199,9 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
                 step += 1
                 for hook in hooks:
                     hook.on_step(step / steps)
+            if history is not None:
+                for key, total in sums.items():
+                    history.setdefault(key, []).append(total / max(batches, 1))
     finally:
         for cap in (s_cap, t_cap):
             if cap is not None:

@@ -21,6 +21,8 @@ from search.record import Layer
 __all__ = ["OPSET", "compressible_layers", "export_onnx", "onnx_node_names"]
 
 OPSET = 17
+# a Linear on a batch of vectors exports as Gemm, on a sequence (3-D input) as MatMul + Add
+_NODE_TYPES = {"Conv": ("Conv",), "Gemm": ("Gemm", "MatMul")}
 _OP_TYPES: tuple[tuple[type[nn.Module], str], ...] = ((nn.Conv2d, "Conv"), (nn.Linear, "Gemm"))
 
 
@@ -82,7 +84,7 @@ def onnx_node_names(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, st
     found: dict[str, str] = {}
     for node in model.graph.node:
         module = _module_of(node.name)
-        if wanted.get(module) == node.op_type:
+        if node.op_type in _NODE_TYPES.get(wanted.get(module, ""), ()):
             found[module] = node.name
     missing = sorted(set(wanted) - set(found))
     if missing:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from search.compress.heads import PrunedAttention, prune_heads
 from search.tasks import Split
 
 __all__ = [
@@ -46,9 +47,9 @@ def _importance(name: str):  # noqa: ANN202
     raise ValueError(f"unknown structured importance {name!r}; known: {', '.join(IMPORTANCES)}")
 
 
-def attention_modules(model: nn.Module) -> list[nn.MultiheadAttention]:
+def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The model's multi-head attention modules (whose heads can be removed)."""
-    return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention | PrunedAttention)]
 
 
 def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float,
@@ -58,44 +59,37 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float,
     """Remove channels (``ratio`` per layer group) and attention heads (``head_ratio``), in place.
 
     torch-pruning's dependency graph keeps coupled layers consistent; channel
-    counts are rounded to ``round_to``. ``keep`` layers (the classifier by
-    default) keep their output width. ``taylor`` scores need gradients, taken
-    from one batch of ``data``. Heads are removed whole (``prune_num_heads``),
-    with their projections, so the attention really gets cheaper.
+    counts are rounded to ``round_to``. ``keep`` layers (the classifier and
+    other Linear layers outside attention by default) keep their output width.
+    ``taylor`` scores need gradients, taken from one batch of ``data``. Heads
+    are removed whole, with their projections (:mod:`search.compress.heads`).
     """
-    if ratio <= 0 and head_ratio <= 0:
-        return model
-    if not keep:
-        keep = tuple(m for m in model.modules()
-                     if isinstance(m, nn.Linear) and not _inside_attention(model, m))
-    attention = attention_modules(model)
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example,
-        importance=_importance(importance),
-        pruning_ratio=ratio,
-        ignored_layers=list(keep),
-        round_to=round_to if ratio > 0 else None,
-        num_heads={m: m.num_heads for m in attention},
-        prune_num_heads=head_ratio > 0,
-        prune_head_dims=False,
-        head_pruning_ratio=head_ratio,
-    )
-    if importance == "taylor":
-        if data is None:
-            raise ValueError("taylor importance needs training data for its gradients")
+    if ratio > 0:
+        if not keep:
+            keep = tuple(m for m in model.modules()
+                         if isinstance(m, nn.Linear) and not _inside_attention(model, m))
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example,
+            importance=_importance(importance),
+            pruning_ratio=ratio,
+            ignored_layers=list(keep),
+            round_to=round_to,
+        )
+        if importance == "taylor":
+            if data is None:
+                raise ValueError("taylor importance needs training data for its gradients")
+            model.zero_grad(set_to_none=True)
+            idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:128]
+            F.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
+        pruner.step()
         model.zero_grad(set_to_none=True)
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:128]
-        F.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
-    pruner.step()
-    model.zero_grad(set_to_none=True)
-    for m in attention:  # torch-pruning updates num_heads; keep head_dim consistent
-        m.head_dim = m.embed_dim // m.num_heads
+    prune_heads(model, head_ratio)
     return model
 
 
 def _inside_attention(model: nn.Module, layer: nn.Module) -> bool:
-    return any(layer is m.out_proj for m in attention_modules(model))
+    return any(layer is sub for m in attention_modules(model) for sub in m.modules())
 
 
 _BLOCK_NAME = re.compile(r"(Block|Bottleneck|InvertedResidual|EncoderLayer)$")

@@ -38,6 +38,7 @@ __all__ = [
 
 BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int16": 2.0, "int8": 1.0, "int4": 0.5}
 _COMPUTE = ("Conv", "Gemm", "MatMul")
+_INTEGER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # dynamic quantization
 _FREE = {"QuantizeLinear", "DequantizeLinear", "Cast", "Reshape", "Flatten", "Squeeze",
          "Unsqueeze", "Identity", "Relu", "Clip", "Shape", "Constant", "Transpose"}
 _ONNX_PRECISION = {
@@ -135,12 +136,25 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1) -> list[Laye
     for node in graph.node:
         ins = [i for i in node.input if i]
         incoming = tensor_precision.get(ins[0], "fp32") if ins else "fp32"
-        if node.op_type in _COMPUTE and len(ins) >= 2:
+        if node.op_type == "MatMulNBits":  # 4-bit weight-only: K x N packed in blocks
+            attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+            k, n = attrs.get("K", 1), attrs.get("N", 1)
+            rows = elems.get(ins[0], 0) // max(k, 1)
+            costs.append(LayerCost(
+                name=node.name, op_type="MatMul", precision="int4", macs=int(rows * k * n),
+                weight_elems=k * n, in_elems=elems.get(ins[0], 0),
+                out_elems=elems.get(node.output[0], 0),
+                input_precision=incoming if incoming != "int4" else None,
+            ))
+            tensor_precision[node.output[0]] = "fp32"
+            continue
+        op_type = _INTEGER_OPS.get(node.op_type, node.op_type)
+        if op_type in _COMPUTE and len(ins) >= 2:
             tensor, precision = weight_of(ins[1])
             weight = numpy_helper.to_array(tensor) if tensor is not None else None
             w_elems = int(weight.size) if weight is not None else elems.get(ins[1], 0)
             out = elems.get(node.output[0], 0)
-            if node.op_type == "Conv" and weight is not None and weight.ndim >= 3:
+            if op_type == "Conv" and weight is not None and weight.ndim >= 3:
                 out_channels = weight.shape[0]
                 macs = out // max(out_channels, 1) * w_elems
             elif weight is not None and weight.ndim == 2:
@@ -150,7 +164,7 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1) -> list[Laye
                 macs = 0
             density, nm = _sparsity(weight)
             costs.append(LayerCost(
-                name=node.name, op_type=node.op_type, precision=precision, macs=int(macs),
+                name=node.name, op_type=op_type, precision=precision, macs=int(macs),
                 weight_elems=w_elems, in_elems=elems.get(ins[0], 0), out_elems=out,
                 density=density, nm_sparse=nm,
                 input_precision=incoming if incoming != precision else None,

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -48,3 +49,37 @@ def test_batchnorm_recalibration_rescues_one_shot_pruning(task):
     recalibrate_batchnorm(model, task.train.x[:512])
     assert not model.training
     assert accuracy() > before + 20  # measured: 39% -> 93% at ratio 0.15
+
+
+def test_layer_dropping_removes_the_least_changing_block(task):
+    from search.compress.prune import drop_blocks, droppable_blocks
+
+    model = task.teacher()
+    example = task.train.x[:1]
+    assert droppable_blocks(model, example) == ["layer1"]  # the only shape-keeping block
+    before = sum(p.numel() for p in model.parameters())
+    dropped = drop_blocks(model, 1, task.train.x[:64])
+    assert dropped == ["layer1"] and isinstance(model.layer1, torch.nn.Identity)
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert model(example).shape == (1, 10)
+
+
+@pytest.mark.parametrize("importance", ["bn_scale", "taylor", "lamp"])
+def test_each_importance_removes_channels_and_picks_its_own(task, importance):
+    import torch_pruning as tp
+
+    by_l2, other = task.teacher(), task.teacher()
+    example = torch.zeros(1, *task.input_shape)
+    prune_structured(by_l2, example, 0.5, 8)
+    prune_structured(other, example, 0.5, 8, importance=importance, data=task.train)
+    macs_l2, _ = tp.utils.count_ops_and_params(by_l2, example)
+    macs, _ = tp.utils.count_ops_and_params(other, example)
+    assert macs < 0.5 * 48.9e6
+    assert other.stem[0].out_channels % 8 == 0
+    # same widths, but not the same channels kept: the criterion matters
+    full = task.teacher().stem[0].weight.detach()
+    def kept(model):
+        w = model.stem[0].weight.detach()
+        return {int(torch.cdist(row.flatten()[None], full.flatten(1)).argmin()) for row in w}
+    if importance != "lamp":  # LAMP ranks like L2 within a layer; it differs across layers
+        assert kept(by_l2) != kept(other)

@@ -96,3 +96,57 @@ def test_unknown_precision_is_a_trial_error(fp32, task, layers):
     plan = {layer.name: "int4" for layer in layers}
     with pytest.raises(TrialError, match="quantize"):
         _quantize(fp32, task, layers, plan)
+
+
+def test_dynamic_int8_runs_integer_kernels_without_calibration(fp32, task, layers):
+    plan = {layer.name: "int8" for layer in layers}
+    model = _quantize(fp32, task, layers, plan, quant_mode="dynamic")
+    ops = Counter(n.op_type for n in onnx.load_from_string(model).graph.node)
+    assert ops["ConvInteger"] == sum(layer.op_type == "Conv" for layer in layers)
+    assert ops["MatMulInteger"] == 1  # the classifier, rewritten from Gemm
+    assert ops["DynamicQuantizeLinear"] >= 1
+    assert "QuantizeLinear" not in ops  # no static (calibrated) ranges
+    assert onnx_accuracy(model, task.val) > 97
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_calibration_methods_set_other_activation_ranges(fp32, task, layers, method):
+    from onnx import numpy_helper
+
+    plan = {layer.name: "int8" for layer in layers}
+
+    def scales(model):
+        g = onnx.load_from_string(model).graph
+        inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        return {n.input[0]: float(inits[n.input[1]]) for n in g.node
+                if n.op_type == "QuantizeLinear" and n.input[1] in inits
+                and inits[n.input[1]].size == 1}
+
+    minmax = scales(_quantize(fp32, task, layers, plan, calibration_method="minmax"))
+    other_model = _quantize(fp32, task, layers, plan, calibration_method=method)
+    other = scales(other_model)
+    common = set(minmax) & set(other)
+    assert common and any(abs(minmax[k] - other[k]) > 1e-6 * max(minmax[k], 1e-12)
+                          for k in common)
+    assert onnx_accuracy(other_model, task.val) > 95
+
+
+def test_int4_weight_only_classifier_runs_as_matmulnbits(fp32, task, layers):
+    plan = {layer.name: ("int4" if layer.op_type == "Gemm" else "int8") for layer in layers}
+    model = _quantize(fp32, task, layers, plan, activation_type="uint8")
+    graph = onnx.load_from_string(model).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["MatMulNBits"] == 1 and "Gemm" not in ops
+    assert onnx_accuracy(model, task.val) > 97
+    from search.latency.predict import costs_from_onnx
+
+    assert {c.precision for c in costs_from_onnx(model) if c.name == "fc"} == {"int4"}
+
+
+def test_int4_on_a_conv_is_refused(fp32, task, layers):
+    from search.errors import TrialError
+
+    plan = {layer.name: "fp32" for layer in layers}
+    plan[layers[0].name] = "int4"
+    with pytest.raises(TrialError, match="int4 weight-only quantization only applies"):
+        _quantize(fp32, task, layers, plan)

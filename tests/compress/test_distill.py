@@ -1,0 +1,58 @@
+"""Distillation losses: each kind trains, and its own term goes down."""
+
+import pytest
+import torch
+
+from search.compress import export_onnx
+from search.compress.distill import _adapter, _Capture, distill, feature_taps, relation_loss
+from search.compress.prune import prune_structured
+from search.evaluate import onnx_accuracy
+
+
+def test_feature_taps_are_the_last_stages(task):
+    assert feature_taps(task.teacher(), task.train.x[:2]) == ["layer1", "layer2", "layer3"]
+
+
+def test_feature_distillation_lowers_the_hint_loss_of_a_pruned_student(task):
+    student = task.teacher()
+    prune_structured(student, torch.zeros(1, *task.input_shape), 0.5, 8)
+    taps = feature_taps(task.teacher(), task.train.x[:2])
+    s, t = _Capture(student, taps), _Capture(task.teacher(), taps)
+    # channels differ after pruning, so the hints go through 1x1 adapters
+    assert all(isinstance(_adapter(s.values.get(n, torch.zeros(2, 16, 8, 8)),
+                                   torch.zeros(2, 32, 8, 8)), torch.nn.Conv2d) for n in taps)
+    s.close()
+    t.close()
+    history: dict[str, list[float]] = {}
+    distill(student, task.teacher(), task.train, epochs=2, lr=3e-3, temperature=4.0, alpha=0.5,
+            seed=0, loss="feature", loss_weight=5.0, history=history)
+    assert len(history["feature"]) == 2
+    assert history["feature"][1] < 0.8 * history["feature"][0]
+    assert onnx_accuracy(export_onnx(student, task.input_shape), task.val) > 90
+
+
+def test_relation_loss_is_zero_for_the_same_embedding_and_scale_free():
+    e = torch.randn(16, 8)
+    assert float(relation_loss(e, e)) == pytest.approx(0.0, abs=1e-6)
+    assert float(relation_loss(3 * e, e)) == pytest.approx(0.0, abs=1e-5)  # distances normalised
+    assert float(relation_loss(torch.randn(16, 8), e)) > 0.01
+
+
+def test_relation_distillation_trains_a_pruned_student(task):
+    student = task.teacher()
+    prune_structured(student, torch.zeros(1, *task.input_shape), 0.5, 8)
+    one_shot = onnx_accuracy(export_onnx(student, task.input_shape), task.val)
+    distill(student, task.teacher(), task.train, epochs=2, lr=3e-3, temperature=4.0, alpha=0.5,
+            seed=0, loss="relation", loss_weight=1.0)
+    tuned = onnx_accuracy(export_onnx(student, task.input_shape), task.val)
+    assert tuned > max(one_shot, 90)
+    history: dict[str, list[float]] = {}
+    distill(student, task.teacher(), task.train, epochs=1, lr=1e-3, temperature=4.0, alpha=0.5,
+            seed=1, loss="relation", loss_weight=1.0, history=history)
+    assert history["relation"][0] > 0
+
+
+def test_unknown_loss_is_refused(task):
+    with pytest.raises(ValueError, match="response, feature, relation"):
+        distill(task.teacher(), task.teacher(), task.train, epochs=1, lr=1e-3, temperature=4.0,
+                alpha=0.5, seed=0, loss="attention")
