@@ -50,9 +50,13 @@ class _Calibration:
         self._start = 0
 
 
-def _calibration_subset(inputs: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
-    if samples >= len(inputs):
-        return inputs
+def _calibration_subset(inputs: torch.Tensor, samples: int, seed: int,
+                        batch_size: int = 32) -> torch.Tensor:
+    """``samples`` random inputs, rounded down to whole batches: ONNX Runtime's histogram
+    calibrators (entropy, percentile) fail on a short last batch."""
+    samples = min(samples, len(inputs))
+    if samples >= batch_size:
+        samples -= samples % batch_size
     gen = torch.Generator().manual_seed(seed)
     return inputs[torch.randperm(len(inputs), generator=gen)[:samples]]
 
