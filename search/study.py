@@ -496,12 +496,14 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
         for t in study.get_trials(deepcopy=False):  # catch up on logging missed earlier
             if t.state.is_finished() and t.number not in tracker.logged:
                 _log_frozen(tracker, t, _reference_accuracy(study))
+        if len(df):  # the final value, at the last trial's step of the history
+            tracker.log_summary_metrics({"hypervolume": hypervolume(df)},
+                                        step=int(df["trial"].max()))
         tracker.mark_front(set(int(n) for n in front["trial"]))
         tracker.log_models(models, input_shape, providers)
         base = df.loc[df["reference"], "accuracy"] if len(df) else pd.Series(dtype=float)
         tracker.finish(
             {"front_size": len(front), "completed_trials": len(df), "failed_trials": len(failed),
-             "hypervolume": hypervolume(df) if len(df) else None,
              "best_speedup_within_drop": best,
              "baseline_accuracy": float(base.iloc[0]) if len(base) else None},
             artifacts, status="KILLED" if interrupted else "FINISHED",

@@ -1,0 +1,104 @@
+"""Study-level search features: constraints, the duplicate cache, hypervolume history, samplers."""
+
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from search.config import SAMPLERS, SearchConfig
+from search.spaces import load_space, resolve_space
+from search.study import make_sampler, run_search
+
+pytestmark = pytest.mark.slow
+
+
+def _space(tmp_path, name, **sections):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, **sections}))
+    return str(path)
+
+
+ONE_SHOT = {  # no fine-tune: trials take a second or two
+    "distillation": {"epochs": {"low": 0, "high": 0}},
+    "pruning": {"drop_blocks": {"low": 0, "high": 0},
+                "unstructured_criterion": ["magnitude"],
+                "structured_importance": ["magnitude"]},
+    "quantization": {"calibration_method": ["minmax"], "mode": ["static"],
+                     "calibration_samples": {"low": 64, "high": 64}},
+}
+
+
+def test_accuracy_constraint_keeps_infeasible_trials_off_the_front(tmp_path):
+    config = SearchConfig(profile="cpu-avx512-vnni", budget=6, runs_root=tmp_path, seed=3,
+                          study_name="constrained", latency="predict", sampler="tpe",
+                          max_accuracy_drop=0.5, space=_space(tmp_path, "one-shot", **ONE_SHOT))
+    result = run_search(config, show_progress=False)
+    df = result.trials
+    reference = float(df.loc[df["reference"], "accuracy"].iloc[0])
+    assert (~df["feasible"]).any(), "the seed should give at least one too-lossy trial"
+    front = df[df["on_front"]]
+    assert len(front) and (front["accuracy"] >= reference - 0.5 - 1e-9).all()
+    assert not (df["on_front"] & ~df["feasible"]).any()
+    study = optuna.load_study(study_name="constrained", storage=config.resolved("x").storage)
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        drop = reference - t.values[0]
+        assert t.user_attrs["constraint_values"] == pytest.approx([drop - 0.5])
+        assert t.system_attrs["constraints"] == pytest.approx([drop - 0.5])  # the sampler saw it
+    # hypervolume after every trial, stepped by trial number, never decreasing
+    client = MlflowClient(result.tracking_uri)
+    history = sorted(client.get_metric_history(result.parent_run_id, "hypervolume"),
+                     key=lambda m: m.step)
+    assert sorted({m.step for m in history}) == sorted(df["trial"].tolist())
+    values = [m.value for m in history]
+    assert values == sorted(values) and values[-1] > 0.3
+
+
+def test_repeated_choices_are_answered_from_the_cache(tmp_path):
+    fixed = {
+        "distillation": {"epochs": {"low": 0, "high": 0}},
+        "pruning": {"unstructured_sparsity": {"low": 0, "high": 0},
+                    "structured_ratio": {"low": 0, "high": 0},
+                    "drop_blocks": {"low": 0, "high": 0}},
+        "quantization": {"granularity": "uniform", "precisions": ["fp32", "int8"],
+                         "mode": ["static"], "activation_types": ["uint8"],
+                         "per_channel": [True], "activation_symmetric": [False],
+                         "calibration_method": ["minmax"],
+                         "calibration_samples": {"low": 64, "high": 64}},
+    }
+    config = SearchConfig(profile="cpu-avx512-vnni", budget=5, runs_root=tmp_path, seed=0,
+                          study_name="cached", latency="predict", sampler="random",
+                          space=_space(tmp_path, "two-points", **fixed))
+    result = run_search(config, show_progress=False)
+    df = result.trials
+    assert len(df) == 5
+    cached = df[df["cached_from"].notna()]
+    assert len(cached) == 3  # only two distinct models exist: fp32 and int8
+    for _, row in cached.iterrows():
+        origin = df[df["trial"] == int(row["cached_from"])].iloc[0]
+        assert row["accuracy"] == origin["accuracy"] and row["latency_ms"] == origin["latency_ms"]
+        assert (result.output_dir / "models" / f"trial-{int(row['trial'])}.onnx").exists()
+    client = MlflowClient(result.tracking_uri)
+    children = client.search_runs(
+        [client.get_run(result.parent_run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert sum("cached_from" in c.data.tags for c in children) == 3
+    written = pd.read_csv(result.output_dir / "trials.csv")
+    assert written["cached_from"].notna().sum() == 3
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_sampler_explores_the_conditional_space(name, profile, layers):
+    resolved = resolve_space(load_space("default"), profile, layers)
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=make_sampler(name, seed=0, budget=12, constrained=True))
+    seen = set()
+    for i in range(8):
+        trial = study.ask()
+        choices = resolved.sample(trial)
+        seen.add((choices.epochs > 0, choices.structured_ratio > 0))
+        trial.set_user_attr("constraint_values", [float(i % 2) - 0.5])
+        study.tell(trial, [90.0 + i % 5, 1.0 / (1 + i)])
+    assert len(seen) >= 2
