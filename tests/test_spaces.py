@@ -48,7 +48,9 @@ def test_sampling_stays_inside_the_space(profile, layers):
         assert 0 <= choices.unstructured_sparsity <= 0.8
         assert 0 <= choices.structured_ratio <= 0.6
         assert set(choices.precisions) == {layer.name for layer in layers}
-        assert set(choices.precisions.values()) <= {"fp32", "int8"}
+        assert set(choices.precisions.values()) <= {"fp32", "int8", "int4"}
+        assert choices.precisions["fc"] in ("fp32", "int8", "int4")  # int4: Gemm only
+        assert all(choices.precisions[n] != "int4" for n in choices.precisions if n != "fc")
         if choices.epochs == 0:
             assert "temperature" not in trial.params  # conditional dimension
         study.tell(trial, [0.0, 1.0])
@@ -61,3 +63,82 @@ def test_baselines_are_fp32_then_uniform_u8s8(profile, layers):
     assert {v for k, v in fp32.items() if k.startswith("precision.")} == {"fp32"}
     assert {v for k, v in int8.items() if k.startswith("precision.")} == {"int8"}
     assert int8["activation_type"] == "uint8" and int8["per_channel"] is True
+
+
+def test_block_and_stage_granularity_group_layer_precisions(tmp_path, profile, layers):
+    from search.spaces import layer_group
+
+    assert layer_group("layer1.0.conv1", "block") == "layer1.0"  # torchvision ResNet
+    assert layer_group("features.3.conv.0.0", "block") == "features.3"  # MobileNetV2
+    assert layer_group("layer2.conv1", "block") == "layer2"
+    assert layer_group("layer2.shortcut.0", "stage") == "layer2"
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump({"quantization": {"granularity": "stage"}}))
+    resolved = resolve_space(load_space(path), profile, layers)
+    assert set(resolved.groups) == {"stem", "layer1", "layer2", "layer3", "fc"}
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        trial = study.ask()
+        choices = resolved.sample(trial)
+        precision_params = {k for k in trial.params if k.startswith("precision.")}
+        assert precision_params <= {f"precision.{g}" for g in resolved.groups}
+        for group, names in resolved.groups.items():  # one precision per stage
+            assert len({choices.precisions[n] for n in names}) == 1
+        study.tell(trial, [0.0, 1.0])
+    baselines = dict(resolved.baselines())
+    assert baselines["fp32"]["precision.layer2"] == "fp32"
+
+
+def test_profile_decides_patterns_and_modes(layers):
+    from search.profiles import load_profile
+
+    space = load_space("default")
+    cpu = resolve_space(space, load_profile("cpu-avx512-vnni"), layers)
+    a100 = resolve_space(space, load_profile("a100-gpu"), layers)
+    assert cpu.patterns == ("unstructured",) and a100.patterns == ("unstructured", "2:4")
+    assert cpu.modes == ("static", "dynamic") and a100.modes == ("static",)
+    assert cpu.inits == ("teacher",)
+
+
+def test_space_asking_what_profile_or_model_cannot_do_is_rejected(tmp_path, layers):
+    from search.profiles import load_profile
+    from search.spaces import ModelFacts
+
+    dynamic = tmp_path / "dynamic.yaml"
+    dynamic.write_text(yaml.safe_dump({"quantization": {"mode": ["dynamic"]}}))
+    with pytest.raises(ConfigError, match="dynamic.*allowed: \\[static\\]"):
+        resolve_space(load_space(dynamic), load_profile("t4-gpu"), layers)
+    sparse = tmp_path / "sparse.yaml"
+    sparse.write_text(yaml.safe_dump({"pruning": {"init": ["sparse"]}}))
+    with pytest.raises(ConfigError, match="no pre-sparsified checkpoint"):
+        resolve_space(load_space(sparse), load_profile("cpu-avx512-vnni"), layers)
+    assert resolve_space(load_space(sparse), load_profile("cpu-avx512-vnni"), layers,
+                         ModelFacts(sparse_init=True)).inits == ("sparse",)
+    bad = tmp_path / "pattern.yaml"
+    bad.write_text(yaml.safe_dump({"pruning": {"sparsity_pattern": ["4:2"]}}))
+    with pytest.raises(ConfigError, match="0 < N < M"):
+        load_space(bad)
+
+
+def test_conditional_dimensions_appear_only_when_their_parent_allows(profile, layers):
+    from search.spaces import ModelFacts
+
+    resolved = resolve_space(load_space("default"), profile, layers,
+                             ModelFacts(droppable_blocks=1, attention=False))
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=5))
+    for _ in range(40):
+        trial = study.ask()
+        c = resolved.sample(trial)
+        p = trial.params
+        assert ("distill_loss" in p) == (c.epochs > 0)
+        assert ("distill_weight" in p) == (c.epochs > 0 and c.distill_loss != "response")
+        assert ("qat" in p) == (c.epochs > 0 and c.quant_mode == "static"
+                                and "int8" in c.precisions.values())
+        assert ("calibration_method" in p) == (c.quant_mode == "static"
+                                               and "int8" in c.precisions.values())
+        assert ("structured_importance" in p) == (c.structured_ratio > 0)
+        assert "head_ratio" not in p  # no attention in this model
+        assert c.drop_blocks <= 1
+        study.tell(trial, [0.0, 1.0])
