@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from search.errors import TrialError
 from search.pipeline import compress, run_trial
@@ -22,3 +23,38 @@ def test_nan_loss_fails_the_fine_tune_stage(task, layers, fast_profile):
     with pytest.raises(TrialError) as err:
         compress(TrialRecord(0, choices), task, fast_profile)
     assert err.value.stage == "fine-tune"
+
+
+def test_a_transformer_runs_every_stage_with_heads_removed(task, fast_profile):
+    """Attention models go through the same line: heads pruned, projections quantized."""
+    from dataclasses import replace
+
+    from torch import nn
+
+    from search.pipeline import compress, model_facts, student_layers
+    from search.record import Choices, TrialRecord
+
+    class TinyViT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch = nn.Conv2d(1, 32, 8, 8)
+            self.blocks = nn.Sequential(*[
+                nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+                for _ in range(2)])
+            self.head = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.head(self.blocks(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+    torch.manual_seed(0)
+    vit = replace(task, name="tiny-vit", make_model=TinyViT, teacher_state=TinyViT().state_dict())
+    facts = model_facts(vit)
+    assert facts.attention and facts.droppable_blocks == 2
+    layers = student_layers(vit)
+    assert "blocks.0.self_attn.q_proj" in {layer.name for layer in layers}
+    plan = {layer.name: "int8" for layer in layers}
+    full = compress(TrialRecord(0, Choices(precisions=plan)), vit, fast_profile)
+    pruned = compress(TrialRecord(1, Choices(head_ratio=0.5, drop_blocks=1, precisions=plan)),
+                      vit, fast_profile)
+    assert pruned.macs < full.macs and pruned.params < full.params
+    assert pruned.dropped_blocks and pruned.accuracy is not None
