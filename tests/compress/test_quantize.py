@@ -150,3 +150,17 @@ def test_int4_on_a_conv_is_refused(fp32, task, layers):
     plan[layers[0].name] = "int4"
     with pytest.raises(TrialError, match="int4 weight-only quantization only applies"):
         _quantize(fp32, task, layers, plan)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_per_channel_or_per_tensor_weight_scales(fp32, task, layers, per_channel):
+    from onnx import numpy_helper
+
+    plan = {layer.name: "int8" for layer in layers}
+    model = _quantize(fp32, task, layers, plan, per_channel=per_channel)
+    graph = onnx.load_from_string(model).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weight_scales = [inits[n.input[1]] for n in graph.node if n.op_type == "DequantizeLinear"
+                     and n.input[0] in inits and inits[n.input[0]].ndim == 4]
+    assert weight_scales
+    assert all((s.size > 1) == per_channel for s in weight_scales)
