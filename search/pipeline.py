@@ -16,6 +16,7 @@ import onnx
 import torch
 import torch_pruning as tp
 
+from search import _faults
 from search.compress import (
     apply_precision_plan,
     compressible_layers,
@@ -43,6 +44,7 @@ def _stage(record: TrialRecord, name: str) -> Iterator[None]:
     """Time a stage into ``record.timings``; name the stage in any error it raises."""
     start = time.perf_counter()
     try:
+        _faults.inject(name, record.number)
         yield
     except TrialError:
         raise
