@@ -99,7 +99,9 @@ def _print_result(result) -> None:  # noqa: ANN001
     if result.best_speedup is not None:
         print(f"\nbest speedup within the allowed accuracy drop: {result.best_speedup:.2f}x")
     print(f"\nwrote {result.output_dir / 'pareto.csv'} and {result.output_dir / 'trials.csv'}")
-    uri = result.tracking_uri
+    from search._redact import redact
+
+    uri = redact(result.tracking_uri)
     if uri.startswith("sqlite:"):
         print(f"review in MLflow:  mlflow ui --backend-store-uri {uri}")
     else:

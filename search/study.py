@@ -51,7 +51,12 @@ from search.profiles import HardwareProfile, load_profile, measurable_here
 from search.record import TrialRecord
 from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
 from search.tasks import load_task
-from search.tracking import Tracker, default_tracking_uri
+from search.tracking import (
+    Tracker,
+    check_tracking_uri,
+    default_tracking_uri,
+    server_reachable,
+)
 
 __all__ = ["StudyResult", "make_sampler", "run_search"]
 
@@ -513,6 +518,7 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     measurable, why = measurable_here(profile)
     _check_latency_mode(cfg, profile, measurable, why)
     check_address(cfg.ray_address)
+    check_tracking_uri(cfg.tracking_uri)
     root = Path(cfg.runs_root)
     ensure_writable(Path(cfg.output_dir), "output directory")
     if cfg.storage.startswith("sqlite:///") or cfg.tracking_uri is None:
