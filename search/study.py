@@ -170,7 +170,8 @@ def _record_attrs(record: TrialRecord) -> dict[str, Any]:
         attrs["node"] = record.node
     if lat is not None:
         attrs.update(latency_p90_ms=lat.p90_ms, latency_cv=lat.cv, latency_runs=lat.runs,
-                     latency_source=lat.source, device=lat.device, provider=lat.provider)
+                     latency_source=lat.source, device=lat.device, provider=lat.provider,
+                     latency_noisy=lat.noisy)
     return attrs
 
 
@@ -204,6 +205,8 @@ def _log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial,
         "device": a.get("device", ""),
         "baseline": a.get("baseline", ""),
     }
+    if complete:
+        tags["latency_noisy"] = str(bool(a.get("latency_noisy", False))).lower()
     if "failure" in a:
         tags["failure_reason"] = a["failure"]
     params = a.get("choices") or dict(trial.params)
@@ -322,6 +325,10 @@ class _Driver:
         (self.models_dir / f"trial-{trial.number}.onnx").write_bytes(record.onnx_model)
         for key, value in _record_attrs(record).items():
             trial.set_user_attr(key, value)
+        if record.latency.noisy:
+            log.warning("trial %d: latency CV %.2f stayed above the profile's max_cv %.2f after a "
+                        "repeat; flagged latency_noisy", trial.number, record.latency.cv,
+                        self.profile.measure.max_cv)
         frozen = self.study.tell(trial, [record.accuracy, record.latency.median_ms])
         self._track(frozen)
         return optuna.trial.TrialState.COMPLETE
@@ -364,6 +371,16 @@ def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]
     }
 
 
+def _noisy_note(df: pd.DataFrame, cfg: SearchConfig) -> str:
+    """A warning when some measurements stayed noisy (column latency_noisy in trials.csv)."""
+    noisy = df.loc[df["latency_noisy"].fillna(False).astype(bool), "trial"].tolist() if len(df) else []
+    if not noisy:
+        return ""
+    return (f"; **warning: {len(noisy)} noisy measurement(s)** (trials "
+            f"{', '.join(map(str, noisy))}: coefficient of variation above the profile's max_cv "
+            "after a repeat; see latency_noisy in trials.csv, and rerun on a quieter machine)")
+
+
 def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: list,
              best: float | None) -> str:
     """A short human summary of the study (summary.md)."""
@@ -371,7 +388,8 @@ def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: l
              f"- profile `{cfg.profile}`, task `{cfg.task}`, space `{cfg.space}`, "
              f"sampler `{cfg.sampler}`, seed {cfg.seed}",
              f"- {len(df)} completed trials of a budget of {cfg.budget}, {len(failed)} failed",
-             f"- latency: {', '.join(sorted(set(df['latency_source'].dropna()))) or 'n/a'}",
+             f"- latency: {', '.join(sorted(set(df['latency_source'].dropna()))) or 'n/a'}"
+             + _noisy_note(df, cfg),
              f"- best speedup within {cfg.max_accuracy_drop:g} point(s) of the reference: "
              + (f"{best:.2f}x" if best else "n/a"), "", "| trial | accuracy % | latency ms | "
              "speedup | precisions |", "|---|---|---|---|---|"]

@@ -148,3 +148,12 @@ def test_unreachable_tracking_server_fails_fast_before_any_training(tmp_path):
     assert f"127.0.0.1:{port}" in out.stderr and "s3cr3t" not in out.stderr + out.stdout
     assert time.monotonic() - start < 30
     assert list(tmp_path.iterdir()) == []  # no teacher trained, nothing written
+
+
+def test_measuring_a_provider_missing_here_is_refused_before_any_work(tmp_path):
+    """t4-gpu measures with CUDAExecutionProvider: never 'measured' on this CPU instead."""
+    out = _run(["--profile", "t4-gpu", "--budget", "3", "--latency", "measure"], tmp_path)
+    assert out.returncode == 2
+    assert "--latency measure" in out.stderr and "CUDAExecutionProvider" in out.stderr
+    assert "--latency predict" in out.stderr
+    assert list(tmp_path.iterdir()) == []
