@@ -1,7 +1,8 @@
 """A test hook: make chosen stages of chosen trials fail, to prove a study survives them.
 
 ``SEARCH_FAULTS="quantize@3,measure@5"`` makes trial 3 raise on entering its
-quantize stage and trial 5 on entering measure; ``stage@*`` hits every trial.
+quantize stage and trial 5 on entering measure; ``stage@*`` hits every trial;
+``prune@*+2`` does not raise but sleeps 2 s (a slow trial, to be caught mid-way).
 The variable is read at each stage entry, in whatever process runs the stage
 (local Ray workers inherit the driver's environment). Unset, it costs one
 dictionary lookup. Never set it outside tests.
@@ -10,6 +11,7 @@ dictionary lookup. Never set it outside tests.
 from __future__ import annotations
 
 import os
+import time
 
 __all__ = ["ENV", "InjectedFault", "inject"]
 
@@ -20,16 +22,16 @@ class InjectedFault(RuntimeError):
     """The failure a fault spec asked for."""
 
 
-def _wanted(spec: str, stage: str, trial: int) -> bool:
-    for item in spec.split(","):
-        name, _, number = item.strip().partition("@")
-        if name == stage and number.strip() in ("*", str(trial)):
-            return True
-    return False
-
-
 def inject(stage: str, trial: int) -> None:
-    """Raise :class:`InjectedFault` when ``$SEARCH_FAULTS`` names this stage of this trial."""
+    """Raise :class:`InjectedFault` (or sleep) when ``$SEARCH_FAULTS`` names this stage of
+    this trial."""
     spec = os.environ.get(ENV)
-    if spec and _wanted(spec, stage, trial):
-        raise InjectedFault(f"injected fault ({ENV}={spec!r})")
+    for item in spec.split(",") if spec else ():
+        name, _, target = item.strip().partition("@")
+        number, _, delay = target.partition("+")
+        if name != stage or number.strip() not in ("*", str(trial)):
+            continue
+        if delay:
+            time.sleep(float(delay))
+        else:
+            raise InjectedFault(f"injected fault ({ENV}={spec!r})")

@@ -213,6 +213,15 @@ def _log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial,
     tracker.log_trial(trial.number, params, metrics, tags, failed=not complete)
 
 
+def _catch_up(tracker: Tracker, study: optuna.Study) -> None:
+    """Log every finished trial MLflow lacks (missed during an outage or before a crash)."""
+    tracker.refresh()
+    reference = _reference_accuracy(study)
+    for t in study.get_trials(deepcopy=False):
+        if t.state.is_finished() and t.number not in tracker.logged:
+            _log_frozen(tracker, t, reference)
+
+
 class _Driver:
     """The ask / run / tell loop of one study invocation."""
 
@@ -226,6 +235,7 @@ class _Driver:
         self.in_flight: dict[ray.ObjectRef, tuple[optuna.Trial, str]] = {}
         self.n_failed = 0
         self.tracking_s = 0.0  # time spent logging trials to MLflow
+        self.tracking_behind = False  # some trial could not be logged yet
         self.show_progress = show_progress
 
     def run(self) -> None:
@@ -322,7 +332,16 @@ class _Driver:
 
     def _complete(self, trial: optuna.Trial, record: TrialRecord) -> optuna.trial.TrialState:
         assert record.onnx_model is not None and record.latency is not None
-        (self.models_dir / f"trial-{trial.number}.onnx").write_bytes(record.onnx_model)
+        path = self.models_dir / f"trial-{trial.number}.onnx"
+        try:
+            path.write_bytes(record.onnx_model)
+        except OSError as exc:  # a full disk: every later trial would fail the same way
+            path.unlink(missing_ok=True)
+            self._fail(trial, f"saving its model: {exc.strerror or exc}")
+            raise SearchError(
+                f"cannot write {path} ({exc.strerror or exc}); every completed trial is kept in "
+                "the Optuna storage: free space and rerun the same command to resume"
+            ) from None
         for key, value in _record_attrs(record).items():
             trial.set_user_attr(key, value)
         if record.latency.noisy:
@@ -338,8 +357,21 @@ class _Driver:
         storage and is logged when the study is finished or resumed)."""
         start = time.perf_counter()
         try:
-            _log_frozen(self.tracker, trial, _reference_accuracy(self.study))
+            if not server_reachable(self.tracker.uri):  # fast: no MLflow retries
+                if not self.tracking_behind:
+                    log.warning("MLflow tracking server %s is unreachable; trials are logged "
+                                "when it is back, at the end, or on a rerun",
+                                redact(self.tracker.uri))
+                self.tracking_behind = True
+                return
+            if self.tracking_behind:
+                _catch_up(self.tracker, self.study)
+                log.info("MLflow tracking server is back; missed trials logged")
+                self.tracking_behind = False
+            else:
+                _log_frozen(self.tracker, trial, _reference_accuracy(self.study))
         except Exception as exc:
+            self.tracking_behind = True
             log.warning("MLflow logging of trial %d failed (%s); it will be logged later",
                         trial.number, type(exc).__name__)
         finally:
@@ -441,10 +473,12 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
     summary = out / "summary.md"
     summary.write_text(_summary(cfg, df, front, failed, best))
     artifacts.append(summary)
+    if not server_reachable(tracker.uri):
+        log.warning("MLflow tracking server %s is unreachable; the CSVs are written, and "
+                    "rerunning the command completes the MLflow run", redact(tracker.uri))
+        return df, shown
     try:
-        for t in study.get_trials(deepcopy=False):  # catch up on logging missed earlier
-            if t.state.is_finished() and t.number not in tracker.logged:
-                _log_frozen(tracker, t, _reference_accuracy(study))
+        _catch_up(tracker, study)  # trials missed during an outage or before a crash
         tracker.mark_front(set(int(n) for n in front["trial"]))
         tracker.log_models(models, input_shape, providers)
         base = df.loc[df["reference"], "accuracy"] if len(df) else pd.Series(dtype=float)
@@ -611,8 +645,15 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
             ray.shutdown()
     finish_start = time.perf_counter()
     providers = list(dict.fromkeys([profile.measure.execution_provider, "CPUExecutionProvider"]))
-    df, front = _write_outputs(study, cfg, tracker, interrupted, profile, task.input_shape,
-                               providers)
+    try:
+        df, front = _write_outputs(study, cfg, tracker, interrupted, profile, task.input_shape,
+                                   providers)
+    except OSError as exc:  # a full or failing disk under the output directory
+        raise stopped or SearchError(
+            f"cannot write the study's outputs to {cfg.output_dir} ({exc.strerror or exc}); "
+            f"every completed trial is kept in the Optuna storage {redact(cfg.storage)}: "
+            "free space and rerun the same command to write them"
+        ) from None
     if source == "measured" and profile.latency_model is not None:
         _self_calibrate(study, cfg, profile, tracker)
     phases["finish"] = time.perf_counter() - finish_start

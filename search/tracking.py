@@ -28,6 +28,11 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO when i
 # MLflow prints "View run ... at: <tracking URI>" for every run it ends on a server, with any
 # user:password the URI carries; our own summary names the server (redacted) once.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# By default MLflow retries a failed request 7 times with exponential backoff (minutes) and
+# waits 120 s for an answer; the driver would stall that long per trial while a server is
+# down. Trial results are safe in the Optuna storage and logged later, so fail sooner.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 __all__ = ["EXPERIMENT", "Tracker", "check_tracking_uri", "default_tracking_uri", "server_reachable"]
 
@@ -112,7 +117,9 @@ class Tracker:
         self.experiment_id = experiment_id
         self.study_name = study_name
         self.parent_id = self._find_or_create_parent()
-        self.logged = self._logged_trials()
+        self.logged: dict[int, str] = {}  # trial -> child run, fully logged
+        self._partial: dict[int, str] = {}  # trial -> child run created but not completed
+        self.refresh()
 
     def _find_or_create_parent(self) -> str:
         runs = self.client.search_runs(
@@ -128,8 +135,19 @@ class Tracker:
         )
         return run.info.run_id
 
-    def _logged_trials(self) -> dict[int, str]:
-        found: dict[int, str] = {}
+    def refresh(self) -> None:
+        """Re-read which trials have a child run: after an outage, a run the server created
+        may never have been confirmed to us. A child not ended is completed, not duplicated."""
+        for number, (run_id, status) in self._children().items():
+            if status == "RUNNING":
+                if number not in self.logged:
+                    self._partial[number] = run_id
+            else:
+                self.logged[number] = run_id
+                self._partial.pop(number, None)
+
+    def _children(self) -> dict[int, tuple[str, str]]:
+        found: dict[int, tuple[str, str]] = {}
         token = None
         while True:
             page = self.client.search_runs(
@@ -139,7 +157,7 @@ class Tracker:
             )
             for run in page:
                 if _TRIAL_TAG in run.data.tags:
-                    found[int(run.data.tags[_TRIAL_TAG])] = run.info.run_id
+                    found[int(run.data.tags[_TRIAL_TAG])] = (run.info.run_id, run.info.status)
             token = page.token
             if not token:
                 return found
@@ -152,22 +170,26 @@ class Tracker:
 
     def log_trial(self, number: int, params: Mapping[str, Any], metrics: Mapping[str, float | None],
                   tags: Mapping[str, str], failed: bool = False) -> None:
-        """One child run per trial, in one batch; a trial already logged is skipped."""
+        """One child run per trial, in one batch; a trial already logged is skipped, and one
+        whose logging was cut off (server down, driver killed) is completed in the same run."""
         if number in self.logged:
             return
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{number}",
-            tags={"mlflow.parentRunId": self.parent_id, _TRIAL_TAG: str(number)},
-        )
+        run_id = self._partial.get(number)
+        if run_id is None:
+            run_id = self.client.create_run(
+                self.experiment_id,
+                run_name=f"trial-{number}",
+                tags={"mlflow.parentRunId": self.parent_id, _TRIAL_TAG: str(number)},
+            ).info.run_id
+            self._partial[number] = run_id
         self.client.log_batch(
-            run.info.run_id,
+            run_id,
             metrics=_metric_items(metrics),
             params=[Param(k, str(v)) for k, v in params.items()],
             tags=[RunTag(k, redact(str(v))) for k, v in tags.items()],
         )
-        self.client.set_terminated(run.info.run_id, status="FAILED" if failed else "FINISHED")
-        self.logged[number] = run.info.run_id
+        self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        self.logged[number] = self._partial.pop(number)
 
     def log_summary_metrics(self, metrics: Mapping[str, float | None]) -> None:
         self.client.log_batch(self.parent_id, metrics=_metric_items(metrics))

@@ -71,6 +71,7 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "a"), text=True,
+        start_new_session=True,  # its own process group: stop_mlflow_server ends its workers too
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -84,3 +85,15 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
             pytest.fail("mlflow server exited: " + (root / "server.log").read_text()[-2000:])
     proc.kill()
     pytest.fail("mlflow server did not start")
+
+
+def stop_mlflow_server(proc: subprocess.Popen) -> None:
+    """Kill a server from start_mlflow_server with its workers, as a crash would."""
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)

@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.tracking import EXPERIMENT
-from tests.conftest import free_port, start_mlflow_server
+from tests.conftest import free_port, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -113,12 +113,11 @@ def test_credentials_in_urls_never_leak(tmp_path, fast_profile_path):
         for text, where in ((out.stdout, "stdout"), (out.stderr, "stderr"),
                             ("\n".join(logged), "MLflow params/tags")):
             assert not [s for s in secrets if s in text], where
-        server.terminate()
-        server.wait(timeout=30)
+        stop_mlflow_server(server)
         leaks = [_leaks(root, [s.encode() for s in secrets])
                  for root in (work, tmp_path / "downloaded", server_root, ray_tmp)]
         assert leaks == [[], [], [], []]
         assert list(ray_tmp.rglob("*.log")), "Ray wrote its logs elsewhere"
     finally:
-        server.kill()
+        stop_mlflow_server(server)
         shutil.rmtree(ray_tmp, ignore_errors=True)
