@@ -170,7 +170,7 @@ def _load_study(args: argparse.Namespace):  # noqa: ANN202
         from search._redact import redact
 
         raise SearchError(f"cannot load study {args.study!r} from {redact(storage)}: "
-                          f"{type(exc).__name__}: {exc}") from None
+                          f"{type(exc).__name__}: {redact(str(exc))}") from None
 
 
 def report_command(argv: list[str]) -> int:

@@ -157,3 +157,15 @@ def test_measuring_a_provider_missing_here_is_refused_before_any_work(tmp_path):
     assert "--latency measure" in out.stderr and "CUDAExecutionProvider" in out.stderr
     assert "--latency predict" in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_on_a_storage_with_a_password_never_prints_it(tmp_path):
+    from tests.conftest import free_port
+
+    port = free_port()
+    out = subprocess.run(SEARCH + ["report", "--study", "s", "--storage",
+                                   f"postgresql://u:s3cr3t@127.0.0.1:{port}/db"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "cannot load study" in out.stderr and "u:***@127.0.0.1" in out.stderr
+    assert "s3cr3t" not in out.stderr + out.stdout
