@@ -104,7 +104,9 @@ def _print_result(result) -> None:  # noqa: ANN001
     if result.best_speedup is not None:
         print(f"\nbest speedup within the allowed accuracy drop: {result.best_speedup:.2f}x")
     print(f"\nwrote {result.output_dir / 'pareto.csv'} and {result.output_dir / 'trials.csv'}")
-    uri = result.tracking_uri
+    from search._redact import redact
+
+    uri = redact(result.tracking_uri)
     if uri.startswith("sqlite:"):
         print(f"review in MLflow:  mlflow ui --backend-store-uri {uri}")
     else:
@@ -173,7 +175,7 @@ def _load_study(args: argparse.Namespace):  # noqa: ANN202
         from search._redact import redact
 
         raise SearchError(f"cannot load study {args.study!r} from {redact(storage)}: "
-                          f"{type(exc).__name__}: {exc}") from None
+                          f"{type(exc).__name__}: {redact(str(exc))}") from None
 
 
 def report_command(argv: list[str]) -> int:

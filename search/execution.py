@@ -98,7 +98,9 @@ def connect(address: str | None, profile: HardwareProfile, measurable: bool) -> 
     }
     if address is None:
         resources = {profile.resource: 1.0} if measurable and profile.resource else {}
-        ray.init(resources=resources, **kwargs)
+        # "local": always a new instance; with no address Ray joins the last `ray start`
+        # cluster on this machine (/tmp/ray/ray_current_cluster), which refuses `resources`
+        ray.init(address="local", resources=resources, **kwargs)
         return True
     try:
         ray.init(address=address, **kwargs)

@@ -16,9 +16,9 @@ __all__ = ["COLUMNS", "best_speedup", "hypervolume", "pareto_mask", "plot_front"
            "write_html"]
 
 COLUMNS = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "latency_cv",
-           "latency_source", "device", "speedup", "size_mb", "macs", "params", "sparsity",
-           "int8_layers", "precisions", "dropped_blocks", "baseline", "reference", "cached_from",
-           "feasible", "on_front"]
+           "latency_noisy", "latency_source", "device", "speedup", "size_mb", "macs", "params",
+           "sparsity", "int8_layers", "precisions", "dropped_blocks", "baseline", "reference",
+           "cached_from", "feasible", "on_front"]
 HV_ACCURACY_SPAN = 10.0  # points below the reference's accuracy where the hypervolume box ends
 
 
@@ -53,6 +53,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "latency_ms": t.values[1],
             "latency_p90_ms": a.get("latency_p90_ms"),
             "latency_cv": a.get("latency_cv"),
+            "latency_noisy": bool(a.get("latency_noisy", False)),
             "latency_source": a.get("latency_source"),
             "device": a.get("device"),
             "size_mb": a.get("size_mb"),

@@ -17,6 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from search import _faults
 from search.compress import (
     FakeQuant,
     Sparsifier,
@@ -53,6 +54,7 @@ def _stage(record: TrialRecord, name: str) -> Iterator[None]:
     """Time a stage into ``record.timings``; name the stage in any error it raises."""
     start = time.perf_counter()
     try:
+        _faults.inject(name, record.number)
         yield
     except TrialError:
         raise

@@ -69,6 +69,7 @@ class LatencyStats:
     source: str  # "measured" or "predicted"
     device: str
     provider: str = ""
+    noisy: bool = False  # cv stayed above the profile's max_cv after a repeat
 
 
 @dataclass

@@ -52,7 +52,12 @@ from search.profiles import HardwareProfile, load_profile, measurable_here
 from search.record import Choices, TrialRecord
 from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
 from search.tasks import load_task
-from search.tracking import Tracker, default_tracking_uri
+from search.tracking import (
+    Tracker,
+    check_tracking_uri,
+    default_tracking_uri,
+    server_reachable,
+)
 
 __all__ = ["StudyResult", "make_sampler", "run_search"]
 
@@ -188,7 +193,8 @@ def _record_attrs(record: TrialRecord) -> dict[str, Any]:
         attrs["node"] = record.node
     if lat is not None:
         attrs.update(latency_p90_ms=lat.p90_ms, latency_cv=lat.cv, latency_runs=lat.runs,
-                     latency_source=lat.source, device=lat.device, provider=lat.provider)
+                     latency_source=lat.source, device=lat.device, provider=lat.provider,
+                     latency_noisy=lat.noisy)
     return attrs
 
 
@@ -222,12 +228,23 @@ def _log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial,
         "device": a.get("device", ""),
         "baseline": a.get("baseline", ""),
     }
+    if complete:
+        tags["latency_noisy"] = str(bool(a.get("latency_noisy", False))).lower()
     if "failure" in a:
         tags["failure_reason"] = a["failure"]
     if "cached_from" in a:
         tags["cached_from"] = str(a["cached_from"])
     params = a.get("choices") or dict(trial.params)
     tracker.log_trial(trial.number, params, metrics, tags, failed=not complete)
+
+
+def _catch_up(tracker: Tracker, study: optuna.Study) -> None:
+    """Log every finished trial MLflow lacks (missed during an outage or before a crash)."""
+    tracker.refresh()
+    reference = _reference_accuracy(study)
+    for t in study.get_trials(deepcopy=False):
+        if t.state.is_finished() and t.number not in tracker.logged:
+            _log_frozen(tracker, t, reference)
 
 
 class _Driver:
@@ -243,6 +260,7 @@ class _Driver:
         self.in_flight: dict[ray.ObjectRef, tuple[optuna.Trial, str]] = {}
         self.n_failed = 0
         self.tracking_s = 0.0  # time spent logging trials to MLflow
+        self.tracking_behind = False  # some trial could not be logged yet
         self.show_progress = show_progress
 
     def run(self) -> None:
@@ -368,9 +386,22 @@ class _Driver:
 
     def _complete(self, trial: optuna.Trial, record: TrialRecord) -> optuna.trial.TrialState:
         assert record.onnx_model is not None and record.latency is not None
-        (self.models_dir / f"trial-{trial.number}.onnx").write_bytes(record.onnx_model)
+        path = self.models_dir / f"trial-{trial.number}.onnx"
+        try:
+            path.write_bytes(record.onnx_model)
+        except OSError as exc:  # a full disk: every later trial would fail the same way
+            path.unlink(missing_ok=True)
+            self._fail(trial, f"saving its model: {exc.strerror or exc}")
+            raise SearchError(
+                f"cannot write {path} ({exc.strerror or exc}); every completed trial is kept in "
+                "the Optuna storage: free space and rerun the same command to resume"
+            ) from None
         for key, value in _record_attrs(record).items():
             trial.set_user_attr(key, value)
+        if record.latency.noisy:
+            log.warning("trial %d: latency CV %.2f stayed above the profile's max_cv %.2f after a "
+                        "repeat; flagged latency_noisy", trial.number, record.latency.cv,
+                        self.profile.measure.max_cv)
         return self._tell_complete(trial, [record.accuracy, record.latency.median_ms])
 
     def _tell_complete(self, trial: optuna.Trial, values: list[float]) -> optuna.trial.TrialState:
@@ -387,11 +418,12 @@ class _Driver:
             trial.set_user_attr("constraint_values", constraints)
         frozen = self.study.tell(trial, values)
         self._track(frozen)
-        try:
-            hv = hypervolume(trials_frame(self.study))
-            self.tracker.log_summary_metrics({"hypervolume": hv}, step=frozen.number)
-        except Exception as exc:  # tracking outage: the final value is logged at the end
-            log.debug("hypervolume not logged: %s", exc)
+        if not self.tracking_behind:  # during an outage only the final value is logged
+            try:
+                hv = hypervolume(trials_frame(self.study))
+                self.tracker.log_summary_metrics({"hypervolume": hv}, step=frozen.number)
+            except Exception as exc:
+                log.debug("hypervolume not logged: %s", exc)
         return optuna.trial.TrialState.COMPLETE
 
     def _track(self, trial: optuna.trial.FrozenTrial) -> None:
@@ -399,8 +431,21 @@ class _Driver:
         storage and is logged when the study is finished or resumed)."""
         start = time.perf_counter()
         try:
-            _log_frozen(self.tracker, trial, _reference_accuracy(self.study))
+            if not server_reachable(self.tracker.uri):  # fast: no MLflow retries
+                if not self.tracking_behind:
+                    log.warning("MLflow tracking server %s is unreachable; trials are logged "
+                                "when it is back, at the end, or on a rerun",
+                                redact(self.tracker.uri))
+                self.tracking_behind = True
+                return
+            if self.tracking_behind:
+                _catch_up(self.tracker, self.study)
+                log.info("MLflow tracking server is back; missed trials logged")
+                self.tracking_behind = False
+            else:
+                _log_frozen(self.tracker, trial, _reference_accuracy(self.study))
         except Exception as exc:
+            self.tracking_behind = True
             log.warning("MLflow logging of trial %d failed (%s); it will be logged later",
                         trial.number, type(exc).__name__)
         finally:
@@ -433,6 +478,16 @@ def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]
     }
 
 
+def _noisy_note(df: pd.DataFrame, cfg: SearchConfig) -> str:
+    """A warning when some measurements stayed noisy (column latency_noisy in trials.csv)."""
+    noisy = df.loc[df["latency_noisy"].fillna(False).astype(bool), "trial"].tolist() if len(df) else []
+    if not noisy:
+        return ""
+    return (f"; **warning: {len(noisy)} noisy measurement(s)** (trials "
+            f"{', '.join(map(str, noisy))}: coefficient of variation above the profile's max_cv "
+            "after a repeat; see latency_noisy in trials.csv, and rerun on a quieter machine)")
+
+
 def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: list,
              best: float | None) -> str:
     """A short human summary of the study (summary.md)."""
@@ -440,7 +495,8 @@ def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: l
              f"- profile `{cfg.profile}`, task `{cfg.task}`, space `{cfg.space}`, "
              f"sampler `{cfg.sampler}`, seed {cfg.seed}",
              f"- {len(df)} completed trials of a budget of {cfg.budget}, {len(failed)} failed",
-             f"- latency: {', '.join(sorted(set(df['latency_source'].dropna()))) or 'n/a'}",
+             f"- latency: {', '.join(sorted(set(df['latency_source'].dropna()))) or 'n/a'}"
+             + _noisy_note(df, cfg),
              f"- best speedup within {cfg.report_drop:g} point(s) of the reference: "
              + (f"{best:.2f}x" if best else "n/a"), "", "| trial | accuracy % | latency ms | "
              "speedup | precisions |", "|---|---|---|---|---|"]
@@ -492,10 +548,12 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
     summary = out / "summary.md"
     summary.write_text(_summary(cfg, df, front, failed, best))
     artifacts.append(summary)
+    if not server_reachable(tracker.uri):
+        log.warning("MLflow tracking server %s is unreachable; the CSVs are written, and "
+                    "rerunning the command completes the MLflow run", redact(tracker.uri))
+        return df, shown
     try:
-        for t in study.get_trials(deepcopy=False):  # catch up on logging missed earlier
-            if t.state.is_finished() and t.number not in tracker.logged:
-                _log_frozen(tracker, t, _reference_accuracy(study))
+        _catch_up(tracker, study)  # trials missed during an outage or before a crash
         if len(df):  # the final value, at the last trial's step of the history
             tracker.log_summary_metrics({"hypervolume": hypervolume(df)},
                                         step=int(df["trial"].max()))
@@ -589,6 +647,7 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     measurable, why = measurable_here(profile)
     _check_latency_mode(cfg, profile, measurable, why)
     check_address(cfg.ray_address)
+    check_tracking_uri(cfg.tracking_uri)
     root = Path(cfg.runs_root)
     ensure_writable(Path(cfg.output_dir), "output directory")
     if cfg.storage.startswith("sqlite:///") or cfg.tracking_uri is None:
@@ -667,8 +726,15 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
             ray.shutdown()
     finish_start = time.perf_counter()
     providers = list(dict.fromkeys([profile.measure.execution_provider, "CPUExecutionProvider"]))
-    df, front = _write_outputs(study, cfg, tracker, interrupted, profile, task.input_shape,
-                               providers)
+    try:
+        df, front = _write_outputs(study, cfg, tracker, interrupted, profile, task.input_shape,
+                                   providers)
+    except OSError as exc:  # a full or failing disk under the output directory
+        raise stopped or SearchError(
+            f"cannot write the study's outputs to {cfg.output_dir} ({exc.strerror or exc}); "
+            f"every completed trial is kept in the Optuna storage {redact(cfg.storage)}: "
+            "free space and rerun the same command to write them"
+        ) from None
     if source == "measured" and profile.latency_model is not None:
         _self_calibrate(study, cfg, profile, tracker)
     phases["finish"] = time.perf_counter() - finish_start

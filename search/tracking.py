@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,8 +25,16 @@ from search._redact import redact
 from search.errors import ConfigError
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO when imported
+# MLflow prints "View run ... at: <tracking URI>" for every run it ends on a server, with any
+# user:password the URI carries; our own summary names the server (redacted) once.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# By default MLflow retries a failed request 7 times with exponential backoff (minutes) and
+# waits 120 s for an answer; the driver would stall that long per trial while a server is
+# down. Trial results are safe in the Optuna storage and logged later, so fail sooner.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
-__all__ = ["EXPERIMENT", "Tracker", "default_tracking_uri"]
+__all__ = ["EXPERIMENT", "Tracker", "check_tracking_uri", "default_tracking_uri", "server_reachable"]
 
 EXPERIMENT = "compression-search"
 _STUDY_TAG = "search.study"
@@ -34,6 +44,52 @@ _TRIAL_TAG = "search.trial"
 def default_tracking_uri(root: Path) -> str:
     """The shared SQLite store under ``root`` (``./search-runs`` by default)."""
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def _server(uri: str) -> tuple[str, int] | None:
+    """(host, port) of an http(s) tracking server; None for a local store."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    return parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+def server_reachable(uri: str, timeout_s: float = 2.0) -> bool:
+    """Whether a tracking server accepts connections (True for a local store).
+
+    A plain TCP connect answers in at most ``timeout_s``; an MLflow call to a
+    server that is down retries for minutes.
+    """
+    server = _server(uri)
+    if server is None:
+        return True
+    try:
+        with socket.create_connection(server, timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def check_tracking_uri(uri: str | None, timeout_s: float = 5.0) -> None:
+    """Fail within seconds, before any training, when a tracking server cannot be reached."""
+    if uri is None:
+        return
+    if "://" in uri and uri.split("://", 1)[0] in ("http", "https") and _server(uri) is None:
+        raise ConfigError(f"--tracking-uri {redact(uri)!r} is not a valid http(s) URL "
+                          "(http://host:port)")
+    if not server_reachable(uri, timeout_s):
+        host, port = _server(uri)  # type: ignore[misc]
+        raise ConfigError(
+            f"cannot reach the MLflow tracking server at {redact(uri)} ({host}:{port} refused "
+            f"or did not answer within {timeout_s:.0f} s); start it, fix --tracking-uri, or "
+            "leave it out to track in a local SQLite store"
+        )
 
 
 def _metric_items(metrics: Mapping[str, float | None], step: int = 0) -> list[Metric]:
@@ -61,7 +117,9 @@ class Tracker:
         self.experiment_id = experiment_id
         self.study_name = study_name
         self.parent_id = self._find_or_create_parent()
-        self.logged = self._logged_trials()
+        self.logged: dict[int, str] = {}  # trial -> child run, fully logged
+        self._partial: dict[int, str] = {}  # trial -> child run created but not completed
+        self.refresh()
 
     def _find_or_create_parent(self) -> str:
         runs = self.client.search_runs(
@@ -77,8 +135,19 @@ class Tracker:
         )
         return run.info.run_id
 
-    def _logged_trials(self) -> dict[int, str]:
-        found: dict[int, str] = {}
+    def refresh(self) -> None:
+        """Re-read which trials have a child run: after an outage, a run the server created
+        may never have been confirmed to us. A child not ended is completed, not duplicated."""
+        for number, (run_id, status) in self._children().items():
+            if status == "RUNNING":
+                if number not in self.logged:
+                    self._partial[number] = run_id
+            else:
+                self.logged[number] = run_id
+                self._partial.pop(number, None)
+
+    def _children(self) -> dict[int, tuple[str, str]]:
+        found: dict[int, tuple[str, str]] = {}
         token = None
         while True:
             page = self.client.search_runs(
@@ -88,7 +157,7 @@ class Tracker:
             )
             for run in page:
                 if _TRIAL_TAG in run.data.tags:
-                    found[int(run.data.tags[_TRIAL_TAG])] = run.info.run_id
+                    found[int(run.data.tags[_TRIAL_TAG])] = (run.info.run_id, run.info.status)
             token = page.token
             if not token:
                 return found
@@ -101,22 +170,26 @@ class Tracker:
 
     def log_trial(self, number: int, params: Mapping[str, Any], metrics: Mapping[str, float | None],
                   tags: Mapping[str, str], failed: bool = False) -> None:
-        """One child run per trial, in one batch; a trial already logged is skipped."""
+        """One child run per trial, in one batch; a trial already logged is skipped, and one
+        whose logging was cut off (server down, driver killed) is completed in the same run."""
         if number in self.logged:
             return
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{number}",
-            tags={"mlflow.parentRunId": self.parent_id, _TRIAL_TAG: str(number)},
-        )
+        run_id = self._partial.get(number)
+        if run_id is None:
+            run_id = self.client.create_run(
+                self.experiment_id,
+                run_name=f"trial-{number}",
+                tags={"mlflow.parentRunId": self.parent_id, _TRIAL_TAG: str(number)},
+            ).info.run_id
+            self._partial[number] = run_id
         self.client.log_batch(
-            run.info.run_id,
+            run_id,
             metrics=_metric_items(metrics),
             params=[Param(k, str(v)) for k, v in params.items()],
             tags=[RunTag(k, redact(str(v))) for k, v in tags.items()],
         )
-        self.client.set_terminated(run.info.run_id, status="FAILED" if failed else "FINISHED")
-        self.logged[number] = run.info.run_id
+        self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        self.logged[number] = self._partial.pop(number)
 
     def log_summary_metrics(self, metrics: Mapping[str, float | None], step: int = 0) -> None:
         """Metrics of the parent run; ``step`` makes a history (hypervolume per trial)."""

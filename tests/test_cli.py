@@ -1,5 +1,6 @@
 """The command as a user types it: bad input fails fast, with exit 2 and nothing written."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,74 @@ def test_profiles_command_lists_every_profile(tmp_path):
         assert name in out.stdout
     assert "measured here" in out.stdout and "predicted" in out.stdout
     assert "removed" in out.stdout  # legacy devices say so
+
+
+@pytest.mark.parametrize("text, field, allowed", [
+    ("profile: cpu-avx512-vnni\nbudget: [3\n", "line", "YAML"),  # syntax error: where
+    ("profile: cpu-avx512-vnni\nbudget: 3\nsampeler: tpe\n", "sampeler", "sampler"),
+    ("profile: cpu-avx512-vnni\nbudget: three\n", "budget", "valid integer"),
+    ("profile: cpu-avx512-vnni\nbudget: 0\n", "budget", "greater than or equal to 1"),
+    ("profile: cpu-avx512-vnni\nbudget: 3\nsampler: grid\n", "sampler", "'tpe', 'nsga2' or"),
+    ("profile: cpu-avx512-vnni\nbudget: 3\nparallel: -1\n", "parallel", "greater than or equal"),
+    ("- profile\n- budget\n", "expected a mapping", "ConfigFile"),
+])
+def test_malformed_config_file_names_file_field_and_what_is_allowed(tmp_path, text, field,
+                                                                     allowed):
+    config = tmp_path / "experiment.yaml"
+    config.write_text(text)
+    out = _run(["--config", str(config)], tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert str(config) in out.stderr and field in out.stderr and allowed in out.stderr
+    assert "Traceback" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiment.yaml"]
+
+
+def test_space_impossible_for_the_profile_fails_before_any_trial(tmp_path):
+    """A space offering int8 to a profile (vpu) that runs fp16 only: exit 2, no study stored."""
+    (tmp_path / "int8.yaml").write_text("name: int8-only\nquantization:\n  precisions: [int8]\n")
+    out = _run(["--profile", "vpu", "--budget", "3", "--space", "int8.yaml"], tmp_path,
+               timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "int8-only" in out.stderr and "vpu" in out.stderr and "allowed: fp16" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "search-runs" / "optuna.db").exists()
+
+
+def test_unreachable_tracking_server_fails_fast_before_any_training(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    env = {**os.environ, "SEARCH_CACHE_DIR": str(tmp_path / "cache")}  # a teacher would be trained
+    out = subprocess.run(SEARCH + ["--profile", "cpu-avx512-vnni", "--budget", "3",
+                                   "--tracking-uri", f"http://u:s3cr3t@127.0.0.1:{port}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "cannot reach the MLflow tracking server" in out.stderr
+    assert f"127.0.0.1:{port}" in out.stderr and "s3cr3t" not in out.stderr + out.stdout
+    assert time.monotonic() - start < 30
+    assert list(tmp_path.iterdir()) == []  # no teacher trained, nothing written
+
+
+def test_measuring_a_provider_missing_here_is_refused_before_any_work(tmp_path):
+    """t4-gpu measures with CUDAExecutionProvider: never 'measured' on this CPU instead."""
+    out = _run(["--profile", "t4-gpu", "--budget", "3", "--latency", "measure"], tmp_path)
+    assert out.returncode == 2
+    assert "--latency measure" in out.stderr and "CUDAExecutionProvider" in out.stderr
+    assert "--latency predict" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_on_a_storage_with_a_password_never_prints_it(tmp_path):
+    from tests.conftest import free_port
+
+    port = free_port()
+    out = subprocess.run(SEARCH + ["report", "--study", "s", "--storage",
+                                   f"postgresql://u:s3cr3t@127.0.0.1:{port}/db"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "cannot load study" in out.stderr and "u:***@127.0.0.1" in out.stderr
+    assert "s3cr3t" not in out.stderr + out.stdout

@@ -100,3 +100,40 @@ def test_a_second_driver_on_the_same_study_refuses(tmp_path, fast_profile_path):
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
     assert len(_complete(storage, "shared")) == 3
+
+
+QUICK_SPACE = """
+name: quick
+pruning:
+  unstructured_sparsity: {low: 0.0, high: 0.5, step: 0.1}
+  structured_ratio: {low: 0.0, high: 0.3, step: 0.1}
+distillation:
+  epochs: {low: 0, high: 0}
+"""
+STAGES = ("prune", "train", "export", "quantize", "evaluate", "measure")
+
+
+def test_a_fault_in_each_stage_fails_that_trial_and_the_study_goes_on(tmp_path, monkeypatch,
+                                                                      fast_profile_path):
+    """SEARCH_FAULTS makes trials 2..7 raise on entering one stage each (search/_faults.py)."""
+    faults = {stage: 2 + i for i, stage in enumerate(STAGES)}
+    monkeypatch.setenv("SEARCH_FAULTS", ",".join(f"{s}@{n}" for s, n in faults.items()))
+    (tmp_path / "quick.yaml").write_text(QUICK_SPACE)
+    config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=tmp_path,
+                          space=str(tmp_path / "quick.yaml"), study_name="faulty", parallel=1)
+    result = run_search(config, show_progress=False)
+    assert len(result.trials) == 3 and result.n_failed == len(STAGES)
+    study = optuna.load_study(study_name="faulty",
+                              storage=f"sqlite:///{(tmp_path / 'optuna.db').resolve()}")
+    by_number = {t.number: t for t in study.trials}
+    for stage, number in faults.items():
+        trial = by_number[number]
+        assert trial.state == optuna.trial.TrialState.FAIL, stage
+        assert trial.user_attrs["failure"].startswith(f"{stage}: InjectedFault"), trial.user_attrs
+    import pandas as pd
+
+    rows = pd.read_csv(result.output_dir / "trials.csv")
+    failed = rows[rows["state"] == "FAIL"].set_index("trial")["failure"]
+    assert {n: failed[n].split(":")[0] for n in faults.values()} == {
+        n: s for s, n in faults.items()}
+    assert (rows["state"] == "COMPLETE").sum() == 3

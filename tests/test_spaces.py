@@ -83,7 +83,7 @@ def test_block_and_stage_granularity_group_layer_precisions(tmp_path, profile, l
         choices = resolved.sample(trial)
         precision_params = {k for k in trial.params if k.startswith("precision.")}
         assert precision_params <= {f"precision.{g}" for g in resolved.groups}
-        for group, names in resolved.groups.items():  # one precision per stage
+        for names in resolved.groups.values():  # one precision per stage
             assert len({choices.precisions[n] for n in names}) == 1
         study.tell(trial, [0.0, 1.0])
     baselines = dict(resolved.baselines())

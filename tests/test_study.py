@@ -134,3 +134,22 @@ def test_a_study_never_mixes_latency_sources(tmp_path, fast_profile_path):
 
     with pytest.raises(Exception, match="mix"):
         run_search(replace(base, budget=3, latency="measure"), show_progress=False)
+
+
+def test_noisy_latency_is_flagged_in_csv_mlflow_and_summary(tmp_path, fast_profile_path):
+    """A max_cv no measurement can meet: every trial is measured twice and flagged."""
+    import yaml
+
+    data = yaml.safe_load(fast_profile_path.read_text())
+    data["name"] = "noisy-host"
+    data["measure"]["max_cv"] = 1e-9
+    profile = tmp_path / "noisy-host.yaml"
+    profile.write_text(yaml.safe_dump(data))
+    result = run_search(SearchConfig(profile=str(profile), budget=2, runs_root=tmp_path,
+                                     study_name="noisy"), show_progress=False)
+    trials = pd.read_csv(result.output_dir / "trials.csv")
+    assert trials["latency_noisy"].tolist() == [True, True]
+    client = MlflowClient(result.tracking_uri)
+    assert {c.data.tags["latency_noisy"] for c in _children(client, result.parent_run_id)} == \
+        {"true"}
+    assert "2 noisy measurement(s)" in (result.output_dir / "summary.md").read_text()

@@ -2,14 +2,17 @@
 
 Numbers on a shared machine are noisy. Warm-up runs are discarded, runs repeat
 until both a minimum count and a minimum time are reached, and the coefficient
-of variation is kept so a noisy measurement can be spotted (and is repeated
-once when it exceeds the profile's ``max_cv``).
+of variation is kept so a noisy measurement can be spotted: it is repeated
+once when it exceeds the profile's ``max_cv``, and flagged ``noisy`` when the
+repeat is no better, so that a person reading the front knows which numbers
+to distrust.
 """
 
 from __future__ import annotations
 
 import platform
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -88,4 +91,6 @@ def measure_latency(model: bytes, profile: HardwareProfile,
         retry = summarize(_timed_runs(session, feed, settings),
                           device=stats.device, provider=provider)
         stats = min(stats, retry, key=lambda s: s.cv)
+    if stats.cv > settings.max_cv:
+        stats = replace(stats, noisy=True)
     return stats

@@ -1,0 +1,123 @@
+"""Credentials in the storage and tracking URLs appear nowhere a study writes or prints.
+
+The tracking URL carries ``user:password`` to a real `mlflow server` on loopback (which
+ignores it). SQLite URLs cannot carry a password, so the storage is SQLite behind a
+SQLAlchemy dialect that accepts (and drops) one: the URL the driver is given has the same
+shape as ``postgresql://user:password@host/db``.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.tracking import EXPERIMENT
+from tests.conftest import free_port, start_mlflow_server, stop_mlflow_server
+
+pytestmark = pytest.mark.slow
+
+TRACKING_SECRET = "trk-s3cr3t-Pw"
+STORAGE_SECRET = "db-s3cr3t-Pw"
+
+DRIVER = '''
+import sys
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+
+
+class PasswordSQLite(SQLiteDialect_pysqlite):
+    """SQLite reached through a URL with user, password and host, like a database server."""
+
+    def create_connect_args(self, url):
+        return super().create_connect_args(url._replace(username=None, password=None, host=None))
+
+
+registry.register("sqlite.pw", "__main__", "PasswordSQLite")
+from search.cli import main
+
+sys.exit(main())
+'''
+
+SPACE = """
+name: quick
+pruning:
+  unstructured_sparsity: {low: 0.0, high: 0.5, step: 0.1}
+distillation:
+  epochs: {low: 0, high: 0}
+"""
+
+
+def _leaks(root: Path, secrets: list[bytes]) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            found += [f"{path}: {s!r}" for s in secrets if s in data]
+    return found
+
+
+def test_credentials_in_urls_never_leak(tmp_path, fast_profile_path):
+    port = free_port()
+    server_root = tmp_path / "server"
+    server = start_mlflow_server(server_root, port)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "quick.yaml").write_text(SPACE)
+    (work / "driver.py").write_text(DRIVER)
+    db = work / "optuna.db"
+    tracking = f"http://alice:{TRACKING_SECRET}@127.0.0.1:{port}"
+    storage = f"sqlite+pw://bob:{STORAGE_SECRET}@dbhost/{db}"
+    try:
+        out = subprocess.run(
+            [sys.executable, "driver.py", "--profile", str(fast_profile_path), "--budget", "2",
+             "--space", "quick.yaml", "--study-name", "secret", "--tracking-uri", tracking,
+             "--storage", storage, "--quiet"],
+            cwd=work, capture_output=True, text=True, timeout=600,
+            env={**__import__("os").environ, "RAY_TMPDIR": str(ray_tmp)},
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "alice:***@127.0.0.1" in out.stdout  # the server is named, redacted
+        study = optuna.load_study(study_name="secret", storage=f"sqlite:///{db}")
+        assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
+
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        runs = client.search_runs([exp.experiment_id])
+        assert len(runs) == 3
+        logged = []
+        for run in runs:
+            logged += [f"{k}={v}" for k, v in run.data.params.items()]
+            logged += [f"{k}={v}" for k, v in run.data.tags.items()]
+            logged.append(run.info.artifact_uri or "")
+            client.download_artifacts(run.info.run_id, "", str(tmp_path / "downloaded"
+                                                                / run.info.run_id))
+        parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+        assert parent.data.params["storage"] == f"sqlite+pw://bob:***@dbhost/{db}"
+        assert list((tmp_path / "downloaded").rglob("pareto.csv"))
+
+        secrets = [TRACKING_SECRET, STORAGE_SECRET]
+        secrets += [base64.b64encode(f"{u}:{s}".encode()).decode()
+                    for u, s in (("alice", TRACKING_SECRET), ("bob", STORAGE_SECRET))]
+        for text, where in ((out.stdout, "stdout"), (out.stderr, "stderr"),
+                            ("\n".join(logged), "MLflow params/tags")):
+            assert not [s for s in secrets if s in text], where
+        stop_mlflow_server(server)
+        leaks = [_leaks(root, [s.encode() for s in secrets])
+                 for root in (work, tmp_path / "downloaded", server_root, ray_tmp)]
+        assert leaks == [[], [], [], []]
+        assert list(ray_tmp.rglob("*.log")), "Ray wrote its logs elsewhere"
+    finally:
+        stop_mlflow_server(server)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
