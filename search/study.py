@@ -50,7 +50,7 @@ from search.pareto import best_speedup, hypervolume, plot_front, trials_frame, w
 from search.profiles import HardwareProfile, load_profile, measurable_here
 from search.record import TrialRecord
 from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
-from search.tasks import load_task
+from search.tasks import check_task, load_task
 from search.tracking import Tracker, default_tracking_uri
 
 __all__ = ["StudyResult", "make_sampler", "run_search"]
@@ -356,6 +356,7 @@ def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]
         "profile": profile.name, "task": cfg.task, "space": cfg.space, "sampler": cfg.sampler,
         "budget": cfg.budget, "seed": cfg.seed, "study_name": cfg.study_name,
         "storage": redact(cfg.storage), "parallel": cfg.parallel or "auto",
+        **{k: str(v) for k, v in asdict(cfg.task_options()).items() if v is not None},
     }
 
 
@@ -513,6 +514,7 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     measurable, why = measurable_here(profile)
     _check_latency_mode(cfg, profile, measurable, why)
     check_address(cfg.ray_address)
+    check_task(cfg.task, cfg.task_options())
     root = Path(cfg.runs_root)
     ensure_writable(Path(cfg.output_dir), "output directory")
     if cfg.storage.startswith("sqlite:///") or cfg.tracking_uri is None:
@@ -527,10 +529,11 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     root = Path(cfg.runs_root)
     tracking_uri = cfg.tracking_uri or default_tracking_uri(root)
 
-    task = load_task(cfg.task, cfg.seed)
+    task = load_task(cfg.task, cfg.seed, cfg.task_options())
     info = task.teacher_info
-    log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")),
-             f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
+    origin = (f"from {info['teacher']}" if info.get("teacher") else
+              f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
+    log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")), origin)
     resolved = resolve_space(space, profile, compressible_layers(task.teacher()))
 
     try:
