@@ -24,6 +24,7 @@ from search.tasks._teacher import (
     TrainSettings,
     cached_teacher,
     load_teacher_state,
+    read_teacher,
     train_classifier,
 )
 
@@ -79,9 +80,8 @@ def _plugin(spec: str) -> Factory:
 def check_task(name: str, options: TaskOptions | None = None) -> None:
     """Fail fast, before anything is written: unknown task, missing data, bad plugin."""
     options = options or TaskOptions()
-    if options.teacher is not None and not options.teacher.is_file():
-        raise ConfigError(f"--teacher {options.teacher} does not exist (expected a file written "
-                          "by torch.save: a state_dict or a whole model)")
+    if options.teacher is not None:
+        read_teacher(options.teacher)  # missing or corrupt: now; a mismatch needs the model
     if name in TASKS:
         importlib.import_module(TASKS[name]).check(options)
     elif ":" in name:
@@ -130,8 +130,12 @@ def load_task(name: str, seed: int = 0, options: TaskOptions | None = None) -> T
     if options.teacher is not None and task.teacher_info.get("teacher") != str(options.teacher):
         state = load_teacher_state(options.teacher, task.make_model())
         info = {**task.teacher_info, "teacher": str(options.teacher), "trained_s": 0.0}
+        info.pop("test_accuracy", None)
         task = dataclasses.replace(task, teacher_state=state, teacher_info=info)
+    if "test_accuracy" not in task.teacher_info:  # a plugin need not score its teacher
+        info = dict(task.teacher_info)
         teacher = task.teacher()
         info["test_accuracy"] = task.score(teacher, task.test)
         info["val_accuracy"] = task.score(teacher, task.val)
+        task = dataclasses.replace(task, teacher_info=info)
     return task

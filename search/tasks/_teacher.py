@@ -28,10 +28,12 @@ from search.devices import autocast, grad_scaler, train_device
 from search.errors import ConfigError
 from search.tasks._base import Split
 
-__all__ = ["TrainSettings", "cached_teacher", "load_teacher_state", "resolve_teacher", "train_classifier"]
+__all__ = ["TrainSettings", "cached_teacher", "load_teacher_state", "read_teacher", "resolve_teacher",
+           "train_classifier"]
 
 log = logging.getLogger("search")
 _SHOWN = 12  # keys listed per kind of mismatch
+_WARNED: set[Path] = set()  # pickled checkpoints already warned about
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,17 @@ def _read_checkpoint(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc):
-            raise ConfigError(f"teacher {path} is not a readable PyTorch checkpoint: {exc}") from None
+        if "Unsupported global" not in str(exc):  # junk, not a module the safe loader refuses
+            detail = str(exc).rsplit("WeightsUnpickler error:", 1)[-1].split("\n\n")[0].strip()
+            raise ConfigError(f"teacher {path} is not a readable PyTorch checkpoint "
+                              f"({detail[:200]})") from None
     except Exception as exc:  # zip errors, truncated files, ...
         raise ConfigError(f"teacher {path} is not a readable PyTorch checkpoint "
                           f"({type(exc).__name__}: {str(exc)[:200]})") from None
-    log.warning("teacher %s holds pickled objects, not just tensors: loading it runs code from "
-                "the file (only do this with files you trust; save a state_dict to avoid it)", path)
+    if path not in _WARNED:
+        _WARNED.add(path)
+        log.warning("teacher %s holds pickled objects, not just tensors: loading it runs code from "
+                    "the file (only do this with files you trust; save a state_dict to avoid it)", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # e.g. the model's class cannot be imported here
@@ -166,13 +172,19 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
-def load_teacher_state(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights in ``path``, checked against ``model``; ConfigError naming every mismatch."""
+def read_teacher(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict stored in ``path``; ConfigError when it is missing or not a checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"teacher {path} does not exist (--teacher takes a file written by "
                           "torch.save: a state_dict or a whole model)")
-    state = _state_of(_read_checkpoint(path), path)
+    return _state_of(_read_checkpoint(path), path)
+
+
+def load_teacher_state(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights in ``path``, checked against ``model``; ConfigError naming every mismatch."""
+    path = Path(path)
+    state = read_teacher(path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
