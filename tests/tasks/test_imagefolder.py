@@ -77,8 +77,8 @@ def test_layout_errors_say_what_is_expected(tmp_path, digits_tree):
 
 
 def test_a_test_folder_is_used_when_present_and_val_is_halved_otherwise(tmp_path):
-    from search.tasks.imagefolder import _read
     from search.tasks._data import split_stratified
+    from search.tasks.imagefolder import _read
 
     data = write_digits_tree(tmp_path / "d", {"train": 3, "val": 2, "test": 1}, side=8, classes=3)
     check_task("imagefolder", TaskOptions(data_dir=data))
