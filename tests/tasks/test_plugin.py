@@ -129,3 +129,12 @@ def test_plugin_study_runs_on_ray_workers(plugin_dir, tmp_path, fast_profile_pat
     config = (study / "config.yaml").read_text()
     assert "task: blobs_task:make_task" in config and "teacher_epochs: 3" in config
     assert "teacher: test accuracy" in out.stderr
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import EXPERIMENT
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'search-runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    parents = client.search_runs([exp.experiment_id],
+                                 filter_string="params.task = 'blobs_task:make_task'")
+    assert len(parents) == 1 and parents[0].data.params["teacher_epochs"] == "3"
