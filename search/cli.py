@@ -49,7 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--config", type=Path, help="YAML file with any of these settings (flags beat it)")
     add("--profile", help="hardware profile name (`search profiles`) or a YAML path")
     add("--budget", type=_positive_int, help="number of COMPLETE trials the study ends with")
-    add("--task", help="task to compress (default: digits)")
+    add("--task", help="digits (default), cifar10, imagefolder, or module:function returning a "
+                       "Task (your own model and data)")
+    add("--data-dir", type=Path, help="dataset directory for --task cifar10 / imagefolder "
+                                      "(read once into memory; nothing is downloaded)")
+    add("--arch", help="torchvision classification architecture for the built-in tasks, e.g. "
+                       "resnet18, mobilenet_v2 (untrained; CIFAR-style stem for images <= 64 px)")
+    add("--teacher", type=Path, help="trained weights to compress (torch.save of a state_dict "
+                                     "or model) instead of training the built-in teacher")
+    add("--image-size", type=_positive_int, help="--task imagefolder: resize and crop to this "
+                                                  "side (default: the first image's, at most 224)")
+    add("--teacher-epochs", type=_positive_int, help="epochs to train a built-in teacher "
+                                                      "(default per task; small for smoke runs)")
     add("--space", help="search space name or YAML path (default: default)")
     add("--study-name", help="default: <task>-<profile>; rerun the command to resume")
     add("--storage", help="Optuna storage: an RDB URL or a journal file (journal:///path); "
@@ -240,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     missing = [f"--{k}" for k in ("profile", "budget") if values.get(k) is None]
     if missing:
         parser.error(f"{' and '.join(missing)} required (as flags or in --config)")
-    if "output_dir" in values:
-        values["output_dir"] = Path(str(values["output_dir"]))
+    for key in ("output_dir", "data_dir", "teacher"):
+        if key in values:
+            values[key] = Path(str(values[key]))
     config = SearchConfig(**values)  # type: ignore[arg-type]
     from search.study import run_search
 

@@ -9,14 +9,18 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from search._schema import Strict, load_model
 from search.errors import ConfigError
 
-__all__ = ["ConfigFile", "LATENCY_MODES", "SAMPLERS", "load_config_file", "SearchConfig", "ensure_writable"]
+if TYPE_CHECKING:  # search.tasks imports torch: keep `search --help` and bad flags fast
+    from search.tasks import TaskOptions
+
+__all__ = ["ConfigFile", "LATENCY_MODES", "SAMPLERS", "SearchConfig", "default_study_name",
+           "ensure_writable", "load_config_file"]
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 LATENCY_MODES = ("auto", "measure", "predict")
@@ -47,6 +51,23 @@ class SearchConfig:
     max_latency_ms: float | None = None
     latency: str = "auto"
     grace_period_s: float = 30.0
+    data_dir: Path | None = None  # task options: see search.tasks.TaskOptions
+    arch: str | None = None
+    teacher: Path | None = None
+    image_size: int | None = None
+    teacher_epochs: int | None = None
+
+    def task_options(self) -> TaskOptions:
+        """What the task factory gets besides the seed."""
+        from search.tasks import TaskOptions
+
+        return TaskOptions(
+            data_dir=Path(self.data_dir) if self.data_dir is not None else None,
+            arch=self.arch,
+            teacher=Path(self.teacher) if self.teacher is not None else None,
+            image_size=self.image_size,
+            teacher_epochs=self.teacher_epochs,
+        )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting and what is allowed."""
@@ -72,6 +93,12 @@ class SearchConfig:
             raise ConfigError(f"max accuracy drop must be >= 0 points, got {self.max_accuracy_drop}")
         if self.max_latency_ms is not None and not self.max_latency_ms > 0:
             raise ConfigError(f"max latency must be > 0 ms, got {self.max_latency_ms}")
+        if self.image_size is not None and (not isinstance(self.image_size, int)
+                                            or not 8 <= self.image_size <= 1024):
+            raise ConfigError(f"image size must be 8 to 1024 pixels, got {self.image_size!r}")
+        if self.teacher_epochs is not None and (not isinstance(self.teacher_epochs, int)
+                                                or self.teacher_epochs < 1):
+            raise ConfigError(f"teacher epochs must be at least 1, got {self.teacher_epochs!r}")
 
     @property
     def report_drop(self) -> float:
@@ -81,7 +108,7 @@ class SearchConfig:
     def resolved(self, profile_name: str) -> SearchConfig:
         """A copy with every default filled in (study name, directories, store URLs)."""
         self.validate()
-        name = self.study_name or f"{self.task}-{profile_name}"
+        name = self.study_name or default_study_name(self.task, self.arch, profile_name)
         root = Path(self.runs_root)
         return replace(
             self,
@@ -89,6 +116,13 @@ class SearchConfig:
             output_dir=Path(self.output_dir) if self.output_dir else root / name,
             storage=self.storage or f"sqlite:///{(root / 'optuna.db').resolve()}",
         )
+
+
+def default_study_name(task: str, arch: str | None, profile: str) -> str:
+    """``<task>[-<arch>]-<profile>``; a plugin's ``module:function`` becomes ``module.function``."""
+    parts = [task.replace(":", "."), arch, profile]
+    name = "-".join(p for p in parts if p)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:128]
 
 
 def ensure_writable(directory: Path, what: str) -> None:
@@ -127,8 +161,23 @@ class ConfigFile(Strict):
     max_latency_ms: float | None = Field(default=None, gt=0)
     latency: Literal["auto", "measure", "predict"] | None = None
     grace_period_s: float | None = Field(default=None, ge=0)
+    data_dir: str | None = None
+    arch: str | None = None
+    teacher: str | None = None
+    image_size: int | None = Field(default=None, ge=8, le=1024)
+    teacher_epochs: int | None = Field(default=None, ge=1)
 
 
 def load_config_file(path: Path) -> dict[str, object]:
-    """The settings a config file gives (only those it names)."""
-    return load_model(ConfigFile, Path(path)).model_dump(exclude_none=True)
+    """The settings a config file gives (only those it names).
+
+    Relative ``data_dir`` / ``teacher`` paths are relative to the file, so an
+    experiment file works from any directory.
+    """
+    path = Path(path)
+    values = load_model(ConfigFile, path).model_dump(exclude_none=True)
+    for key in ("data_dir", "teacher"):
+        if key in values:
+            p = Path(str(values[key])).expanduser()
+            values[key] = p if p.is_absolute() else path.parent / p
+    return values

@@ -38,7 +38,7 @@ from search.compress.prune import (
 )
 from search.compress.sparsity import fisher_scores, taylor_scores
 from search.errors import TrialError
-from search.evaluate import onnx_accuracy
+from search.evaluate import onnx_score
 from search.latency import measure_latency
 from search.latency.predict import Calibration, predict_latency
 from search.profiles import HardwareProfile, measurable_here
@@ -144,8 +144,8 @@ def compress(record: TrialRecord, task: Task, profile: HardwareProfile,
                                      reduce_range=profile.int8.reduce_range, seed=record.seed)
         record.layer_precisions = plan
     with _stage(record, "evaluate"):
-        record.accuracy = onnx_accuracy(final, task.val, threads=threads)
-        record.test_accuracy = onnx_accuracy(final, task.test, threads=threads)
+        record.accuracy = onnx_score(final, task.val, task.metric, threads=threads)
+        record.test_accuracy = onnx_score(final, task.test, task.metric, threads=threads)
     record.onnx_model = final
     record.size_mb = len(final) / 1e6
     return record

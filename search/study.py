@@ -51,7 +51,7 @@ from search.pipeline import model_facts, student_layers
 from search.profiles import HardwareProfile, load_profile, measurable_here
 from search.record import Choices, TrialRecord
 from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
-from search.tasks import load_task
+from search.tasks import check_task, load_task
 from search.tracking import (
     Tracker,
     check_tracking_uri,
@@ -475,6 +475,7 @@ def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]
         "budget": cfg.budget, "seed": cfg.seed, "study_name": cfg.study_name,
         "storage": redact(cfg.storage), "parallel": cfg.parallel or "auto",
         "max_accuracy_drop": cfg.max_accuracy_drop, "max_latency_ms": cfg.max_latency_ms,
+        **{k: str(v) for k, v in asdict(cfg.task_options()).items() if v is not None},
     }
 
 
@@ -648,6 +649,7 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     _check_latency_mode(cfg, profile, measurable, why)
     check_address(cfg.ray_address)
     check_tracking_uri(cfg.tracking_uri)
+    check_task(cfg.task, cfg.task_options())
     root = Path(cfg.runs_root)
     ensure_writable(Path(cfg.output_dir), "output directory")
     if cfg.storage.startswith("sqlite:///") or cfg.tracking_uri is None:
@@ -662,10 +664,11 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     root = Path(cfg.runs_root)
     tracking_uri = cfg.tracking_uri or default_tracking_uri(root)
 
-    task = load_task(cfg.task, cfg.seed)
+    task = load_task(cfg.task, cfg.seed, cfg.task_options())
     info = task.teacher_info
-    log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")),
-             f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
+    origin = (f"from {info['teacher']}" if info.get("teacher") else
+              f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
+    log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")), origin)
     resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
     constrained = cfg.max_accuracy_drop is not None or cfg.max_latency_ms is not None
 

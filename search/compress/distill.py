@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search.devices import autocast, grad_scaler, train_device
 from search.errors import TrialError
 from search.tasks import Split
 
@@ -145,17 +146,20 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
     if loss not in LOSSES:
         raise ValueError(f"unknown distillation loss {loss!r}; known: {', '.join(LOSSES)}")
     torch.manual_seed(seed)
-    teacher.eval()
+    device = train_device()  # CUDA with mixed precision when present; the model returns on CPU
+    student.to(device)
+    teacher.to(device).eval()
     s_cap = t_cap = None
     adapters = nn.ModuleDict()
     if loss == "feature":
-        taps = feature_taps(teacher, train.x[:2])
+        taps = feature_taps(teacher, train.x[:2].to(device))
         s_cap, t_cap = _Capture(student, taps), _Capture(teacher, taps)
         with torch.no_grad():
-            student.eval()(train.x[:2])
-            teacher(train.x[:2])
+            student.eval()(train.x[:2].to(device))
+            teacher(train.x[:2].to(device))
         for name in taps:
             adapters[name.replace(".", "_")] = _adapter(s_cap.values[name], t_cap.values[name])
+        adapters.to(device)
     elif loss == "relation":
         head = _last_linear(teacher)
         if head is None:
@@ -165,6 +169,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
                             lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    scaler = grad_scaler(device)
     step = 0
     try:
         for _ in range(epochs):
@@ -174,27 +179,32 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
             batches = 0
             for start in range(0, len(train), batch_size):
                 batch = order[start : start + batch_size]
-                xb, yb = train.x[batch], train.y[batch]
-                with torch.no_grad():
-                    teacher_logits = teacher(xb)
-                value = distillation_loss(student(xb), teacher_logits, yb, temperature, alpha)
-                sums["response"] += float(value.detach())
-                if loss != "response":
-                    if loss == "feature":
-                        extra = _hint(adapters, s_cap.values, t_cap.values)
-                    else:
-                        (name,) = t_cap.values
-                        extra = relation_loss(s_cap.values[name], t_cap.values[name])
-                    sums[loss] += float(extra.detach())
-                    value = value + loss_weight * extra
+                xb, yb = train.x[batch].to(device), train.y[batch].to(device)
+                with autocast(device):
+                    with torch.no_grad():
+                        teacher_logits = teacher(xb)
+                    value = distillation_loss(student(xb), teacher_logits, yb, temperature,
+                                              alpha)
+                    sums["response"] += float(value.detach())
+                    if loss != "response":
+                        if loss == "feature":
+                            extra = _hint(adapters, s_cap.values, t_cap.values)
+                        else:
+                            (name,) = t_cap.values
+                            extra = relation_loss(s_cap.values[name].float(),
+                                                  t_cap.values[name].float())
+                        sums[loss] += float(extra.detach())
+                        value = value + loss_weight * extra
                 batches += 1
                 if not torch.isfinite(value):
                     raise TrialError("fine-tune", f"loss became {value.item()} (lr={lr:g})")
                 opt.zero_grad()
-                value.backward()
+                scaler.scale(value).backward()
+                scaler.unscale_(opt)
                 for hook in hooks:
                     hook.on_backward()
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 step += 1
                 for hook in hooks:
@@ -206,4 +216,6 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
         for cap in (s_cap, t_cap):
             if cap is not None:
                 cap.close()
+        student.cpu()
+        teacher.cpu()
     return student.eval()

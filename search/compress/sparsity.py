@@ -190,13 +190,18 @@ class Sparsifier:
     @torch.no_grad()
     def apply(self) -> None:
         for name, mask in self.masks.items():
-            self.weights[name].mul_(mask)
+            w = self.weights[name]
+            if mask.device != w.device:  # the fine-tune may run on a GPU
+                mask = self.masks[name] = mask.to(w.device)
+            w.mul_(mask)
 
     def on_backward(self) -> None:
         if self.movement is None:
             return
         for name, w in self.weights.items():
             if w.grad is not None:
+                if self.movement[name].device != w.device:
+                    self.movement[name] = self.movement[name].to(w.device)
                 self.movement[name] -= w.detach() * w.grad.detach()
 
     def on_step(self, progress: float) -> None:
@@ -215,3 +220,4 @@ class Sparsifier:
             self.prune(self.movement, self.sparsity)
             self.movement = None
         self.apply()
+        self.masks = {name: mask.cpu() for name, mask in self.masks.items()}

@@ -1,34 +1,141 @@
 """Tasks: a teacher model with its data, the thing a study compresses.
 
-A :class:`Task` is plain data. Built-in tasks are registered by name in
-``TASKS``; each is built by a function ``make(seed) -> Task``.
+A :class:`Task` is plain data. ``--task`` names a built-in (``digits``,
+``cifar10``, ``imagefolder``) or a user's factory as ``module:function``: an
+importable function ``make_task(seed: int, options: TaskOptions) -> Task``.
+Built-ins are modules with ``check(options)`` (cheap, run before anything is
+written) and ``make_task(seed, options)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
+import inspect
 from collections.abc import Callable
 
+import torch
+
 from search.errors import ConfigError
-from search.tasks._base import Split, Task
+from search.tasks._arch import build_arch, known_archs
+from search.tasks._base import CALIBRATION_CAP, Metric, Split, Task, TaskOptions, top1_accuracy
+from search.tasks._teacher import (
+    TrainSettings,
+    cached_teacher,
+    load_teacher_state,
+    read_teacher,
+    train_classifier,
+)
 
-__all__ = ["Split", "TASKS", "Task", "load_task"]
+__all__ = [
+    "CALIBRATION_CAP", "Metric", "Split", "TASKS", "Task", "TaskOptions", "TrainSettings",
+    "build_arch", "cached_teacher", "check_task", "known_archs", "load_task", "load_teacher_state",
+    "top1_accuracy", "train_classifier",
+]
+
+TASKS: dict[str, str] = {
+    "digits": "search.tasks.digits",
+    "cifar10": "search.tasks.cifar10",
+    "imagefolder": "search.tasks.imagefolder",
+}
+
+Factory = Callable[[int, TaskOptions], Task]
 
 
-def _digits(seed: int) -> Task:
-    from search.tasks.digits import make_task
+def _plugin(spec: str) -> Factory:
+    """The function ``module:function`` names, or ConfigError saying what is wrong."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--task {spec!r}: give a built-in task ({', '.join(sorted(TASKS))}) "
+                          "or module:function, e.g. my_pkg.tasks:make_task")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--task {spec!r}: cannot import module {module_name!r} ({exc}); "
+                          "is it installed or on PYTHONPATH?") from None
+    except Exception as exc:  # the module itself raised on import
+        raise ConfigError(f"--task {spec!r}: importing {module_name!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    try:
+        factory = functools.reduce(getattr, attr.split("."), module)
+    except AttributeError:
+        public = sorted(n for n, v in vars(module).items()
+                        if callable(v) and not n.startswith("_") and
+                        getattr(v, "__module__", None) == module.__name__)
+        raise ConfigError(f"--task {spec!r}: module {module_name!r} has no {attr!r}; "
+                          f"its functions: {', '.join(public) or 'none'}") from None
+    if not callable(factory):
+        raise ConfigError(f"--task {spec!r}: {attr!r} is a {type(factory).__name__}, not a function")
+    try:
+        inspect.signature(factory).bind(0, TaskOptions())
+    except TypeError:
+        raise ConfigError(f"--task {spec!r}: {attr} must accept (seed, options), i.e. "
+                          "def make_task(seed: int, options: TaskOptions) -> Task") from None
+    except ValueError:  # no signature to inspect (a builtin): let the call decide
+        pass
+    return factory
 
-    return make_task(seed)
+
+def check_task(name: str, options: TaskOptions | None = None) -> None:
+    """Fail fast, before anything is written: unknown task, missing data, bad plugin."""
+    options = options or TaskOptions()
+    if options.teacher is not None:
+        read_teacher(options.teacher)  # missing or corrupt: now; a mismatch needs the model
+    if name in TASKS:
+        importlib.import_module(TASKS[name]).check(options)
+    elif ":" in name:
+        _plugin(name)
+    else:
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}, "
+                          "or module:function for your own (see README, 'Your own model and data')")
 
 
-TASKS: dict[str, Callable[[int], Task]] = {"digits": _digits}
+def _validate(name: str, task: Task) -> None:
+    """The shapes every stage relies on, checked once instead of failing in every trial."""
+    for label in ("train", "val", "test"):
+        split = getattr(task, label)
+        if not isinstance(split, Split) or len(split) == 0:
+            raise ConfigError(f"task {name!r}: {label} must be a non-empty Split(x, y)")
+        if tuple(split.x.shape[1:]) != tuple(task.input_shape):
+            raise ConfigError(f"task {name!r}: {label}.x has samples of shape "
+                              f"{tuple(split.x.shape[1:])} but input_shape is {task.input_shape}")
+        if split.x.dtype != torch.float32 or split.y.dtype != torch.long or len(split.x) != len(split.y):
+            raise ConfigError(f"task {name!r}: {label} needs float32 x and int64 y of equal length "
+                              f"(got {split.x.dtype} x{len(split.x)}, {split.y.dtype} x{len(split.y)})")
 
 
 @functools.cache
-def load_task(name: str, seed: int = 0) -> Task:
-    """Build (and cache in this process) the task ``name``; trains its teacher on first use."""
-    try:
-        factory = TASKS[name]
-    except KeyError:
-        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
-    return factory(seed)
+def load_task(name: str, seed: int = 0, options: TaskOptions | None = None) -> Task:
+    """Build (and cache in this process) the task ``name``; trains its teacher on first use.
+
+    ``options.teacher`` replaces the teacher's weights for any task, checked
+    against its ``make_model()`` (built-ins load it instead of training).
+    """
+    options = options or TaskOptions()
+    check_task(name, options)
+    if name in TASKS:
+        task = importlib.import_module(TASKS[name]).make_task(seed, options)
+    else:
+        try:
+            task = _plugin(name)(seed, options)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"--task {name!r} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(task, Task):
+        raise ConfigError(f"--task {name!r} returned {type(task).__name__}; it must return a "
+                          "search.tasks.Task")
+    _validate(name, task)
+    if options.teacher is not None and task.teacher_info.get("teacher") != str(options.teacher):
+        state = load_teacher_state(options.teacher, task.make_model())
+        info = {**task.teacher_info, "teacher": str(options.teacher), "trained_s": 0.0}
+        info.pop("test_accuracy", None)
+        task = dataclasses.replace(task, teacher_state=state, teacher_info=info)
+    if "test_accuracy" not in task.teacher_info:  # a plugin need not score its teacher
+        info = dict(task.teacher_info)
+        teacher = task.teacher()
+        info["test_accuracy"] = task.score(teacher, task.test)
+        info["val_accuracy"] = task.score(teacher, task.val)
+        task = dataclasses.replace(task, teacher_info=info)
+    return task

@@ -1,14 +1,31 @@
-"""The Task record shared by every stage."""
+"""The Task record shared by every stage, and the options a task is built from.
+
+A task holds its data in memory as tensors (``Split.x``, ``Split.y``): datasets
+are read once, when the task is built (with DataLoader workers), and every trial
+then slices tensors instead of re-reading files. Size the data accordingly
+(CIFAR-10 at 32x32 is about 0.6 GB as float32).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["Split", "Task"]
+__all__ = ["CALIBRATION_CAP", "Metric", "Split", "Task", "TaskOptions", "top1_accuracy"]
+
+# int8 calibration needs a few hundred samples; more only costs memory
+CALIBRATION_CAP = 1024
+
+Metric = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percent of rows whose largest logit is the label."""
+    return 100.0 * int((logits.argmax(1) == labels).sum()) / max(1, len(labels))
 
 
 @dataclass(frozen=True)
@@ -23,11 +40,30 @@ class Split:
 
 
 @dataclass(frozen=True)
+class TaskOptions:
+    """What the command line says about the task; a task uses what applies to it.
+
+    ``teacher``: a checkpoint to use instead of training (applied to any task,
+    plugins included). ``teacher_epochs``: override a built-in's teacher
+    training length (small values for tests and smoke runs).
+    """
+
+    data_dir: Path | None = None
+    arch: str | None = None
+    teacher: Path | None = None
+    image_size: int | None = None
+    teacher_epochs: int | None = None
+
+
+@dataclass(frozen=True)
 class Task:
     """A trained fp32 teacher and the data to fine-tune, calibrate and score it.
 
-    ``make_model`` builds the untrained architecture, so a student can be
-    created and the teacher's weights loaded into it.
+    ``make_model`` builds the untrained architecture (it must be picklable:
+    a class or a module-level function or ``functools.partial``, since the
+    task is shipped to Ray workers), so a student can be created and the
+    teacher's weights loaded into it. ``metric(logits, labels)`` scores a
+    model, higher is better (default: top-1 accuracy in percent).
     """
 
     name: str
@@ -39,6 +75,8 @@ class Task:
     input_shape: tuple[int, ...]
     num_classes: int
     teacher_info: dict[str, float | str] = field(default_factory=dict)
+    metric: Metric = top1_accuracy
+    calibration_cap: int = CALIBRATION_CAP
     # a pre-sparsified checkpoint of the same architecture, for sparse transfer: its zeros
     # are kept while the student is fine-tuned on this task
     sparse_state: dict[str, torch.Tensor] | None = None
@@ -59,5 +97,18 @@ class Task:
 
     @property
     def calibration(self) -> torch.Tensor:
-        """Inputs used to calibrate int8 activations (the training split)."""
-        return self.train.x
+        """Inputs used to calibrate int8 activations: at most ``calibration_cap`` training
+        inputs, a fixed random subset so every trial calibrates on the same ones."""
+        x = self.train.x
+        if len(x) <= self.calibration_cap:
+            return x
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        return x[order[: self.calibration_cap]]
+
+    def score(self, model: nn.Module, split: Split, batch_size: int = 256) -> float:
+        """``metric`` of a PyTorch model on ``split`` (on the CPU, in eval mode)."""
+        model.eval()
+        with torch.no_grad():
+            logits = torch.cat([model(split.x[i : i + batch_size])
+                                for i in range(0, len(split), batch_size)])
+        return self.metric(logits, split.y)

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
-import logging
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search._paths import cache_dir
-from search.tasks._base import Split, Task
+from search.errors import ConfigError
+from search.tasks._arch import arch_builder, check_arch
+from search.tasks._base import Split, Task, TaskOptions
+from search.tasks._teacher import TrainSettings, resolve_teacher, train_classifier
 
-__all__ = ["DigitsResNet", "make_task"]
+__all__ = ["DigitsResNet", "check", "make_task"]
 
 SIZE = 32
 _TRAIN = {"epochs": 12, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-4, "shift": 2}
@@ -87,68 +86,48 @@ def _splits(seed_split: int = 0) -> tuple[Split, Split, Split, str]:
     return parts[0], parts[1], parts[2], digest
 
 
-def _accuracy(model: nn.Module, split: Split) -> float:
-    model.eval()
-    with torch.no_grad():
-        return float((model(split.x).argmax(1) == split.y).float().mean()) * 100.0
+def check(options: TaskOptions) -> None:
+    """The digits are bundled and 32x32: only --arch, --teacher and --teacher-epochs apply."""
+    if options.data_dir is not None:
+        raise ConfigError("--data-dir does not apply to the digits task (its data ships with "
+                          "scikit-learn); use --task cifar10 or --task imagefolder for your data")
+    if options.image_size not in (None, SIZE):
+        raise ConfigError(f"--image-size {options.image_size}: the digits task is {SIZE}x{SIZE}; "
+                          "--image-size applies to --task imagefolder")
+    if options.arch is not None:
+        check_arch(options.arch)
+    if options.teacher_epochs is not None and options.teacher_epochs < 1:
+        raise ConfigError(f"--teacher-epochs must be at least 1, got {options.teacher_epochs}")
 
 
-def _train_teacher(train: Split, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    gen = np.random.default_rng(seed)
-    model = DigitsResNet()
-    cfg = _TRAIN
-    steps = cfg["epochs"] * ((len(train) + cfg["batch_size"] - 1) // cfg["batch_size"])
-    opt = torch.optim.AdamW(model.parameters(), cfg["lr"], weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["lr"], total_steps=steps)
-    for _ in range(cfg["epochs"]):
-        model.train()
-        order = torch.randperm(len(train))
-        for start in range(0, len(train), cfg["batch_size"]):
-            batch = order[start : start + cfg["batch_size"]]
-            shift = gen.integers(-cfg["shift"], cfg["shift"] + 1, size=2)
-            xb = torch.roll(train.x[batch], shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
-            loss = F.cross_entropy(model(xb), train.y[batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+def make_task(seed: int = 0, options: TaskOptions | None = None) -> Task:
+    """The digits task; trains the teacher on first use and caches it by content hash.
 
-
-def make_task(seed: int = 0) -> Task:
-    """The digits task; trains the teacher on first use and caches it by content hash."""
+    ``options.arch`` swaps the bundled DigitsResNet for a torchvision
+    architecture (CIFAR-style stem, one input channel), e.g. ``resnet18``.
+    """
+    options = options or TaskOptions()
+    check(options)
     train, val, test, data_digest = _splits()
-    key = json.dumps(
-        {
-            "task": "digits",
-            "data": data_digest,
-            "arch": inspect.getsource(DigitsResNet) + inspect.getsource(_Block),
-            "train": _TRAIN,
-            "seed": seed,
-            "torch": torch.__version__.split("+")[0],
-        },
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = cache_dir() / f"digits-teacher-{digest}.pt"
-    info: dict[str, float | str] = {"cache": str(path)}
-    if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        info["trained_s"] = 0.0
+    settings = _TRAIN
+    if options.teacher_epochs is not None:
+        settings = {**_TRAIN, "epochs": options.teacher_epochs}
+    if options.arch is None:
+        make_model = DigitsResNet
+        arch = inspect.getsource(DigitsResNet) + inspect.getsource(_Block)
     else:
-        logging.getLogger("search").info(
-            "training the digits teacher (first use, about a minute; cached in %s)", path.parent)
-        start = time.perf_counter()
-        state = _train_teacher(train, seed).state_dict()
-        info["trained_s"] = time.perf_counter() - start
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        import torchvision
+
+        make_model = arch_builder(options.arch, 10, 1, SIZE)
+        arch = f"torchvision {torchvision.__version__.split('+')[0]} {options.arch} small-stem"
+    key = {"task": "digits", "data": data_digest, "arch": arch, "train": settings, "seed": seed}
+    state, info = resolve_teacher(
+        "digits" if options.arch is None else f"digits-{options.arch}", make_model,
+        options.teacher, key,
+        lambda: train_classifier(make_model, train, TrainSettings(**settings), seed))
     task = Task(
         name="digits",
-        make_model=DigitsResNet,
+        make_model=make_model,
         teacher_state=state,
         train=train,
         val=val,
@@ -158,6 +137,6 @@ def make_task(seed: int = 0) -> Task:
         teacher_info=info,
     )
     teacher = task.teacher()
-    info["test_accuracy"] = _accuracy(teacher, test)
-    info["val_accuracy"] = _accuracy(teacher, val)
+    info["test_accuracy"] = task.score(teacher, test)
+    info["val_accuracy"] = task.score(teacher, val)
     return task

@@ -1,0 +1,87 @@
+"""Any torchvision classification architecture, untrained, sized for the task's images.
+
+Small images (side <= ``SMALL_SIDE``) get a CIFAR-style stem: the first
+convolution runs at stride 1 (a 7x7 one becomes 3x3) and a max-pool right
+after it is removed, so a 32x32 input is not shrunk to 8x8 before the first
+block (for ResNets this is the usual CIFAR ResNet). Inputs with other than 3
+channels get a first convolution with that many input channels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+
+from search.errors import ConfigError
+
+__all__ = ["SMALL_SIDE", "arch_builder", "build_arch", "check_arch", "known_archs"]
+
+SMALL_SIDE = 64
+
+
+@functools.cache
+def known_archs() -> tuple[str, ...]:
+    """The classification models torchvision can build (no detection/segmentation/video)."""
+    import torchvision
+
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+
+
+def check_arch(name: str) -> None:
+    """Raise ConfigError unless ``name`` is a torchvision classification architecture."""
+    archs = known_archs()
+    if name not in archs:
+        close = [a for a in archs if a.startswith(name[:4])] or list(archs[:12])
+        raise ConfigError(f"unknown --arch {name!r}: not a torchvision classification model; "
+                          f"for example {', '.join(close)} (all: torchvision.models.list_models())")
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _adapt_stem(model: nn.Module, in_channels: int, small: bool) -> None:
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        return
+    name, conv = convs[0]
+    if small or conv.in_channels != in_channels:
+        k = conv.kernel_size
+        stride = conv.stride
+        padding = conv.padding
+        if small:
+            k = (3, 3) if k == (7, 7) else k
+            stride, padding = (1, 1), (k[0] // 2, k[1] // 2)
+        _set(model, name, nn.Conv2d(in_channels, conv.out_channels, k, stride, padding,
+                                    groups=1, bias=conv.bias is not None))
+    if not small:
+        return
+    second = convs[1][0] if len(convs) > 1 else None
+    for n, m in model.named_modules():
+        if n == second:
+            break
+        if isinstance(m, nn.MaxPool2d):
+            _set(model, n, nn.Identity())
+            break
+
+
+def build_arch(name: str, num_classes: int, in_channels: int = 3, image_side: int = 224) -> nn.Module:
+    """An untrained ``torchvision.models.get_model(name, weights=None, num_classes=...)``."""
+    import torchvision
+
+    check_arch(name)
+    try:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    except Exception as exc:
+        raise ConfigError(f"--arch {name}: torchvision cannot build it for {num_classes} classes "
+                          f"({type(exc).__name__}: {exc})") from None
+    _adapt_stem(model, in_channels, image_side <= SMALL_SIDE)
+    return model
+
+
+def arch_builder(name: str, num_classes: int, in_channels: int, image_side: int):  # noqa: ANN201
+    """A picklable ``make_model`` for a Task (Ray ships it to the workers)."""
+    check_arch(name)
+    return functools.partial(build_arch, name, num_classes, in_channels, image_side)

@@ -1,0 +1,213 @@
+"""Teachers: train one (cached by content hash) or load a user's checkpoint.
+
+Built-in tasks share this code: the cache key is a hash of everything that
+decides the weights (data digest, architecture, training settings, seed, torch
+version), so a changed recipe never reuses a stale teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import pickle
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search._paths import cache_dir
+from search.devices import autocast, grad_scaler, train_device
+from search.errors import ConfigError
+from search.tasks._base import Split
+
+__all__ = ["TrainSettings", "cached_teacher", "load_teacher_state", "read_teacher", "resolve_teacher",
+           "train_classifier"]
+
+log = logging.getLogger("search")
+_SHOWN = 12  # keys listed per kind of mismatch
+_WARNED: set[Path] = set()  # pickled checkpoints already warned about
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """A plain supervised recipe: AdamW with a one-cycle schedule, random shifts as augmentation."""
+
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    shift: int = 2  # pixels; 0 disables
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                "weight_decay": self.weight_decay, "shift": self.shift}
+
+
+def train_classifier(make_model: Callable[[], nn.Module], train: Split, settings: TrainSettings,
+                     seed: int) -> nn.Module:
+    """Build (after seeding) and train a model on :func:`search.devices.train_device`;
+    returns it on the CPU in eval mode.
+
+    On the CPU this is bit-for-bit the loop the digits teacher has always used,
+    so existing cached teachers stay valid.
+    """
+    torch.manual_seed(seed)
+    gen = np.random.default_rng(seed)
+    model = make_model()
+    device = train_device()
+    model.to(device)
+    s = settings
+    steps = max(1, s.epochs * math.ceil(len(train) / s.batch_size))
+    opt = torch.optim.AdamW(model.parameters(), s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, s.lr, total_steps=steps)
+    scaler = grad_scaler(device)
+    x_all, y_all = train.x.to(device), train.y.to(device)
+    for _ in range(s.epochs):
+        model.train()
+        order = torch.randperm(len(train))
+        for start in range(0, len(train), s.batch_size):
+            batch = order[start : start + s.batch_size].to(device)
+            shift = gen.integers(-s.shift, s.shift + 1, size=2)
+            xb = torch.roll(x_all[batch], shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
+            with autocast(device):
+                loss = F.cross_entropy(model(xb), y_all[batch])
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+    return model.cpu().eval()
+
+
+def _cache_key(key: Mapping[str, Any]) -> str:
+    text = json.dumps({**key, "torch": torch.__version__.split("+")[0]}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_teacher(name: str, key: Mapping[str, Any],
+                   train: Callable[[], nn.Module]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state of the teacher ``train()`` would produce, trained at most once per ``key``.
+
+    Cached as ``<cache dir>/<name>-teacher-<hash of key>.pt``; returns the state
+    and an info dict (``cache`` path, ``trained_s``: 0 when it came from the cache).
+    """
+    path = cache_dir() / f"{name}-teacher-{_cache_key(key)}.pt"
+    info: dict[str, Any] = {"cache": str(path)}
+    if path.is_file():
+        try:
+            info["trained_s"] = 0.0
+            return torch.load(path, map_location="cpu", weights_only=True), info
+        except Exception as exc:  # a truncated cache file: train again
+            log.warning("cached teacher %s is unreadable (%s); training it again", path,
+                        type(exc).__name__)
+    log.info("training the %s teacher on %s (first use; cached in %s)", name, train_device(),
+             path.parent)
+    start = time.perf_counter()
+    state = train().state_dict()
+    info["trained_s"] = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return state, info
+
+
+def _read_checkpoint(path: Path) -> Any:
+    """torch.load with ``weights_only`` first; a pickled module needs the full unpickler."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # junk, not a module the safe loader refuses
+            detail = str(exc).rsplit("WeightsUnpickler error:", 1)[-1].split("\n\n")[0].strip()
+            raise ConfigError(f"teacher {path} is not a readable PyTorch checkpoint "
+                              f"({detail[:200]})") from None
+    except Exception as exc:  # zip errors, truncated files, ...
+        raise ConfigError(f"teacher {path} is not a readable PyTorch checkpoint "
+                          f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    if path not in _WARNED:
+        _WARNED.add(path)
+        log.warning("teacher %s holds pickled objects, not just tensors: loading it runs code from "
+                    "the file (only do this with files you trust; save a state_dict to avoid it)", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # e.g. the model's class cannot be imported here
+        raise ConfigError(f"teacher {path} cannot be unpickled ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); save model.state_dict() instead") from None
+
+
+def _state_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a module, a state dict, or a training checkpoint holding one."""
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(wrapper)
+            if isinstance(inner, nn.Module):
+                return inner.state_dict()
+            if isinstance(inner, Mapping):
+                obj = inner
+                break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            state = dict(obj)
+            if all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
+                state = {k[len("module."):]: v for k, v in state.items()}
+            return state
+    raise ConfigError(
+        f"teacher {path} holds a {type(obj).__name__}; expected a state_dict (name -> tensor), "
+        "an nn.Module, or a checkpoint dict with a 'state_dict' / 'model_state_dict' / 'model' entry"
+    )
+
+
+def _listed(names: list[str]) -> str:
+    more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def read_teacher(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict stored in ``path``; ConfigError when it is missing or not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"teacher {path} does not exist (--teacher takes a file written by "
+                          "torch.save: a state_dict or a whole model)")
+    return _state_of(_read_checkpoint(path), path)
+
+
+def load_teacher_state(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights in ``path``, checked against ``model``; ConfigError naming every mismatch."""
+    path = Path(path)
+    state = read_teacher(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})"
+                    for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_listed(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_listed(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {_listed(shapes)}")
+        raise ConfigError(f"teacher {path} does not fit the task's model "
+                          f"({type(model).__name__}): " + "; ".join(parts))
+    model.load_state_dict(state)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def resolve_teacher(name: str, make_model: Callable[[], nn.Module], teacher: Path | None,
+                    key: Mapping[str, Any], train: Callable[[], nn.Module],
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The user's checkpoint when ``teacher`` is given, else the cached/trained built-in one."""
+    if teacher is not None:
+        return load_teacher_state(teacher, make_model()), {"teacher": str(teacher), "trained_s": 0.0}
+    return cached_teacher(name, key, train)

@@ -1,0 +1,83 @@
+"""CIFAR-10 from a local copy (never downloaded): ``--task cifar10 --data-dir ROOT``.
+
+``ROOT`` is what ``torchvision.datasets.CIFAR10(root=ROOT, download=True)``
+leaves behind: ``ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``.
+The 50,000 training images are split 45,000 train / 5,000 validation (stratified,
+fixed seed); the official 10,000 test images are the test split. Default model:
+ResNet-18 with a CIFAR-style stem. Training it on 2 CPU cores takes hours: train
+on a GPU, or pass your own weights with ``--teacher``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from search.errors import ConfigError
+from search.tasks._arch import arch_builder, check_arch
+from search.tasks._base import Split, Task, TaskOptions
+from search.tasks._data import normalize, split_stratified
+from search.tasks._teacher import TrainSettings, resolve_teacher, train_classifier
+
+__all__ = ["LAYOUT", "check", "make_task"]
+
+LAYOUT = ("DIR/cifar-10-batches-py/ with data_batch_1 ... data_batch_5, test_batch and "
+          "batches.meta (the python version of CIFAR-10, as torchvision downloads it)")
+_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+_TRAIN = TrainSettings(epochs=30, batch_size=128, lr=3e-3, weight_decay=5e-4, shift=4)
+_DEFAULT_ARCH = "resnet18"
+
+
+def check(options: TaskOptions) -> None:
+    """Fail fast, before anything is written, when the data cannot be there."""
+    if options.data_dir is None:
+        raise ConfigError(f"--task cifar10 needs --data-dir: a directory holding {LAYOUT}")
+    root = options.data_dir
+    if not root.is_dir():
+        raise ConfigError(f"--data-dir {root} does not exist; --task cifar10 expects {LAYOUT} "
+                          "(nothing is downloaded)")
+    missing = [f for f in _FILES if not (root / "cifar-10-batches-py" / f).is_file()]
+    if missing:
+        raise ConfigError(f"--data-dir {root} is not a CIFAR-10 directory: missing "
+                          f"{', '.join('cifar-10-batches-py/' + f for f in missing)}; expected {LAYOUT}")
+    if options.image_size not in (None, 32):
+        raise ConfigError(f"--image-size {options.image_size}: CIFAR-10 images are 32x32")
+    check_arch(options.arch or _DEFAULT_ARCH)
+
+
+def _load(root, train: bool) -> Split:  # noqa: ANN001
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(root=str(root), train=train, download=False)
+    except RuntimeError as exc:  # torchvision's md5 check
+        raise ConfigError(f"--data-dir {root}: CIFAR-10 files are corrupted or incomplete ({exc}); "
+                          f"expected {LAYOUT}") from None
+    x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0  # already in memory
+    return Split(x, torch.tensor(ds.targets, dtype=torch.long))
+
+
+def make_task(seed: int = 0, options: TaskOptions | None = None) -> Task:
+    """CIFAR-10 in memory, with a teacher trained (and cached) or loaded from ``--teacher``."""
+    options = options or TaskOptions()
+    check(options)
+    root = options.data_dir
+    train, val = split_stratified(_load(root, True), 0.1)
+    train, val, test = normalize(train, val, _load(root, False))
+    arch = options.arch or _DEFAULT_ARCH
+    make_model = arch_builder(arch, 10, 3, 32)
+    settings = _TRAIN
+    if options.teacher_epochs is not None:
+        settings = TrainSettings(**{**_TRAIN.as_dict(), "epochs": options.teacher_epochs})
+    import torchvision
+
+    key = {"task": "cifar10", "data": "cifar-10-python md5-checked by torchvision", "arch": arch,
+           "torchvision": torchvision.__version__.split("+")[0], "train": settings.as_dict(),
+           "seed": seed}
+    state, info = resolve_teacher(f"cifar10-{arch}", make_model, options.teacher, key,
+                                  lambda: train_classifier(make_model, train, settings, seed))
+    task = Task(name="cifar10", make_model=make_model, teacher_state=state, train=train, val=val,
+                test=test, input_shape=(3, 32, 32), num_classes=10, teacher_info=info)
+    teacher = task.teacher()
+    info["test_accuracy"] = task.score(teacher, test)
+    info["val_accuracy"] = task.score(teacher, val)
+    return task

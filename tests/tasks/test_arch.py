@@ -1,0 +1,44 @@
+"""--arch: torchvision architectures, untrained, with a CIFAR-style stem for small images."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from search.errors import ConfigError
+from search.tasks import build_arch
+from search.tasks._arch import arch_builder, check_arch
+
+
+def test_resnet_gets_a_cifar_stem_for_small_images():
+    model = build_arch("resnet18", 10, in_channels=1, image_side=32)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert model.conv1.in_channels == 1 and isinstance(model.maxpool, nn.Identity)
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_large_images_keep_the_imagenet_stem():
+    model = build_arch("resnet18", 5, image_side=224)
+    assert model.conv1.kernel_size == (7, 7) and model.conv1.stride == (2, 2)
+    assert isinstance(model.maxpool, nn.MaxPool2d) and model.fc.out_features == 5
+
+
+def test_mobilenet_v2_first_conv_runs_at_stride_1():
+    model = build_arch("mobilenet_v2", 10, image_side=32)
+    assert model.features[0][0].stride == (1, 1)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_unknown_arch_suggests_names():
+    with pytest.raises(ConfigError, match="unknown --arch 'resnet19'.*resnet18"):
+        check_arch("resnet19")
+    with pytest.raises(ConfigError, match="not a torchvision classification model"):
+        check_arch("fasterrcnn_resnet50_fpn")
+
+
+def test_builder_pickles_for_ray_workers():
+    make = pickle.loads(pickle.dumps(arch_builder("resnet18", 3, 3, 32)))
+    assert make().fc.out_features == 3

@@ -1,0 +1,140 @@
+"""--task module:function: a user's model and data, through the real command and Ray workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from search.errors import ConfigError
+from search.tasks import TaskOptions, check_task, load_task
+
+# the README's example, shape for shape: a plugin the project does not ship
+PLUGIN = '''
+"""A user's task: a small CNN on synthetic 16x16 images whose class is the bright quadrant."""
+
+import torch
+from torch import nn
+
+from search.tasks import Split, Task, TaskOptions, TrainSettings, cached_teacher, train_classifier
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+
+
+def _split(n: int, gen: torch.Generator) -> Split:
+    y = torch.randint(0, 4, (n,), generator=gen)
+    x = torch.randn(n, 1, 16, 16, generator=gen)
+    for i, label in enumerate(y.tolist()):
+        r, c = divmod(label, 2)
+        x[i, 0, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8] += 3.0
+    return Split(x, y)
+
+
+def make_task(seed: int, options: TaskOptions) -> Task:
+    gen = torch.Generator().manual_seed(1234)
+    train, val, test = (_split(n, gen) for n in (512, 256, 256))
+    recipe = TrainSettings(epochs=options.teacher_epochs or 4, shift=0)
+    state, info = cached_teacher("blobs", {"version": 1, "seed": seed, **recipe.as_dict()},
+                                 lambda: train_classifier(make_model, train, recipe, seed))
+    return Task(name="blobs", make_model=make_model, teacher_state=state, train=train,
+                val=val, test=test, input_shape=(1, 16, 16), num_classes=4, teacher_info=info)
+
+
+def not_a_task(seed, options):
+    return {"model": None}
+
+
+def no_options(seed):
+    return None
+
+
+NUMBER = 3
+'''
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("plugin")
+    (folder / "blobs_task.py").write_text(PLUGIN)
+    (folder / "broken_task.py").write_text("raise RuntimeError('no GPU in this plugin')\n")
+    return folder
+
+
+@pytest.fixture
+def on_path(plugin_dir, monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    return plugin_dir
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("nowhere_module:make_task", ["cannot import module 'nowhere_module'", "PYTHONPATH"]),
+    ("blobs_task:make_taks", ["has no 'make_taks'", "make_task"]),
+    ("blobs_task:NUMBER", ["'NUMBER' is a int, not a function"]),
+    ("blobs_task:no_options", ["must accept (seed, options)"]),
+    ("broken_task:make_task", ["importing 'broken_task' failed", "no GPU in this plugin"]),
+    ("blobs_task:", ["module:function"]),
+    ("mnist", ["unknown task 'mnist'", "cifar10, digits, imagefolder", "module:function"]),
+])
+def test_bad_task_specs_name_what_is_wrong(on_path, spec, words):
+    with pytest.raises(ConfigError) as err:
+        check_task(spec)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_a_plugin_returning_the_wrong_type_is_refused(on_path):
+    with pytest.raises(ConfigError, match="returned dict; it must return a search.tasks.Task"):
+        load_task("blobs_task:not_a_task", 0, TaskOptions())
+
+
+def test_plugin_task_gets_scored_and_takes_a_teacher_file(on_path, tmp_path):
+    import torch
+
+    task = load_task("blobs_task:make_task", 0, TaskOptions(teacher_epochs=2))
+    assert task.teacher_info["test_accuracy"] > 60  # the data is learnable
+    # --teacher applies to plugins too: the file's weights replace the trained ones
+    other = task.make_model()
+    path = tmp_path / "mine.pt"
+    torch.save(other.state_dict(), path)
+    mine = load_task("blobs_task:make_task", 0, TaskOptions(teacher_epochs=2, teacher=path))
+    assert mine.teacher_info["teacher"] == str(path)
+    for key, value in other.state_dict().items():
+        assert torch.equal(mine.teacher_state[key], value)
+
+
+def test_plugin_study_runs_on_ray_workers(plugin_dir, tmp_path, fast_profile_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), str(REPO)]),
+           "SEARCH_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run(
+        [sys.executable, "-m", "search.cli", "--task", "blobs_task:make_task", "--profile",
+         str(fast_profile_path), "--budget", "2", "--teacher-epochs", "3", "--quiet"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = tmp_path / "search-runs" / "blobs_task.make_task-fast-host"
+    trials = pd.read_csv(study / "trials.csv")
+    assert (trials["state"] == "COMPLETE").sum() == 2
+    assert trials["accuracy"].min() > 60
+    config = (study / "config.yaml").read_text()
+    assert "task: blobs_task:make_task" in config and "teacher_epochs: 3" in config
+    assert "teacher: test accuracy" in out.stderr
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import EXPERIMENT
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'search-runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    parents = client.search_runs([exp.experiment_id],
+                                 filter_string="params.task = 'blobs_task:make_task'")
+    assert len(parents) == 1 and parents[0].data.params["teacher_epochs"] == "3"

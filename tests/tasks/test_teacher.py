@@ -1,0 +1,104 @@
+"""--teacher: a user's weights, checked against the task's model with errors that name keys."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from search.errors import ConfigError
+from search.tasks import TaskOptions, check_task, load_teacher_state
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+
+
+def _error(path: Path, model: nn.Module | None = None) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_teacher_state(path, model or _model())
+    return str(err.value)
+
+
+@pytest.mark.parametrize("wrap", ["state", "module", "checkpoint", "data_parallel"])
+def test_state_dicts_modules_and_checkpoints_load(tmp_path, wrap):
+    source = _model()
+    state = source.state_dict()
+    saved = {"state": state, "module": source, "checkpoint": {"epoch": 3, "state_dict": state},
+             "data_parallel": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    path = tmp_path / "t.pt"
+    torch.save(saved, path)
+    loaded = load_teacher_state(path, _model())
+    assert set(loaded) == set(state)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_mismatched_keys_and_shapes_are_listed(tmp_path):
+    state = _model().state_dict()
+    state.pop("3.bias")
+    state["head.weight"] = torch.zeros(2)
+    state["0.weight"] = torch.zeros(8, 1, 3, 3)
+    path = tmp_path / "t.pt"
+    torch.save(state, path)
+    message = _error(path)
+    assert f"teacher {path} does not fit the task's model (Sequential)" in message
+    assert "missing keys: 3.bias" in message
+    assert "unexpected keys: head.weight" in message
+    assert "shape mismatches: 0.weight (8, 1, 3, 3) (model: (4, 1, 3, 3))" in message
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\x00\x01 not a checkpoint", ["is not a readable PyTorch checkpoint"]),
+    (b"", ["is not a readable PyTorch checkpoint"]),
+])
+def test_corrupt_files_are_refused(tmp_path, content, words):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    message = _error(path)
+    assert all(w in message for w in words) and str(path) in message
+
+
+def test_truncated_and_wrong_objects_are_refused(tmp_path):
+    path = tmp_path / "t.pt"
+    torch.save(_model().state_dict(), path)
+    path.write_bytes(path.read_bytes()[:200])
+    assert "not a readable PyTorch checkpoint" in _error(path)
+    torch.save([1, 2, 3], path)
+    assert "holds a list; expected a state_dict" in _error(path)
+    assert "does not exist" in _error(tmp_path / "nope.pt")
+
+
+def test_a_missing_teacher_fails_before_the_task_is_built(tmp_path):
+    with pytest.raises(ConfigError, match="teacher .*nope.pt does not exist"):
+        check_task("digits", TaskOptions(teacher=tmp_path / "nope.pt"))
+
+
+def test_cli_corrupt_teacher_exits_2_and_writes_nothing(tmp_path):
+    bad = tmp_path / "teacher.pt"
+    bad.write_bytes(b"garbage")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-m", "search.cli", "--teacher", str(bad), "--profile",
+                          "cpu-avx512-vnni", "--budget", "2"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"teacher {bad} is not a readable PyTorch checkpoint" in out.stderr
+    assert list(work.iterdir()) == []
+
+
+def test_digits_teacher_mismatch_names_keys(tmp_path):
+    """A ResNet-18 checkpoint given to the bundled DigitsResNet: refused with its keys."""
+    from search.tasks import build_arch
+    from search.tasks.digits import DigitsResNet
+
+    path = tmp_path / "r18.pt"
+    torch.save(build_arch("resnet18", 10, 1, 32).state_dict(), path)
+    message = _error(path, DigitsResNet())
+    assert "(DigitsResNet)" in message and "missing keys: fc.bias" not in message
+    assert "missing keys: layer1.bn1.bias" in message and "unexpected keys: bn1.bias" in message
+    assert "shape mismatches: fc.weight (10, 512) (model: (10, 128))" in message

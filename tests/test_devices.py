@@ -1,0 +1,35 @@
+"""Training device selection and mixed precision (CPU here; CUDA when present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from search.devices import autocast, grad_scaler, train_device
+from search.errors import ConfigError
+
+
+def test_cpu_without_cuda_and_the_override(monkeypatch):
+    monkeypatch.delenv("SEARCH_TRAIN_DEVICE", raising=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert train_device().type == expected
+    monkeypatch.setenv("SEARCH_TRAIN_DEVICE", "cpu")
+    assert train_device() == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+@pytest.mark.parametrize("value, words", [("cuda", "CUDA is not available"),
+                                          ("gpu0", "is not a device"), ("meta", "only cpu and cuda")])
+def test_bad_overrides_are_refused(monkeypatch, value, words):
+    monkeypatch.setenv("SEARCH_TRAIN_DEVICE", value)
+    with pytest.raises(ConfigError, match=words):
+        train_device()
+
+
+def test_autocast_is_a_no_op_on_the_cpu():
+    cpu = torch.device("cpu")
+    layer = torch.nn.Linear(4, 2)
+    with autocast(cpu):
+        out = layer(torch.ones(1, 4))
+    assert out.dtype == torch.float32
+    assert not grad_scaler(cpu).is_enabled()
