@@ -160,6 +160,22 @@ def _driver_lock(output_dir: Path, study_name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _check_same_task(study: optuna.Study, cfg: SearchConfig) -> None:
+    """A resumed study must compress the same task (same data, model, teacher): else its
+    trials would mix results of two problems."""
+    task = {"task": cfg.task, **{k: str(v) for k, v in asdict(cfg.task_options()).items()
+                                 if v is not None}}
+    previous = study.user_attrs.get("task")
+    if previous is not None and previous != task:
+        changed = sorted(k for k in set(previous) | set(task) if previous.get(k) != task.get(k))
+        raise ConfigError(
+            f"study {cfg.study_name!r} was run with {', '.join(f'{k}={previous.get(k)}' for k in changed)}; "
+            f"resuming it with {', '.join(f'{k}={task.get(k)}' for k in changed)} would mix two "
+            "problems in one front. Use the original settings or another --study-name"
+        )
+    study.set_user_attr("task", task)
+
+
 def _fail_stale(study: optuna.Study) -> None:
     """Trials left RUNNING by a driver that died are marked FAILED (retried within budget)."""
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -681,6 +697,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     except Exception as exc:
         raise ConfigError(f"cannot open the Optuna storage {redact(cfg.storage)}: "
                           f"{type(exc).__name__}: {redact(str(exc))}") from None
+    _check_same_task(study, cfg)
     _fail_stale(study)
     if not study.get_trials(deepcopy=False):
         for i, (label, params) in enumerate(resolved.baselines()):

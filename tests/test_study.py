@@ -153,3 +153,18 @@ def test_noisy_latency_is_flagged_in_csv_mlflow_and_summary(tmp_path, fast_profi
     assert {c.data.tags["latency_noisy"] for c in _children(client, result.parent_run_id)} == \
         {"true"}
     assert "2 noisy measurement(s)" in (result.output_dir / "summary.md").read_text()
+
+
+def test_resuming_with_another_task_is_refused():
+    from search.errors import ConfigError
+    from search.study import _check_same_task
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    first = SearchConfig(profile="p", budget=1, task="digits", arch="resnet18",
+                         study_name="s").resolved("p")
+    _check_same_task(study, first)
+    _check_same_task(study, first)  # the same settings resume
+    other = SearchConfig(profile="p", budget=1, task="digits", arch="mobilenet_v2",
+                         study_name="s").resolved("p")
+    with pytest.raises(ConfigError, match="arch=resnet18.*arch=mobilenet_v2"):
+        _check_same_task(study, other)
