@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or model) instead of training the built-in teacher")
     add("--image-size", type=_positive_int, help="--task imagefolder: resize and crop to this "
                                                   "side (default: the first image's, at most 224)")
+    add("--sparse-init", type=Path,
+        help="a pre-sparsified checkpoint of the same model: trials may start from it and keep "
+             "its zeros while fine-tuning (sparse transfer)")
     add("--teacher-epochs", type=_positive_int, help="epochs to train a built-in teacher "
                                                       "(default per task; small for smoke runs)")
     add("--space", help="search space name or YAML path (default: default)")
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [f"--{k}" for k in ("profile", "budget") if values.get(k) is None]
     if missing:
         parser.error(f"{' and '.join(missing)} required (as flags or in --config)")
-    for key in ("output_dir", "data_dir", "teacher"):
+    for key in ("output_dir", "data_dir", "teacher", "sparse_init"):
         if key in values:
             values[key] = Path(str(values[key]))
     config = SearchConfig(**values)  # type: ignore[arg-type]

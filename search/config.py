@@ -56,6 +56,7 @@ class SearchConfig:
     teacher: Path | None = None
     image_size: int | None = None
     teacher_epochs: int | None = None
+    sparse_init: Path | None = None
 
     def task_options(self) -> TaskOptions:
         """What the task factory gets besides the seed."""
@@ -67,6 +68,7 @@ class SearchConfig:
             teacher=Path(self.teacher) if self.teacher is not None else None,
             image_size=self.image_size,
             teacher_epochs=self.teacher_epochs,
+            sparse_init=Path(self.sparse_init) if self.sparse_init is not None else None,
         )
 
     def validate(self) -> None:
@@ -166,6 +168,7 @@ class ConfigFile(Strict):
     teacher: str | None = None
     image_size: int | None = Field(default=None, ge=8, le=1024)
     teacher_epochs: int | None = Field(default=None, ge=1)
+    sparse_init: str | None = None
 
 
 def load_config_file(path: Path) -> dict[str, object]:
@@ -176,7 +179,7 @@ def load_config_file(path: Path) -> dict[str, object]:
     """
     path = Path(path)
     values = load_model(ConfigFile, path).model_dump(exclude_none=True)
-    for key in ("data_dir", "teacher"):
+    for key in ("data_dir", "teacher", "sparse_init"):
         if key in values:
             p = Path(str(values[key])).expanduser()
             values[key] = p if p.is_absolute() else path.parent / p

@@ -102,3 +102,31 @@ def test_every_sampler_explores_the_conditional_space(name, profile, layers):
         trial.set_user_attr("constraint_values", [float(i % 2) - 0.5])
         study.tell(trial, [90.0 + i % 5, 1.0 / (1 + i)])
     assert len(seen) >= 2
+
+
+def test_sparse_transfer_from_a_checkpoint_given_on_the_command_line(tmp_path, task):
+    import subprocess
+    import sys
+
+    import torch
+
+    from search.compress.sparsity import Sparsifier
+
+    sparse = task.teacher()
+    Sparsifier(sparse, sparsity=0.6).start(None, gradual=False)
+    torch.save(sparse.state_dict(), tmp_path / "sparse.pt")
+    torch.save(task.teacher().state_dict(), tmp_path / "dense.pt")
+    space = _space(tmp_path, "transfer", **{**ONE_SHOT, "pruning": {
+        **ONE_SHOT["pruning"], "init": ["sparse"],
+        "structured_ratio": {"low": 0, "high": 0}}})
+    base = [sys.executable, "-m", "search.cli", "--profile", "cpu-avx512-vnni", "--budget", "2",
+            "--latency", "predict", "--space", space, "--quiet"]
+    out = subprocess.run(base + ["--sparse-init", str(tmp_path / "dense.pt")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "only 0.0% of its Conv/Linear weights are zero" in out.stderr
+    out = subprocess.run(base + ["--sparse-init", str(tmp_path / "sparse.pt")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "search-runs" / "digits-cpu-avx512-vnni" / "trials.csv")
+    assert (trials["param.init"] == "sparse").all()
+    assert (trials["sparsity"] >= 0.59).all()

@@ -14,6 +14,7 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -105,6 +106,18 @@ def _validate(name: str, task: Task) -> None:
                               f"(got {split.x.dtype} x{len(split.x)}, {split.y.dtype} x{len(split.y)})")
 
 
+def _sparse_state(path: Path, task: Task) -> dict:
+    """The pre-sparsified checkpoint, checked like a teacher and for actually having zeros."""
+    state = load_teacher_state(path, task.make_model())
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() > 1]
+    zeros = sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))
+    if zeros < 0.05:
+        raise ConfigError(f"--sparse-init {path}: only {zeros:.1%} of its Conv/Linear weights "
+                          "are zero; a pre-sparsified checkpoint (sparse transfer) should have "
+                          "most of them zero")
+    return state
+
+
 @functools.cache
 def load_task(name: str, seed: int = 0, options: TaskOptions | None = None) -> Task:
     """Build (and cache in this process) the task ``name``; trains its teacher on first use.
@@ -132,6 +145,8 @@ def load_task(name: str, seed: int = 0, options: TaskOptions | None = None) -> T
         info = {**task.teacher_info, "teacher": str(options.teacher), "trained_s": 0.0}
         info.pop("test_accuracy", None)
         task = dataclasses.replace(task, teacher_state=state, teacher_info=info)
+    if options.sparse_init is not None:
+        task = dataclasses.replace(task, sparse_state=_sparse_state(options.sparse_init, task))
     if "test_accuracy" not in task.teacher_info:  # a plugin need not score its teacher
         info = dict(task.teacher_info)
         teacher = task.teacher()

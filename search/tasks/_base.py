@@ -53,6 +53,7 @@ class TaskOptions:
     teacher: Path | None = None
     image_size: int | None = None
     teacher_epochs: int | None = None
+    sparse_init: Path | None = None  # a pre-sparsified checkpoint for sparse transfer
 
 
 @dataclass(frozen=True)
