@@ -357,51 +357,48 @@ def _categorical(trial: optuna.Trial, name: str, options: tuple[Any, ...] | list
     return trial.suggest_categorical(name, list(options))
 
 
-def _pick(space_value: Any, profile_value: list[Any], what: str, space: SearchSpace,
-          profile: HardwareProfile) -> tuple[Any, ...]:
-    if space_value == "auto":
-        return tuple(profile_value)
-    bad = [v for v in space_value if v not in profile_value]
+def _allowed(asked: Any, allowed: tuple[Any, ...], key: str, space: SearchSpace,
+             owner: str, why: str = "") -> tuple[Any, ...]:
+    """``auto`` -> ``allowed``; an explicit list must stay inside it, else ConfigError naming
+    the space, the key, what was asked and what is allowed."""
+    if asked == "auto":
+        return tuple(allowed)
+    bad = [v for v in asked if v not in allowed]
     if bad:
         raise ConfigError(
-            f"space {space.name!r}: quantization.{what} asks for {bad}, which profile "
-            f"{profile.name!r} does not allow; allowed: {profile_value}"
+            f"space {space.name!r}: {key} asks for {', '.join(map(str, bad))}, which {owner} "
+            f"does not allow{why}; allowed: [{', '.join(map(str, allowed))}]"
         )
-    return tuple(space_value)
+    return tuple(asked)
+
+
+def _quantization(what: str, space: SearchSpace, profile: HardwareProfile) -> tuple[Any, ...]:
+    return _allowed(getattr(space.quantization, what), tuple(getattr(profile.int8, what)),
+                    f"quantization.{what}", space, f"profile {profile.name!r}")
 
 
 def _patterns(space: SearchSpace, profile: HardwareProfile) -> tuple[str, ...]:
-    """``auto``: unstructured, plus the N:M pattern the profile's runtime accelerates."""
-    asked = space.pruning.sparsity_pattern
-    if asked == "auto":
-        return ("unstructured", "2:4") if profile.sparse_kernels == "2:4" else ("unstructured",)
-    return tuple(asked)
+    """Unstructured, plus the N:M pattern the profile's runtime accelerates."""
+    allowed = ("unstructured", "2:4") if profile.sparse_kernels == "2:4" else ("unstructured",)
+    return _allowed(space.pruning.sparsity_pattern, allowed, "pruning.sparsity_pattern", space,
+                    f"profile {profile.name!r}", " (no N:M sparse kernels)")
 
 
 def _modes(space: SearchSpace, profile: HardwareProfile) -> tuple[str, ...]:
-    """``auto``: static, plus dynamic where the profile runs uint8 activations (ONNX Runtime's
-    dynamic kernels take uint8 activations) on a CPU."""
-    asked = space.quantization.mode
+    """Static, plus dynamic where the profile runs uint8 activations on a CPU (ONNX Runtime's
+    dynamic int8 kernels are CPU kernels with uint8 activations)."""
     dynamic_ok = "uint8" in profile.int8.activation_types and profile.device_class == "cpu"
-    if asked == "auto":
-        return ("static", "dynamic") if dynamic_ok else ("static",)
-    if "dynamic" in asked and not dynamic_ok:
-        raise ConfigError(
-            f"space {space.name!r}: quantization.mode asks for dynamic, which profile "
-            f"{profile.name!r} cannot run (ONNX Runtime's dynamic int8 kernels are CPU kernels "
-            f"with uint8 activations); allowed: [static]"
-        )
-    return tuple(asked)
+    allowed = ("static", "dynamic") if dynamic_ok else ("static",)
+    return _allowed(space.quantization.mode, allowed, "quantization.mode", space,
+                    f"profile {profile.name!r}",
+                    " (dynamic int8 runs as CPU kernels with uint8 activations)")
 
 
 def _inits(space: SearchSpace, facts: ModelFacts) -> tuple[str, ...]:
-    asked = space.pruning.init
-    if asked == "auto":
-        return ("teacher", "sparse") if facts.sparse_init else ("teacher",)
-    if "sparse" in asked and not facts.sparse_init:
-        raise ConfigError(f"space {space.name!r}: pruning.init asks for sparse (sparse transfer), "
-                          "but the task has no pre-sparsified checkpoint; allowed: [teacher]")
-    return tuple(asked)
+    allowed = ("teacher", "sparse") if facts.sparse_init else ("teacher",)
+    return _allowed(space.pruning.init, allowed, "pruning.init", space, "the task",
+                    " (sparse transfer needs a pre-sparsified checkpoint: --sparse-init; the "
+                    "task has no pre-sparsified checkpoint)")
 
 
 def resolve_space(space: SearchSpace, profile: HardwareProfile,
@@ -443,15 +440,10 @@ def resolve_space(space: SearchSpace, profile: HardwareProfile,
         layer_precisions=per_layer,
         groups={g: tuple(names) for g, names in groups.items()},
         group_precisions=group_precisions,
-        activation_types=_pick(quant.activation_types, profile.int8.activation_types,
-                               "activation_types", space, profile),
-        weight_types=_pick(quant.weight_types, profile.int8.weight_types, "weight_types",
-                           space, profile),
-        per_channel=_pick(quant.per_channel, profile.int8.per_channel, "per_channel", space,
-                          profile),
-        activation_symmetric=_pick(quant.activation_symmetric,
-                                   profile.int8.activation_symmetric, "activation_symmetric",
-                                   space, profile),
+        activation_types=_quantization("activation_types", space, profile),
+        weight_types=_quantization("weight_types", space, profile),
+        per_channel=_quantization("per_channel", space, profile),
+        activation_symmetric=_quantization("activation_symmetric", space, profile),
         modes=_modes(space, profile),
         patterns=_patterns(space, profile),
         inits=_inits(space, facts),
