@@ -29,22 +29,9 @@ def test_a_transformer_runs_every_stage_with_heads_removed(task, fast_profile):
     """Attention models go through the same line: heads pruned, projections quantized."""
     from dataclasses import replace
 
-    from torch import nn
-
     from search.pipeline import compress, model_facts, student_layers
+    from tests.compress.test_heads import TinyViT
     from search.record import Choices, TrialRecord
-
-    class TinyViT(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.patch = nn.Conv2d(1, 32, 8, 8)
-            self.blocks = nn.Sequential(*[
-                nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
-                for _ in range(2)])
-            self.head = nn.Linear(32, 10)
-
-        def forward(self, x):
-            return self.head(self.blocks(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
 
     torch.manual_seed(0)
     vit = replace(task, name="tiny-vit", make_model=TinyViT, teacher_state=TinyViT().state_dict())

@@ -9,6 +9,7 @@ measurement decides.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,23 @@ _BLOCK_NAME = re.compile(r"(Block|Bottleneck|InvertedResidual|EncoderLayer)$")
 
 
 @torch.no_grad()
+def _observe(model: nn.Module, modules: dict[str, nn.Module],
+             see: Callable[[str, torch.Tensor | None, object], None], inputs: torch.Tensor) -> None:
+    """One eval-mode forward pass calling ``see(name, input, output)`` for each module."""
+    hooks = [m.register_forward_hook(
+        lambda mod, args, out, name=name: see(name, args[0] if args else None, out))
+        for name, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
 def droppable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Residual blocks whose output has the shape of their input: removing one leaves
     the identity path, so the network still runs (layer dropping).
@@ -104,22 +122,14 @@ def droppable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
     InvertedResidual or EncoderLayer (torchvision's and PyTorch's names).
     """
     shapes: dict[str, bool] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if name and _BLOCK_NAME.search(type(module).__name__):
-            def hook(mod, args, out, name=name):  # noqa: ANN001, ANN202
-                x = args[0] if args else None
-                shapes[name] = isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) \
-                    and x.shape == out.shape
-            hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+
+    def same_shape(name: str, x: torch.Tensor | None, out: object) -> None:
+        shapes[name] = isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) \
+            and x.shape == out.shape
+
+    blocks = {name: m for name, m in model.named_modules()
+              if name and _BLOCK_NAME.search(type(m).__name__)}
+    _observe(model, blocks, same_shape, example)
     return [name for name, ok in shapes.items() if ok]
 
 
@@ -133,23 +143,14 @@ def drop_blocks(model: nn.Module, n: int, inputs: torch.Tensor) -> list[str]:
     """
     if n <= 0:
         return []
-    names = droppable_blocks(model, inputs[:1])
-    change: dict[str, float] = {}
-    hooks = []
     modules = dict(model.named_modules())
-    for name in names:
-        def hook(mod, args, out, name=name):  # noqa: ANN001, ANN202
-            x = args[0]
-            change[name] = float(((out - x) ** 2).sum() / (x**2).sum().clamp_min(1e-12))
-        hooks.append(modules[name].register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        model(inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    change: dict[str, float] = {}
+
+    def relative_change(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        change[name] = float(((out - x) ** 2).sum() / (x**2).sum().clamp_min(1e-12))
+
+    names = droppable_blocks(model, inputs[:1])
+    _observe(model, {name: modules[name] for name in names}, relative_change, inputs)
     dropped = sorted(change, key=change.get)[:n]
     for name in dropped:
         parent, _, child = name.rpartition(".")

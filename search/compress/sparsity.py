@@ -22,6 +22,8 @@ cores use; layers whose input width is not a multiple of ``M`` stay dense.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,11 +80,11 @@ def _batches(split: Split, samples: int, batch: int, seed: int):  # noqa: ANN202
         yield split.x[idx], split.y[idx]
 
 
-def fisher_scores(model: nn.Module, data: Split, *, samples: int = 512, batch: int = 16,
-                  seed: int = 0) -> dict[str, torch.Tensor]:
-    """OBD saliency ``w^2 * F_ii / 2`` with the empirical Fisher's diagonal from mini-batches."""
+def _gradient_pass(model: nn.Module, data: Split, samples: int, batch: int, seed: int,
+                   accumulate: Callable[[str, torch.Tensor, torch.Tensor], None]) -> int:
+    """Cross-entropy gradients over ``samples`` training inputs in eval mode, handing each
+    batch's (name, weight, grad) to ``accumulate``; returns the number of batches."""
     weights = _weights(model)
-    fisher = {name: torch.zeros_like(w) for name, w in weights.items()}
     was_training = model.training
     model.eval()
     n = 0
@@ -91,28 +93,29 @@ def fisher_scores(model: nn.Module, data: Split, *, samples: int = 512, batch: i
         F.cross_entropy(model(xb), yb).backward()
         for name, w in weights.items():
             if w.grad is not None:
-                fisher[name] += w.grad.detach() ** 2
+                accumulate(name, w.detach(), w.grad.detach())
         n += 1
     model.zero_grad(set_to_none=True)
     model.train(was_training)
+    return n
+
+
+def fisher_scores(model: nn.Module, data: Split, *, samples: int = 512, batch: int = 16,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """OBD saliency ``w^2 * F_ii / 2`` with the empirical Fisher's diagonal from mini-batches."""
+    weights = _weights(model)
+    fisher = {name: torch.zeros_like(w) for name, w in weights.items()}
+    n = _gradient_pass(model, data, samples, batch, seed,
+                       lambda name, w, g: fisher[name].add_(g**2))
     return {name: w.detach() ** 2 * fisher[name] / (2 * max(n, 1)) for name, w in weights.items()}
 
 
 def taylor_scores(model: nn.Module, data: Split, *, samples: int = 512, batch: int = 64,
                   seed: int = 0) -> dict[str, torch.Tensor]:
     """First-order ``-w * dL/dw`` summed over one pass: movement pruning without a fine-tune."""
-    weights = _weights(model)
-    scores = {name: torch.zeros_like(w) for name, w in weights.items()}
-    was_training = model.training
-    model.eval()
-    for xb, yb in _batches(data, samples, batch, seed):
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xb), yb).backward()
-        for name, w in weights.items():
-            if w.grad is not None:
-                scores[name] -= w.detach() * w.grad.detach()
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
+    scores = {name: torch.zeros_like(w) for name, w in _weights(model).items()}
+    _gradient_pass(model, data, samples, batch, seed,
+                   lambda name, w, g: scores[name].sub_(w * g))
     return scores
 
 
