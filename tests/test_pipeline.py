@@ -30,8 +30,8 @@ def test_a_transformer_runs_every_stage_with_heads_removed(task, fast_profile):
     from dataclasses import replace
 
     from search.pipeline import compress, model_facts, student_layers
-    from tests.compress.test_heads import TinyViT
     from search.record import Choices, TrialRecord
+    from tests.compress.test_heads import TinyViT
 
     torch.manual_seed(0)
     vit = replace(task, name="tiny-vit", make_model=TinyViT, teacher_state=TinyViT().state_dict())
