@@ -278,6 +278,7 @@ class _Driver:
         self.tracking_s = 0.0  # time spent logging trials to MLflow
         self.tracking_behind = False  # some trial could not be logged yet
         self.show_progress = show_progress
+        self.frame = trials_frame(study)  # the study's table as of the last completed trial
 
     def run(self) -> None:
         """Run until ``budget`` trials are COMPLETE.
@@ -434,9 +435,10 @@ class _Driver:
             trial.set_user_attr("constraint_values", constraints)
         frozen = self.study.tell(trial, values)
         self._track(frozen)
+        self.frame = trials_frame(self.study)  # once per trial: hypervolume and progress bar
         if not self.tracking_behind:  # during an outage only the final value is logged
             try:
-                hv = hypervolume(trials_frame(self.study))
+                hv = hypervolume(self.frame)
                 self.tracker.log_summary_metrics({"hypervolume": hv}, step=frozen.number)
             except Exception as exc:
                 log.debug("hypervolume not logged: %s", exc)
@@ -478,7 +480,7 @@ class _Driver:
         self.in_flight.clear()
 
     def _postfix(self) -> str:
-        df = trials_frame(self.study)
+        df = self.frame
         best = best_speedup(df, self.cfg.report_drop)
         best_text = f"{best:.2f}x" if best else "n/a"
         return (f"front {int(df['on_front'].sum())}, best speedup within "
