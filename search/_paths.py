@@ -1,14 +1,29 @@
-"""Where the project keeps what it caches between runs."""
+"""Where the project keeps what it caches between runs, and where its built-in data lives."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-__all__ = ["cache_dir"]
+__all__ = ["builtin_dir", "cache_dir"]
+
+_PACKAGE = Path(__file__).resolve().parent
 
 
 def cache_dir() -> Path:
     """``$SEARCH_CACHE_DIR`` or ``~/.cache/hw-search``: trained teachers, latency calibrations."""
     root = os.environ.get("SEARCH_CACHE_DIR") or Path.home() / ".cache" / "hw-search"
     return Path(root)
+
+
+def builtin_dir(name: str) -> Path:
+    """The folder of built-in YAML documents ``name`` (``hardware_profiles`` or ``spaces``).
+
+    The repository keeps them at its top level; a wheel carries them inside the
+    package as ``search/_builtin/<name>`` (setup.py copies them there at build
+    time), so an installed copy finds them without the source tree.
+    """
+    packaged = _PACKAGE / "_builtin" / name
+    if packaged.is_dir():
+        return packaged
+    return _PACKAGE.parent / name

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from search._paths import builtin_dir
 from search._schema import Strict, load_model, resolve_builtin
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
     "measurable_here",
 ]
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
+PROFILES_DIR = builtin_dir("hardware_profiles")
 
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int16", "int4"]
 OpType = Literal["Conv", "Gemm", "MatMul"]

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import optuna
 from pydantic import Field, model_validator
 
+from search._paths import builtin_dir
 from search._schema import Strict, load_model, resolve_builtin
 from search.errors import ConfigError
 from search.profiles import HardwareProfile, Precision
@@ -30,7 +31,7 @@ __all__ = [
     "resolve_space",
 ]
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+SPACES_DIR = builtin_dir("spaces")
 Auto = Literal["auto"]
 _RANK = ["fp32", "bf16", "fp16", "int16", "int8", "int4"]  # least to most compressed
 

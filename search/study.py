@@ -38,14 +38,13 @@ from search.execution import (
     device_reachable,
     plan_parallel,
 )
-from search.latency.predict import (
-    Calibration,
-    costs_from_onnx,
-    fit_calibration,
-    load_calibration,
-    predict_ms,
-    save_calibration,
+from search.latency.calibration import (
+    CalibrationChoice,
+    CalibrationStore,
+    Measurement,
+    architecture_key,
 )
+from search.latency.predict import costs_from_onnx, predict_ms
 from search.pareto import best_speedup, hypervolume, plot_front, trials_frame, write_html
 from search.pipeline import model_facts, student_layers
 from search.profiles import HardwareProfile, load_profile, measurable_here
@@ -609,7 +608,7 @@ def _check_latency_mode(cfg: SearchConfig, profile: HardwareProfile, measurable:
 
 
 def _latency_source(cfg: SearchConfig, profile: HardwareProfile, study: optuna.Study,
-                    why: str) -> tuple[str, Calibration | None]:
+                    why: str, architecture: str) -> tuple[str, CalibrationChoice | None]:
     """Measured or predicted for the whole study (never mixed), and the calibration to use."""
     reachable = device_reachable(profile)
     if cfg.latency == "measure" and not reachable:
@@ -626,35 +625,43 @@ def _latency_source(cfg: SearchConfig, profile: HardwareProfile, study: optuna.S
     study.set_user_attr("latency_source", source)
     if source == "measured":
         return source, None
-    assert profile.latency_model is not None
-    return source, load_calibration(profile, cache_dir()) or Calibration.of(profile.latency_model)
+    if profile.latency_model is None:
+        raise ConfigError(f"profile {profile.name!r} cannot be measured from this process "
+                          f"({why}) and has no latency_model to predict with; add one to the "
+                          "profile, or join a Ray cluster whose node advertises "
+                          f"{profile.resource!r}")
+    return source, CalibrationStore(cache_dir(), profile).choose(architecture)
 
 
 def _self_calibrate(study: optuna.Study, cfg: SearchConfig, profile: HardwareProfile,
-                    tracker: Tracker) -> None:
-    """Refit the profile's latency model from this study's measurements and save it."""
+                    tracker: Tracker, architecture: str, label: str) -> None:
+    """Add this study's measurements to the profile's evidence and refit from all of it."""
+    batch = profile.measure.batch_size
     samples = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         path = Path(cfg.output_dir) / "models" / f"trial-{t.number}.onnx"
-        if path.exists():
-            samples.append((costs_from_onnx(path.read_bytes(), profile.measure.batch_size),
-                            t.values[1]))
+        if path.exists() and t.values[1] > 0:
+            samples.append(Measurement(
+                architecture=architecture, label=label, source=f"{cfg.study_name}/{t.number}",
+                costs=tuple(costs_from_onnx(path.read_bytes(), batch)), ms=t.values[1],
+                batch=batch))
     if len(samples) < 5:
         return
-    previous = load_calibration(profile, cache_dir())
-    cal = fit_calibration(samples, profile, previous)
-    path = save_calibration(cal, profile, cache_dir())
-    predicted = [predict_ms(costs, profile, cal) for costs, _ in samples]
-    measured = [ms for _, ms in samples]
+    store = CalibrationStore(cache_dir(), profile)
+    for note in store.add(samples):
+        log.info("latency model for %s: %s", profile.name, note)
+    cal = store.choose(architecture).calibration
+    predicted = [predict_ms(m.costs, profile, cal) for m in samples]
+    measured = [m.ms for m in samples]
     from scipy.stats import spearmanr
 
     errors = [abs(p / m - 1) for p, m in zip(predicted, measured, strict=True)]
     rho = float(spearmanr(predicted, measured).statistic)
     tracker.log_summary_metrics({"latency_model_spearman": rho,
                                  "latency_model_median_abs_error": float(np.median(errors))})
-    log.info("latency model for %s refit on %d measurements (Spearman %.2f, median error "
-             "%.0f%%), saved to %s", profile.name, len(samples), rho,
-             100 * float(np.median(errors)), path)
+    log.info("latency model for %s on this study's %d measurements: Spearman %.2f, median "
+             "error %.0f%% (evidence in %s)", profile.name, len(samples), rho,
+             100 * float(np.median(errors)), store.dir)
 
 
 def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResult:
@@ -688,6 +695,8 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
               f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
     log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")), origin)
     resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
+    architecture = architecture_key(task.input_shape, task.teacher_state)
+    arch_label = f"{task.name}/{type(task.make_model()).__name__}"
     constrained = cfg.max_accuracy_drop is not None or cfg.max_latency_ms is not None
 
     try:
@@ -714,16 +723,21 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     tracker.log_study_params(_study_params(cfg, profile))
     started = connect(cfg.ray_address, profile, measurable)
     try:
-        source, calibration = _latency_source(cfg, profile, study, why)
+        source, choice = _latency_source(cfg, profile, study, why, architecture)
+        calibration = choice.calibration if choice is not None else None
         parallel, train_cpus = plan_parallel(cfg.parallel)
     except SearchError:
         if started:
             ray.shutdown()
         raise
-    tracker.log_study_params({"latency_source": source,
-                              "calibration_fitted_on": calibration.fitted_on if calibration else 0})
+    tracker.log_study_params({
+        "latency_source": source,
+        "calibration_fitted_on": choice.fitted_on if choice else 0,
+        "calibration": choice.description if choice else "",
+    })
     log.info("latency: %s on %s", source, profile.name if source == "measured" else
-             f"{profile.name}'s latency model (device not reachable: {why})")
+             f"{profile.name}'s latency model (device not reachable: {why}); calibration: "
+             f"{choice.description if choice else ''}")
     interrupted = False
     stopped: SearchError | None = None
     phases = {"setup": time.perf_counter() - start}
@@ -758,7 +772,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
             "free space and rerun the same command to write them"
         ) from None
     if source == "measured" and profile.latency_model is not None:
-        _self_calibrate(study, cfg, profile, tracker)
+        _self_calibrate(study, cfg, profile, tracker, architecture, arch_label)
     phases["finish"] = time.perf_counter() - finish_start
     if stopped is not None:
         raise stopped

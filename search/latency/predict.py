@@ -10,11 +10,9 @@ structured pruning shrinks the layers themselves, so it is seen directly.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -30,10 +28,8 @@ __all__ = [
     "costs_from_onnx",
     "costs_from_torch",
     "fit_calibration",
-    "load_calibration",
     "predict_latency",
     "predict_ms",
-    "save_calibration",
 ]
 
 BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -344,27 +340,3 @@ def _least_squares(start: Calibration, eff_keys: list[str],
     theta0 = np.clip(theta0, bounds[0] + 1e-9, bounds[1] - 1e-9)
     fit = least_squares(lambda t: np.asarray(residuals(unpack(t))), theta0, bounds=bounds)
     return unpack(fit.x)
-
-
-def _calibration_path(root: Path, profile: HardwareProfile) -> Path:
-    return root / "calibration" / f"{profile.name}.json"
-
-
-def save_calibration(cal: Calibration, profile: HardwareProfile, root: Path) -> Path:
-    path = _calibration_path(root, profile)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(cal), indent=2))
-    return path
-
-
-def load_calibration(profile: HardwareProfile, root: Path) -> Calibration | None:
-    """A saved calibration for ``profile``, or None."""
-    path = _calibration_path(root, profile)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        return Calibration(**data)
-    except (ValueError, TypeError):
-        return None
-
