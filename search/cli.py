@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
              "measure where the device is reachable (default)")
     add("--grace-period", dest="grace_period_s", type=float,
         help="seconds running trials get to finish after Ctrl-C (default 30)")
+    add("--refine", type=_non_negative_int,
+        help="front members given a longer distillation after the budget, then re-measured "
+             "side by side with the baselines (default 4; 0: none)")
+    add("--refine-epochs", type=_positive_int,
+        help="distillation epochs of a refinement (default: twice the space's longest, >= 6)")
+    add("--no-early-stopping", dest="early_stopping", action="store_false", default=None,
+        help="fine-tune every trial to the end, even one that cannot reach the front")
     add("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -169,6 +176,32 @@ def profiles_command(argv: list[str]) -> int:
     return 0
 
 
+def spaces_command(argv: list[str]) -> int:
+    """``search spaces --profile P``: what a space offers on a profile for a task's model, and
+    why each dimension is there or not."""
+    parser = argparse.ArgumentParser(
+        prog="search spaces",
+        description="Show what a search space samples on a profile, for a task's model, and why.")
+    parser.add_argument("--profile", required=True, help="profile name or YAML path")
+    parser.add_argument("--space", default="default", help="space name or YAML path")
+    parser.add_argument("--task", default="digits", help="the task whose model is compressed")
+    parser.add_argument("--arch", help="torchvision architecture for a built-in task")
+    args = parser.parse_args(argv)
+    from search.pipeline import model_facts, student_layers
+    from search.profiles import load_profile
+    from search.spaces import available_spaces, load_space, resolve_space
+    from search.tasks import TaskOptions, load_task
+
+    profile, space = load_profile(args.profile), load_space(args.space)
+    task = load_task(args.task, 0, TaskOptions(arch=args.arch))
+    resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
+    print(f"space {space.name!r} on profile {profile.name!r} for {task.name} "
+          f"(built-in spaces: {', '.join(available_spaces())}):")
+    for dimension, offered, why in resolved.describe():
+        print(f"  {dimension:<22} {offered:<24} {why}")
+    return 0
+
+
 def _study_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--study", required=True, help="study name")
@@ -232,7 +265,8 @@ def export_command(argv: list[str]) -> int:
     return 0
 
 
-_SUBCOMMANDS = {"profiles": profiles_command, "report": report_command, "export": export_command}
+_SUBCOMMANDS = {"profiles": profiles_command, "spaces": spaces_command, "report": report_command,
+                "export": export_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,11 @@ class SearchConfig:
     image_size: int | None = None
     teacher_epochs: int | None = None
     sparse_init: Path | None = None
+    # multi-fidelity and refinement (search.driver, search.refine)
+    early_stopping: bool = True  # stop trials that cannot reach the front (state PRUNED)
+    refine: int = 4  # front members given a longer distillation after the budget (0: none)
+    refine_epochs: int | None = None  # None: twice the space's longest fine-tune, at least 6
+    refine_timeout_s: float = 600.0  # no refinement starts later than this after the budget
 
     def task_options(self) -> TaskOptions:
         """What the task factory gets besides the seed."""
@@ -101,6 +106,13 @@ class SearchConfig:
         if self.teacher_epochs is not None and (not isinstance(self.teacher_epochs, int)
                                                 or self.teacher_epochs < 1):
             raise ConfigError(f"teacher epochs must be at least 1, got {self.teacher_epochs!r}")
+        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
+            raise ConfigError(f"refine must be a number of front members >= 0, got {self.refine!r}")
+        if self.refine_epochs is not None and (not isinstance(self.refine_epochs, int)
+                                               or self.refine_epochs < 1):
+            raise ConfigError(f"refine epochs must be at least 1, got {self.refine_epochs!r}")
+        if not self.refine_timeout_s >= 0:
+            raise ConfigError(f"refine timeout must be >= 0 s, got {self.refine_timeout_s!r}")
 
     @property
     def report_drop(self) -> float:
@@ -169,6 +181,10 @@ class ConfigFile(Strict):
     image_size: int | None = Field(default=None, ge=8, le=1024)
     teacher_epochs: int | None = Field(default=None, ge=1)
     sparse_init: str | None = None
+    early_stopping: bool | None = None
+    refine: int | None = Field(default=None, ge=0)
+    refine_epochs: int | None = Field(default=None, ge=1)
+    refine_timeout_s: float | None = Field(default=None, ge=0)
 
 
 def load_config_file(path: Path) -> dict[str, object]:

@@ -1,9 +1,12 @@
 """Running trials as Ray tasks.
 
-Two kinds of task: ``compress`` (prune, fine-tune, export, quantize, score) and
-``measure``. A measurement needs the profile's device resource (``hw:<profile>``)
-and holds it exclusively, so two measurements never share a device; on a local
-Ray it also takes every CPU of the node, so it never runs beside training.
+Three kinds of task: ``screen`` (prune, export, quantize: the model whose
+latency is the trial's; scored too when the trial has no fine-tune),
+``measure``, and ``finetune`` (prune, distil, export, quantize, score) for the
+trials that can still reach the front at their latency. A measurement needs the
+profile's device resource (``hw:<profile>``) and holds it exclusively, so two
+measurements never share a device; on a local Ray it also takes every CPU of
+the node, so it never runs beside training.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +22,7 @@ import ray
 
 from search.errors import ConfigError, TrialError
 from search.latency.predict import Calibration
-from search.pipeline import compress, measure, predict
+from search.pipeline import finetune, measure, predict, screen
 from search.profiles import HardwareProfile
 from search.record import TrialRecord
 from search.tasks import Task
@@ -26,14 +30,23 @@ from search.tasks import Task
 __all__ = ["Executor", "check_address", "connect", "device_reachable", "plan_parallel"]
 
 
-def _compress_remote(record: TrialRecord, task: Task, profile: HardwareProfile,
-                     threads: int, calibration: Calibration | None) -> TrialRecord:
-    """Compress and score; predict latency here too unless it will be measured."""
+def _screen_remote(record: TrialRecord, task: Task, profile: HardwareProfile,
+                   threads: int, calibration: Calibration | None) -> TrialRecord:
+    """The trial's model before fine-tuning; its latency predicted here unless measured."""
     try:
-        record = compress(record, task, profile, threads)
+        record = screen(record, task, profile, threads)
         if calibration is not None:
             record = predict(record, profile, task.input_shape, calibration)
         return record
+    except TrialError as exc:
+        record.error = str(exc)
+        return record
+
+
+def _finetune_remote(record: TrialRecord, task: Task, profile: HardwareProfile,
+                     threads: int) -> TrialRecord:
+    try:
+        return finetune(record, task, profile, threads)
     except TrialError as exc:
         record.error = str(exc)
         return record
@@ -121,17 +134,24 @@ class Executor:
 
     def __post_init__(self) -> None:
         self._task_ref = ray.put(self.task)
-        self._compress = ray.remote(_compress_remote).options(
-            num_cpus=self.train_cpus, max_retries=1, name="compress"
+        self._screen = ray.remote(_screen_remote).options(
+            num_cpus=self.train_cpus, max_retries=1, name="screen"
+        )
+        self._finetune = ray.remote(_finetune_remote).options(
+            num_cpus=self.train_cpus, max_retries=1, name="finetune"
         )
         resources = {self.profile.resource: 1.0} if self.profile.resource else {}
         self._measure = ray.remote(_measure_remote).options(
             num_cpus=self.measure_cpus, resources=resources, max_retries=1, name="measure"
         )
 
-    def submit_compress(self, record: TrialRecord) -> ray.ObjectRef:
-        return self._compress.remote(record, self._task_ref, self.profile, self.train_cpus,
-                                     self.calibration)
+    def submit_screen(self, record: TrialRecord) -> ray.ObjectRef:
+        """Prune, export and quantize (and score when there is no fine-tune)."""
+        return self._screen.remote(record, self._task_ref, self.profile, self.train_cpus,
+                                   self.calibration)
+
+    def submit_finetune(self, record: TrialRecord) -> ray.ObjectRef:
+        return self._finetune.remote(record, self._task_ref, self.profile, self.train_cpus)
 
     @property
     def predicts(self) -> bool:
@@ -139,6 +159,12 @@ class Executor:
 
     def submit_measure(self, record: TrialRecord) -> ray.ObjectRef:
         return self._measure.remote(record, self.profile, self.task.input_shape)
+
+    def submit_on_device(self, fn: Callable[..., Any], *args: Any) -> ray.ObjectRef:
+        """Run ``fn(*args)`` holding the device as a measurement does (re-measuring a front)."""
+        resources = {self.profile.resource: 1.0} if self.profile.resource else {}
+        return ray.remote(fn).options(num_cpus=self.measure_cpus, resources=resources,
+                                      max_retries=1, name="remeasure").remote(*args)
 
     @staticmethod
     def node_cpus() -> int:

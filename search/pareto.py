@@ -18,7 +18,7 @@ __all__ = ["COLUMNS", "best_speedup", "hypervolume", "pareto_mask", "plot_front"
 COLUMNS = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "latency_cv",
            "latency_noisy", "latency_source", "device", "speedup", "size_mb", "macs", "params",
            "sparsity", "int8_layers", "precisions", "dropped_blocks", "baseline", "reference",
-           "cached_from", "feasible", "on_front"]
+           "cached_from", "refined_from", "feasible", "on_front"]
 HV_ACCURACY_SPAN = 10.0  # points below the reference's accuracy where the hypervolume box ends
 
 
@@ -66,6 +66,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "precisions": _mix(precisions),
             "dropped_blocks": " ".join(a.get("dropped_blocks", [])),
             "cached_from": a.get("cached_from"),
+            "refined_from": a.get("refined_from"),
         }
         row.update({f"param.{k}": v for k, v in a.get("choices", {}).items()})
         rows.append(row)
@@ -81,6 +82,13 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     ok = df["feasible"].to_numpy()
     df.loc[ok, "on_front"] = pareto_mask(df.loc[ok, "accuracy"].to_numpy(),
                                          df.loc[ok, "latency_ms"].to_numpy())
+    remeasured = study.user_attrs.get("remeasured")
+    if remeasured:  # the front and baselines measured again side by side (search.refine)
+        df["latency_remeasured_ms"] = [remeasured.get(str(n), {}).get("median_ms")
+                                       for n in df["trial"]]
+        base_now = df.loc[df["reference"], "latency_remeasured_ms"]
+        if len(base_now) and base_now.notna().all():
+            df["speedup_remeasured"] = float(base_now.iloc[0]) / df["latency_remeasured_ms"]
     extra = [c for c in df.columns if c not in COLUMNS]
     return df[COLUMNS + extra]
 
@@ -125,7 +133,12 @@ def best_speedup(df: pd.DataFrame, max_drop: float = 1.0) -> float | None:
     if df.empty or base.empty:
         return None
     ok = df[df["accuracy"] >= float(base.iloc[0]) - max_drop]
-    return float(ok["speedup"].max()) if len(ok) else None
+    if not len(ok):
+        return None
+    speedup = ok["speedup"]
+    if "speedup_remeasured" in ok:  # measured side by side with the reference after the study
+        speedup = ok["speedup_remeasured"].fillna(speedup)
+    return float(speedup.max())
 
 
 def plot_front(df: pd.DataFrame, path: Path, title: str) -> Path:

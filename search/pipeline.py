@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import onnx
 import torch
@@ -46,7 +47,10 @@ from search.record import Layer, TrialRecord
 from search.spaces import ModelFacts
 from search.tasks import Task
 
-__all__ = ["compress", "measure", "model_facts", "predict", "run_trial", "student_layers"]
+__all__ = ["compress", "finetune", "measure", "model_facts", "predict", "run_trial", "screen",
+           "student_layers"]
+
+_SCREEN_CALIBRATION = 16  # int8 ranges of a model measured for latency only
 
 
 @contextmanager
@@ -112,43 +116,137 @@ def _prune(record: TrialRecord, task: Task, profile: HardwareProfile) -> tuple[n
     return student, sparsifier
 
 
-def compress(record: TrialRecord, task: Task, profile: HardwareProfile,
-             threads: int = 1) -> TrialRecord:
-    """Prune, fine-tune, export, quantize and score one trial's model."""
-    torch.set_num_threads(threads)
+def _export_and_quantize(record: TrialRecord, task: Task, profile: HardwareProfile,
+                         student: nn.Module, layers: list[Layer], *,
+                         calibration_samples: int | None = None) -> bytes:
     c = record.choices
-    with _stage(record, "prune"):
-        student, sparsifier = _prune(record, task, profile)
-        layers = compressible_layers(student)
-        plan = {layer.name: c.precisions.get(layer.name, "fp32") for layer in layers}
-    with _stage(record, "train"):
-        hooks: list = [sparsifier]
-        fake = None
-        if c.qat and c.epochs > 0:
-            fake = FakeQuant(student, [n for n, p in plan.items() if p == "int8"],
-                             per_channel=c.per_channel,
-                             activation_symmetric=c.activation_symmetric)
-            hooks.append(fake)
-        distill(student, task.teacher(), task.train, epochs=c.epochs, lr=c.lr,
-                temperature=c.temperature, alpha=c.alpha, seed=record.seed,
-                loss=c.distill_loss, loss_weight=c.distill_weight, hooks=hooks)
-        sparsifier.finish()
-        if fake is not None:
-            fake.finish()
-        record.sparsity = count_zero_fraction(student)
+    plan = {layer.name: c.precisions.get(layer.name, "fp32") for layer in layers}
     with _stage(record, "export"):
         fp32 = export_onnx(student, task.input_shape)
         names = onnx_node_names(onnx.load_from_string(fp32), layers)
     with _stage(record, "quantize"):
+        if calibration_samples is not None:
+            c = replace(c, calibration_samples=min(c.calibration_samples, calibration_samples))
         final = apply_precision_plan(fp32, plan, names, c, task.calibration,
                                      reduce_range=profile.int8.reduce_range, seed=record.seed)
         record.layer_precisions = plan
+    return final
+
+
+def _score(record: TrialRecord, task: Task, final: bytes, threads: int) -> None:
     with _stage(record, "evaluate"):
         record.accuracy = onnx_score(final, task.val, task.metric, threads=threads)
         record.test_accuracy = onnx_score(final, task.test, task.metric, threads=threads)
     record.onnx_model = final
     record.size_mb = len(final) / 1e6
+
+
+def screen(record: TrialRecord, task: Task, profile: HardwareProfile,
+           threads: int = 1) -> TrialRecord:
+    """The trial's model before any fine-tuning: pruned, exported and quantized.
+
+    Its structure and precision plan decide its latency, and fine-tuning
+    changes neither, so this model's latency is the trial's latency. A trial
+    without fine-tuning ends here, scored; one with fine-tuning is not scored
+    (only its latency is wanted), and its int8 ranges come from a few samples.
+    """
+    torch.set_num_threads(threads)
+    with _stage(record, "prune"):
+        student, sparsifier = _prune(record, task, profile)
+        if record.choices.epochs == 0:  # a gradual (movement) schedule has not started yet
+            sparsifier.finish()
+        layers = compressible_layers(student)
+        record.sparsity = count_zero_fraction(student)
+    if record.choices.epochs > 0:
+        record.onnx_model = _export_and_quantize(record, task, profile, student, layers,
+                                                 calibration_samples=_SCREEN_CALIBRATION)
+        return record
+    _score(record, task, _export_and_quantize(record, task, profile, student, layers), threads)
     return record
+
+
+def finetune(record: TrialRecord, task: Task, profile: HardwareProfile,
+             threads: int = 1) -> TrialRecord:
+    """Prune (again, deterministically), fine-tune with distillation, export, quantize, score.
+
+    With ``record.needed_accuracy`` set, the validation accuracy after each
+    epoch decides whether to go on: a fine-tune that cannot plausibly reach
+    it stops there and ``record.stopped`` says why.
+    """
+    torch.set_num_threads(threads)
+    c = record.choices
+    with _stage(record, "prune"):
+        student, sparsifier = _prune(record, task, profile)
+        layers = compressible_layers(student)
+    with _stage(record, "train"):
+        hooks: list = [sparsifier]
+        fake = None
+        if c.qat and c.epochs > 0:
+            int8 = [layer.name for layer in layers if c.precisions.get(layer.name) == "int8"]
+            fake = FakeQuant(student, int8, per_channel=c.per_channel,
+                             activation_symmetric=c.activation_symmetric)
+            hooks.append(fake)
+        after_epoch = _EarlyStop(record, task, c.epochs)
+        after_epoch.start(student)
+        distill(student, task.teacher(), task.train, epochs=c.epochs, lr=c.lr,
+                temperature=c.temperature, alpha=c.alpha, seed=record.seed,
+                loss=c.distill_loss, loss_weight=c.distill_weight, hooks=hooks,
+                after_epoch=after_epoch)
+        if record.stopped:
+            record.onnx_model = None
+            return record
+        sparsifier.finish()
+        if fake is not None:
+            fake.finish()
+        record.sparsity = count_zero_fraction(student)
+    _score(record, task, _export_and_quantize(record, task, profile, student, layers), threads)
+    return record
+
+
+class _EarlyStop:
+    """After each epoch: stop when even an optimistic projection misses the needed accuracy.
+
+    The projection gives every remaining epoch the larger of the last epoch's
+    gain (the first epoch's from the pruned student's accuracy) and one point,
+    plus a point for the noise of one validation pass; gains shrink as a
+    fine-tune converges, so this over-estimates. Optuna's pruners compare one
+    objective against other trials at the same step; here the bar comes from
+    the two-objective front at this trial's latency, so the rule is our own.
+    """
+
+    def __init__(self, record: TrialRecord, task: Task, epochs: int) -> None:
+        self.record, self.task, self.epochs = record, task, epochs
+        self.history: list[float] = []
+
+    def start(self, student: nn.Module) -> None:
+        """The accuracy the first epoch's gain is measured from (only when it can matter)."""
+        if self.record.needed_accuracy is not None and self.epochs > 1:
+            self.history.append(self.task.score(student, self.task.val))
+
+    def __call__(self, epoch: int, student: nn.Module) -> bool:
+        accuracy = self.task.score(student, self.task.val)
+        self.record.epoch_accuracy.append(accuracy)
+        self.history.append(accuracy)
+        needed = self.record.needed_accuracy
+        if needed is None:
+            return False
+        gain = self.history[-1] - self.history[-2] if len(self.history) > 1 else 0.0
+        remaining = self.epochs - epoch - 1
+        reach = accuracy + remaining * max(gain, 1.0) + 1.0
+        if reach < needed:
+            self.record.stopped = (
+                f"after epoch {epoch + 1} of {self.epochs}: {accuracy:.2f}% on validation, at "
+                f"most about {reach:.2f}% reachable, {needed:.2f}% needed to reach the front")
+            return True
+        return False
+
+
+def compress(record: TrialRecord, task: Task, profile: HardwareProfile,
+             threads: int = 1) -> TrialRecord:
+    """Prune, fine-tune, export, quantize and score one trial's model (no early stopping)."""
+    if record.choices.epochs > 0:
+        return finetune(record, task, profile, threads)
+    return screen(record, task, profile, threads)
 
 
 def measure(record: TrialRecord, profile: HardwareProfile,

@@ -41,10 +41,21 @@ class Int8Settings(Strict):
     """
 
     activation_types: list[Literal["uint8", "int8", "int16"]] = Field(default=["uint8"], min_length=1)
+    # the activation types the device's int8 kernels fuse (fast); the others run but are slow.
+    # None: all of them. A default space samples only these.
+    fast_activation_types: list[Literal["uint8", "int8", "int16"]] | None = None
     weight_types: list[Literal["int8", "uint8"]] = Field(default=["int8"], min_length=1)
     per_channel: list[bool] = Field(default=[True], min_length=1)
     activation_symmetric: list[bool] = Field(default=[False], min_length=1)
     reduce_range: bool = False
+
+    @model_validator(mode="after")
+    def _fast_within_runs(self) -> Int8Settings:
+        extra = sorted(set(self.fast_activation_types or []) - set(self.activation_types))
+        if extra:
+            raise ValueError(f"fast_activation_types lists {extra}, which activation_types "
+                             f"does not: {self.activation_types}")
+        return self
 
 
 class MeasureSettings(Strict):

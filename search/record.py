@@ -92,3 +92,8 @@ class TrialRecord:
     timings: dict[str, float] = field(default_factory=dict)
     node: str | None = None  # Ray node that measured the latency
     error: str | None = None
+    # multi-fidelity: the accuracy a fine-tune must reach to matter (set by the driver), the
+    # validation accuracy after each epoch, and why a fine-tune was stopped early
+    needed_accuracy: float | None = None
+    epoch_accuracy: list[float] = field(default_factory=list)
+    stopped: str | None = None

@@ -6,6 +6,7 @@ This is the only module that calls ``trial.suggest_*``.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +33,8 @@ __all__ = [
 ]
 
 SPACES_DIR = builtin_dir("spaces")
-Auto = Literal["auto"]
+Auto = Literal["auto"]  # what pays on the profile
+All = Literal["all"]  # everything the profile can run, paying or not (research)
 _RANK = ["fp32", "bf16", "fp16", "int16", "int8", "int4"]  # least to most compressed
 
 
@@ -79,8 +81,9 @@ class PruningSpace(Strict):
     """Where the student starts, weight sparsity, and what structure is removed."""
 
     init: list[Literal["teacher", "sparse"]] | Auto = "auto"
-    sparsity_pattern: list[str] | Auto = "auto"
-    unstructured_sparsity: FloatRange = _unit(0.0, 0.8)
+    sparsity_pattern: list[str] | Auto | All = "auto"
+    # auto: sampled only where the profile's runtime has sparse kernels
+    unstructured_sparsity: FloatRange | Auto = "auto"
     unstructured_criterion: list[Literal["magnitude", "movement", "fisher"]] = \
         ["magnitude", "movement", "fisher"]
     unstructured_scope: list[Literal["global", "layer"]] = ["global", "layer"]
@@ -94,11 +97,13 @@ class PruningSpace(Strict):
     def _fractions(self) -> PruningSpace:
         for name in ("unstructured_sparsity", "structured_ratio", "head_ratio"):
             r = getattr(self, name)
+            if r == "auto":
+                continue
             if r.low < 0 or r.high >= 1:
                 raise ValueError(f"{name} must lie in [0, 1), got [{r.low}, {r.high}]")
         if self.drop_blocks.low < 0:
             raise ValueError("drop_blocks must be >= 0")
-        if self.sparsity_pattern != "auto":
+        if self.sparsity_pattern not in ("auto", "all"):
             for p in self.sparsity_pattern:
                 m = _PATTERN.match(p)
                 if m is None or (m.group(2) and not 0 < int(m.group(2)) < int(m.group(3))):
@@ -147,9 +152,9 @@ class QuantizationSpace(Strict):
 
     granularity: Literal["layer", "block", "stage", "uniform"] = "layer"
     precisions: list[Precision] | Auto = "auto"
-    mode: list[Literal["static", "dynamic"]] | Auto = "auto"
+    mode: list[Literal["static", "dynamic"]] | Auto | All = "auto"
     qat: list[bool] = [False, True]
-    activation_types: list[Literal["uint8", "int8", "int16"]] | Auto = "auto"
+    activation_types: list[Literal["uint8", "int8", "int16"]] | Auto | All = "auto"
     weight_types: list[Literal["int8", "uint8"]] | Auto = "auto"
     per_channel: list[bool] | Auto = "auto"
     activation_symmetric: list[bool] | Auto = "auto"
@@ -232,6 +237,9 @@ class ResolvedSpace:
     patterns: tuple[str, ...]
     inits: tuple[str, ...]
     facts: ModelFacts = ModelFacts()
+    unstructured_sparsity: FloatRange = FloatRange(low=0.0, high=0.0)
+    # dimension -> why it is offered as it is on this profile and model (`search spaces`)
+    reasons: tuple[tuple[str, str], ...] = ()
 
     def baselines(self) -> list[tuple[str, dict[str, Any]]]:
         """The trials enqueued first, as (label, params).
@@ -241,98 +249,151 @@ class ResolvedSpace:
         pruned, no fine-tune. Then uniform static U8S8 int8 (per-channel, min-max
         calibration) when every layer may run int8 and that differs.
         """
-        q = self.space.quantization
-        base: dict[str, Any] = {
-            "init": "teacher",
-            "sparsity_pattern": "unstructured",
-            "unstructured_sparsity": 0.0,
-            "drop_blocks": 0,
-            "structured_ratio": 0.0,
-            "head_ratio": 0.0,
-            "epochs": 0,
-        }
         top = {g: min(allowed, key=_RANK.index) for g, allowed in self.group_precisions.items()}
         label = next(iter(set(top.values()))) if len(set(top.values())) == 1 else "reference"
-        out = [(label, {**base, **self._plan(top)})]
-        if all("int8" in p for p in self.group_precisions.values()) and label != "int8":
-            int8 = {**base, **self._plan({g: "int8" for g in self.group_precisions})}
-            int8["quant_mode"] = "static"
-            int8["qat"] = False
-            int8["activation_type"] = (
-                "uint8" if "uint8" in self.activation_types else self.activation_types[0]
-            )
-            int8["weight_type"] = "int8" if "int8" in self.weight_types else self.weight_types[0]
-            int8["per_channel"] = True if True in self.per_channel else self.per_channel[0]
-            int8["activation_symmetric"] = (
-                False if False in self.activation_symmetric else self.activation_symmetric[0]
-            )
-            int8["calibration_method"] = ("minmax" if "minmax" in q.calibration_method
-                                          else q.calibration_method[0])
-            r = q.calibration_samples
-            int8["calibration_samples"] = min(max(256, r.low), r.high)
-            out.append(("int8", int8))
+        out = [(label, {**_UNCOMPRESSED, **self._plan(top)})]
+        if self._all_int8() and label != "int8":
+            out.append(("int8", {**_UNCOMPRESSED, **self._int8_params()}))
         return out
+
+    def seeds(self) -> list[tuple[str, dict[str, Any]]]:
+        """Known-good combinations enqueued after the baselines, so the sampler starts from a
+        strong front: channels pruned (and a block dropped) at the fastest precision every
+        layer may run, recovered by distillation. Only values the space offers are used."""
+        pruning, distil = self.space.pruning, self.space.distillation
+        if distil.epochs.high < 1 or pruning.structured_ratio.high <= 0:
+            return []
+        plan = (self._int8_params() if self._all_int8() else
+                self._plan({g: max(p, key=_RANK.index) for g, p in self.group_precisions.items()}))
+        tune = {"epochs": min(3, distil.epochs.high), "lr": _clip(3e-3, distil.lr),
+                "temperature": _clip(4.0, distil.temperature), "alpha": _clip(0.5, distil.alpha),
+                "distill_loss": "response" if "response" in distil.loss else distil.loss[0]}
+        if "qat" in plan:
+            plan = {**plan, "qat": False}
+        out = []
+        for label, ratio, drop in (("pruned-0.5", 0.5, 0), ("pruned-0.3-dropped-1", 0.3, 1)):
+            if drop > min(pruning.drop_blocks.high, self.facts.droppable_blocks):
+                continue
+            params = {**_UNCOMPRESSED, **plan, **tune, "drop_blocks": drop,
+                      "structured_ratio": _clip(ratio, pruning.structured_ratio),
+                      "structured_importance": pruning.structured_importance[0]}
+            out.append((label, params))
+        return out
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(dimension, what is offered, why) for every dimension, as `search spaces` shows."""
+        p, d, q = self.space.pruning, self.space.distillation, self.space.quantization
+        why = dict(self.reasons)
+        precisions = sorted({x for v in self.group_precisions.values() for x in v}, key=_RANK.index)
+        blocks = min(p.drop_blocks.high, self.facts.droppable_blocks)
+        rows = [
+            ("init", ", ".join(self.inits), "sparse too when the task has a sparse checkpoint"),
+            ("sparsity_pattern", ", ".join(self.patterns), why.get("sparsity_pattern", "")),
+            ("unstructured_sparsity", _text(self.unstructured_sparsity),
+             why.get("unstructured_sparsity", "")),
+            ("drop_blocks", f"0-{blocks}" if blocks else "0",
+             f"{self.facts.droppable_blocks} droppable residual block(s) in this model"),
+            ("structured_ratio", _text(p.structured_ratio),
+             "channels removed for real, rounded to the profile's channel multiple"),
+            ("head_ratio", _text(p.head_ratio) if self.facts.attention else "0",
+             "the model has multi-head attention" if self.facts.attention
+             else "the model has no multi-head attention"),
+            ("epochs", f"{d.epochs.low}-{d.epochs.high}", "distillation fine-tune; 0 = one-shot"),
+            ("precision", f"{', '.join(precisions)} per {q.granularity}",
+             "what the profile runs for each layer's op type"),
+            ("quant_mode", ", ".join(self.modes), why.get("quant_mode", "")),
+            ("activation_type", ", ".join(self.activation_types), why.get("activation_type", "")),
+            ("weight_type", ", ".join(self.weight_types), "what the profile runs"),
+        ]
+        return rows
+
+    def _all_int8(self) -> bool:
+        return all("int8" in p for p in self.group_precisions.values())
+
+    def _int8_params(self) -> dict[str, Any]:
+        q = self.space.quantization
+        int8: dict[str, Any] = self._plan({g: "int8" for g in self.group_precisions})
+        int8["quant_mode"] = "static"
+        int8["qat"] = False
+        int8["activation_type"] = (
+            "uint8" if "uint8" in self.activation_types else self.activation_types[0]
+        )
+        int8["weight_type"] = "int8" if "int8" in self.weight_types else self.weight_types[0]
+        int8["per_channel"] = True if True in self.per_channel else self.per_channel[0]
+        int8["activation_symmetric"] = (
+            False if False in self.activation_symmetric else self.activation_symmetric[0]
+        )
+        int8["calibration_method"] = ("minmax" if "minmax" in q.calibration_method
+                                      else q.calibration_method[0])
+        r = q.calibration_samples
+        int8["calibration_samples"] = min(max(256, r.low), r.high)
+        return int8
 
     def _plan(self, plan: dict[str, str]) -> dict[str, str]:
         if self.space.quantization.granularity == "uniform":
             return {"precision": next(iter(plan.values()))}
         return {f"precision.{group}": p for group, p in plan.items()}
 
-    def sample(self, trial: optuna.Trial) -> Choices:
-        """Draw one trial's choices (define-by-run, with conditional dimensions)."""
+    def sample(self, trial: optuna.Trial, pinned: dict[str, Any] | None = None) -> Choices:
+        """Draw one trial's choices (define-by-run, with conditional dimensions).
+
+        ``pinned`` values are taken as they are, even where the space fixes a
+        dimension: a baseline is the uncompressed model whatever the space says.
+        """
+        draw = _Draw(trial, pinned or {})
         pruning, distil, quant = self.space.pruning, self.space.distillation, self.space.quantization
         c = Choices()
-        c.init = _categorical(trial, "init", self.inits)
+        c.init = _categorical(draw, "init", self.inits)
         if c.init == "teacher":
-            c.sparsity_pattern = _categorical(trial, "sparsity_pattern", self.patterns)
+            c.sparsity_pattern = _categorical(draw, "sparsity_pattern", self.patterns)
             if c.sparsity_pattern == "unstructured":
-                c.unstructured_sparsity = _float(trial, "unstructured_sparsity",
-                                                 pruning.unstructured_sparsity)
+                c.unstructured_sparsity = _float(draw, "unstructured_sparsity",
+                                                 self.unstructured_sparsity)
                 if c.unstructured_sparsity > 0:
-                    c.unstructured_scope = _categorical(trial, "unstructured_scope",
+                    c.unstructured_scope = _categorical(draw, "unstructured_scope",
                                                         pruning.unstructured_scope)
             if c.sparsity_pattern != "unstructured" or c.unstructured_sparsity > 0:
-                c.unstructured_criterion = _categorical(trial, "unstructured_criterion",
+                c.unstructured_criterion = _categorical(draw, "unstructured_criterion",
                                                         pruning.unstructured_criterion)
         blocks = IntRange(low=min(pruning.drop_blocks.low, self.facts.droppable_blocks),
                           high=min(pruning.drop_blocks.high, self.facts.droppable_blocks))
-        c.drop_blocks = _int(trial, "drop_blocks", blocks)
-        c.structured_ratio = _float(trial, "structured_ratio", pruning.structured_ratio)
+        c.drop_blocks = _int(draw, "drop_blocks", blocks)
+        c.structured_ratio = _float(draw, "structured_ratio", pruning.structured_ratio)
         if c.structured_ratio > 0:
-            c.structured_importance = _categorical(trial, "structured_importance",
+            c.structured_importance = _categorical(draw, "structured_importance",
                                                    pruning.structured_importance)
         if self.facts.attention:
-            c.head_ratio = _float(trial, "head_ratio", pruning.head_ratio)
-        c.epochs = _int(trial, "epochs", distil.epochs)
+            c.head_ratio = _float(draw, "head_ratio", pruning.head_ratio)
+        c.epochs = _int(draw, "epochs", distil.epochs)
         if c.epochs > 0:
-            c.lr = _float(trial, "lr", distil.lr)
-            c.temperature = _float(trial, "temperature", distil.temperature)
-            c.alpha = _float(trial, "alpha", distil.alpha)
-            c.distill_loss = _categorical(trial, "distill_loss", distil.loss)
+            c.lr = _float(draw, "lr", distil.lr)
+            c.temperature = _float(draw, "temperature", distil.temperature)
+            c.alpha = _float(draw, "alpha", distil.alpha)
+            c.distill_loss = _categorical(draw, "distill_loss", distil.loss)
             if c.distill_loss != "response":
-                c.distill_weight = _float(trial, "distill_weight", distil.loss_weight)
+                c.distill_weight = _float(draw, "distill_weight", distil.loss_weight)
         if quant.granularity == "uniform":
-            pick = _categorical(trial, "precision", self._common_precisions())
+            pick = _categorical(draw, "precision", self._common_precisions())
             c.precisions = {layer.name: pick for layer in self.layers}
         else:
-            chosen = {g: _categorical(trial, f"precision.{g}", self.group_precisions[g])
+            chosen = {g: _categorical(draw, f"precision.{g}", self.group_precisions[g])
                       for g in self.groups}
             c.precisions = {name: chosen[g] for g, names in self.groups.items() for name in names}
         if any(p in ("int8", "int16") for p in c.precisions.values()):
             wide = "int16" in c.precisions.values()
-            c.quant_mode = "static" if wide else _categorical(trial, "quant_mode", self.modes)
-            c.weight_type = _categorical(trial, "weight_type", self.weight_types)
-            c.per_channel = _categorical(trial, "per_channel", self.per_channel)
+            c.quant_mode = "static" if wide else _categorical(draw, "quant_mode", self.modes)
+            c.weight_type = _categorical(draw, "weight_type", self.weight_types)
+            c.per_channel = _categorical(draw, "per_channel", self.per_channel)
             if c.quant_mode == "static":
-                c.activation_type = _categorical(trial, "activation_type", self.activation_types)
-                c.activation_symmetric = _categorical(trial, "activation_symmetric",
+                c.activation_type = _categorical(draw, "activation_type", self.activation_types)
+                c.activation_symmetric = _categorical(draw, "activation_symmetric",
                                                       self.activation_symmetric)
-                c.calibration_method = _categorical(trial, "calibration_method",
+                c.calibration_method = _categorical(draw, "calibration_method",
                                                     quant.calibration_method)
-                c.calibration_samples = _int(trial, "calibration_samples",
+                c.calibration_samples = _int(draw, "calibration_samples",
                                              quant.calibration_samples)
                 if c.epochs > 0 and not wide:
-                    c.qat = _categorical(trial, "qat", quant.qat)
+                    c.qat = _categorical(draw, "qat", quant.qat)
         return c
 
     def _common_precisions(self) -> list[str]:
@@ -340,22 +401,58 @@ class ResolvedSpace:
         return [p for p in first if all(p in r for r in rest)]
 
 
-def _float(trial: optuna.Trial, name: str, r: FloatRange) -> float:
-    if r.low == r.high:
+def _text(r: FloatRange) -> str:
+    return f"{r.low:g}" if r.low == r.high else f"{r.low:g}-{r.high:g}"
+
+
+_UNCOMPRESSED: dict[str, Any] = {
+    "init": "teacher", "sparsity_pattern": "unstructured", "unstructured_sparsity": 0.0,
+    "drop_blocks": 0, "structured_ratio": 0.0, "head_ratio": 0.0, "epochs": 0,
+}
+
+
+def _clip(value: float, r: FloatRange | IntRange) -> float:
+    """``value`` inside ``r`` (on its step grid when it has one)."""
+    value = min(max(value, r.low), r.high)
+    step = getattr(r, "step", None)
+    if step:
+        value = r.low + round((value - r.low) / step) * step
+    return round(value, 9)
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """A trial to suggest from, and the values pinned for it (baselines, seeds)."""
+
+    trial: optuna.Trial
+    pinned: dict[str, Any]
+
+
+def _float(draw: _Draw, name: str, r: FloatRange) -> float:
+    if r.low == r.high and name not in draw.pinned:
         return r.low
-    return trial.suggest_float(name, r.low, r.high, log=r.log, step=r.step)
+    if name in draw.pinned and not r.low <= draw.pinned[name] <= r.high:
+        return float(draw.pinned[name])  # outside the space: taken, not shown to the sampler
+    # an enqueued trial's suggest returns its pinned value, and the sampler learns from it
+    return draw.trial.suggest_float(name, r.low, r.high, log=r.log, step=r.step) \
+        if r.low < r.high else float(draw.pinned[name])
 
 
-def _int(trial: optuna.Trial, name: str, r: IntRange) -> int:
-    if r.low == r.high:
+def _int(draw: _Draw, name: str, r: IntRange) -> int:
+    if r.low == r.high and name not in draw.pinned:
         return r.low
-    return trial.suggest_int(name, r.low, r.high)
+    if name in draw.pinned and not r.low <= draw.pinned[name] <= r.high:
+        return int(draw.pinned[name])
+    return draw.trial.suggest_int(name, r.low, r.high) if r.low < r.high \
+        else int(draw.pinned[name])
 
 
-def _categorical(trial: optuna.Trial, name: str, options: tuple[Any, ...] | list[Any]) -> Any:
+def _categorical(draw: _Draw, name: str, options: tuple[Any, ...] | list[Any]) -> Any:
+    if name in draw.pinned and (draw.pinned[name] not in options or len(options) == 1):
+        return draw.pinned[name]
     if len(options) == 1:
         return options[0]
-    return trial.suggest_categorical(name, list(options))
+    return draw.trial.suggest_categorical(name, list(options))
 
 
 def _allowed(asked: Any, allowed: tuple[Any, ...], key: str, space: SearchSpace,
@@ -378,21 +475,68 @@ def _quantization(what: str, space: SearchSpace, profile: HardwareProfile) -> tu
                     f"quantization.{what}", space, f"profile {profile.name!r}")
 
 
-def _patterns(space: SearchSpace, profile: HardwareProfile) -> tuple[str, ...]:
+def _activation_types(space: SearchSpace, profile: HardwareProfile) -> tuple[tuple[str, ...], str]:
+    """auto: the activation types the profile's int8 kernels fuse; all: every one it runs."""
+    runs = tuple(profile.int8.activation_types)
+    asked = space.quantization.activation_types
+    if asked == "all":
+        return runs, "every type the profile runs (space asks for all)"
+    fast = tuple(t for t in runs if t in (profile.int8.fast_activation_types or runs))
+    if asked == "auto":
+        slow = [t for t in runs if t not in fast]
+        why = (f"{', '.join(slow)} not sampled: the profile's int8 kernels do not fuse it, so "
+               "it runs slower" if slow else "every type the profile runs fuses")
+        return fast or runs, why
+    return _allowed(asked, runs, "quantization.activation_types", space,
+                    f"profile {profile.name!r}"), "as the space lists"
+
+
+def _patterns(space: SearchSpace, profile: HardwareProfile) -> tuple[tuple[str, ...], str]:
     """Unstructured, plus the N:M pattern the profile's runtime accelerates."""
     allowed = ("unstructured", "2:4") if profile.sparse_kernels == "2:4" else ("unstructured",)
-    return _allowed(space.pruning.sparsity_pattern, allowed, "pruning.sparsity_pattern", space,
-                    f"profile {profile.name!r}", " (no N:M sparse kernels)")
+    asked = space.pruning.sparsity_pattern
+    if asked in ("auto", "all"):
+        why = ("2:4 where the profile's runtime has 2:4 kernels" if len(allowed) > 1 else
+               "no N:M pattern: the profile's runtime has no N:M sparse kernels")
+        return allowed, why
+    return _allowed(asked, allowed, "pruning.sparsity_pattern", space,
+                    f"profile {profile.name!r}", " (no N:M sparse kernels)"), "as the space lists"
 
 
-def _modes(space: SearchSpace, profile: HardwareProfile) -> tuple[str, ...]:
+def _unstructured(space: SearchSpace, profile: HardwareProfile) -> tuple[FloatRange, str]:
+    """auto: sampled only where the runtime has unstructured sparse kernels; elsewhere zeros
+    cost accuracy and buy no speed."""
+    asked = space.pruning.unstructured_sparsity
+    if asked != "auto":
+        return asked, "as the space lists"
+    if profile.sparse_kernels == "unstructured":
+        return _unit(0.0, 0.8), "the profile's runtime has unstructured sparse kernels"
+    return FloatRange(low=0.0, high=0.0), (
+        f"not sampled: profile {profile.name!r} has no unstructured sparse kernels, so zeros "
+        "cost accuracy and buy no speed (space 'exhaustive' samples it)")
+
+
+def _modes(space: SearchSpace, profile: HardwareProfile,
+           layers: Sequence[Layer]) -> tuple[tuple[str, ...], str]:
     """Static, plus dynamic where the profile runs uint8 activations on a CPU (ONNX Runtime's
-    dynamic int8 kernels are CPU kernels with uint8 activations)."""
+    dynamic int8 kernels are CPU kernels with uint8 activations). ``auto`` leaves dynamic
+    out for models with convolutions: ConvInteger is slower than fp32 (4.0 ms against
+    0.6 ms for the digits ResNet here) while MatMulInteger pays on Linear-only models."""
     dynamic_ok = "uint8" in profile.int8.activation_types and profile.device_class == "cpu"
     allowed = ("static", "dynamic") if dynamic_ok else ("static",)
-    return _allowed(space.quantization.mode, allowed, "quantization.mode", space,
-                    f"profile {profile.name!r}",
-                    " (dynamic int8 runs as CPU kernels with uint8 activations)")
+    asked = space.quantization.mode
+    if asked == "all":
+        return allowed, "every mode the profile runs (space asks for all)"
+    if asked == "auto":
+        if not dynamic_ok:
+            return ("static",), "dynamic int8 runs as CPU kernels with uint8 activations only"
+        if any(layer.op_type == "Conv" for layer in layers):
+            return ("static",), ("dynamic not sampled: the model has convolutions, and dynamic "
+                                 "int8 convolutions (ConvInteger) run slower than fp32")
+        return allowed, "dynamic int8 (MatMulInteger) pays on a model without convolutions"
+    return _allowed(asked, allowed, "quantization.mode", space, f"profile {profile.name!r}",
+                    " (dynamic int8 runs as CPU kernels with uint8 activations)"), \
+        "as the space lists"
 
 
 def _inits(space: SearchSpace, facts: ModelFacts) -> tuple[str, ...]:
@@ -435,20 +579,27 @@ def resolve_space(space: SearchSpace, profile: HardwareProfile,
                 f"({', '.join(f'{n}: {per_layer[n]}' for n in names)}); use granularity 'layer'"
             )
         group_precisions[group] = tuple(common)
+    activation_types, activation_why = _activation_types(space, profile)
+    modes, modes_why = _modes(space, profile, layers)
+    patterns, patterns_why = _patterns(space, profile)
+    unstructured, unstructured_why = _unstructured(space, profile)
     resolved = ResolvedSpace(
         space=space,
         layers=tuple(layers),
         layer_precisions=per_layer,
         groups={g: tuple(names) for g, names in groups.items()},
         group_precisions=group_precisions,
-        activation_types=_quantization("activation_types", space, profile),
+        activation_types=activation_types,
         weight_types=_quantization("weight_types", space, profile),
         per_channel=_quantization("per_channel", space, profile),
         activation_symmetric=_quantization("activation_symmetric", space, profile),
-        modes=_modes(space, profile),
-        patterns=_patterns(space, profile),
+        modes=modes,
+        patterns=patterns,
         inits=_inits(space, facts),
         facts=facts,
+        unstructured_sparsity=unstructured,
+        reasons=(("unstructured_sparsity", unstructured_why), ("sparsity_pattern", patterns_why),
+                 ("quant_mode", modes_why), ("activation_type", activation_why)),
     )
     if quant.granularity == "uniform" and not resolved._common_precisions():
         raise ConfigError(

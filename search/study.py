@@ -7,17 +7,13 @@ be interrupted at any moment and resumed by rerunning the same command.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +26,7 @@ import yaml
 from search._paths import cache_dir
 from search._redact import redact
 from search.config import SearchConfig, ensure_writable
+from search.driver import Driver, DriverSettings, fail_stale, failure_reason
 from search.errors import ConfigError, SearchError
 from search.execution import (
     Executor,
@@ -48,7 +45,7 @@ from search.latency.predict import costs_from_onnx, predict_ms
 from search.pareto import best_speedup, hypervolume, plot_front, trials_frame, write_html
 from search.pipeline import model_facts, student_layers
 from search.profiles import HardwareProfile, load_profile, measurable_here
-from search.record import Choices, TrialRecord
+from search.refine import RefineSettings, refine_front, remeasure_front
 from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
 from search.tasks import check_task, load_task
 from search.tracking import (
@@ -57,12 +54,11 @@ from search.tracking import (
     default_tracking_uri,
     server_reachable,
 )
+from search.trial_logging import MlflowTrialLogger
 
 __all__ = ["StudyResult", "make_sampler", "run_search"]
 
 log = logging.getLogger("search")
-_TRIAL_METRICS = ("accuracy", "test_accuracy", "latency_median_ms", "latency_p90_ms",
-                  "latency_cv", "size_mb", "sparsity", "macs", "params")
 
 
 @dataclass
@@ -175,315 +171,25 @@ def _check_same_task(study: optuna.Study, cfg: SearchConfig) -> None:
     study.set_user_attr("task", task)
 
 
-def _fail_stale(study: optuna.Study) -> None:
-    """Trials left RUNNING by a driver that died are marked FAILED (retried within budget)."""
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "failure", "driver stopped mid-trial")
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+def _refine(cfg: SearchConfig, study: optuna.Study, resolved: ResolvedSpace, executor: Executor,
+            parallel: int) -> None:
+    """Refine the front's members, then re-measure the front with the baselines."""
+    longest = resolved.space.distillation.epochs.high
+    settings = RefineSettings(members=cfg.refine, epochs=cfg.refine_epochs or max(6, 2 * longest),
+                              timeout_s=cfg.refine_timeout_s, parallel=parallel, seed=cfg.seed)
+    if cfg.refine > 0 and longest > 0:
+        refine_front(study, executor, settings, Path(cfg.output_dir))
+    remeasure_front(study, executor, Path(cfg.output_dir))
 
 
-def _n_complete(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-
-
-def _choices_key(flat: dict[str, Any]) -> str:
-    return json.dumps({k: (round(v, 9) if isinstance(v, float) else v) for k, v in flat.items()},
-                      sort_keys=True, default=str)
-
-
-def _record_attrs(record: TrialRecord) -> dict[str, Any]:
-    lat = record.latency
-    attrs: dict[str, Any] = {
-        "choices": record.choices.flat(),
-        "layer_precisions": record.layer_precisions,
-        "timings": record.timings,
-        "test_accuracy": record.test_accuracy,
-        "size_mb": record.size_mb,
-        "sparsity": record.sparsity,
-        "macs": record.macs,
-        "params": record.params,
-        "dropped_blocks": record.dropped_blocks,
-    }
-    if record.node:
-        attrs["node"] = record.node
-    if lat is not None:
-        attrs.update(latency_p90_ms=lat.p90_ms, latency_cv=lat.cv, latency_runs=lat.runs,
-                     latency_source=lat.source, device=lat.device, provider=lat.provider,
-                     latency_noisy=lat.noisy)
-    return attrs
-
-
-def _reference_accuracy(study: optuna.Study) -> float | None:
-    """Accuracy of the reference trial (trial 0: the least compressed model)."""
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.user_attrs.get("reference"):
-            return float(t.values[0])
-    return None
-
-
-def _log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial,
-                reference_accuracy: float | None = None) -> None:
-    """Log a finished trial to MLflow from what the Optuna storage holds."""
-    a = trial.user_attrs
-    complete = trial.state == optuna.trial.TrialState.COMPLETE
-    metrics: dict[str, float | None] = {}
-    if complete:
-        metrics = {"accuracy": trial.values[0], "latency_median_ms": trial.values[1]}
-        if reference_accuracy is not None:
-            metrics["accuracy_drop"] = reference_accuracy - trial.values[0]
-        metrics.update({k: a.get(k) for k in _TRIAL_METRICS if k in a})
-        metrics.update({f"time_{k}_s": v for k, v in a.get("timings", {}).items()})
-        precisions = list(a.get("layer_precisions", {}).values())
-        if precisions:
-            for p in sorted(set(precisions)):
-                metrics[f"share_{p}"] = precisions.count(p) / len(precisions)
-    tags = {
-        "state": trial.state.name,
-        "latency_source": a.get("latency_source", ""),
-        "device": a.get("device", ""),
-        "baseline": a.get("baseline", ""),
-    }
-    if complete:
-        tags["latency_noisy"] = str(bool(a.get("latency_noisy", False))).lower()
-    if "failure" in a:
-        tags["failure_reason"] = a["failure"]
-    if "cached_from" in a:
-        tags["cached_from"] = str(a["cached_from"])
-    params = a.get("choices") or dict(trial.params)
-    tracker.log_trial(trial.number, params, metrics, tags, failed=not complete)
-
-
-def _catch_up(tracker: Tracker, study: optuna.Study) -> None:
-    """Log every finished trial MLflow lacks (missed during an outage or before a crash)."""
-    tracker.refresh()
-    reference = _reference_accuracy(study)
-    for t in study.get_trials(deepcopy=False):
-        if t.state.is_finished() and t.number not in tracker.logged:
-            _log_frozen(tracker, t, reference)
-
-
-class _Driver:
-    """The ask / run / tell loop of one study invocation."""
-
-    def __init__(self, cfg: SearchConfig, study: optuna.Study, resolved: ResolvedSpace,
-                 executor: Executor, tracker: Tracker, profile: HardwareProfile,
-                 show_progress: bool) -> None:
-        self.cfg, self.study, self.resolved = cfg, study, resolved
-        self.executor, self.tracker, self.profile = executor, tracker, profile
-        self.models_dir = Path(cfg.output_dir) / "models"
-        self.models_dir.mkdir(parents=True, exist_ok=True)
-        self.in_flight: dict[ray.ObjectRef, tuple[optuna.Trial, str]] = {}
-        self.n_failed = 0
-        self.tracking_s = 0.0  # time spent logging trials to MLflow
-        self.tracking_behind = False  # some trial could not be logged yet
-        self.show_progress = show_progress
-        self.frame = trials_frame(study)  # the study's table as of the last completed trial
-
-    def run(self) -> None:
-        """Run until ``budget`` trials are COMPLETE.
-
-        Ctrl-C stops asking for trials and gives the running ones
-        ``grace_period_s`` to finish; a second Ctrl-C (or the end of the grace
-        period) marks them FAILED. Either way KeyboardInterrupt is raised at the
-        end so the caller reports an interrupted study.
-        """
-        from tqdm import tqdm
-
-        budget = self.cfg.budget
-        done = _n_complete(self.study)
-        bar = tqdm(total=budget, initial=min(done, budget), unit="trial", desc=self.cfg.study_name,
-                   disable=not self.show_progress, file=sys.stderr, dynamic_ncols=True)
-        max_failures = max(10, budget)
-        stop = threading.Event()
-
-        def on_sigint(signum, frame):  # noqa: ANN001, ARG001
-            if stop.is_set():
-                raise KeyboardInterrupt
-            stop.set()
-            log.warning("interrupted: no new trials; %d running trial(s) get %.0f s to finish "
-                        "(Ctrl-C again to stop now)", len(self.in_flight), self.cfg.grace_period_s)
-
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, on_sigint)
-        deadline: float | None = None
-        try:
-            while done < budget:
-                if stop.is_set():
-                    deadline = deadline or time.monotonic() + self.cfg.grace_period_s
-                    if not self.in_flight or time.monotonic() > deadline:
-                        break
-                else:
-                    while (len(self.in_flight) < self.cfg.parallel
-                           and done + len(self.in_flight) < budget):
-                        if self._start_trial() is optuna.trial.TrialState.COMPLETE:
-                            done += 1  # answered from the cache
-                            bar.update(1)
-                ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
-                if not ready:
-                    continue
-                state = self._advance(ready[0])
-                if state is optuna.trial.TrialState.COMPLETE:
-                    done += 1
-                    bar.update(1)
-                    bar.set_postfix_str(self._postfix(), refresh=True)
-                elif state is optuna.trial.TrialState.FAIL:
-                    self.n_failed += 1
-                    if self.n_failed >= max_failures:
-                        raise SearchError(f"{self.n_failed} trials failed; stopping. The last "
-                                          "failure reason is in trials.csv and MLflow.")
-        except BaseException:
-            self._abandon_in_flight("driver interrupted")
-            raise
-        finally:
-            bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        if stop.is_set():
-            self._abandon_in_flight("interrupted: grace period over")
-            raise KeyboardInterrupt
-
-    def _start_trial(self) -> optuna.trial.TrialState | None:
-        """Ask for a trial and start it, or answer it from the cache (then COMPLETE)."""
-        trial = self.study.ask()
-        try:
-            choices = self.resolved.sample(trial)
-        except Exception as exc:  # a space the checks let through: fatal, but leave no RUNNING
-            self._fail(trial, f"sampling: {type(exc).__name__}: {exc}")
-            raise SearchError(f"trial {trial.number} could not be sampled: {exc}") from exc
-        source = self._cached(choices)
-        if source is not None:
-            return self._answer_from_cache(trial, source)
-        record = TrialRecord(trial.number, choices, seed=self.cfg.seed * 100_003 + trial.number)
-        self.in_flight[self.executor.submit_compress(record)] = (trial, "compress")
-        return None
-
-    def _cached(self, choices: Choices) -> optuna.trial.FrozenTrial | None:
-        """A COMPLETE trial with exactly these choices (samplers do propose repeats)."""
-        key = _choices_key(choices.flat())
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if _choices_key(t.user_attrs.get("choices", {})) == key:
-                return t
-        return None
-
-    def _answer_from_cache(self, trial: optuna.Trial,
-                           source: optuna.trial.FrozenTrial) -> optuna.trial.TrialState:
-        origin = source.user_attrs.get("cached_from", source.number)
-        for key, value in source.user_attrs.items():
-            if key not in ("baseline", "reference", "cached_from"):
-                trial.set_user_attr(key, value)
-        trial.set_user_attr("cached_from", origin)
-        model = self.models_dir / f"trial-{source.number}.onnx"
-        if model.exists():
-            (self.models_dir / f"trial-{trial.number}.onnx").write_bytes(model.read_bytes())
-        log.info("trial %d repeats trial %d's choices: answered from the cache", trial.number,
-                 origin)
-        return self._tell_complete(trial, list(source.values))
-
-    def _advance(self, ref: ray.ObjectRef) -> optuna.trial.TrialState | None:
-        trial, stage = self.in_flight.pop(ref)
-        try:
-            record: TrialRecord = ray.get(ref)
-        except Exception as exc:  # the worker died or raised outside a stage
-            return self._fail(trial, f"{stage}: {type(exc).__name__}: {str(exc)[-500:]}")
-        if record.error:
-            return self._fail(trial, record.error)
-        if stage == "compress" and not self.executor.predicts:
-            self.in_flight[self.executor.submit_measure(record)] = (trial, "measure")
-            return None
-        return self._complete(trial, record)
-
-    def _fail(self, trial: optuna.Trial, reason: str) -> optuna.trial.TrialState:
-        trial.set_user_attr("failure", reason)
-        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        log.warning("trial %d failed: %s", trial.number, reason)
-        self._track(self.study._storage.get_trial(trial._trial_id))
-        return optuna.trial.TrialState.FAIL
-
-    def _complete(self, trial: optuna.Trial, record: TrialRecord) -> optuna.trial.TrialState:
-        assert record.onnx_model is not None and record.latency is not None
-        path = self.models_dir / f"trial-{trial.number}.onnx"
-        try:
-            path.write_bytes(record.onnx_model)
-        except OSError as exc:  # a full disk: every later trial would fail the same way
-            path.unlink(missing_ok=True)
-            self._fail(trial, f"saving its model: {exc.strerror or exc}")
-            raise SearchError(
-                f"cannot write {path} ({exc.strerror or exc}); every completed trial is kept in "
-                "the Optuna storage: free space and rerun the same command to resume"
-            ) from None
-        for key, value in _record_attrs(record).items():
-            trial.set_user_attr(key, value)
-        if record.latency.noisy:
-            log.warning("trial %d: latency CV %.2f stayed above the profile's max_cv %.2f after a "
-                        "repeat; flagged latency_noisy", trial.number, record.latency.cv,
-                        self.profile.measure.max_cv)
-        return self._tell_complete(trial, [record.accuracy, record.latency.median_ms])
-
-    def _tell_complete(self, trial: optuna.Trial, values: list[float]) -> optuna.trial.TrialState:
-        """Constraints, tell, MLflow child, and the front's hypervolume so far (step = trial)."""
-        reference = _reference_accuracy(self.study)
-        drop = reference - values[0] if reference is not None else 0.0
-        trial.set_user_attr("accuracy_drop", drop)
-        constraints = []
-        if self.cfg.max_accuracy_drop is not None:
-            constraints.append(drop - self.cfg.max_accuracy_drop)
-        if self.cfg.max_latency_ms is not None:
-            constraints.append(values[1] - self.cfg.max_latency_ms)
-        if constraints:
-            trial.set_user_attr("constraint_values", constraints)
-        frozen = self.study.tell(trial, values)
-        self._track(frozen)
-        self.frame = trials_frame(self.study)  # once per trial: hypervolume and progress bar
-        if not self.tracking_behind:  # during an outage only the final value is logged
-            try:
-                hv = hypervolume(self.frame)
-                self.tracker.log_summary_metrics({"hypervolume": hv}, step=frozen.number)
-            except Exception as exc:
-                log.debug("hypervolume not logged: %s", exc)
-        return optuna.trial.TrialState.COMPLETE
-
-    def _track(self, trial: optuna.trial.FrozenTrial) -> None:
-        """Log to MLflow; if the tracking server is down, go on (the result is in the Optuna
-        storage and is logged when the study is finished or resumed)."""
-        start = time.perf_counter()
-        try:
-            if not server_reachable(self.tracker.uri):  # fast: no MLflow retries
-                if not self.tracking_behind:
-                    log.warning("MLflow tracking server %s is unreachable; trials are logged "
-                                "when it is back, at the end, or on a rerun",
-                                redact(self.tracker.uri))
-                self.tracking_behind = True
-                return
-            if self.tracking_behind:
-                _catch_up(self.tracker, self.study)
-                log.info("MLflow tracking server is back; missed trials logged")
-                self.tracking_behind = False
-            else:
-                _log_frozen(self.tracker, trial, _reference_accuracy(self.study))
-        except Exception as exc:
-            self.tracking_behind = True
-            log.warning("MLflow logging of trial %d failed (%s); it will be logged later",
-                        trial.number, type(exc).__name__)
-        finally:
-            self.tracking_s += time.perf_counter() - start
-
-    def _abandon_in_flight(self, reason: str) -> None:
-        for ref, (trial, _) in list(self.in_flight.items()):
-            ray.cancel(ref, force=True)
-            try:
-                trial.set_user_attr("failure", reason)
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            except Exception:  # the storage may be what failed; nothing else to do
-                pass
-        self.in_flight.clear()
-
-    def _postfix(self) -> str:
-        df = self.frame
-        best = best_speedup(df, self.cfg.report_drop)
-        best_text = f"{best:.2f}x" if best else "n/a"
-        return (f"front {int(df['on_front'].sum())}, best speedup within "
-                f"{self.cfg.report_drop:g} pt {best_text}")
+def _driver_settings(cfg: SearchConfig, parallel: int, show_progress: bool) -> DriverSettings:
+    return DriverSettings(
+        budget=cfg.budget, parallel=parallel, seed=cfg.seed, output_dir=Path(cfg.output_dir),
+        study_name=cfg.study_name, grace_period_s=cfg.grace_period_s,
+        max_accuracy_drop=cfg.max_accuracy_drop, max_latency_ms=cfg.max_latency_ms,
+        report_drop=cfg.report_drop, show_progress=show_progress,
+        early_stopping=cfg.early_stopping,
+    )
 
 
 def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]:
@@ -504,6 +210,20 @@ def _noisy_note(df: pd.DataFrame, cfg: SearchConfig) -> str:
     return (f"; **warning: {len(noisy)} noisy measurement(s)** (trials "
             f"{', '.join(map(str, noisy))}: coefficient of variation above the profile's max_cv "
             "after a repeat; see latency_noisy in trials.csv, and rerun on a quieter machine)")
+
+
+def _unfinished_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A FAIL or PRUNED trial's row of trials.csv: its choices, and why it ended."""
+    a = t.user_attrs
+    row: dict[str, Any] = {"trial": t.number, "state": t.state.name}
+    if t.state == optuna.trial.TrialState.FAIL:
+        row["failure"] = failure_reason(t)
+    else:
+        row["pruned_reason"] = a.get("pruned_reason", "")
+        row.update({k: a.get(k) for k in ("latency_ms", "latency_source", "macs", "params",
+                                          "cached_from") if k in a})
+    row.update({f"param.{k}": v for k, v in (a.get("choices") or t.params).items()})
+    return row
 
 
 def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: list,
@@ -531,11 +251,11 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
     df = trials_frame(study)
     failed = [t for t in study.get_trials(deepcopy=False)
               if t.state == optuna.trial.TrialState.FAIL]
+    pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
     all_rows = df.assign(state="COMPLETE")
-    if failed:
-        fail_rows = pd.DataFrame({"trial": [t.number for t in failed], "state": "FAIL",
-                                  "failure": [t.user_attrs.get("failure", "") for t in failed]})
-        all_rows = pd.concat([all_rows, fail_rows], ignore_index=True).sort_values("trial")
+    if failed or pruned:
+        others = pd.DataFrame([_unfinished_row(t) for t in failed + pruned])
+        all_rows = pd.concat([all_rows, others], ignore_index=True).sort_values("trial")
     front = df[df["on_front"]].sort_values("latency_ms") if len(df) else df
     all_rows.to_csv(out / "trials.csv", index=False)
     # pareto.csv: the front, plus the baselines as reference rows (on_front tells which is which)
@@ -571,7 +291,7 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
                     "rerunning the command completes the MLflow run", redact(tracker.uri))
         return df, shown
     try:
-        _catch_up(tracker, study)  # trials missed during an outage or before a crash
+        MlflowTrialLogger(tracker).catch_up(study)  # missed during an outage or a crash
         if len(df):  # the final value, at the last trial's step of the history
             tracker.log_summary_metrics({"hypervolume": hypervolume(df)},
                                         step=int(df["trial"].max()))
@@ -709,10 +429,12 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
         raise ConfigError(f"cannot open the Optuna storage {redact(cfg.storage)}: "
                           f"{type(exc).__name__}: {redact(str(exc))}") from None
     _check_same_task(study, cfg)
-    _fail_stale(study)
+    fail_stale(study)
     if not study.get_trials(deepcopy=False):
         for i, (label, params) in enumerate(resolved.baselines()):
             study.enqueue_trial(params, user_attrs={"baseline": label, "reference": i == 0})
+        for label, params in resolved.seeds():
+            study.enqueue_trial(params, user_attrs={"seed_config": label})
     study.set_metric_names(["accuracy", "latency_ms"])
     study.set_user_attr("max_accuracy_drop", cfg.max_accuracy_drop)
     study.set_user_attr("max_latency_ms", cfg.max_latency_ms)
@@ -741,13 +463,14 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     interrupted = False
     stopped: SearchError | None = None
     phases = {"setup": time.perf_counter() - start}
+    logger = MlflowTrialLogger(tracker)
     try:
         cpus = Executor.node_cpus()
         executor = Executor(task, profile, train_cpus=train_cpus, measure_cpus=cpus if started
                             else min(cpus, profile.measure.threads), calibration=calibration)
         log.info("%d trial(s) in flight, %d CPU(s) each", parallel, train_cpus)
-        driver = _Driver(replace(cfg, parallel=parallel), study, resolved, executor, tracker,
-                         profile, show_progress)
+        driver = Driver(_driver_settings(cfg, parallel, show_progress), study, resolved, executor,
+                        callbacks=[logger])
         loop_start = time.perf_counter()
         try:
             driver.run()
@@ -756,7 +479,15 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
         except SearchError as exc:  # too many failures: still write what completed
             stopped = exc
         phases["trials"] = time.perf_counter() - loop_start
-        phases["mlflow_trial_logging"] = driver.tracking_s
+        if not interrupted and stopped is None:
+            refine_start = time.perf_counter()
+            try:
+                _refine(cfg, study, resolved, executor, parallel)
+            except KeyboardInterrupt:
+                interrupted = True
+            phases["refine"] = time.perf_counter() - refine_start
+        phases["mlflow_trial_logging"] = logger.seconds
+        phases.update({f"stage_{k}": v for k, v in driver.stage_time.items()})
     finally:
         if started:
             ray.shutdown()

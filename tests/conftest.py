@@ -13,9 +13,32 @@ from pathlib import Path
 import pytest
 import yaml
 
+from search._paths import cache_dir
 from search.compress import compressible_layers
-from search.profiles import PROFILES_DIR, load_profile
+from search.profiles import PROFILES_DIR, load_profile, measurable_here
 from search.tasks import load_task
+
+
+def _hermetic_cache() -> Path:
+    """The suite's own cache directory, so it never reads or writes the user's (latency
+    calibrations of one test would otherwise steer the predictions of another, and of the
+    user's next study). Seeded with the user's trained teachers so nothing retrains;
+    subprocesses and Ray workers inherit it through the environment."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    real = cache_dir()
+    test_cache = Path(tempfile.mkdtemp(prefix="search-tests-cache-"))
+    for teacher in real.glob("*-teacher-*.pt"):
+        shutil.copy2(teacher, test_cache / teacher.name)
+    os.environ["SEARCH_CACHE_DIR"] = str(test_cache)
+    atexit.register(shutil.rmtree, test_cache, ignore_errors=True)
+    return test_cache
+
+
+TEST_CACHE = _hermetic_cache()
 
 
 @pytest.fixture(scope="session")
@@ -33,11 +56,20 @@ def profile():
     return load_profile("cpu-avx512-vnni")
 
 
+def host_builtin() -> str:
+    """The built-in CPU profile this machine can measure (AVX-512 VNNI or AVX2), so that
+    tests of measured latency run on any x86 host the suite meets."""
+    for name in ("cpu-avx512-vnni", "cpu-avx2"):
+        if measurable_here(load_profile(name))[0]:
+            return name
+    pytest.skip("this CPU has neither AVX-512 VNNI nor AVX2: no built-in CPU profile measures here")
+
+
 def fast_profile_file() -> Path:
-    """The host profile with shorter measurements, written where a user's profile would be."""
+    """The host's profile with shorter measurements, written where a user's profile would be."""
     import tempfile
 
-    data = yaml.safe_load((PROFILES_DIR / "cpu-avx512-vnni.yaml").read_text())
+    data = yaml.safe_load((PROFILES_DIR / f"{host_builtin()}.yaml").read_text())
     data["name"] = "fast-host"
     data["measure"].update(warmup_runs=5, min_runs=20, min_time_s=0.2)
     text = yaml.safe_dump(data)

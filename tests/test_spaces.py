@@ -4,7 +4,7 @@ import yaml
 
 from search.errors import ConfigError
 from search.record import Layer
-from search.spaces import load_space, resolve_space
+from search.spaces import IntRange, ModelFacts, load_space, resolve_space
 
 
 def test_default_space_resolves_to_profile_precisions(profile, layers):
@@ -45,8 +45,9 @@ def test_sampling_stays_inside_the_space(profile, layers):
     for _ in range(30):
         trial = study.ask()
         choices = resolved.sample(trial)
-        assert 0 <= choices.unstructured_sparsity <= 0.8
-        assert 0 <= choices.structured_ratio <= 0.6
+        assert choices.unstructured_sparsity == 0.0  # no sparse kernels on this profile
+        high = load_space("default").pruning.structured_ratio.high
+        assert 0 <= choices.structured_ratio <= high
         assert set(choices.precisions) == {layer.name for layer in layers}
         assert set(choices.precisions.values()) <= {"fp32", "int8", "int4"}
         assert choices.precisions["fc"] in ("fp32", "int8", "int4")  # int4: Gemm only
@@ -97,7 +98,11 @@ def test_profile_decides_patterns_and_modes(layers):
     cpu = resolve_space(space, load_profile("cpu-avx512-vnni"), layers)
     a100 = resolve_space(space, load_profile("a100-gpu"), layers)
     assert cpu.patterns == ("unstructured",) and a100.patterns == ("unstructured", "2:4")
-    assert cpu.modes == ("static", "dynamic") and a100.modes == ("static",)
+    assert cpu.modes == ("static",) and a100.modes == ("static",)  # a conv model: no dynamic
+    exhaustive = load_space("exhaustive")
+    assert resolve_space(exhaustive, load_profile("cpu-avx512-vnni"), layers).modes == \
+        ("static", "dynamic")
+    assert resolve_space(exhaustive, load_profile("a100-gpu"), layers).modes == ("static",)
     assert cpu.inits == ("teacher",)
 
 
@@ -142,3 +147,73 @@ def test_conditional_dimensions_appear_only_when_their_parent_allows(profile, la
         assert "head_ratio" not in p  # no attention in this model
         assert c.drop_blocks <= 1
         study.tell(trial, [0.0, 1.0])
+
+
+def _draws(resolved, n=40, seed=0):
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append(resolved.sample(trial))
+        study.tell(trial, [0.0, 1.0])
+    return out
+
+
+def test_default_space_samples_only_what_the_device_turns_into_speed(profile, layers):
+    """No sparse kernels: no unstructured sparsity; convolutions: no dynamic int8 (ConvInteger
+    runs slower than fp32); x86: only the fused U8S8 activations. Exhaustive keeps them all."""
+    assert profile.sparse_kernels == "none"
+    default = _draws(resolve_space(load_space("default"), profile, layers))
+    assert all(c.unstructured_sparsity == 0 for c in default)
+    assert {c.quant_mode for c in default} == {"static"}
+    assert {c.activation_type for c in default} == {"uint8"}
+    exhaustive = _draws(resolve_space(load_space("exhaustive"), profile, layers))
+    assert max(c.unstructured_sparsity for c in exhaustive) > 0.2
+    assert {c.quant_mode for c in exhaustive} == {"static", "dynamic"}
+    assert {c.activation_type for c in exhaustive if c.quant_mode == "static"} == {"uint8", "int8"}
+
+
+def test_default_space_samples_sparsity_where_the_profile_has_kernels(profile, layers):
+    sparse = profile.model_copy(update={"sparse_kernels": "unstructured"})
+    draws = _draws(resolve_space(load_space("default"), sparse, layers))
+    assert max(c.unstructured_sparsity for c in draws) > 0.2
+    nm = profile.model_copy(update={"sparse_kernels": "2:4"})
+    draws = _draws(resolve_space(load_space("default"), nm, layers))
+    assert {c.sparsity_pattern for c in draws} == {"unstructured", "2:4"}
+    assert all(c.unstructured_sparsity == 0 for c in draws)  # dense or 2:4, nothing between
+
+
+def test_dynamic_int8_is_offered_for_a_model_without_convolutions(profile):
+    mlp = [Layer("fc1", "Gemm"), Layer("fc2", "Gemm")]
+    resolved = resolve_space(load_space("default"), profile, mlp)
+    assert resolved.modes == ("static", "dynamic")
+    rows = {dim: (offered, why) for dim, offered, why in resolved.describe()}
+    assert "without convolutions" in rows["quant_mode"][1]
+
+
+def test_describe_says_why_each_dimension_is_or_is_not_sampled(profile, layers):
+    rows = {dim: (offered, why) for dim, offered, why in
+            resolve_space(load_space("default"), profile, layers).describe()}
+    assert rows["unstructured_sparsity"][0] == "0" and "no unstructured sparse kernels" in \
+        rows["unstructured_sparsity"][1]
+    assert rows["quant_mode"][0] == "static" and "ConvInteger" in rows["quant_mode"][1]
+    assert rows["activation_type"][0] == "uint8" and "int8 not sampled" in rows["activation_type"][1]
+
+
+def test_seeds_are_pruned_quantized_and_distilled_within_the_space(profile, layers):
+    resolved = resolve_space(load_space("default"), profile, layers,
+                             ModelFacts(droppable_blocks=1))
+    seeds = dict(resolved.seeds())
+    assert set(seeds) == {"pruned-0.5", "pruned-0.3-dropped-1"}
+    for params in seeds.values():
+        assert params["epochs"] >= 1 and params["structured_ratio"] > 0
+        assert {v for k, v in params.items() if k.startswith("precision.")} == {"int8"}
+    # a baseline is what it says even where the space fixes a dimension otherwise
+    fixed = load_space("default").model_copy(update={"distillation": load_space(
+        "default").distillation.model_copy(update={"epochs": IntRange(low=2, high=2)})})
+    resolved = resolve_space(fixed, profile, layers)
+    label, params = resolved.baselines()[0]
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    assert resolved.sample(study.ask(), params).epochs == 0
+    assert resolved.sample(study.ask()).epochs == 2

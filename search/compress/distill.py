@@ -18,7 +18,7 @@ after each backward pass and each optimiser step.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -135,11 +135,15 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
             temperature: float, alpha: float, seed: int, batch_size: int = 64,
             loss: str = "response", loss_weight: float = 1.0,
             hooks: Sequence[TrainingHook] = (),
-            history: dict[str, list[float]] | None = None) -> nn.Module:
+            history: dict[str, list[float]] | None = None,
+            after_epoch: Callable[[int, nn.Module], bool] | None = None) -> nn.Module:
     """Fine-tune ``student`` in place; zero epochs returns it untouched (one-shot).
 
     ``history``, when given, receives each epoch's mean ``response`` loss and,
     for feature or relation distillation, the mean of that term.
+    ``after_epoch(epoch, student)`` is called after every epoch but the last
+    (the student on the CPU, in eval mode); returning True stops the fine-tune
+    there (a multi-fidelity search stops what cannot reach the front).
     """
     if epochs <= 0:
         return student.eval()
@@ -172,7 +176,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
     scaler = grad_scaler(device)
     step = 0
     try:
-        for _ in range(epochs):
+        for epoch in range(epochs):
             student.train()
             order = torch.randperm(len(train))
             sums = {"response": 0.0, loss: 0.0}
@@ -212,6 +216,12 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
             if history is not None:
                 for key, total in sums.items():
                     history.setdefault(key, []).append(total / max(batches, 1))
+            if after_epoch is not None and epoch < epochs - 1:
+                student.cpu().eval()
+                stop = after_epoch(epoch, student)
+                student.to(device)
+                if stop:
+                    break
     finally:
         for cap in (s_cap, t_cap):
             if cap is not None:

@@ -1,0 +1,403 @@
+"""The ask / screen / measure / fine-tune / tell loop of one study invocation.
+
+Latency comes first: a trial's structure and precision plan decide its
+latency before any fine-tuning, so each trial is first *screened* (pruned,
+exported, quantized), its latency measured or predicted, and only then,
+knowing the accuracy it would need to enter the front at that latency, is it
+fine-tuned, or stopped (Optuna state PRUNED, the reason in its user
+attributes). A fine-tune that falls too far behind after an epoch stops too.
+
+Only this driver writes to the Optuna storage. The loop knows nothing of
+MLflow: what happens when a trial finishes (child runs, hypervolume) is a
+callback, the way ``optuna.study.Study.optimize(callbacks=...)`` is shaped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import ray
+
+from search.errors import SearchError
+from search.execution import Executor
+from search.pareto import HV_ACCURACY_SPAN, best_speedup, trials_frame
+from search.record import Choices, TrialRecord
+from search.spaces import ResolvedSpace
+
+__all__ = ["Driver", "DriverSettings", "TrialCallback", "failure_reason", "fail_stale",
+           "n_done", "record_attrs", "reference_accuracy"]
+
+log = logging.getLogger("search")
+TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
+_STALE = "driver stopped mid-trial"
+_COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    """What the loop needs from the study's settings."""
+
+    budget: int
+    parallel: int
+    seed: int
+    output_dir: Path
+    study_name: str
+    grace_period_s: float = 30.0
+    max_accuracy_drop: float | None = None
+    max_latency_ms: float | None = None
+    report_drop: float = 1.0
+    show_progress: bool = True
+    early_stopping: bool = True
+
+
+def n_done(study: optuna.Study) -> int:
+    """Trials the budget counts: every configuration screened to an end (COMPLETE, or PRUNED
+    because it could not reach the front), refinements of front members excluded."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=_COUNTED)
+               if "refined_from" not in t.user_attrs)
+
+
+def failure_reason(trial: optuna.trial.FrozenTrial) -> str:
+    """Why a FAIL trial failed (a trial left RUNNING by a dead driver has no recorded reason)."""
+    return str(trial.user_attrs.get("failure", _STALE))
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Trials left RUNNING by a driver that died are marked FAILED (retried within budget)."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+
+
+def reference_accuracy(study: optuna.Study) -> float | None:
+    """Accuracy of the reference trial (trial 0: the least compressed model)."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("reference"):
+            return float(t.values[0])
+    return None
+
+
+def _choices_key(flat: dict[str, Any]) -> str:
+    return json.dumps({k: (round(v, 9) if isinstance(v, float) else v) for k, v in flat.items()},
+                      sort_keys=True, default=str)
+
+
+def record_attrs(record: TrialRecord) -> dict[str, Any]:
+    """The user attributes a finished trial keeps (everything trials.csv and MLflow show)."""
+    lat = record.latency
+    attrs: dict[str, Any] = {
+        "choices": record.choices.flat(),
+        "layer_precisions": record.layer_precisions,
+        "timings": record.timings,
+        "test_accuracy": record.test_accuracy,
+        "size_mb": record.size_mb,
+        "sparsity": record.sparsity,
+        "macs": record.macs,
+        "params": record.params,
+        "dropped_blocks": record.dropped_blocks,
+    }
+    if record.epoch_accuracy:
+        attrs["epoch_accuracy"] = record.epoch_accuracy
+    if record.node:
+        attrs["node"] = record.node
+    if lat is not None:
+        attrs.update(latency_ms=lat.median_ms, latency_p90_ms=lat.p90_ms, latency_cv=lat.cv,
+                     latency_runs=lat.runs, latency_source=lat.source, device=lat.device,
+                     provider=lat.provider, latency_noisy=lat.noisy)
+    return attrs
+
+
+@dataclass
+class _InFlight:
+    trial: optuna.Trial
+    stage: str  # screen | measure | finetune
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Driver:
+    """Runs trials until ``budget`` of them are done (COMPLETE or PRUNED).
+
+    ``callbacks`` are called with ``(study, frozen_trial)`` after every trial
+    that finishes, whatever its state; they must not raise (a callback that
+    does is logged and skipped).
+    """
+
+    def __init__(self, settings: DriverSettings, study: optuna.Study, resolved: ResolvedSpace,
+                 executor: Executor, callbacks: Sequence[TrialCallback] = ()) -> None:
+        self.settings, self.study, self.resolved = settings, study, resolved
+        self.executor, self.callbacks = executor, list(callbacks)
+        self.models_dir = settings.output_dir / "models"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.in_flight: dict[ray.ObjectRef, _InFlight] = {}
+        self.n_failed = 0
+        self.frame = trials_frame(study)  # the study's table as of the last completed trial
+        self.stage_time: dict[str, float] = {}  # wall seconds of each kind of task, summed
+        # an enqueued baseline or seed is exactly what it says, whatever the space fixes
+        self._pinned = dict(resolved.baselines() + resolved.seeds())
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run until ``budget`` trials are done.
+
+        Ctrl-C stops asking for trials and gives the running ones
+        ``grace_period_s`` to finish; a second Ctrl-C (or the end of the grace
+        period) marks them FAILED. Either way KeyboardInterrupt is raised at the
+        end so the caller reports an interrupted study.
+        """
+        from tqdm.auto import tqdm
+
+        s = self.settings
+        done = n_done(self.study)
+        bar = tqdm(total=s.budget, initial=min(done, s.budget), unit="trial", desc=s.study_name,
+                   disable=not s.show_progress, file=sys.stderr, dynamic_ncols=True)
+        max_failures = max(10, s.budget)
+        stop = threading.Event()
+
+        def on_sigint(signum, frame):  # noqa: ANN001, ARG001
+            if stop.is_set():
+                raise KeyboardInterrupt
+            stop.set()
+            log.warning("interrupted: no new trials; %d running trial(s) get %.0f s to finish "
+                        "(Ctrl-C again to stop now)", len(self.in_flight), s.grace_period_s)
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        deadline: float | None = None
+        try:
+            while done < s.budget:
+                if stop.is_set():
+                    deadline = deadline or time.monotonic() + s.grace_period_s
+                    if not self.in_flight or time.monotonic() > deadline:
+                        break
+                else:
+                    while len(self.in_flight) < s.parallel and done + len(self.in_flight) < s.budget:
+                        state = self._start_trial()
+                        if state in _COUNTED:  # answered from the cache
+                            done += 1
+                            bar.update(1)
+                ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+                if not ready:
+                    continue
+                state = self._advance(ready[0])
+                if state in _COUNTED:
+                    done += 1
+                    bar.update(1)
+                    bar.set_postfix_str(self._postfix(), refresh=True)
+                elif state is optuna.trial.TrialState.FAIL:
+                    self.n_failed += 1
+                    if self.n_failed >= max_failures:
+                        raise SearchError(f"{self.n_failed} trials failed; stopping. The last "
+                                          "failure reason is in trials.csv and MLflow.")
+        except BaseException:
+            self._abandon_in_flight("driver interrupted")
+            raise
+        finally:
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if stop.is_set():
+            self._abandon_in_flight("interrupted: grace period over")
+            raise KeyboardInterrupt
+
+    def _start_trial(self) -> optuna.trial.TrialState | None:
+        """Ask for a trial and start screening it, or answer it from the cache."""
+        trial = self.study.ask()
+        label = trial.user_attrs.get("baseline") or trial.user_attrs.get("seed_config")
+        try:
+            choices = self.resolved.sample(trial, self._pinned.get(label))
+        except Exception as exc:  # a space the checks let through: fatal, but leave no RUNNING
+            self._fail(trial, f"sampling: {type(exc).__name__}: {exc}", None)
+            raise SearchError(f"trial {trial.number} could not be sampled: {exc}") from exc
+        trial.set_user_attr("choices", choices.flat())
+        source = self._cached(choices)
+        if source is not None:
+            return self._answer_from_cache(trial, source)
+        record = TrialRecord(trial.number, choices, seed=self.settings.seed * 100_003 + trial.number)
+        self._submit(self.executor.submit_screen(record), trial, "screen")
+        return None
+
+    def _submit(self, ref: ray.ObjectRef, trial: optuna.Trial, stage: str) -> None:
+        self.in_flight[ref] = _InFlight(trial, stage)
+
+    def _cached(self, choices: Choices) -> optuna.trial.FrozenTrial | None:
+        """A done trial with exactly these choices (samplers do propose repeats)."""
+        key = _choices_key(choices.flat())
+        for t in self.study.get_trials(deepcopy=False, states=_COUNTED):
+            if "refined_from" not in t.user_attrs and \
+                    _choices_key(t.user_attrs.get("choices", {})) == key:
+                return t
+        return None
+
+    def _answer_from_cache(self, trial: optuna.Trial,
+                           source: optuna.trial.FrozenTrial) -> optuna.trial.TrialState:
+        origin = source.user_attrs.get("cached_from", source.number)
+        for key, value in source.user_attrs.items():
+            if key not in ("baseline", "reference", "cached_from", "seed_config"):
+                trial.set_user_attr(key, value)
+        trial.set_user_attr("cached_from", origin)
+        log.info("trial %d repeats trial %d's choices: answered from the cache", trial.number,
+                 origin)
+        if source.state == optuna.trial.TrialState.PRUNED:
+            return self._finish(trial, state=optuna.trial.TrialState.PRUNED)
+        model = self.models_dir / f"trial-{source.number}.onnx"
+        if model.exists():
+            (self.models_dir / f"trial-{trial.number}.onnx").write_bytes(model.read_bytes())
+        return self._tell_complete(trial, list(source.values))
+
+    def _advance(self, ref: ray.ObjectRef) -> optuna.trial.TrialState | None:
+        flight = self.in_flight.pop(ref)
+        trial, stage = flight.trial, flight.stage
+        self.stage_time[stage] = self.stage_time.get(stage, 0.0) + \
+            time.perf_counter() - flight.started
+        try:
+            record: TrialRecord = ray.get(ref)
+        except Exception as exc:  # the worker died or raised outside a stage
+            return self._fail(trial, f"{stage}: {type(exc).__name__}: {str(exc)[-500:]}", None)
+        if record.error:
+            return self._fail(trial, record.error, record)
+        if stage == "screen" and not self.executor.predicts:
+            self._submit(self.executor.submit_measure(record), trial, "measure")
+            return None
+        if stage in ("screen", "measure"):
+            return self._after_latency(trial, record)
+        if record.stopped:
+            return self._prune(trial, record, f"fine-tune stopped {record.stopped}")
+        return self._complete(trial, record)
+
+    # --- multi-fidelity --------------------------------------------------------------------
+    def _after_latency(self, trial: optuna.Trial, record: TrialRecord) -> optuna.trial.TrialState | None:
+        """The latency is known: score a one-shot trial, or decide whether to fine-tune."""
+        assert record.latency is not None
+        if record.choices.epochs == 0:
+            return self._complete(trial, record)
+        record.onnx_model = None  # the screened model only served to measure the latency
+        needed, ceiling = self._needed_accuracy(record.latency.median_ms)
+        if self.settings.early_stopping and needed is not None and ceiling is not None \
+                and needed >= ceiling:
+            return self._prune(trial, record, (
+                f"cannot reach the front at {record.latency.median_ms:.3f} ms: a trial at least "
+                f"as fast already has {needed:.2f}%, and a fine-tune is not expected to beat "
+                f"{ceiling:.2f}% (the best accuracy so far)"))
+        if self.settings.early_stopping:
+            record.needed_accuracy = self._fine_tune_bar(needed)
+        self._submit(self.executor.submit_finetune(record), trial, "finetune")
+        return None
+
+    def _needed_accuracy(self, latency_ms: float) -> tuple[float | None, float | None]:
+        """(accuracy a trial at ``latency_ms`` must beat to be on the front, the best accuracy
+        any trial has reached); None before any trial completed."""
+        df = self.frame
+        if not len(df):
+            return None, None
+        ok = df[df["feasible"]] if "feasible" in df else df
+        faster = ok[ok["latency_ms"] <= latency_ms]
+        needed = float(faster["accuracy"].max()) if len(faster) else None
+        return needed, float(df["accuracy"].max())
+
+    def _fine_tune_bar(self, needed: float | None) -> float | None:
+        """The accuracy a fine-tune must plausibly reach to be worth finishing: on the front,
+        within the study's accuracy constraint, and no more than the hypervolume box's span
+        (10 points) below the reference, where nobody would deploy it."""
+        reference = reference_accuracy(self.study)
+        bars = [needed] if needed is not None else []
+        if reference is not None:
+            bars.append(reference - HV_ACCURACY_SPAN)
+            if self.settings.max_accuracy_drop is not None:
+                bars.append(reference - self.settings.max_accuracy_drop)
+        return max(bars) if bars else None
+
+    # --- telling -------------------------------------------------------------------------
+    def _finish(self, trial: optuna.Trial, values: list[float] | None = None,
+                state: optuna.trial.TrialState = optuna.trial.TrialState.COMPLETE
+                ) -> optuna.trial.TrialState:
+        frozen = self.study.tell(trial, values, state=state)
+        if state == optuna.trial.TrialState.COMPLETE:
+            self.frame = trials_frame(self.study)  # once per trial: the bar and the bar to beat
+        for callback in self.callbacks:
+            try:
+                callback(self.study, frozen)
+            except Exception as exc:  # a callback never stops the study
+                log.warning("a trial callback failed on trial %d: %s: %s", frozen.number,
+                            type(exc).__name__, exc)
+        return state
+
+    def _fail(self, trial: optuna.Trial, reason: str,
+              record: TrialRecord | None) -> optuna.trial.TrialState:
+        trial.set_user_attr("failure", reason)
+        if record is not None:
+            trial.set_user_attr("timings", record.timings)
+        log.warning("trial %d failed: %s", trial.number, reason)
+        return self._finish(trial, state=optuna.trial.TrialState.FAIL)
+
+    def _prune(self, trial: optuna.Trial, record: TrialRecord,
+               reason: str) -> optuna.trial.TrialState:
+        for key, value in record_attrs(record).items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr("pruned_reason", reason)
+        n_constraints = (self.settings.max_accuracy_drop is not None) + \
+            (self.settings.max_latency_ms is not None)
+        if n_constraints:  # a constrained sampler learns that this region does not pay
+            trial.set_user_attr("constraint_values", [1.0] * n_constraints)
+        log.info("trial %d stopped early: %s", trial.number, reason)
+        return self._finish(trial, state=optuna.trial.TrialState.PRUNED)
+
+    def _complete(self, trial: optuna.Trial, record: TrialRecord) -> optuna.trial.TrialState:
+        assert record.onnx_model is not None and record.latency is not None
+        path = self.models_dir / f"trial-{trial.number}.onnx"
+        try:
+            path.write_bytes(record.onnx_model)
+        except OSError as exc:  # a full disk: every later trial would fail the same way
+            path.unlink(missing_ok=True)
+            self._fail(trial, f"saving its model: {exc.strerror or exc}", record)
+            raise SearchError(
+                f"cannot write {path} ({exc.strerror or exc}); every completed trial is kept in "
+                "the Optuna storage: free space and rerun the same command to resume"
+            ) from None
+        for key, value in record_attrs(record).items():
+            trial.set_user_attr(key, value)
+        if record.latency.noisy:
+            log.warning("trial %d: latency CV %.2f stayed above the profile's max_cv after a "
+                        "repeat; flagged latency_noisy", trial.number, record.latency.cv)
+        return self._tell_complete(trial, [record.accuracy, record.latency.median_ms])
+
+    def _tell_complete(self, trial: optuna.Trial, values: list[float]) -> optuna.trial.TrialState:
+        """Constraint values (Optuna's convention: <= 0 is feasible), then tell."""
+        reference = reference_accuracy(self.study)
+        drop = reference - values[0] if reference is not None else 0.0
+        trial.set_user_attr("accuracy_drop", drop)
+        constraints = []
+        if self.settings.max_accuracy_drop is not None:
+            constraints.append(drop - self.settings.max_accuracy_drop)
+        if self.settings.max_latency_ms is not None:
+            constraints.append(values[1] - self.settings.max_latency_ms)
+        if constraints:
+            trial.set_user_attr("constraint_values", constraints)
+        return self._finish(trial, values)
+
+    def _abandon_in_flight(self, reason: str) -> None:
+        for ref, flight in list(self.in_flight.items()):
+            ray.cancel(ref, force=True)
+            try:
+                flight.trial.set_user_attr("failure", reason)
+                self.study.tell(flight.trial, state=optuna.trial.TrialState.FAIL)
+            except Exception:  # the storage may be what failed; nothing else to do
+                pass
+        self.in_flight.clear()
+
+    def _postfix(self) -> str:
+        df: pd.DataFrame = self.frame
+        best = best_speedup(df, self.settings.report_drop) if len(df) else None
+        best_text = f"{best:.2f}x" if best else "n/a"
+        on_front = int(df["on_front"].sum()) if len(df) else 0
+        return f"front {on_front}, best speedup within {self.settings.report_drop:g} pt {best_text}"

@@ -1,0 +1,179 @@
+"""After the budget: refine the front, then re-measure it side by side with the baselines.
+
+Screening gives every trial a short fine-tune (or none); the front's members
+are what a user deploys, so they get a longer distillation (same structure
+and precision plan, hence the same latency). A refinement that beats its
+source is added to the study as a trial of its own (``refined_from``), so the
+front and its ONNX model are what the refined model really reaches; one that
+does not is recorded and the source is kept: refinement never lowers what is
+reported.
+
+Then the front's members are measured again, interleaved round by round with
+the fp32 reference and uniform int8 in one task on the device, so the
+speedups a user reads were measured side by side under the same load.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+
+from search.driver import record_attrs
+from search.execution import Executor
+from search.pareto import HV_ACCURACY_SPAN, trials_frame
+from search.record import Choices, LatencyStats, TrialRecord
+
+__all__ = ["RefineSettings", "refine_front", "remeasure_front"]
+
+log = logging.getLogger("search")
+_DONE_ATTR = "refined"  # study user attr: {source trial: refined accuracy}, adopted or not
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    members: int = 4  # front members refined at most (0: no refinement)
+    epochs: int = 8  # distillation epochs of a refinement
+    timeout_s: float = 600.0  # no refinement starts after this
+    parallel: int = 1
+    seed: int = 0
+
+
+def _candidates(study: optuna.Study, settings: RefineSettings) -> list[optuna.trial.FrozenTrial]:
+    """Front members worth refining: within the hypervolume box (at most 10 points below the
+    reference), not a baseline, not refined yet, fastest first (they lose the most)."""
+    df = trials_frame(study)
+    if not len(df) or not df["reference"].any():
+        return []
+    reference = float(df.loc[df["reference"], "accuracy"].iloc[0])
+    done = {int(k) for k in study.user_attrs.get(_DONE_ATTR, {})}
+    done |= {int(t.user_attrs["refined_from"]) for t in study.get_trials(deepcopy=False)
+             if "refined_from" in t.user_attrs}
+    rows = df[df["on_front"] & (df["baseline"] == "") & (df["accuracy"] >= reference - HV_ACCURACY_SPAN)
+              & df["cached_from"].isna()]
+    rows = rows[~rows["trial"].isin(done) & (rows["accuracy"] < reference + 5)]
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    picked = [trials[int(n)] for n in rows.sort_values("latency_ms")["trial"]]
+    return [t for t in picked if "refined_from" not in t.user_attrs][: settings.members]
+
+
+def _refined_choices(trial: optuna.trial.FrozenTrial, epochs: int) -> Choices:
+    flat = dict(trial.user_attrs["choices"])
+    precisions = {k.split(".", 1)[1]: flat.pop(k) for k in list(flat) if k.startswith("precision.")}
+    choices = Choices(**flat, precisions=precisions)
+    lr = choices.lr if choices.epochs > 0 else 3e-3
+    return replace(choices, epochs=max(epochs, choices.epochs), lr=lr)
+
+
+def refine_front(study: optuna.Study, executor: Executor, settings: RefineSettings,
+                 output_dir: Path) -> list[int]:
+    """Refine the front's members; returns the numbers of the trials added."""
+    if settings.members <= 0:
+        return []
+    candidates = _candidates(study, settings)
+    if not candidates:
+        return []
+    log.info("refining %d front member(s) with %d epochs of distillation: trials %s",
+             len(candidates), settings.epochs, ", ".join(str(t.number) for t in candidates))
+    deadline = time.monotonic() + settings.timeout_s
+    pending = list(candidates)
+    in_flight: dict[ray.ObjectRef, optuna.trial.FrozenTrial] = {}
+    added: list[int] = []
+    while pending or in_flight:
+        while pending and len(in_flight) < settings.parallel and time.monotonic() < deadline:
+            source = pending.pop(0)
+            record = TrialRecord(source.number, _refined_choices(source, settings.epochs),
+                                 seed=settings.seed * 100_003 + source.number)
+            in_flight[executor.submit_finetune(record)] = source
+        if not in_flight:
+            log.warning("refinement time bound (%.0f s) reached; %d member(s) not refined",
+                        settings.timeout_s, len(pending))
+            break
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        source = in_flight.pop(ready[0])
+        try:
+            record: TrialRecord = ray.get(ready[0])
+        except Exception as exc:
+            log.warning("refining trial %d failed: %s", source.number, exc)
+            continue
+        if record.error or record.onnx_model is None:
+            log.warning("refining trial %d failed: %s", source.number, record.error)
+            continue
+        number = _adopt(study, source, record, output_dir)
+        if number is not None:
+            added.append(number)
+    return added
+
+
+def _adopt(study: optuna.Study, source: optuna.trial.FrozenTrial, record: TrialRecord,
+           output_dir: Path) -> int | None:
+    """Add the refinement as a trial when it beats its source; record it either way."""
+    done = dict(study.user_attrs.get(_DONE_ATTR, {}))
+    done[str(source.number)] = record.accuracy
+    study.set_user_attr(_DONE_ATTR, done)
+    before = source.values[0]
+    if record.accuracy is None or record.accuracy <= before:
+        log.info("trial %d refined to %.2f%% (was %.2f%%): kept as it was", source.number,
+                 record.accuracy or float("nan"), before)
+        return None
+    number = len(study.get_trials(deepcopy=False))
+    (output_dir / "models" / f"trial-{number}.onnx").write_bytes(record.onnx_model or b"")
+    attrs: dict[str, Any] = {k: v for k, v in source.user_attrs.items()
+                             if k.startswith("latency") or k in ("device", "provider", "node")}
+    attrs.update(record_attrs(record))
+    attrs.update(refined_from=source.number, screened_accuracy=before,
+                 accuracy_drop=source.user_attrs.get("accuracy_drop", 0.0) - (record.accuracy - before))
+    if "constraint_values" in source.user_attrs:
+        attrs["constraint_values"] = source.user_attrs["constraint_values"]
+    params, distributions = dict(source.params), dict(source.distributions)
+    if "epochs" in params:
+        epochs = record.choices.epochs
+        params["epochs"] = epochs
+        old = distributions["epochs"]
+        distributions["epochs"] = optuna.distributions.IntDistribution(old.low, max(old.high, epochs))
+    study.add_trial(optuna.trial.create_trial(
+        params=params, distributions=distributions, values=[record.accuracy, source.values[1]],
+        user_attrs=attrs))
+    log.info("trial %d refined to %.2f%% (was %.2f%%): added as trial %d", source.number,
+             record.accuracy, before, number)
+    return number
+
+
+def _interleaved(models: dict[int, bytes], profile, input_shape, rounds: int  # noqa: ANN001
+                 ) -> dict[int, list[float]]:
+    from search.latency import measure_latency
+
+    out: dict[int, list[float]] = {n: [] for n in models}
+    for _ in range(rounds):
+        for n, model in models.items():
+            out[n].append(measure_latency(model, profile, input_shape).median_ms)
+    return out
+
+
+def remeasure_front(study: optuna.Study, executor: Executor, output_dir: Path,
+                    rounds: int = 5) -> dict[int, LatencyStats] | None:
+    """Measure the baselines and the front's members again, interleaved, in one device task;
+    the result is kept in the study (``remeasured``) and shown in pareto.csv."""
+    if executor.predicts:
+        return None
+    df = trials_frame(study)
+    rows = df[df["on_front"] | (df["baseline"] != "")]
+    models = {}
+    for n in rows["trial"]:
+        path = output_dir / "models" / f"trial-{int(n)}.onnx"
+        if path.exists():
+            models[int(n)] = path.read_bytes()
+    if len(models) < 2:
+        return None
+    samples = ray.get(executor.submit_on_device(_interleaved, models, executor.profile,
+                                      executor.task.input_shape, rounds))
+    stats = {n: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v),
+                 "rounds": len(v)} for n, v in samples.items()}
+    study.set_user_attr("remeasured", {str(n): s for n, s in stats.items()})
+    return stats  # type: ignore[return-value]
