@@ -719,7 +719,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
 
     # artifacts beside the default local store; a tracking server keeps its own
     tracker = Tracker(tracking_uri, cfg.study_name,
-                      root / "mlartifacts" if cfg.tracking_uri is None else None)
+                      root / "mlartifacts" if cfg.tracking_uri is None else None, cfg.experiment_name)
     tracker.log_study_params(_study_params(cfg, profile))
     started = connect(cfg.ray_address, profile, measurable)
     try:

@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from search._redact import redact
+from search.config import DEFAULT_EXPERIMENT
 from search.errors import ConfigError
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO when imported
@@ -36,7 +37,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 __all__ = ["EXPERIMENT", "Tracker", "check_tracking_uri", "default_tracking_uri", "server_reachable"]
 
-EXPERIMENT = "compression-search"
+EXPERIMENT = DEFAULT_EXPERIMENT  # SearchConfig.experiment_name, $MLFLOW_EXPERIMENT_NAME beat it
 _STUDY_TAG = "search.study"
 _TRIAL_TAG = "search.trial"
 
@@ -101,16 +102,17 @@ def _metric_items(metrics: Mapping[str, float | None], step: int = 0) -> list[Me
 class Tracker:
     """The study's MLflow parent run and its children."""
 
-    def __init__(self, tracking_uri: str, study_name: str, artifact_root: Path | None) -> None:
+    def __init__(self, tracking_uri: str, study_name: str, artifact_root: Path | None,
+                 experiment: str = EXPERIMENT) -> None:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
-            experiment = self.client.get_experiment_by_name(EXPERIMENT)
-            if experiment is None:
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
                 location = artifact_root.resolve().as_uri() if artifact_root else None
-                experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=location)
+                experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
-                experiment_id = experiment.experiment_id
+                experiment_id = found.experiment_id
         except Exception as exc:
             raise ConfigError(f"cannot use the MLflow tracking store {redact(tracking_uri)}: "
                               f"{type(exc).__name__}: {redact(str(exc))}") from None
