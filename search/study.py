@@ -721,7 +721,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     tracker = Tracker(tracking_uri, cfg.study_name,
                       root / "mlartifacts" if cfg.tracking_uri is None else None, cfg.experiment_name)
     tracker.log_study_params(_study_params(cfg, profile))
-    started = connect(cfg.ray_address, profile, measurable)
+    started = connect(cfg.ray_address, profile, measurable, cfg.latency)
     try:
         source, choice = _latency_source(cfg, profile, study, why, architecture)
         calibration = choice.calibration if choice is not None else None
