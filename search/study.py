@@ -80,6 +80,14 @@ class StudyResult:
     wall_s: float
     interrupted: bool = False
     phases: dict[str, float] = field(default_factory=dict)  # setup, trials, finish (seconds)
+    storage: str = ""  # the Optuna storage URL, password redacted: safe to print or share
+    _storage_url: str = field(default="", repr=False)  # the real one, for load_study()
+
+    def load_study(self) -> optuna.Study:
+        """The study in its Optuna storage (journal files and passwords included), e.g. for
+        ``optuna.visualization`` or to inspect trials; metric names and constraints as stored."""
+        return optuna.load_study(study_name=self.study_name,
+                                 storage=open_storage(self._storage_url or self.storage))
 
 
 def _constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
@@ -782,7 +790,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
         tracking_uri=tracking_uri, parent_run_id=tracker.parent_id,
         best_speedup=best_speedup(df, cfg.report_drop) if len(df) else None,
         n_failed=n_failed, wall_s=time.perf_counter() - start, interrupted=interrupted,
-        phases=phases,
+        phases=phases, storage=redact(cfg.storage), _storage_url=cfg.storage,
     )
     return result
 
