@@ -165,16 +165,26 @@ def _settings(args: argparse.Namespace) -> dict[str, object]:
     return values
 
 
-def _print_result(result) -> None:  # noqa: ANN001
+def _print_front(shown) -> None:  # noqa: ANN001
+    """What a user can deploy first (within the allowed drop), then the rest of the front."""
     import pandas as pd
 
-    front = result.front[[c for c in _FRONT_COLUMNS if c in result.front.columns]]
+    usable = shown["within_drop"] if "within_drop" in shown else pd.Series(True, index=shown.index)
+    table = shown[[c for c in _FRONT_COLUMNS if c in shown.columns]]
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:.3f}".format):
-        n_front = int(result.front["on_front"].sum()) if len(result.front) else 0
-        print(f"\nPareto front of {result.study_name} ({n_front} of {len(result.trials)} "
-              f"completed trials, {result.n_failed} failed; baselines shown for reference):")
-        print(front.to_string(index=False))
+        print(table[usable].to_string(index=False) if usable.any() else
+              "no point of the front is within the allowed accuracy drop")
+        if (~usable).any():
+            print("\nthe rest of the front, beyond the allowed accuracy drop:")
+            print(table[~usable].to_string(index=False))
+
+
+def _print_result(result) -> None:  # noqa: ANN001
+    n_front = int(result.front["on_front"].sum()) if len(result.front) else 0
+    print(f"\nPareto front of {result.study_name} ({n_front} of {len(result.trials)} "
+          f"completed trials, {result.n_failed} failed; baselines shown for reference):")
+    _print_front(result.front)
     if result.best_speedup is not None:
         print(f"\nbest speedup within the allowed accuracy drop: {result.best_speedup:.2f}x")
     print(f"\nwrote {result.output_dir / 'pareto.csv'} and {result.output_dir / 'trials.csv'}")
@@ -257,17 +267,14 @@ def _load_study(args: argparse.Namespace):  # noqa: ANN202
 
 def _report(args: argparse.Namespace) -> int:
     """``search report --study S``: the front table, from the Optuna storage alone."""
-    import pandas as pd
+    from search.config import REPORT_DROP
+    from search.pareto import readable_front, trials_frame
 
-    from search.pareto import trials_frame
-
-    df = trials_frame(_load_study(args))
-    shown = df[df["on_front"] | (df["baseline"] != "")].sort_values("latency_ms")
-    cols = [c for c in _FRONT_COLUMNS if c in shown.columns]
-    with pd.option_context("display.width", 200, "display.max_columns", 20,
-                           "display.float_format", "{:.3f}".format):
-        print(f"{args.study}: {len(df)} completed trials, front of {int(df['on_front'].sum())}")
-        print(shown[cols].to_string(index=False))
+    study = _load_study(args)
+    df = trials_frame(study)
+    drop = study.user_attrs.get("max_accuracy_drop")
+    print(f"{args.study}: {len(df)} completed trials, front of {int(df['on_front'].sum())}")
+    _print_front(readable_front(df, REPORT_DROP if drop is None else drop))
     return 0
 
 

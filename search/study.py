@@ -45,7 +45,15 @@ from search.latency.calibration import (
     architecture_key,
 )
 from search.latency.predict import costs_from_onnx, predict_ms
-from search.pareto import best_speedup, hypervolume, plot_front, trials_frame, write_html
+from search.pareto import (
+    best_speedup,
+    front_markdown,
+    hypervolume,
+    plot_front,
+    readable_front,
+    trials_frame,
+    write_html,
+)
 from search.pipeline import model_facts, student_layers
 from search.profiles import HardwareProfile, load_profile, measurable_here
 from search.record import Choices, TrialRecord
@@ -524,11 +532,7 @@ def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: l
              f"- latency: {', '.join(sorted(set(df['latency_source'].dropna()))) or 'n/a'}"
              + _noisy_note(df, cfg),
              f"- best speedup within {cfg.report_drop:g} point(s) of the reference: "
-             + (f"{best:.2f}x" if best else "n/a"), "", "| trial | accuracy % | latency ms | "
-             "speedup | precisions |", "|---|---|---|---|---|"]
-    for _, r in front.iterrows():
-        lines.append(f"| {r['trial']} | {r['accuracy']:.2f} | {r['latency_ms']:.3f} | "
-                     f"{r['speedup']:.2f}x | {r['precisions']} |")
+             + (f"{best:.2f}x" if best else "n/a"), ""] + front_markdown(front, cfg.report_drop)
     return "\n".join(lines) + "\n"
 
 
@@ -547,12 +551,12 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
     front = df[df["on_front"]].sort_values("latency_ms") if len(df) else df
     all_rows.to_csv(out / "trials.csv", index=False)
     # pareto.csv: the front, plus the baselines as reference rows (on_front tells which is which)
-    shown = df[df["on_front"] | (df["baseline"] != "")].sort_values("latency_ms") if len(df) else df
+    shown = readable_front(df, cfg.report_drop)  # what a user can deploy first
     shown.to_csv(out / "pareto.csv", index=False)
     artifacts = [out / "pareto.csv", out / "trials.csv"]
     if len(df):
         title = f"{cfg.study_name}: {len(df)} trials, front of {len(front)}"
-        artifacts.append(plot_front(df, out / "pareto.png", title))
+        artifacts.append(plot_front(df, out / "pareto.png", title, cfg.report_drop))
         artifacts.append(write_html(df, out / "pareto.html", title))
     front_models = out / "front_models"
     front_models.mkdir(exist_ok=True)
@@ -572,7 +576,7 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
     profile_path.write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
     artifacts += [config_path, profile_path]
     summary = out / "summary.md"
-    summary.write_text(_summary(cfg, df, front, failed, best))
+    summary.write_text(_summary(cfg, df, shown[shown["on_front"]], failed, best))
     artifacts.append(summary)
     if not server_reachable(tracker.uri):
         log.warning("MLflow tracking server %s is unreachable; the CSVs are written, and "
