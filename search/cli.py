@@ -127,6 +127,7 @@ def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
 
 
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Real subparsers, so ``search --help`` lists them; each runs ``args.run(args)``."""
     sub = parser.add_subparsers(
         dest="command", title="subcommands", metavar="COMMAND",
         description="without one, search runs (or resumes) a study; `search COMMAND --help` "
@@ -154,7 +155,8 @@ _NOT_SETTINGS = ("config", "quiet", "verbose", "command", "run")
 
 
 def _settings(args: argparse.Namespace) -> dict[str, object]:
-    """Defaults, then the config file, then the flags actually typed."""
+    """The config file, then the flags actually typed over it; what neither sets comes from
+    the environment, then the defaults (``SearchConfig.resolved``)."""
     from search.config import load_config_file
 
     values: dict[str, object] = {}
