@@ -37,15 +37,39 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+_ENVIRONMENT = """\
+environment variables (a flag and the config file beat them):
+  MLFLOW_TRACKING_URI     --tracking-uri
+  MLFLOW_EXPERIMENT_NAME  --experiment-name
+  RAY_ADDRESS             --ray-address (set by `ray job submit` for the job it runs)
+"""
+
+
+def _version() -> str:
+    """The installed distribution's version (one number, kept in pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hw-compression-search")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Every flag defaults to None so that a flag the user typed can beat the config file."""
+    """Every flag defaults to None so that a flag the user typed can beat the config file.
+
+    Without a subcommand ``search`` runs a study, so ``search --profile X --budget N``
+    stays the short form; the subcommands are listed in ``--help``.
+    """
     parser = argparse.ArgumentParser(
         prog="search",
         description="Hardware-aware compression search: a multi-objective Optuna study over "
-                    "pruning, distillation and per-layer precision, scored on the device. "
-                    "Also: `search profiles`.",
+                    "pruning, distillation and per-layer precision, scored on the device.",
+        epilog=_ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
+    add("--version", action="version", version=f"%(prog)s {_version()}")
+    _add_verbose(parser, default=False)
     add("--config", type=Path, help="YAML file with any of these settings (flags beat it)")
     add("--profile", help="hardware profile name (`search profiles`) or a YAML path")
     add("--budget", type=_positive_int, help="number of COMPLETE trials the study ends with")
@@ -68,10 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--study-name", help="default: <task>-<profile>; rerun the command to resume")
     add("--storage", help="Optuna storage: an RDB URL or a journal file (journal:///path); "
                           "default: SQLite in search-runs/")
-    add("--tracking-uri", help="MLflow tracking URI (default: SQLite in search-runs/)")
+    add("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite "
+                               "in search-runs/)")
+    add("--experiment-name", help="MLflow experiment of the study's runs (default: "
+                                  "$MLFLOW_EXPERIMENT_NAME, else compression-search)")
     add("--output-dir", type=Path, help="default: search-runs/<study-name>/")
     add("--ray-address", help="join this Ray cluster: auto, host:port or ray://host:port "
-                              "(default: start a local Ray)")
+                              "(default: $RAY_ADDRESS, else start a private local Ray)")
     add("--seed", type=_non_negative_int)
     add("--sampler", choices=SAMPLERS,
         help="tpe (default: best hypervolume per trial in experiments/sampler_benchmark.py), "
@@ -96,32 +123,86 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-early-stopping", dest="early_stopping", action="store_false", default=None,
         help="fine-tune every trial to the end, even one that cannot reach the front")
     add("--quiet", action="store_true", help="no progress bar")
+    _add_subcommands(parser)
     return parser
 
 
+def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
+    """``-v`` before or after a subcommand; a subcommand's copy must not reset the first."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="debug messages from search, info from Optuna and MLflow")
+
+
+def _add_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Real subparsers, so ``search --help`` lists them; each runs ``args.run(args)``."""
+    sub = parser.add_subparsers(
+        dest="command", title="subcommands", metavar="COMMAND",
+        description="without one, search runs (or resumes) a study; `search COMMAND --help` "
+                    "for a subcommand's flags")
+    profiles = sub.add_parser("profiles", help="list the hardware profiles and whether each can "
+                                               "be measured here",
+                              description="List the hardware profiles.")
+    profiles.set_defaults(run=_profiles)
+    report = sub.add_parser("report", help="print a stored study's Pareto front",
+                            description="Print a study's Pareto front.")
+    _add_study_args(report)
+    report.set_defaults(run=_report)
+    export = sub.add_parser("export", help="write one trial's ONNX model to a path",
+                            description="Write a trial's ONNX model to a path.")
+    _add_study_args(export)
+    export.add_argument("--trial", type=int, required=True)
+    export.add_argument("--to", type=Path, required=True)
+    export.add_argument("--output-dir", type=Path, help="default: search-runs/<study>/")
+    export.set_defaults(run=_export)
+    spaces = sub.add_parser("spaces", help="show what a search space samples on a profile, "
+                                           "and why", description="Show what a search space "
+                            "samples on a profile, for a task's model, and why.")
+    spaces.add_argument("--profile", required=True, help="profile name or YAML path")
+    spaces.add_argument("--space", default="default", help="space name or YAML path")
+    spaces.add_argument("--task", default="digits", help="the task whose model is compressed")
+    spaces.add_argument("--arch", help="torchvision architecture for a built-in task")
+    spaces.set_defaults(run=_spaces)
+    for command in (profiles, report, export, spaces):
+        _add_verbose(command, default=argparse.SUPPRESS)
+
+
+_NOT_SETTINGS = ("config", "quiet", "verbose", "command", "run")
+
+
 def _settings(args: argparse.Namespace) -> dict[str, object]:
-    """Defaults, then the config file, then the flags actually typed."""
+    """The config file, then the flags actually typed over it; what neither sets comes from
+    the environment, then the defaults (``SearchConfig.resolved``)."""
     from search.config import load_config_file
 
     values: dict[str, object] = {}
     if args.config is not None:
         values.update(load_config_file(args.config))
-    typed = {k: v for k, v in vars(args).items()
-             if v is not None and k not in ("config", "quiet")}
+    typed = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_SETTINGS}
     values.update(typed)
     return values
 
 
-def _print_result(result) -> None:  # noqa: ANN001
+def _print_front(shown) -> None:  # noqa: ANN001
+    """What a user can deploy first (within the allowed drop), then the rest of the front."""
     import pandas as pd
 
-    front = result.front[[c for c in _FRONT_COLUMNS if c in result.front.columns]]
+    usable = shown["within_drop"] if "within_drop" in shown else pd.Series(True, index=shown.index)
+    table = shown[[c for c in _FRONT_COLUMNS if c in shown.columns]]
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:.3f}".format):
-        n_front = int(result.front["on_front"].sum()) if len(result.front) else 0
-        print(f"\nPareto front of {result.study_name} ({n_front} of {len(result.trials)} "
-              f"completed trials, {result.n_failed} failed; baselines shown for reference):")
-        print(front.to_string(index=False))
+        print(table[usable].to_string(index=False) if usable.any() else
+              "no point of the front is within the allowed accuracy drop")
+        if (~usable).any():
+            print("\nthe rest of the front, beyond the allowed accuracy drop:")
+            print(table[~usable].to_string(index=False))
+
+
+def _print_result(result) -> None:  # noqa: ANN001
+    n_front = int(result.front["on_front"].sum()) if len(result.front) else 0
+    print(f"\nPareto front of {result.study_name} ({n_front} of {len(result.trials)} "
+          f"completed trials, {result.n_pruned} stopped early, {result.n_failed} failed; "
+          "baselines shown for reference):")
+    _print_front(result.front)
     if result.best_speedup is not None:
         print(f"\nbest speedup within the allowed accuracy drop: {result.best_speedup:.2f}x")
     print(f"\nwrote {result.output_dir / 'pareto.csv'} and {result.output_dir / 'trials.csv'}")
@@ -135,27 +216,32 @@ def _print_result(result) -> None:  # noqa: ANN001
     print(f"wall time {result.wall_s:.0f} s")
 
 
-def _configure_logging() -> None:
-    """Our messages at INFO on stderr; the libraries' chatter only from WARNING up."""
+def _configure_logging(verbose: bool = False) -> None:
+    """Our messages at INFO on stderr, the libraries' from WARNING up; ``verbose``: ours at
+    DEBUG with their origin and time, and Optuna's and MLflow's INFO too."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("search: %(message)s"))
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(name)s %(levelname)s: %(message)s" if verbose else "search: %(message)s"))
     ours = logging.getLogger("search")
-    if not ours.handlers:
-        ours.addHandler(handler)
-    ours.setLevel(logging.INFO)
+    for old in list(ours.handlers):
+        ours.removeHandler(old)
+    ours.addHandler(handler)
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
     ours.propagate = False
+    libraries = logging.INFO if verbose else logging.WARNING
     for name in ("mlflow", "alembic", "matplotlib"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(libraries)
+
+
+def _quiet_optuna(verbose: bool = False) -> None:
+    """Optuna logs every trial at INFO; the progress bar says it better (imports Optuna)."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
 
 
-def profiles_command(argv: list[str]) -> int:
+def _profiles(args: argparse.Namespace) -> int:
     """``search profiles``: every profile, what it runs, and whether it can be measured here."""
-    parser = argparse.ArgumentParser(prog="search profiles",
-                                     description="List the hardware profiles.")
-    parser.parse_args(argv)
     from search.profiles import available_profiles, load_profile, measurable_here
 
     for name in available_profiles():
@@ -176,17 +262,9 @@ def profiles_command(argv: list[str]) -> int:
     return 0
 
 
-def spaces_command(argv: list[str]) -> int:
+def _spaces(args: argparse.Namespace) -> int:
     """``search spaces --profile P``: what a space offers on a profile for a task's model, and
     why each dimension is there or not."""
-    parser = argparse.ArgumentParser(
-        prog="search spaces",
-        description="Show what a search space samples on a profile, for a task's model, and why.")
-    parser.add_argument("--profile", required=True, help="profile name or YAML path")
-    parser.add_argument("--space", default="default", help="space name or YAML path")
-    parser.add_argument("--task", default="digits", help="the task whose model is compressed")
-    parser.add_argument("--arch", help="torchvision architecture for a built-in task")
-    args = parser.parse_args(argv)
     from search.pipeline import model_facts, student_layers
     from search.profiles import load_profile
     from search.spaces import available_spaces, load_space, resolve_space
@@ -202,11 +280,9 @@ def spaces_command(argv: list[str]) -> int:
     return 0
 
 
-def _study_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+def _add_study_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", required=True, help="study name")
     parser.add_argument("--storage", help="Optuna storage (default: SQLite in search-runs/)")
-    return parser
 
 
 def _load_study(args: argparse.Namespace):  # noqa: ANN202
@@ -215,7 +291,7 @@ def _load_study(args: argparse.Namespace):  # noqa: ANN202
     from search.study import open_storage
 
     storage = args.storage or f"sqlite:///{Path('search-runs', 'optuna.db').resolve()}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_optuna(args.verbose)
     try:
         return optuna.load_study(study_name=args.study, storage=open_storage(storage))
     except Exception as exc:  # KeyError for an unknown study, DB errors
@@ -225,30 +301,21 @@ def _load_study(args: argparse.Namespace):  # noqa: ANN202
                           f"{type(exc).__name__}: {redact(str(exc))}") from None
 
 
-def report_command(argv: list[str]) -> int:
+def _report(args: argparse.Namespace) -> int:
     """``search report --study S``: the front table, from the Optuna storage alone."""
-    import pandas as pd
+    from search.config import REPORT_DROP
+    from search.pareto import readable_front, trials_frame
 
-    from search.pareto import trials_frame
-
-    args = _study_parser("search report", "Print a study's Pareto front.").parse_args(argv)
-    df = trials_frame(_load_study(args))
-    shown = df[df["on_front"] | (df["baseline"] != "")].sort_values("latency_ms")
-    cols = [c for c in _FRONT_COLUMNS if c in shown.columns]
-    with pd.option_context("display.width", 200, "display.max_columns", 20,
-                           "display.float_format", "{:.3f}".format):
-        print(f"{args.study}: {len(df)} completed trials, front of {int(df['on_front'].sum())}")
-        print(shown[cols].to_string(index=False))
+    study = _load_study(args)
+    df = trials_frame(study)
+    drop = study.user_attrs.get("max_accuracy_drop")
+    print(f"{args.study}: {len(df)} completed trials, front of {int(df['on_front'].sum())}")
+    _print_front(readable_front(df, REPORT_DROP if drop is None else drop))
     return 0
 
 
-def export_command(argv: list[str]) -> int:
+def _export(args: argparse.Namespace) -> int:
     """``search export --study S --trial N --to PATH``: write one trial's ONNX model."""
-    parser = _study_parser("search export", "Write a trial's ONNX model to a path.")
-    parser.add_argument("--trial", type=int, required=True)
-    parser.add_argument("--to", type=Path, required=True)
-    parser.add_argument("--output-dir", type=Path, help="default: search-runs/<study>/")
-    args = parser.parse_args(argv)
     models = (args.output_dir or Path("search-runs") / args.study) / "models"
     source = models / f"trial-{args.trial}.onnx"
     if not source.is_file():
@@ -265,21 +332,21 @@ def export_command(argv: list[str]) -> int:
     return 0
 
 
-_SUBCOMMANDS = {"profiles": profiles_command, "spaces": spaces_command, "report": report_command,
-                "export": export_command}
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in _SUBCOMMANDS:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    _configure_logging(args.verbose)
+    if args.command is not None:
         try:
-            return _SUBCOMMANDS[argv[0]](argv[1:])
+            return args.run(args)
         except SearchError as exc:
             print(f"search: error: {exc}", file=sys.stderr)
             return exc.exit_code
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _configure_logging()
+    return _study(parser, args)
+
+
+def _study(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``search [flags]``: run or resume the study the flags and config file describe."""
     try:
         values = _settings(args)
     except SearchError as exc:
@@ -292,8 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         if key in values:
             values[key] = Path(str(values[key]))
     config = SearchConfig(**values)  # type: ignore[arg-type]
+    _quiet_optuna(args.verbose)
+    from search._redact import redact
     from search.study import run_search
 
+    logging.getLogger("search").debug("settings (flags over %s): %s", args.config or "no config file",
+                                      redact(repr(config)))
     try:
         result = run_search(config, show_progress=not args.quiet)
     except SearchError as exc:

@@ -5,6 +5,7 @@ Validation happens here, once, before anything is computed or written.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -19,11 +20,19 @@ from search.errors import ConfigError
 if TYPE_CHECKING:  # search.tasks imports torch: keep `search --help` and bad flags fast
     from search.tasks import TaskOptions
 
-__all__ = ["ConfigFile", "LATENCY_MODES", "SAMPLERS", "SearchConfig", "default_study_name",
-           "ensure_writable", "load_config_file"]
+__all__ = ["ConfigFile", "DEFAULT_EXPERIMENT", "ENV_DEFAULTS", "LATENCY_MODES", "SAMPLERS",
+           "SearchConfig", "default_study_name", "ensure_writable", "load_config_file"]
+
+log = logging.getLogger("search")
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 LATENCY_MODES = ("auto", "measure", "predict")
+DEFAULT_EXPERIMENT = "compression-search"  # the MLflow experiment, unless named otherwise
+# Settings the ecosystem's own environment variables give when nothing else does: below
+# a flag and a config file, above the built-in default (so `ray job submit -- search ...`
+# runs on the job's cluster, and an MLflow user's exported server is used).
+ENV_DEFAULTS = {"tracking_uri": "MLFLOW_TRACKING_URI", "experiment_name": "MLFLOW_EXPERIMENT_NAME",
+                "ray_address": "RAY_ADDRESS"}
 REPORT_DROP = 1.0  # points of accuracy the best speedup is reported within by default
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -38,9 +47,10 @@ class SearchConfig:
     space: str = "default"
     study_name: str | None = None
     storage: str | None = None
-    tracking_uri: str | None = None
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else SQLite in runs_root
+    experiment_name: str | None = None  # None: $MLFLOW_EXPERIMENT_NAME, else DEFAULT_EXPERIMENT
     output_dir: Path | None = None
-    ray_address: str | None = None
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a private local Ray
     seed: int = 0
     sampler: str = "tpe"
     parallel: int | None = None  # None: what the cluster allows
@@ -93,6 +103,8 @@ class SearchConfig:
                 f"study name {self.study_name!r} is not allowed: use letters, digits, '.', '_' "
                 "or '-', starting with a letter or digit, at most 128 characters"
             )
+        if self.experiment_name is not None and not str(self.experiment_name).strip():
+            raise ConfigError("experiment name must not be empty")
         if self.latency not in LATENCY_MODES:
             raise ConfigError(f"unknown latency mode {self.latency!r}; choose one of "
                               f"{', '.join(LATENCY_MODES)}")
@@ -120,16 +132,38 @@ class SearchConfig:
         return REPORT_DROP if self.max_accuracy_drop is None else self.max_accuracy_drop
 
     def resolved(self, profile_name: str) -> SearchConfig:
-        """A copy with every default filled in (study name, directories, store URLs)."""
+        """A copy with every default filled in (study name, directories, store URLs).
+
+        Settings left unset take the environment's value (``ENV_DEFAULTS``) first.
+        """
         self.validate()
         name = self.study_name or default_study_name(self.task, self.arch, profile_name)
         root = Path(self.runs_root)
+        env = _from_environment(self)
+        env.setdefault("experiment_name", self.experiment_name or DEFAULT_EXPERIMENT)
         return replace(
             self,
+            **env,
             study_name=name,
             output_dir=Path(self.output_dir) if self.output_dir else root / name,
             storage=self.storage or f"sqlite:///{(root / 'optuna.db').resolve()}",
         )
+
+
+def _from_environment(config: SearchConfig) -> dict[str, str]:
+    """The unset settings an environment variable gives, each logged: it decides where the
+    results go, and a user may not remember having exported it."""
+    from search._redact import redact
+
+    found = {}
+    for key, var in ENV_DEFAULTS.items():
+        value = os.environ.get(var, "").strip()
+        if getattr(config, key) is None and value:
+            found[key] = value
+            flag = "--" + key.replace("_", "-")
+            log.info("%s from $%s: %s (%s or the config file's %s beats it)",
+                     key.replace("_", " "), var, redact(value), flag, key)
+    return found
 
 
 def default_study_name(task: str, arch: str | None, profile: str) -> str:
@@ -166,6 +200,7 @@ class ConfigFile(Strict):
     study_name: str | None = None
     storage: str | None = None
     tracking_uri: str | None = None
+    experiment_name: str | None = Field(default=None, min_length=1)
     output_dir: str | None = None
     ray_address: str | None = None
     seed: int | None = Field(default=None, ge=0)

@@ -29,6 +29,8 @@ from search.tasks import Task
 
 __all__ = ["Executor", "check_address", "connect", "device_reachable", "plan_parallel"]
 
+log = logging.getLogger("search")
+
 
 def _screen_remote(record: TrialRecord, task: Task, profile: HardwareProfile,
                    threads: int, calibration: Calibration | None) -> TrialRecord:
@@ -98,10 +100,21 @@ def plan_parallel(requested: int | None) -> tuple[int, int]:
     return requested, min(node, max(1, total // requested))
 
 
-def connect(address: str | None, profile: HardwareProfile, measurable: bool) -> bool:
-    """Join the cluster at ``address`` or start a local Ray; True when started here."""
+def connect(address: str | None, profile: HardwareProfile, measurable: bool,
+            latency: str = "auto") -> bool:
+    """Join the cluster at ``address`` or start a local Ray; True when started here.
+
+    A Ray this process already runs (a notebook's ``ray.init()``) is used as it is;
+    when it, or the joined cluster, has no node with the profile's device, ``latency``
+    decides: ``measure`` refuses, ``auto`` warns that latencies will be predicted.
+    """
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if ray.is_initialized():
+        if address is not None:
+            log.warning("Ray is already initialized in this process, so the search runs on it "
+                        "and does not join %r; call ray.shutdown() first to join that cluster",
+                        address)
+        _check_device(profile, latency, measurable, None)
         return False
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
@@ -119,7 +132,37 @@ def connect(address: str | None, profile: HardwareProfile, measurable: bool) -> 
         ray.init(address=address, **kwargs)
     except Exception as exc:  # ConnectionError, RuntimeError, TimeoutError ...
         raise ConfigError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
+    _check_device(profile, latency, measurable, address)
     return False
+
+
+def _check_device(profile: HardwareProfile, latency: str, measurable: bool,
+                  address: str | None) -> None:
+    """Refuse or warn when no node of the Ray in use has the device: otherwise ``auto``
+    would quietly predict what the user expected measured."""
+    if latency == "predict" or not profile.resource or device_reachable(profile):
+        return
+    resource = profile.resource
+    if address is None:
+        where = "this process's Ray (ray.init() was called before the search)"
+        fix = (f"call ray.shutdown() before the search so that it starts its own Ray"
+               f"{' with the device' if measurable else ''}, or start Ray with "
+               f"ray.init(resources={{{resource!r}: 1}}) on a machine that has the device")
+    else:
+        where = f"the Ray cluster at {address!r}"
+        fix = (f"start a node that has the device with `ray start --address <head> "
+               f"--resources '{{\"{resource}\": 1}}'`")
+    missing = f"no node of {where} advertises {resource!r}"
+    could = " although this machine could measure it" if measurable else ""
+    if latency == "measure":
+        raise ConfigError(f"--latency measure: {missing}, so no trial could be measured{could}; "
+                          f"{fix}")
+    if profile.latency_model is None:
+        raise ConfigError(f"{missing} and profile {profile.name!r} has no latency_model to "
+                          f"predict with; {fix}, or add a latency_model to the profile")
+    log.warning("%s%s: every latency of this study will be predicted with %s's latency model, not "
+                "measured. To measure, %s; to choose prediction and silence this, pass "
+                "--latency predict (latency='predict')", missing, could, profile.name, fix)
 
 
 @dataclass

@@ -12,8 +12,9 @@ import numpy as np
 import optuna
 import pandas as pd
 
-__all__ = ["COLUMNS", "best_speedup", "hypervolume", "pareto_mask", "plot_front", "trials_frame",
-           "write_html"]
+__all__ = ["COLUMNS", "best_speedup", "front_markdown", "hypervolume", "pareto_mask", "plot_front",
+           "readable_front",
+           "trials_frame", "within_drop", "write_html"]
 
 COLUMNS = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "latency_cv",
            "latency_noisy", "latency_source", "device", "speedup", "size_mb", "macs", "params",
@@ -141,30 +142,125 @@ def best_speedup(df: pd.DataFrame, max_drop: float = 1.0) -> float | None:
     return float(speedup.max())
 
 
-def plot_front(df: pd.DataFrame, path: Path, title: str) -> Path:
+def within_drop(rows: pd.DataFrame, df: pd.DataFrame, max_drop: float) -> pd.Series:
+    """Rows of ``rows`` at most ``max_drop`` points below the reference trial of ``df``."""
+    base = df.loc[df["reference"], "accuracy"]
+    if base.empty:
+        return pd.Series(True, index=rows.index)
+    return rows["accuracy"] >= float(base.iloc[0]) - max_drop - 1e-9
+
+
+def readable_front(df: pd.DataFrame, max_drop: float) -> pd.DataFrame:
+    """The front and the baselines as a person reads them: the points within ``max_drop``
+    points of the reference first (fastest first), then the rest of the front.
+
+    A collapsed model (16 % accurate) is on the front when it is the fastest, but no one
+    deploys it; it stays listed, after what a user can act on (``within_drop`` column).
+    """
+    if df.empty:
+        return df.assign(within_drop=pd.Series(dtype=bool))
+    shown = df[df["on_front"] | (df["baseline"] != "")].copy()
+    shown["within_drop"] = within_drop(shown, df, max_drop)
+    return shown.sort_values(["within_drop", "latency_ms"], ascending=[False, True], kind="stable")
+
+
+def front_markdown(front: pd.DataFrame, max_drop: float) -> list[str]:
+    """Markdown tables of a ``readable_front``'s rows: those within ``max_drop`` first, the
+    rest of the front below them under their own heading (listed, not hidden)."""
+    usable = front["within_drop"] if "within_drop" in front else pd.Series(True, index=front.index)
+    lines = [f"Within {max_drop:g} point(s) of the reference, fastest first:", ""]
+    lines += _markdown_rows(front[usable])
+    if (~usable).any():
+        lines += ["", f"The rest of the front, more than {max_drop:g} point(s) below the reference:",
+                  ""] + _markdown_rows(front[~usable])
+    return lines
+
+
+def _markdown_rows(rows: pd.DataFrame) -> list[str]:
+    lines = ["| trial | accuracy % | latency ms | speedup | precisions |", "|---|---|---|---|---|"]
+    for _, r in rows.iterrows():
+        label = f" ({r['baseline']})" if r.get("baseline") else ""
+        lines.append(f"| {r['trial']}{label} | {r['accuracy']:.2f} | {r['latency_ms']:.3f} | "
+                     f"{r['speedup']:.2f}x | {r['precisions']} |")
+    return lines
+
+
+def plot_front(df: pd.DataFrame, path: Path, title: str, max_drop: float | None = None) -> Path:
     """Accuracy against latency, the front highlighted, written as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = _draw_front(df, title, max_drop)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _draw_front(df: pd.DataFrame, title: str, max_drop: float | None):  # noqa: ANN202
+    """The figure of ``plot_front``. Latency on a log axis: one slow trial no longer squashes
+    the fast region; accuracies far below the reference sit on the bottom edge as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.scatter(df["latency_ms"], df["accuracy"], c="#bbbbbb", label="trial")
-    front = df[df["on_front"]].sort_values("latency_ms")
-    ax.plot(front["latency_ms"], front["accuracy"], "o-", c="#d62728", label="Pareto front")
+    floor = _accuracy_floor(df, max_drop)
+    low = df["accuracy"] < floor if floor is not None else pd.Series(False, index=df.index)
+    shown = df[~low]
+    ax.scatter(shown["latency_ms"], shown["accuracy"], c="#bbbbbb", label="trial")
+    front = shown[shown["on_front"]].sort_values("latency_ms")
+    usable = within_drop(front, df, max_drop) if max_drop is not None else front["on_front"]
+    ax.plot(front["latency_ms"], front["accuracy"], "-", c="#d62728", alpha=0.5)
+    ax.plot(front.loc[usable, "latency_ms"], front.loc[usable, "accuracy"], "o", c="#d62728",
+            label="Pareto front" + (f", within {max_drop:g} point(s)" if max_drop is not None else ""))
+    if (~usable).any():
+        ax.plot(front.loc[~usable, "latency_ms"], front.loc[~usable, "accuracy"], "o", mfc="none",
+                c="#d62728", label="Pareto front, beyond the allowed drop")
     for _, row in front.iterrows():
         ax.annotate(f"#{row['trial']}", (row["latency_ms"], row["accuracy"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
+    _mark_baselines(ax, df)
+    _mark_allowed_drop(ax, df, max_drop)
+    if low.any():
+        ax.set_ylim(bottom=floor - 1)
+        ax.scatter(df.loc[low, "latency_ms"], [floor - 0.5] * int(low.sum()), marker="v", c="#555555",
+                   label=f"{int(low.sum())} below {floor:.0f} % (drawn at the edge)")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
     source = ", ".join(sorted(set(df["latency_source"].dropna()))) or "n/a"
-    ax.set_xlabel(f"latency, ms ({source})")
+    ax.set_xlabel(f"latency, ms, log scale ({source})")
     ax.set_ylabel("validation accuracy, %")
     ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def _accuracy_floor(df: pd.DataFrame, max_drop: float | None) -> float | None:
+    """Below this accuracy a point only stretches the axis: ``HV_ACCURACY_SPAN`` (or five
+    allowed drops) under the reference."""
+    base = df.loc[df["reference"], "accuracy"]
+    if base.empty:
+        return None
+    return float(base.iloc[0]) - max(HV_ACCURACY_SPAN, 5 * (max_drop or 0.0))
+
+
+def _mark_baselines(ax, df: pd.DataFrame) -> None:  # noqa: ANN001
+    for _, row in df[df["baseline"] != ""].iterrows():
+        ax.scatter([row["latency_ms"]], [row["accuracy"]], marker="s", s=40, facecolors="none",
+                   edgecolors="#1f77b4", zorder=3)
+        ax.annotate(row["baseline"], (row["latency_ms"], row["accuracy"]), fontsize=8,
+                    color="#1f77b4", xytext=(4, -10), textcoords="offset points")
+
+
+def _mark_allowed_drop(ax, df: pd.DataFrame, max_drop: float | None) -> None:  # noqa: ANN001
+    base = df.loc[df["reference"], "accuracy"]
+    if max_drop is None or base.empty:
+        return
+    ax.axhline(float(base.iloc[0]) - max_drop, ls="--", lw=0.8, c="#2ca02c",
+               label=f"allowed drop ({max_drop:g} point(s))")
 
 
 def write_html(df: pd.DataFrame, path: Path, title: str) -> Path:

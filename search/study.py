@@ -42,7 +42,15 @@ from search.latency.calibration import (
     architecture_key,
 )
 from search.latency.predict import costs_from_onnx, predict_ms
-from search.pareto import best_speedup, hypervolume, plot_front, trials_frame, write_html
+from search.pareto import (
+    best_speedup,
+    front_markdown,
+    hypervolume,
+    plot_front,
+    readable_front,
+    trials_frame,
+    write_html,
+)
 from search.pipeline import model_facts, student_layers
 from search.profiles import HardwareProfile, load_profile, measurable_here
 from search.refine import RefineSettings, refine_front, remeasure_front
@@ -75,7 +83,16 @@ class StudyResult:
     n_failed: int
     wall_s: float
     interrupted: bool = False
+    n_pruned: int = 0  # stopped early: could not reach the front at their latency
     phases: dict[str, float] = field(default_factory=dict)  # setup, trials, finish (seconds)
+    storage: str = ""  # the Optuna storage URL, password redacted: safe to print or share
+    _storage_url: str = field(default="", repr=False)  # the real one, for load_study()
+
+    def load_study(self) -> optuna.Study:
+        """The study in its Optuna storage (journal files and passwords included), e.g. for
+        ``optuna.visualization`` or to inspect trials; metric names and constraints as stored."""
+        return optuna.load_study(study_name=self.study_name,
+                                 storage=open_storage(self._storage_url or self.storage))
 
 
 def _constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
@@ -227,20 +244,17 @@ def _unfinished_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
 
 
 def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: list,
-             best: float | None) -> str:
+             best: float | None, n_pruned: int = 0) -> str:
     """A short human summary of the study (summary.md)."""
     lines = [f"# {cfg.study_name}", "",
              f"- profile `{cfg.profile}`, task `{cfg.task}`, space `{cfg.space}`, "
              f"sampler `{cfg.sampler}`, seed {cfg.seed}",
-             f"- {len(df)} completed trials of a budget of {cfg.budget}, {len(failed)} failed",
+             f"- {len(df)} completed trials, {n_pruned} stopped early (could not reach the front) "
+             f"of a budget of {cfg.budget}, {len(failed)} failed",
              f"- latency: {', '.join(sorted(set(df['latency_source'].dropna()))) or 'n/a'}"
              + _noisy_note(df, cfg),
              f"- best speedup within {cfg.report_drop:g} point(s) of the reference: "
-             + (f"{best:.2f}x" if best else "n/a"), "", "| trial | accuracy % | latency ms | "
-             "speedup | precisions |", "|---|---|---|---|---|"]
-    for _, r in front.iterrows():
-        lines.append(f"| {r['trial']} | {r['accuracy']:.2f} | {r['latency_ms']:.3f} | "
-                     f"{r['speedup']:.2f}x | {r['precisions']} |")
+             + (f"{best:.2f}x" if best else "n/a"), ""] + front_markdown(front, cfg.report_drop)
     return "\n".join(lines) + "\n"
 
 
@@ -259,12 +273,12 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
     front = df[df["on_front"]].sort_values("latency_ms") if len(df) else df
     all_rows.to_csv(out / "trials.csv", index=False)
     # pareto.csv: the front, plus the baselines as reference rows (on_front tells which is which)
-    shown = df[df["on_front"] | (df["baseline"] != "")].sort_values("latency_ms") if len(df) else df
+    shown = readable_front(df, cfg.report_drop)  # what a user can deploy first
     shown.to_csv(out / "pareto.csv", index=False)
     artifacts = [out / "pareto.csv", out / "trials.csv"]
     if len(df):
         title = f"{cfg.study_name}: {len(df)} trials, front of {len(front)}"
-        artifacts.append(plot_front(df, out / "pareto.png", title))
+        artifacts.append(plot_front(df, out / "pareto.png", title, cfg.report_drop))
         artifacts.append(write_html(df, out / "pareto.html", title))
     front_models = out / "front_models"
     front_models.mkdir(exist_ok=True)
@@ -284,7 +298,7 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
     profile_path.write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
     artifacts += [config_path, profile_path]
     summary = out / "summary.md"
-    summary.write_text(_summary(cfg, df, front, failed, best))
+    summary.write_text(_summary(cfg, df, shown[shown["on_front"]], failed, best, len(pruned)))
     artifacts.append(summary)
     if not server_reachable(tracker.uri):
         log.warning("MLflow tracking server %s is unreachable; the CSVs are written, and "
@@ -441,9 +455,9 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
 
     # artifacts beside the default local store; a tracking server keeps its own
     tracker = Tracker(tracking_uri, cfg.study_name,
-                      root / "mlartifacts" if cfg.tracking_uri is None else None)
+                      root / "mlartifacts" if cfg.tracking_uri is None else None, cfg.experiment_name)
     tracker.log_study_params(_study_params(cfg, profile))
-    started = connect(cfg.ray_address, profile, measurable)
+    started = connect(cfg.ray_address, profile, measurable, cfg.latency)
     try:
         source, choice = _latency_source(cfg, profile, study, why, architecture)
         calibration = choice.calibration if choice is not None else None
@@ -513,7 +527,8 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
         tracking_uri=tracking_uri, parent_run_id=tracker.parent_id,
         best_speedup=best_speedup(df, cfg.report_drop) if len(df) else None,
         n_failed=n_failed, wall_s=time.perf_counter() - start, interrupted=interrupted,
-        phases=phases,
+        n_pruned=len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))),
+        phases=phases, storage=redact(cfg.storage), _storage_url=cfg.storage,
     )
     return result
 

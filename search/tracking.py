@@ -12,7 +12,8 @@ import math
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from search._redact import redact
+from search.config import DEFAULT_EXPERIMENT
 from search.errors import ConfigError
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO when imported
@@ -36,7 +38,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 __all__ = ["EXPERIMENT", "Tracker", "check_tracking_uri", "default_tracking_uri", "server_reachable"]
 
-EXPERIMENT = "compression-search"
+log = logging.getLogger("search")
+EXPERIMENT = DEFAULT_EXPERIMENT  # SearchConfig.experiment_name, $MLFLOW_EXPERIMENT_NAME beat it
 _STUDY_TAG = "search.study"
 _TRIAL_TAG = "search.trial"
 
@@ -98,19 +101,33 @@ def _metric_items(metrics: Mapping[str, float | None], step: int = 0) -> list[Me
             if v is not None and math.isfinite(float(v))]
 
 
+@contextmanager
+def _quiet_provider_check() -> Iterator[None]:
+    """MLflow loads every logged model to check its example and warns, once per model, that
+    the declared GPU providers are missing here: said once by us instead."""
+    logger = logging.getLogger("mlflow.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class Tracker:
     """The study's MLflow parent run and its children."""
 
-    def __init__(self, tracking_uri: str, study_name: str, artifact_root: Path | None) -> None:
+    def __init__(self, tracking_uri: str, study_name: str, artifact_root: Path | None,
+                 experiment: str = EXPERIMENT) -> None:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
-            experiment = self.client.get_experiment_by_name(EXPERIMENT)
-            if experiment is None:
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
                 location = artifact_root.resolve().as_uri() if artifact_root else None
-                experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=location)
+                experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             else:
-                experiment_id = experiment.experiment_id
+                experiment_id = found.experiment_id
         except Exception as exc:
             raise ConfigError(f"cannot use the MLflow tracking store {redact(tracking_uri)}: "
                               f"{type(exc).__name__}: {redact(str(exc))}") from None
@@ -210,7 +227,13 @@ class Tracker:
 
         mlflow.set_tracking_uri(self.uri)
         example = np.zeros((1, *input_shape), dtype=np.float32)
-        with mlflow.start_run(run_id=self.parent_id):
+        declared = providers or ["CPUExecutionProvider"]
+        missing = [p for p in declared if p not in ort.get_available_providers()]
+        if missing and models:
+            log.info("front models are logged for %s; this machine lacks %s, so MLflow checks "
+                     "them on the CPU (expected away from the device)", declared[0],
+                     ", ".join(missing))
+        with mlflow.start_run(run_id=self.parent_id), _quiet_provider_check():
             for number, path in sorted(models.items()):
                 session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                 output = session.run(None, {"input": example})[0]
@@ -218,7 +241,7 @@ class Tracker:
                     onnx.load(str(path)), name=f"trial-{number}", input_example=example,
                     signature=infer_signature(example, output), save_as_external_data=False,
                     pip_requirements=["onnxruntime", "onnx"],
-                    onnx_execution_providers=providers or ["CPUExecutionProvider"],
+                    onnx_execution_providers=declared,
                 )
                 if number in self.logged:
                     self.client.set_tag(self.logged[number], "model_uri", info.model_uri)

@@ -19,10 +19,9 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from search._redact import redact
 from search.tracking import EXPERIMENT
 from tests.conftest import free_port, start_mlflow_server, stop_mlflow_server
-
-pytestmark = pytest.mark.slow
 
 TRACKING_SECRET = "trk-s3cr3t-Pw"
 STORAGE_SECRET = "db-s3cr3t-Pw"
@@ -55,6 +54,42 @@ distillation:
 """
 
 
+@pytest.mark.parametrize("text, expected, secrets", [
+    ("postgresql://user:secret@host/db", "postgresql://user:***@host/db", ["secret"]),
+    ("postgresql://u:p@ss@host/db", "postgresql://u:***@host/db", ["p@ss", "ss@"]),
+    ("mysql://u:a@b@c@host:3306/db?x=1", "mysql://u:***@host:3306/db?x=1", ["a@b@c"]),
+    ("postgresql://host/db?user=u&password=secret", "postgresql://host/db?user=u&password=***",
+     ["secret"]),
+    ("https://h.example/api?token=tok123&page=2", "https://h.example/api?token=***&page=2", ["tok123"]),
+    ("https://h.example/v1?api_key=K3Y", "https://h.example/v1?api_key=***", ["K3Y"]),
+    ("https://b.example/o?X-Amz-Signature=abc&X-Amz-Credential=cr",
+     "https://b.example/o?X-Amz-Signature=***&X-Amz-Credential=***", ["abc", "cr"]),
+    ("https://cb.example/#access_token=AT9", "https://cb.example/#access_token=***", ["AT9"]),
+    ("host=h user=u password=pw9 dbname=d", "host=h user=u password=*** dbname=d", ["pw9"]),
+])
+def test_redact_hides_every_form_of_secret(text, expected, secrets):
+    assert redact(text) == expected
+    assert redact(expected) == expected  # idempotent: redacting twice changes nothing
+
+
+def test_redact_finds_urls_in_exception_text():
+    message = ("OperationalError: connection to 'postgresql://u:p@ss@db.example:5432/optuna"
+               "?sslmode=require&password=hunter2' failed; retry http://alice:pw@127.0.0.1:5000\n"
+               "see also https://h.example/x?token=t0k")
+    shown = redact(message)
+    assert not [s for s in ("p@ss", "ss@db", "hunter2", ":pw@", "t0k") if s in shown], shown
+    assert "postgresql://u:***@db.example:5432/optuna?sslmode=require&password=***'" in shown
+    assert "http://alice:***@127.0.0.1:5000" in shown and "token=***" in shown
+
+
+@pytest.mark.parametrize("text", [
+    "sqlite:///tmp/optuna.db", "http://127.0.0.1:5000", "http://host:8080/a@b", "mysql://u@h/db",
+    "trial 3: keys=4 monkey=2 sparsity=0.5", "journal:///tmp/j.log", "", "file:///x?y=1",
+])
+def test_redact_leaves_text_without_secrets_alone(text):
+    assert redact(text) == text
+
+
 def _leaks(root: Path, secrets: list[bytes]) -> list[str]:
     found = []
     for path in root.rglob("*"):
@@ -67,6 +102,7 @@ def _leaks(root: Path, secrets: list[bytes]) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_credentials_in_urls_never_leak(tmp_path, fast_profile_path):
     port = free_port()
     server_root = tmp_path / "server"

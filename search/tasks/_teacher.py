@@ -11,7 +11,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import pickle
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from torch import nn
 
 from search._paths import cache_dir
@@ -99,26 +102,50 @@ def cached_teacher(name: str, key: Mapping[str, Any],
 
     Cached as ``<cache dir>/<name>-teacher-<hash of key>.pt``; returns the state
     and an info dict (``cache`` path, ``trained_s``: 0 when it came from the cache).
+    Processes asking for the same teacher at once (Ray workers, two studies) train
+    it once: the others wait on a lock next to the file and read what it wrote.
     """
     path = cache_dir() / f"{name}-teacher-{_cache_key(key)}.pt"
-    info: dict[str, Any] = {"cache": str(path)}
-    if path.is_file():
-        try:
-            info["trained_s"] = 0.0
-            return torch.load(path, map_location="cpu", weights_only=True), info
-        except Exception as exc:  # a truncated cache file: train again
-            log.warning("cached teacher %s is unreadable (%s); training it again", path,
-                        type(exc).__name__)
-    log.info("training the %s teacher on %s (first use; cached in %s)", name, train_device(),
-             path.parent)
-    start = time.perf_counter()
-    state = train().state_dict()
-    info["trained_s"] = time.perf_counter() - start
+    info: dict[str, Any] = {"cache": str(path), "trained_s": 0.0}
+    state = _read_cached(path)
+    if state is not None:
+        return state, info
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with FileLock(f"{path}.lock"):
+        state = _read_cached(path)  # trained by another process while this one waited
+        if state is not None:
+            return state, info
+        log.info("training the %s teacher on %s (first use; cached in %s)", name, train_device(),
+                 path.parent)
+        start = time.perf_counter()
+        state = train().state_dict()
+        info["trained_s"] = time.perf_counter() - start
+        _save_atomic(state, path)
     return state, info
+
+
+def _read_cached(path: Path) -> dict[str, torch.Tensor] | None:
+    """The cached state, or None when there is none (or only an unreadable one: train again)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated file from before writes were atomic
+        log.warning("cached teacher %s is unreadable (%s); training it again", path,
+                    type(exc).__name__)
+        return None
+
+
+def _save_atomic(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write to a temporary file of its own, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(dict(state), handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _read_checkpoint(path: Path) -> Any:

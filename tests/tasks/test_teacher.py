@@ -102,3 +102,60 @@ def test_digits_teacher_mismatch_names_keys(tmp_path):
     assert "(DigitsResNet)" in message and "missing keys: fc.bias" not in message
     assert "missing keys: layer1.bn1.bias" in message and "unexpected keys: bn1.bias" in message
     assert "shape mismatches: fc.weight (10, 512) (model: (10, 128))" in message
+
+
+TRAINER = '''
+import sys, time
+import torch
+from torch import nn
+from search.tasks import cached_teacher
+
+def train():
+    with open(sys.argv[1], "a") as log:
+        log.write("trained\\n")
+    time.sleep(1.0)  # long enough for the other process to find the cache still missing
+    torch.manual_seed(int(sys.argv[2]))
+    return nn.Linear(64, 8)
+
+print("go", flush=True)
+sys.stdin.readline()  # both processes start together
+state, info = cached_teacher("tiny", {"version": 1}, train)
+torch.save(state, sys.argv[3])
+print(info["trained_s"])
+'''
+
+
+def test_two_processes_share_one_teacher(tmp_path):
+    """Two processes miss the cache at once: one trains, the other waits and reads its file."""
+    env = {**os.environ, "SEARCH_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    counter = tmp_path / "trained.txt"
+    procs = [subprocess.Popen([sys.executable, "-c", TRAINER, str(counter), str(seed),
+                               str(tmp_path / f"out{seed}.pt")],
+                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for seed in (1, 2)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "go"
+    for proc in procs:
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert counter.read_text() == "trained\n"
+    assert sorted(float(out.strip()) > 0 for out, _ in outs) == [False, True]
+    first, second = (torch.load(tmp_path / f"out{s}.pt", weights_only=True) for s in (1, 2))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    cached = [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+    assert len(cached) == 1 and cached[0].startswith("tiny-teacher-")  # no temporary file left
+
+
+def test_an_unreadable_cache_file_is_trained_again(tmp_path, monkeypatch):
+    from search.tasks import cached_teacher
+
+    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path))
+    state, info = cached_teacher("tiny", {"v": 2}, lambda: nn.Linear(2, 2))
+    path = Path(info["cache"])
+    path.write_bytes(path.read_bytes()[:50])
+    again, info = cached_teacher("tiny", {"v": 2}, lambda: nn.Linear(2, 2))
+    assert info["trained_s"] > 0 and set(again) == set(state)
+    assert torch.load(path, weights_only=True).keys() == again.keys()
