@@ -1,6 +1,7 @@
-"""Search spaces: data (``spaces/*.yaml``) validated against a profile, then sampled.
+"""Search spaces: data (``spaces/*.yaml``) validated against a profile and a model.
 
-This is the only module that calls ``trial.suggest_*``.
+Sampling a resolved space is :mod:`search.sampling` (the only module that calls
+``trial.suggest_*``), so resolving one imports no Optuna.
 """
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import optuna
 from pydantic import Field, model_validator
 
 from search._paths import builtin_dir
@@ -19,6 +19,9 @@ from search._schema import Strict, load_model, resolve_builtin
 from search.errors import ConfigError
 from search.profiles import HardwareProfile, Precision
 from search.record import Choices, Layer
+
+if TYPE_CHECKING:  # the only Optuna calls are in search.sampling; resolving a space needs none
+    import optuna
 
 __all__ = [
     "SPACES_DIR",
@@ -271,13 +274,15 @@ class ResolvedSpace:
         if "qat" in plan:
             plan = {**plan, "qat": False}
         out = []
-        for label, ratio, drop in (("pruned-0.5", 0.5, 0), ("pruned-0.3-dropped-1", 0.3, 1)):
+        for label, ratio, drop in (("pruned-0.5", 0.5, 0), ("pruned-0.3-dropped-1", 0.3, 1),
+                                   ("pruned-0.65", 0.65, 0)):
             if drop > min(pruning.drop_blocks.high, self.facts.droppable_blocks):
                 continue
             params = {**_UNCOMPRESSED, **plan, **tune, "drop_blocks": drop,
                       "structured_ratio": _clip(ratio, pruning.structured_ratio),
                       "structured_importance": pruning.structured_importance[0]}
-            out.append((label, params))
+            if all(params != p for _, p in out):  # a narrow range clips two seeds alike
+                out.append((label, params))
         return out
 
     def describe(self) -> list[tuple[str, str, str]]:
@@ -335,66 +340,10 @@ class ResolvedSpace:
         return {f"precision.{group}": p for group, p in plan.items()}
 
     def sample(self, trial: optuna.Trial, pinned: dict[str, Any] | None = None) -> Choices:
-        """Draw one trial's choices (define-by-run, with conditional dimensions).
+        """Draw one trial's choices (see :func:`search.sampling.sample`)."""
+        from search.sampling import sample
 
-        ``pinned`` values are taken as they are, even where the space fixes a
-        dimension: a baseline is the uncompressed model whatever the space says.
-        """
-        draw = _Draw(trial, pinned or {})
-        pruning, distil, quant = self.space.pruning, self.space.distillation, self.space.quantization
-        c = Choices()
-        c.init = _categorical(draw, "init", self.inits)
-        if c.init == "teacher":
-            c.sparsity_pattern = _categorical(draw, "sparsity_pattern", self.patterns)
-            if c.sparsity_pattern == "unstructured":
-                c.unstructured_sparsity = _float(draw, "unstructured_sparsity",
-                                                 self.unstructured_sparsity)
-                if c.unstructured_sparsity > 0:
-                    c.unstructured_scope = _categorical(draw, "unstructured_scope",
-                                                        pruning.unstructured_scope)
-            if c.sparsity_pattern != "unstructured" or c.unstructured_sparsity > 0:
-                c.unstructured_criterion = _categorical(draw, "unstructured_criterion",
-                                                        pruning.unstructured_criterion)
-        blocks = IntRange(low=min(pruning.drop_blocks.low, self.facts.droppable_blocks),
-                          high=min(pruning.drop_blocks.high, self.facts.droppable_blocks))
-        c.drop_blocks = _int(draw, "drop_blocks", blocks)
-        c.structured_ratio = _float(draw, "structured_ratio", pruning.structured_ratio)
-        if c.structured_ratio > 0:
-            c.structured_importance = _categorical(draw, "structured_importance",
-                                                   pruning.structured_importance)
-        if self.facts.attention:
-            c.head_ratio = _float(draw, "head_ratio", pruning.head_ratio)
-        c.epochs = _int(draw, "epochs", distil.epochs)
-        if c.epochs > 0:
-            c.lr = _float(draw, "lr", distil.lr)
-            c.temperature = _float(draw, "temperature", distil.temperature)
-            c.alpha = _float(draw, "alpha", distil.alpha)
-            c.distill_loss = _categorical(draw, "distill_loss", distil.loss)
-            if c.distill_loss != "response":
-                c.distill_weight = _float(draw, "distill_weight", distil.loss_weight)
-        if quant.granularity == "uniform":
-            pick = _categorical(draw, "precision", self._common_precisions())
-            c.precisions = {layer.name: pick for layer in self.layers}
-        else:
-            chosen = {g: _categorical(draw, f"precision.{g}", self.group_precisions[g])
-                      for g in self.groups}
-            c.precisions = {name: chosen[g] for g, names in self.groups.items() for name in names}
-        if any(p in ("int8", "int16") for p in c.precisions.values()):
-            wide = "int16" in c.precisions.values()
-            c.quant_mode = "static" if wide else _categorical(draw, "quant_mode", self.modes)
-            c.weight_type = _categorical(draw, "weight_type", self.weight_types)
-            c.per_channel = _categorical(draw, "per_channel", self.per_channel)
-            if c.quant_mode == "static":
-                c.activation_type = _categorical(draw, "activation_type", self.activation_types)
-                c.activation_symmetric = _categorical(draw, "activation_symmetric",
-                                                      self.activation_symmetric)
-                c.calibration_method = _categorical(draw, "calibration_method",
-                                                    quant.calibration_method)
-                c.calibration_samples = _int(draw, "calibration_samples",
-                                             quant.calibration_samples)
-                if c.epochs > 0 and not wide:
-                    c.qat = _categorical(draw, "qat", quant.qat)
-        return c
+        return sample(self, trial, pinned)
 
     def _common_precisions(self) -> list[str]:
         first, *rest = self.group_precisions.values()
@@ -418,41 +367,6 @@ def _clip(value: float, r: FloatRange | IntRange) -> float:
     if step:
         value = r.low + round((value - r.low) / step) * step
     return round(value, 9)
-
-
-@dataclass(frozen=True)
-class _Draw:
-    """A trial to suggest from, and the values pinned for it (baselines, seeds)."""
-
-    trial: optuna.Trial
-    pinned: dict[str, Any]
-
-
-def _float(draw: _Draw, name: str, r: FloatRange) -> float:
-    if r.low == r.high and name not in draw.pinned:
-        return r.low
-    if name in draw.pinned and not r.low <= draw.pinned[name] <= r.high:
-        return float(draw.pinned[name])  # outside the space: taken, not shown to the sampler
-    # an enqueued trial's suggest returns its pinned value, and the sampler learns from it
-    return draw.trial.suggest_float(name, r.low, r.high, log=r.log, step=r.step) \
-        if r.low < r.high else float(draw.pinned[name])
-
-
-def _int(draw: _Draw, name: str, r: IntRange) -> int:
-    if r.low == r.high and name not in draw.pinned:
-        return r.low
-    if name in draw.pinned and not r.low <= draw.pinned[name] <= r.high:
-        return int(draw.pinned[name])
-    return draw.trial.suggest_int(name, r.low, r.high) if r.low < r.high \
-        else int(draw.pinned[name])
-
-
-def _categorical(draw: _Draw, name: str, options: tuple[Any, ...] | list[Any]) -> Any:
-    if name in draw.pinned and (draw.pinned[name] not in options or len(options) == 1):
-        return draw.pinned[name]
-    if len(options) == 1:
-        return options[0]
-    return draw.trial.suggest_categorical(name, list(options))
 
 
 def _allowed(asked: Any, allowed: tuple[Any, ...], key: str, space: SearchSpace,

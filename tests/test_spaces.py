@@ -205,7 +205,7 @@ def test_seeds_are_pruned_quantized_and_distilled_within_the_space(profile, laye
     resolved = resolve_space(load_space("default"), profile, layers,
                              ModelFacts(droppable_blocks=1))
     seeds = dict(resolved.seeds())
-    assert set(seeds) == {"pruned-0.5", "pruned-0.3-dropped-1"}
+    assert set(seeds) == {"pruned-0.5", "pruned-0.3-dropped-1", "pruned-0.65"}
     for params in seeds.values():
         assert params["epochs"] >= 1 and params["structured_ratio"] > 0
         assert {v for k, v in params.items() if k.startswith("precision.")} == {"int8"}

@@ -1,0 +1,117 @@
+"""How good is the front a study returns, and what did it cost? One study per seed, measured.
+
+For each seed: run the study (README command 1's settings unless told
+otherwise), then read what it left: the front re-measured after the study,
+interleaved round by round with the fp32 reference and uniform int8 in one
+task (1 thread, batch 1 on CPU profiles), so every ratio below was measured
+side by side. Prints per seed and the median over seeds:
+
+- best speedup over fp32 within ``--drop`` points of fp32's accuracy on both
+  the validation and the test split, and that point's speed over uniform int8;
+- the hypervolume (share of the box [ref - 10 points, ref] x [0, ref latency]);
+- wall time, and the share of trial time spent on trials that end dominated,
+  stopped early, failed, or more than 10 points below the reference.
+
+    python experiments/front_benchmark.py --profile host --budget 20 --seeds 0 1 2
+    python experiments/front_benchmark.py --profile host --budget 50 --arch resnet18 --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from search.config import SearchConfig
+from search.pareto import HV_ACCURACY_SPAN, hypervolume
+from search.study import run_search
+
+
+def _trial_seconds(t: optuna.trial.FrozenTrial) -> float:
+    return float(sum(t.user_attrs.get("timings", {}).values()))
+
+
+def _wasted_share(study: optuna.Study, df: pd.DataFrame) -> float:
+    """Share of trial time on trials that end off the front or far below the reference."""
+    reference = float(df.loc[df["reference"], "accuracy"].iloc[0])
+    useful = set(df.loc[df["on_front"] & (df["accuracy"] >= reference - HV_ACCURACY_SPAN),
+                        "trial"].astype(int))
+    total = wasted = 0.0
+    for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished() or "refined_from" in t.user_attrs:
+            continue
+        seconds = _trial_seconds(t)
+        total += seconds
+        if t.number not in useful:
+            wasted += seconds
+    return wasted / total if total else float("nan")
+
+
+def _best_within(df: pd.DataFrame, drop: float) -> tuple[pd.Series | None, float, float]:
+    """The fastest trial within ``drop`` points on validation and test, its speedup over
+    fp32 and over uniform int8, from the side-by-side re-measurement where there is one."""
+    ref = df[df["reference"]].iloc[0]
+    latency = df["latency_remeasured_ms"].fillna(df["latency_ms"]) \
+        if "latency_remeasured_ms" in df else df["latency_ms"]
+    df = df.assign(latency_final=latency)
+    ok = df[(df["accuracy"] >= ref["accuracy"] - drop)
+            & (df["test_accuracy"] >= ref["test_accuracy"] - drop)]
+    best = ok.sort_values("latency_final").iloc[0]
+    int8 = df[df["baseline"] == "int8"]
+    ref_ms = float(df.loc[df["reference"], "latency_final"].iloc[0])
+    vs_int8 = float(int8["latency_final"].iloc[0]) / best["latency_final"] if len(int8) else float("nan")
+    return best, ref_ms / best["latency_final"], vs_int8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="host")
+    parser.add_argument("--budget", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arch")
+    parser.add_argument("--space", default="default")
+    parser.add_argument("--drop", type=float, default=1.0)
+    parser.add_argument("--refine", type=int, default=4)
+    parser.add_argument("--no-early-stopping", action="store_true")
+    parser.add_argument("--runs-root", type=Path)
+    args = parser.parse_args()
+    root = args.runs_root or Path(tempfile.mkdtemp(prefix="front-benchmark-"))
+    rows = []
+    for seed in args.seeds:
+        config = SearchConfig(profile=args.profile, budget=args.budget, seed=seed, arch=args.arch,
+                              space=args.space, runs_root=root, refine=args.refine,
+                              early_stopping=not args.no_early_stopping,
+                              study_name=f"bench-{args.arch or 'digits'}-{args.profile}-s{seed}")
+        result = run_search(config, show_progress=False)
+        study = result.load_study()
+        df = result.trials
+        best, speedup, vs_int8 = _best_within(df, args.drop)
+        pruned = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
+        row = {"seed": seed, "speedup": speedup, "vs_int8": vs_int8,
+               "val": best["accuracy"], "test": best["test_accuracy"], "trial": int(best["trial"]),
+               "hypervolume": hypervolume(df), "wall_s": result.wall_s,
+               "wasted": _wasted_share(study, df), "pruned": pruned,
+               "refine_s": result.phases.get("refine", 0.0)}
+        rows.append(row)
+        ref = df[df["reference"]].iloc[0]
+        print(f"seed {seed}: best within {args.drop:g} pt (val {ref['accuracy']:.2f}, test "
+              f"{ref['test_accuracy']:.2f} for fp32): trial {row['trial']} at {row['val']:.2f} / "
+              f"{row['test']:.2f}, {speedup:.2f}x fp32, {vs_int8:.2f}x uniform int8; hypervolume "
+              f"{row['hypervolume']:.3f}; wall {row['wall_s']:.0f} s (refine {row['refine_s']:.0f} "
+              f"s); {pruned} trials stopped early; {100 * row['wasted']:.0f}% of trial time on "
+              "trials that end off the front or > 10 points below", flush=True)
+    if len(rows) > 1:
+        med = {k: statistics.median(r[k] for r in rows) for k in
+               ("speedup", "vs_int8", "hypervolume", "wall_s", "wasted")}
+        print(f"median of {len(rows)} seeds: {med['speedup']:.2f}x fp32, {med['vs_int8']:.2f}x "
+              f"uniform int8, hypervolume {med['hypervolume']:.3f}, wall {med['wall_s']:.0f} s, "
+              f"{100 * med['wasted']:.0f}% of trial time wasted")
+    print(f"studies under {root}")
+
+
+if __name__ == "__main__":
+    main()
