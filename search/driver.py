@@ -27,10 +27,9 @@ from typing import Any
 
 import optuna
 import pandas as pd
-import ray
 
 from search.errors import SearchError
-from search.execution import Executor
+from search.execution import Executor, LocalExecutor
 from search.pareto import HV_ACCURACY_SPAN, best_speedup, trials_frame
 from search.record import Choices, TrialRecord
 from search.spaces import ResolvedSpace
@@ -133,12 +132,12 @@ class Driver:
     """
 
     def __init__(self, settings: DriverSettings, study: optuna.Study, resolved: ResolvedSpace,
-                 executor: Executor, callbacks: Sequence[TrialCallback] = ()) -> None:
+                 executor: Executor | LocalExecutor, callbacks: Sequence[TrialCallback] = ()) -> None:
         self.settings, self.study, self.resolved = settings, study, resolved
         self.executor, self.callbacks = executor, list(callbacks)
         self.models_dir = settings.output_dir / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
-        self.in_flight: dict[ray.ObjectRef, _InFlight] = {}
+        self.in_flight: dict[Any, _InFlight] = {}  # an executor's handle -> its trial
         self.n_failed = 0
         self.frame = trials_frame(study)  # the study's table as of the last completed trial
         self.stage_time: dict[str, float] = {}  # wall seconds of each kind of task, summed
@@ -186,7 +185,7 @@ class Driver:
                         if state in _COUNTED:  # answered from the cache
                             done += 1
                             bar.update(1)
-                ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+                ready = self.executor.wait(list(self.in_flight), timeout=1.0)
                 if not ready:
                     continue
                 state = self._advance(ready[0])
@@ -227,7 +226,7 @@ class Driver:
         self._submit(self.executor.submit_screen(record), trial, "screen")
         return None
 
-    def _submit(self, ref: ray.ObjectRef, trial: optuna.Trial, stage: str) -> None:
+    def _submit(self, ref: Any, trial: optuna.Trial, stage: str) -> None:
         self.in_flight[ref] = _InFlight(trial, stage)
 
     def _cached(self, choices: Choices) -> optuna.trial.FrozenTrial | None:
@@ -255,13 +254,13 @@ class Driver:
             (self.models_dir / f"trial-{trial.number}.onnx").write_bytes(model.read_bytes())
         return self._tell_complete(trial, list(source.values))
 
-    def _advance(self, ref: ray.ObjectRef) -> optuna.trial.TrialState | None:
+    def _advance(self, ref: Any) -> optuna.trial.TrialState | None:
         flight = self.in_flight.pop(ref)
         trial, stage = flight.trial, flight.stage
         self.stage_time[stage] = self.stage_time.get(stage, 0.0) + \
             time.perf_counter() - flight.started
         try:
-            record: TrialRecord = ray.get(ref)
+            record: TrialRecord = self.executor.result(ref)
         except Exception as exc:  # the worker died or raised outside a stage
             return self._fail(trial, f"{stage}: {type(exc).__name__}: {str(exc)[-500:]}", None)
         if record.error:
@@ -387,7 +386,7 @@ class Driver:
 
     def _abandon_in_flight(self, reason: str) -> None:
         for ref, flight in list(self.in_flight.items()):
-            ray.cancel(ref, force=True)
+            self.executor.cancel(ref)
             try:
                 flight.trial.set_user_attr("failure", reason)
                 self.study.tell(flight.trial, state=optuna.trial.TrialState.FAIL)

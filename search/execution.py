@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ from search.profiles import HardwareProfile
 from search.record import TrialRecord
 from search.tasks import Task
 
-__all__ = ["Executor", "check_address", "connect", "device_reachable", "plan_parallel"]
+__all__ = ["Executor", "LocalExecutor", "check_address", "connect", "device_reachable", "plan_parallel"]
 
 log = logging.getLogger("search")
 
@@ -203,6 +204,20 @@ class Executor:
     def submit_measure(self, record: TrialRecord) -> ray.ObjectRef:
         return self._measure.remote(record, self.profile, self.task.input_shape)
 
+    @staticmethod
+    def wait(handles: list[ray.ObjectRef], timeout: float | None) -> list[ray.ObjectRef]:
+        """The handles that are ready (at most one), waiting at most ``timeout`` seconds."""
+        ready, _ = ray.wait(handles, num_returns=1, timeout=timeout)
+        return ready
+
+    @staticmethod
+    def result(handle: ray.ObjectRef) -> Any:
+        return ray.get(handle)
+
+    @staticmethod
+    def cancel(handle: ray.ObjectRef) -> None:
+        ray.cancel(handle, force=True)
+
     def submit_on_device(self, fn: Callable[..., Any], *args: Any) -> ray.ObjectRef:
         """Run ``fn(*args)`` holding the device as a measurement does (re-measuring a front)."""
         resources = {self.profile.resource: 1.0} if self.profile.resource else {}
@@ -219,3 +234,61 @@ class Executor:
 def device_reachable(profile: HardwareProfile) -> bool:
     """Whether some node of the connected cluster advertises the profile's resource."""
     return bool(profile.resource) and ray.cluster_resources().get(profile.resource, 0) >= 1
+
+
+@dataclass
+class LocalExecutor:
+    """The same stages run in this process, one after the other, no Ray.
+
+    For debugging a task (a breakpoint in a stage stops here, not in a Ray
+    worker) and for testing the driver's logic quickly. Latency is predicted
+    with ``calibration`` when given, else measured here.
+    """
+
+    task: Task
+    profile: HardwareProfile
+    calibration: Calibration | None = None
+    threads: int = 1
+
+    @property
+    def predicts(self) -> bool:
+        return self.calibration is not None
+
+    def _done(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # a worker that died, in Ray's terms
+            future.set_exception(exc)
+        return future
+
+    def submit_screen(self, record: TrialRecord) -> Future:
+        return self._done(_screen_remote, record, self.task, self.profile, self.threads,
+                          self.calibration)
+
+    def submit_finetune(self, record: TrialRecord) -> Future:
+        return self._done(_finetune_remote, record, self.task, self.profile, self.threads)
+
+    def submit_measure(self, record: TrialRecord) -> Future:
+        def run() -> TrialRecord:
+            try:
+                return measure(record, self.profile, self.task.input_shape)
+            except TrialError as exc:
+                record.error = str(exc)
+                return record
+        return self._done(run)
+
+    def submit_on_device(self, fn: Callable[..., Any], *args: Any) -> Future:
+        return self._done(fn, *args)
+
+    @staticmethod
+    def wait(handles: list[Future], timeout: float | None) -> list[Future]:
+        return [h for h in handles if h.done()][:1]
+
+    @staticmethod
+    def result(handle: Future) -> Any:
+        return handle.result()
+
+    @staticmethod
+    def cancel(handle: Future) -> None:
+        handle.cancel()

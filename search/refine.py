@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import ray
 
 from search.driver import record_attrs
-from search.execution import Executor
+from search.execution import Executor, LocalExecutor
 from search.pareto import HV_ACCURACY_SPAN, trials_frame
 from search.record import Choices, LatencyStats, TrialRecord
 
@@ -71,7 +70,7 @@ def _refined_choices(trial: optuna.trial.FrozenTrial, epochs: int) -> Choices:
     return replace(choices, epochs=max(epochs, choices.epochs), lr=lr)
 
 
-def refine_front(study: optuna.Study, executor: Executor, settings: RefineSettings,
+def refine_front(study: optuna.Study, executor: Executor | LocalExecutor, settings: RefineSettings,
                  output_dir: Path) -> list[int]:
     """Refine the front's members; returns the numbers of the trials added."""
     if settings.members <= 0:
@@ -83,7 +82,7 @@ def refine_front(study: optuna.Study, executor: Executor, settings: RefineSettin
              len(candidates), settings.epochs, ", ".join(str(t.number) for t in candidates))
     deadline = time.monotonic() + settings.timeout_s
     pending = list(candidates)
-    in_flight: dict[ray.ObjectRef, optuna.trial.FrozenTrial] = {}
+    in_flight: dict[Any, optuna.trial.FrozenTrial] = {}
     added: list[int] = []
     while pending or in_flight:
         while pending and len(in_flight) < settings.parallel and time.monotonic() < deadline:
@@ -95,10 +94,10 @@ def refine_front(study: optuna.Study, executor: Executor, settings: RefineSettin
             log.warning("refinement time bound (%.0f s) reached; %d member(s) not refined",
                         settings.timeout_s, len(pending))
             break
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        ready = executor.wait(list(in_flight), timeout=None)
         source = in_flight.pop(ready[0])
         try:
-            record: TrialRecord = ray.get(ready[0])
+            record: TrialRecord = executor.result(ready[0])
         except Exception as exc:
             log.warning("refining trial %d failed: %s", source.number, exc)
             continue
@@ -156,7 +155,7 @@ def _interleaved(models: dict[int, bytes], profile, input_shape, rounds: int  # 
     return out
 
 
-def remeasure_front(study: optuna.Study, executor: Executor, output_dir: Path,
+def remeasure_front(study: optuna.Study, executor: Executor | LocalExecutor, output_dir: Path,
                     rounds: int = 5) -> dict[int, LatencyStats] | None:
     """Measure the baselines and the front's members again, interleaved, in one device task;
     the result is kept in the study (``remeasured``) and shown in pareto.csv."""
@@ -171,7 +170,7 @@ def remeasure_front(study: optuna.Study, executor: Executor, output_dir: Path,
             models[int(n)] = path.read_bytes()
     if len(models) < 2:
         return None
-    samples = ray.get(executor.submit_on_device(_interleaved, models, executor.profile,
+    samples = executor.result(executor.submit_on_device(_interleaved, models, executor.profile,
                                       executor.task.input_shape, rounds))
     stats = {n: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v),
                  "rounds": len(v)} for n, v in samples.items()}
