@@ -9,7 +9,8 @@ __all__ = ["make_session"]
 
 def make_session(model: bytes, *, threads: int, provider: str = "CPUExecutionProvider",
                  provider_options: dict[str, str] | None = None,
-                 optimized_path: str | None = None) -> ort.InferenceSession:
+                 optimized_path: str | None = None,
+                 fallback_providers: list[str] | tuple[str, ...] = ()) -> ort.InferenceSession:
     """A session with all graph optimizations, ``threads`` intra-op threads, sequential.
 
     For any provider but the CPU's, falling back to the CPU for unsupported
@@ -26,4 +27,19 @@ def make_session(model: bytes, *, threads: int, provider: str = "CPUExecutionPro
         options.optimized_model_filepath = optimized_path
     if provider != "CPUExecutionProvider":
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    return ort.InferenceSession(model, options, providers=[(provider, provider_options or {})])
+    providers = [(provider, _provider_options(provider, provider_options or {}))]
+    providers += [(p, {}) for p in fallback_providers if p != "CPUExecutionProvider"]
+    return ort.InferenceSession(model, options, providers=providers)
+
+
+def _provider_options(provider: str, given: dict[str, str]) -> dict[str, str]:
+    """TensorRT: explicit quantization from the QDQ graph with fp16 and int8 kernels allowed,
+    and an engine cache so measuring the same model again does not rebuild its engine."""
+    if provider != "TensorrtExecutionProvider":
+        return dict(given)
+    from search._paths import cache_dir
+
+    defaults = {"trt_fp16_enable": "True", "trt_int8_enable": "True",
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": str(cache_dir() / "tensorrt-engines")}
+    return {**defaults, **given}

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
              "measure where the device is reachable (default)")
     add("--grace-period", dest="grace_period_s", type=float,
         help="seconds running trials get to finish after Ctrl-C (default 30)")
+    add("--batch-size", type=_positive_int,
+        help="inputs per inference that latency is measured or predicted for (default: the "
+             "profile's, 1 on CPUs); GPUs pay off at deployment batch sizes")
     add("--refine", type=_non_negative_int,
         help="front members given a longer distillation after the budget, then re-measured "
              "side by side with the baselines (default 4; 0: none)")

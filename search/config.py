@@ -72,6 +72,7 @@ class SearchConfig:
     refine: int = 4  # front members given a longer distillation after the budget (0: none)
     refine_epochs: int | None = None  # None: twice the space's longest fine-tune, at least 6
     refine_timeout_s: float = 600.0  # no refinement starts later than this after the budget
+    batch_size: int | None = None  # inputs per inference latency is for (None: the profile's)
 
     def task_options(self) -> TaskOptions:
         """What the task factory gets besides the seed."""
@@ -123,6 +124,9 @@ class SearchConfig:
         if self.refine_epochs is not None and (not isinstance(self.refine_epochs, int)
                                                or self.refine_epochs < 1):
             raise ConfigError(f"refine epochs must be at least 1, got {self.refine_epochs!r}")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(
+                self.batch_size, int) or not 1 <= self.batch_size <= 4096):
+            raise ConfigError(f"batch size must be 1 to 4096, got {self.batch_size!r}")
         if not self.refine_timeout_s >= 0:
             raise ConfigError(f"refine timeout must be >= 0 s, got {self.refine_timeout_s!r}")
 
@@ -220,6 +224,7 @@ class ConfigFile(Strict):
     refine: int | None = Field(default=None, ge=0)
     refine_epochs: int | None = Field(default=None, ge=1)
     refine_timeout_s: float | None = Field(default=None, ge=0)
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
 
 
 def load_config_file(path: Path) -> dict[str, object]:

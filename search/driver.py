@@ -112,7 +112,8 @@ def record_attrs(record: TrialRecord) -> dict[str, Any]:
     if lat is not None:
         attrs.update(latency_ms=lat.median_ms, latency_p90_ms=lat.p90_ms, latency_cv=lat.cv,
                      latency_runs=lat.runs, latency_source=lat.source, device=lat.device,
-                     provider=lat.provider, latency_noisy=lat.noisy)
+                     provider=lat.provider, latency_noisy=lat.noisy,
+                     latency_batch_size=lat.batch_size)
     return attrs
 
 

@@ -21,9 +21,12 @@ __all__ = [
     "PROFILES_DIR",
     "available_profiles",
     "host_cpu_flags",
+    "gpu_matches",
     "host_profile",
     "load_profile",
+    "local_gpu_names",
     "measurable_here",
+    "with_batch_size",
 ]
 
 PROFILES_DIR = builtin_dir("hardware_profiles")
@@ -63,6 +66,9 @@ class MeasureSettings(Strict):
 
     execution_provider: str = "CPUExecutionProvider"
     provider_options: dict[str, str] = {}
+    # providers after the first, for the nodes it cannot run (TensorRT, then CUDA); never the
+    # CPU's, whose silent fallback would measure another device
+    fallback_providers: list[str] = []
     threads: int = Field(default=1, ge=1, le=256)
     batch_size: int = Field(default=1, ge=1, le=4096)
     warmup_runs: int = Field(default=20, ge=0)
@@ -101,6 +107,9 @@ class HostRequirements(Strict):
 
     cpu_flags: list[str] = []
     absent_cpu_flags: list[str] = []  # a newer CPU runs other kernels: not this device
+    # the GPU models this profile describes (substrings of the name the driver reports, e.g.
+    # "T4"): a host or node with another GPU does not measure it
+    gpu_names: list[str] = []
 
 
 class HardwareProfile(Strict):
@@ -184,12 +193,18 @@ def measurable_here(profile: HardwareProfile) -> tuple[bool, str]:
     import onnxruntime as ort
 
     provider = profile.measure.execution_provider
-    if provider not in ort.get_available_providers():
-        return False, f"ONNX Runtime here lacks {provider}"
+    available = ort.get_available_providers()
+    missing = [p for p in [provider, *profile.measure.fallback_providers] if p not in available]
+    if missing:
+        why = f"ONNX Runtime here lacks {', '.join(missing)}"
+        if provider == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
+            why += (" (CUDA alone runs int8 QDQ models as dequantize + float kernels, so its "
+                    "int8 latencies would not be this device's)")
+        return False, why
     if profile.device_class != "cpu":
         if provider == "CPUExecutionProvider":
             return False, f"a {profile.device_class} cannot be measured with the CPU provider"
-        return True, f"{provider} available"
+        return gpu_matches(profile, local_gpu_names())
     flags = host_cpu_flags()
     missing = sorted(set(profile.requires.cpu_flags) - flags)
     if missing:
@@ -199,6 +214,44 @@ def measurable_here(profile: HardwareProfile) -> tuple[bool, str]:
         return False, (f"this CPU has {', '.join(newer)}, so ONNX Runtime would run other "
                        "kernels than the profiled device")
     return True, "this CPU has the required flags"
+
+
+@functools.cache
+def local_gpu_names() -> tuple[str, ...]:
+    """The NVIDIA GPU models of this machine as the driver names them (none without one)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return ()
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return tuple(line.strip() for line in out.stdout.splitlines() if line.strip())
+
+
+def gpu_matches(profile: HardwareProfile, names: tuple[str, ...] | list[str]) -> tuple[bool, str]:
+    """Whether one of the GPUs ``names`` is the device ``profile`` describes."""
+    wanted = profile.requires.gpu_names
+    if not wanted:
+        return True, f"{profile.measure.execution_provider} available"
+    if not names:
+        return False, "no NVIDIA GPU found here"
+    for name in names:
+        if any(w.lower() in name.lower() for w in wanted):
+            return True, f"{name} is a {'/'.join(wanted)}"
+    return False, (f"this machine's GPU is {', '.join(names)}, not {'/'.join(wanted)}: its "
+                   "latencies would describe another device")
+
+
+def with_batch_size(profile: HardwareProfile, batch_size: int | None) -> HardwareProfile:
+    """``profile`` measured and predicted at ``batch_size`` (a study setting) instead of its own."""
+    if batch_size is None or batch_size == profile.measure.batch_size:
+        return profile
+    return profile.model_copy(update={
+        "measure": profile.measure.model_copy(update={"batch_size": batch_size})})
 
 
 def host_profile() -> HardwareProfile:

@@ -70,6 +70,7 @@ class LatencyStats:
     device: str
     provider: str = ""
     noisy: bool = False  # cv stayed above the profile's max_cv after a repeat
+    batch_size: int = 1  # inputs per inference the latency is for
 
 
 @dataclass

@@ -52,7 +52,7 @@ from search.pareto import (
     write_html,
 )
 from search.pipeline import model_facts, student_layers
-from search.profiles import HardwareProfile, load_profile, measurable_here
+from search.profiles import HardwareProfile, load_profile, measurable_here, with_batch_size
 from search.refine import RefineSettings, refine_front, remeasure_front
 from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
 from search.tasks import check_task, load_task
@@ -177,6 +177,8 @@ def _check_same_task(study: optuna.Study, cfg: SearchConfig) -> None:
     trials would mix results of two problems."""
     task = {"task": cfg.task, **{k: str(v) for k, v in asdict(cfg.task_options()).items()
                                  if v is not None}}
+    if cfg.batch_size is not None:  # latencies at another batch size are another problem
+        task["batch_size"] = str(cfg.batch_size)
     previous = study.user_attrs.get("task")
     if previous is not None and previous != task:
         changed = sorted(k for k in set(previous) | set(task) if previous.get(k) != task.get(k))
@@ -215,6 +217,7 @@ def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]
         "budget": cfg.budget, "seed": cfg.seed, "study_name": cfg.study_name,
         "storage": redact(cfg.storage), "parallel": cfg.parallel or "auto",
         "max_accuracy_drop": cfg.max_accuracy_drop, "max_latency_ms": cfg.max_latency_ms,
+        "batch_size": profile.measure.batch_size,
         **{k: str(v) for k, v in asdict(cfg.task_options()).items() if v is not None},
     }
 
@@ -403,6 +406,7 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     start = time.perf_counter()
     profile = load_profile(config.profile)
     cfg = config.resolved(profile.name)
+    profile = with_batch_size(profile, cfg.batch_size)
     space = load_space(cfg.space)
     measurable, why = measurable_here(profile)
     _check_latency_mode(cfg, profile, measurable, why)
@@ -445,9 +449,10 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     _check_same_task(study, cfg)
     fail_stale(study)
     if not study.get_trials(deepcopy=False):
-        for i, (label, params) in enumerate(resolved.baselines()):
+        baselines = resolved.baselines()
+        for i, (label, params) in enumerate(baselines):
             study.enqueue_trial(params, user_attrs={"baseline": label, "reference": i == 0})
-        for label, params in resolved.seeds():
+        for label, params in resolved.seeds()[: max(0, cfg.budget - len(baselines))]:
             study.enqueue_trial(params, user_attrs={"seed_config": label})
     study.set_metric_names(["accuracy", "latency_ms"])
     study.set_user_attr("max_accuracy_drop", cfg.max_accuracy_drop)

@@ -284,7 +284,8 @@ def predict_latency(model: bytes, profile: HardwareProfile, input_shape: tuple[i
     """A LatencyStats labelled ``predicted`` for the profile's device and batch size."""
     ms = predict_ms(costs_from_onnx(model, profile.measure.batch_size), profile, calibration)
     return LatencyStats(median_ms=ms, p90_ms=ms, mean_ms=ms, cv=0.0, runs=0, source="predicted",
-                        device=f"{profile.name} (latency model)", provider="")
+                        device=f"{profile.name} (latency model)", provider="",
+                        batch_size=profile.measure.batch_size)
 
 
 def fit_calibration(samples: Iterable[tuple[list[LayerCost], float]], profile: HardwareProfile,
