@@ -46,7 +46,8 @@ from search.record import Layer, TrialRecord
 from search.spaces import ModelFacts
 from search.tasks import Task
 
-__all__ = ["compress", "measure", "model_facts", "predict", "run_trial", "student_layers"]
+__all__ = ["compress", "measure", "model_facts", "predict", "prune_student", "run_trial",
+           "student_layers"]
 
 
 @contextmanager
@@ -110,6 +111,15 @@ def _prune(record: TrialRecord, task: Task, profile: HardwareProfile) -> tuple[n
     if record.dropped_blocks or c.structured_ratio > 0 or c.head_ratio > 0 or sparsifier.active:
         recalibrate_batchnorm(student, probe.repeat(2, *([1] * (probe.dim() - 1))))
     return student, sparsifier
+
+
+def prune_student(record: TrialRecord, task: Task, profile: HardwareProfile) -> nn.Module:
+    """The trial's student after its prune stage, exactly as :func:`compress` builds it
+    (no fine-tune): what the conformance tests and the preflight probe check."""
+    with _stage(record, "prune"):
+        student, sparsifier = _prune(record, task, profile)
+        sparsifier.finish()
+    return student.eval()
 
 
 def compress(record: TrialRecord, task: Task, profile: HardwareProfile,
