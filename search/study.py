@@ -247,6 +247,7 @@ def _log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial,
         tags["latency_noisy"] = str(bool(a.get("latency_noisy", False))).lower()
     if "failure" in a:
         tags["failure_reason"] = a["failure"]
+        tags["failure_stage"] = a["failure"].partition(":")[0]
     if "cached_from" in a:
         tags["cached_from"] = str(a["cached_from"])
     params = a.get("choices") or dict(trial.params)
@@ -351,6 +352,7 @@ class _Driver:
         except Exception as exc:  # a space the checks let through: fatal, but leave no RUNNING
             self._fail(trial, f"sampling: {type(exc).__name__}: {exc}")
             raise SearchError(f"trial {trial.number} could not be sampled: {exc}") from exc
+        trial.set_user_attr("choices", choices.flat())  # a trial that fails still shows them
         source = self._cached(choices)
         if source is not None:
             return self._answer_from_cache(trial, source)
@@ -524,6 +526,11 @@ def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: l
     return "\n".join(lines) + "\n"
 
 
+def _warning_lines(warnings: list[str]) -> str:
+    """The study's warnings (a teacher near chance, ...) at the end of summary.md."""
+    return "".join(f"\n**warning**: {w}\n" for w in warnings)
+
+
 def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, interrupted: bool,
                    profile: HardwareProfile, input_shape: tuple[int, ...],
                    providers: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -533,8 +540,11 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
               if t.state == optuna.trial.TrialState.FAIL]
     all_rows = df.assign(state="COMPLETE")
     if failed:
-        fail_rows = pd.DataFrame({"trial": [t.number for t in failed], "state": "FAIL",
-                                  "failure": [t.user_attrs.get("failure", "") for t in failed]})
+        fail_rows = pd.DataFrame([{"trial": t.number, "state": "FAIL",
+                                   "failure": t.user_attrs.get("failure", ""),
+                                   **{f"param.{k}": v
+                                      for k, v in t.user_attrs.get("choices", {}).items()}}
+                                  for t in failed])
         all_rows = pd.concat([all_rows, fail_rows], ignore_index=True).sort_values("trial")
     front = df[df["on_front"]].sort_values("latency_ms") if len(df) else df
     all_rows.to_csv(out / "trials.csv", index=False)
@@ -564,7 +574,8 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
     profile_path.write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
     artifacts += [config_path, profile_path]
     summary = out / "summary.md"
-    summary.write_text(_summary(cfg, df, front, failed, best))
+    summary.write_text(_summary(cfg, df, front, failed, best)
+                       + _warning_lines(study.user_attrs.get("warnings", [])))
     artifacts.append(summary)
     if not server_reachable(tracker.uri):
         log.warning("MLflow tracking server %s is unreachable; the CSVs are written, and "
@@ -716,6 +727,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     study.set_metric_names(["accuracy", "latency_ms"])
     study.set_user_attr("max_accuracy_drop", cfg.max_accuracy_drop)
     study.set_user_attr("max_latency_ms", cfg.max_latency_ms)
+    study.set_user_attr("warnings", [info["warning"]] if info.get("warning") else [])
 
     # artifacts beside the default local store; a tracking server keeps its own
     tracker = Tracker(tracking_uri, cfg.study_name,
