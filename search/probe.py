@@ -16,6 +16,7 @@ import torch
 
 from search._ort import make_session
 from search.compress import apply_precision_plan, compressible_layers, export_onnx, onnx_node_names
+from search.compress.applicable import applicable
 from search.pipeline import prune_student
 from search.profiles import HardwareProfile
 from search.record import Choices, TrialRecord
@@ -32,17 +33,33 @@ def preflight(task: Task, profile: HardwareProfile,
               resolved: ResolvedSpace) -> tuple[ResolvedSpace, list[str]]:
     """``resolved`` without the techniques that fail on ``task``'s model, and why each went.
 
-    Each technique the space offers runs alone at the top of its range; what
-    raises is removed (a range fixed at 0, a quantization mode dropped, int8
-    taken out of every layer's precisions when no mode works).
+    Techniques the model has no structure for (no droppable block, no
+    attention) are named with the reason. Each technique the space offers runs
+    alone at the top of its range; what raises is removed (a range fixed at 0,
+    a quantization mode dropped, int8 taken out of every layer's precisions
+    when no mode works).
     """
-    removed: list[str] = []
+    removed = _structural(task, resolved)
     for name, choices in _extremes(resolved).items():
         error = _try(task, profile, choices)
         if error:
             removed.append(f"{name} is not offered for this model: {error}")
             resolved = _without(resolved, name)
     return resolved, removed
+
+
+def _structural(task: Task, resolved: ResolvedSpace) -> list[str]:
+    """Why the space asks for layer dropping or head pruning and the model has nothing for
+    it (the resolved space already leaves them out; this says so)."""
+    p, out = resolved.space.pruning, []
+    asked = {"drop_blocks": ("layer dropping", p.drop_blocks.high > 0),
+             "heads": ("head pruning", p.head_ratio.high > 0)}
+    model, example = task.teacher(), torch.zeros(1, *task.input_shape)
+    for technique, (name, wanted) in asked.items():
+        ok, why = applicable(model, technique, example) if wanted else (True, "")
+        if not ok:
+            out.append(f"{name} is not offered for this model: {why}")
+    return out
 
 
 def _extremes(resolved: ResolvedSpace) -> dict[str, Choices]:

@@ -24,7 +24,7 @@ def resnet_basic() -> nn.Module:
 
 
 def resnet_bottleneck() -> nn.Module:
-    return tvm.ResNet(Bottleneck, [1, 1, 1, 1], num_classes=CLASSES, width_per_group=16)
+    return tvm.ResNet(Bottleneck, [1, 2, 1, 1], num_classes=CLASSES, width_per_group=16)
 
 
 def mobilenet_v2() -> nn.Module:

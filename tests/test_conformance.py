@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -57,6 +58,20 @@ def _choices(technique: str, task: Task) -> Choices:
         "int8_dynamic": Choices(precisions=int8, quant_mode="dynamic"),
         "fp32": Choices(),
     }[technique]
+
+
+def _assert_applied(technique: str, task: Task, record: TrialRecord) -> None:
+    """The technique left its mark: fewer parameters, zeros, or integer ops."""
+    if technique in ("structured", "drop_blocks", "heads"):
+        full = sum(p.numel() for p in task.teacher().parameters())
+        assert record.params < full, f"{technique} removed nothing"
+    if technique == "sparsity":
+        assert record.sparsity > 0.4
+    ops = {n.op_type for n in onnx.load_from_string(record.onnx_model).graph.node}
+    if technique == "int8_static":
+        assert "QuantizeLinear" in ops, ops
+    if technique == "int8_dynamic":
+        assert ops & {"ConvInteger", "MatMulInteger"}, ops
 
 
 def _run_onnx(model: bytes, x: torch.Tensor) -> np.ndarray:
@@ -111,10 +126,5 @@ def test_technique_applies_or_is_not_offered(family, technique, profile):
         with torch.no_grad():
             expected = student(x).numpy()
         np.testing.assert_allclose(out, expected, atol=1e-3, rtol=1e-3)
-    shrunk = {"structured": record.params, "drop_blocks": record.params}
-    if technique in shrunk:
-        full = sum(p.numel() for p in task.teacher().parameters())
-        assert shrunk[technique] < full, f"{technique} removed nothing"
-    if technique == "sparsity":
-        assert record.sparsity > 0.4
+    _assert_applied(technique, task, record)
     _RESULTS[family, technique] = f"applied ({time.perf_counter() - start:.1f} s)"

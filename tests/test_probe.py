@@ -49,8 +49,12 @@ def test_a_technique_that_breaks_is_removed_with_its_reason():
     task = _task(HardcodedWidth)
     profile, resolved = _resolved(task)
     narrowed, removed = preflight(task, profile, resolved)
-    assert len(removed) == 1 and removed[0].startswith("structured pruning is not offered")
-    assert "no longer runs after channel pruning" in removed[0]
+    assert removed[:2] == [
+        "layer dropping is not offered for this model: no residual block keeps its input's "
+        "shape (nothing to drop to)",
+        "head pruning is not offered for this model: no multi-head attention"]
+    assert len(removed) == 3 and removed[2].startswith("structured pruning is not offered")
+    assert "no longer runs after channel pruning" in removed[2]
     assert narrowed.space.pruning.structured_ratio.high == 0.0
     assert narrowed.modes == resolved.modes  # the rest stays
     study = optuna.create_study(directions=["maximize", "minimize"])
