@@ -27,7 +27,7 @@ class EncoderDigits(nn.Module):
         self.embed = nn.Conv2d(1, dim, 4, 4)
         self.pos = nn.Parameter(torch.randn(1, 64, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.encoder = nn.TransformerEncoder(layer, layers)
         self.head = nn.Linear(dim, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

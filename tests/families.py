@@ -72,7 +72,7 @@ class EncoderClassifier(nn.Module):
         self.embed = nn.Conv2d(3, dim, 8, 8)
         self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.encoder = nn.TransformerEncoder(layer, layers)
         self.head = nn.Linear(dim, CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,6 @@ __all__ = [
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
-
 IMPORTANCES = ("magnitude", "bn_scale", "taylor", "lamp")
 
 
@@ -136,7 +135,7 @@ class DroppedBlock(nn.Identity):
     """What a dropped block leaves: returns its first input and ignores whatever else its
     container passes (``nn.TransformerEncoder`` calls layers with ``src_mask=...``)."""
 
-    def forward(self, *args: object, **kwargs: object) -> object:  # noqa: D102
+    def forward(self, *args: object, **kwargs: object) -> object:
         return args[0] if args else next(iter(kwargs.values()))
 
 
