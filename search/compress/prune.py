@@ -9,6 +9,7 @@ measurement decides.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -70,14 +71,18 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float,
     if ratio > 0:
         if not keep:
             keep = _default_keep(model, example)
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example,
-            importance=_importance(importance),
-            pruning_ratio=ratio,
-            ignored_layers=list(keep),
-            round_to=round_to,
-        )
+        with warnings.catch_warnings():
+            # position embeddings, class tokens, layer scales: torch-pruning prunes their last
+            # non-singleton dimension, the channel one in torchvision's and PyTorch's idioms
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            pruner = tp.pruner.MetaPruner(
+                model,
+                example,
+                importance=_importance(importance),
+                pruning_ratio=ratio,
+                ignored_layers=list(keep),
+                round_to=round_to,
+            )
         if importance == "taylor":
             if data is None:
                 raise ValueError("taylor importance needs training data for its gradients")
