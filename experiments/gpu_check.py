@@ -57,8 +57,8 @@ def _gpu_profile() -> str:
              "pass --profile, or --dry-run on a CPU machine")
 
 
-def _variants(model: torch.nn.Module, shape: tuple[int, ...], precisions: list[str]
-              ) -> dict[str, bytes]:
+def _variants(model: torch.nn.Module, shape: tuple[int, ...], precisions: list[str],
+              reduce_range: bool) -> dict[str, bytes]:
     fp32 = export_onnx(model.eval(), shape)
     layers = compressible_layers(model)
     names = onnx_node_names(onnx.load_from_string(fp32), layers)
@@ -69,7 +69,7 @@ def _variants(model: torch.nn.Module, shape: tuple[int, ...], precisions: list[s
         choices = Choices(precisions=plan, activation_type="int8", activation_symmetric=True,
                           calibration_samples=32)
         out[precision] = fp32 if precision == "fp32" else apply_precision_plan(
-            fp32, plan, names, choices, calibration, reduce_range=False)
+            fp32, plan, names, choices, calibration, reduce_range=reduce_range)
     return out
 
 
@@ -81,7 +81,7 @@ def _table(profile_name: str, models: list[str], side: int, batches: list[int]) 
           f"{'speedup meas.':>14} {'speedup pred.':>14}")
     for arch in models:
         model = getattr(torchvision.models, arch)(num_classes=10)
-        variants = _variants(model, shape, precisions)
+        variants = _variants(model, shape, precisions, base.int8.reduce_range)
         for batch in batches:
             profile = with_batch_size(base, batch)
             rows = {}

@@ -47,8 +47,8 @@ from search.record import Layer, TrialRecord
 from search.spaces import ModelFacts
 from search.tasks import Task
 
-__all__ = ["compress", "finetune", "measure", "model_facts", "predict", "run_trial", "screen",
-           "student_layers"]
+__all__ = ["compress", "finetune", "measure", "model_facts", "predict", "prune_student",
+           "run_trial", "screen", "student_layers"]
 
 _SCREEN_CALIBRATION = 16  # int8 ranges of a model measured for latency only
 
@@ -114,6 +114,15 @@ def _prune(record: TrialRecord, task: Task, profile: HardwareProfile) -> tuple[n
     if record.dropped_blocks or c.structured_ratio > 0 or c.head_ratio > 0 or sparsifier.active:
         recalibrate_batchnorm(student, probe.repeat(2, *([1] * (probe.dim() - 1))))
     return student, sparsifier
+
+
+def prune_student(record: TrialRecord, task: Task, profile: HardwareProfile) -> nn.Module:
+    """The trial's student after its prune stage, exactly as :func:`compress` builds it
+    (no fine-tune): what the conformance tests and the preflight probe check."""
+    with _stage(record, "prune"):
+        student, sparsifier = _prune(record, task, profile)
+        sparsifier.finish()
+    return student.eval()
 
 
 def _export_and_quantize(record: TrialRecord, task: Task, profile: HardwareProfile,

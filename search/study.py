@@ -52,6 +52,7 @@ from search.pareto import (
     write_html,
 )
 from search.pipeline import model_facts, student_layers
+from search.probe import preflight
 from search.profiles import HardwareProfile, load_profile, measurable_here, with_batch_size
 from search.refine import RefineSettings, refine_front, remeasure_front
 from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
@@ -261,6 +262,11 @@ def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: l
     return "\n".join(lines) + "\n"
 
 
+def _warning_lines(warnings: list[str]) -> str:
+    """The study's warnings (a teacher near chance, ...) at the end of summary.md."""
+    return "".join(f"\n**warning**: {w}\n" for w in warnings)
+
+
 def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, interrupted: bool,
                    profile: HardwareProfile, input_shape: tuple[int, ...],
                    providers: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -301,7 +307,8 @@ def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, int
     profile_path.write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
     artifacts += [config_path, profile_path]
     summary = out / "summary.md"
-    summary.write_text(_summary(cfg, df, shown[shown["on_front"]], failed, best, len(pruned)))
+    summary.write_text(_summary(cfg, df, shown[shown["on_front"]], failed, best, len(pruned))
+                       + _warning_lines(study.user_attrs.get("warnings", [])))
     artifacts.append(summary)
     if not server_reachable(tracker.uri):
         log.warning("MLflow tracking server %s is unreachable; the CSVs are written, and "
@@ -433,6 +440,9 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
               f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
     log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")), origin)
     resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
+    resolved, removed = preflight(task, profile, resolved)
+    for why in removed:
+        log.warning("preflight: %s", why)
     architecture = architecture_key(task.input_shape, task.teacher_state)
     arch_label = f"{task.name}/{type(task.make_model()).__name__}"
     constrained = cfg.max_accuracy_drop is not None or cfg.max_latency_ms is not None
@@ -457,6 +467,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     study.set_metric_names(["accuracy", "latency_ms"])
     study.set_user_attr("max_accuracy_drop", cfg.max_accuracy_drop)
     study.set_user_attr("max_latency_ms", cfg.max_latency_ms)
+    study.set_user_attr("warnings", ([info["warning"]] if info.get("warning") else []) + removed)
 
     # artifacts beside the default local store; a tracking server keeps its own
     tracker = Tracker(tracking_uri, cfg.study_name,

@@ -57,6 +57,7 @@ def log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial,
         tags["latency_noisy"] = str(bool(a.get("latency_noisy", False))).lower()
     if state == optuna.trial.TrialState.FAIL:
         tags["failure_reason"] = failure_reason(trial)
+        tags["failure_stage"] = tags["failure_reason"].partition(":")[0]
     if "pruned_reason" in a:
         tags["pruned_reason"] = a["pruned_reason"]
     for key in ("cached_from", "refined_from", "seed_config"):

@@ -23,11 +23,12 @@ __all__ = ["OPSET", "compressible_layers", "export_onnx", "onnx_node_names"]
 OPSET = 17
 # a Linear on a batch of vectors exports as Gemm, on a sequence (3-D input) as MatMul + Add
 _NODE_TYPES = {"Conv": ("Conv",), "Gemm": ("Gemm", "MatMul")}
-_OP_TYPES: tuple[tuple[type[nn.Module], str], ...] = ((nn.Conv2d, "Conv"), (nn.Linear, "Gemm"))
+_OP_TYPES: tuple[tuple[type[nn.Module], str], ...] = ((nn.Conv1d, "Conv"), (nn.Conv2d, "Conv"),
+                                                     (nn.Linear, "Gemm"))
 
 
 def compressible_layers(model: nn.Module) -> list[Layer]:
-    """The layers that get a precision each: Conv2d as ``Conv``, Linear as ``Gemm``."""
+    """The layers that get a precision each: Conv1d/Conv2d as ``Conv``, Linear as ``Gemm``."""
     layers = []
     for name, module in model.named_modules():
         for cls, op_type in _OP_TYPES:
@@ -57,7 +58,32 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
             )
     except Exception as exc:  # the exporter raises many types
         raise TrialError("export", f"{type(exc).__name__}: {exc}") from exc
-    return buffer.getvalue()
+    return _materialize_shared_weights(buffer.getvalue())
+
+
+def _materialize_shared_weights(model: bytes) -> bytes:
+    """Give each ``Identity`` of an initializer its own copy of it, as an initializer.
+
+    The exporter stores equal parameters once and feeds the others through an
+    ``Identity`` (equal weights happen: layers zeroed by sparsity, untouched
+    inits); ONNX Runtime's dynamic quantizer then fails with "Expected
+    onnx::Conv_405 to be an initializer", since it only quantizes weights held
+    as initializers.
+    """
+    proto = onnx.load_from_string(model)
+    inits = {t.name: t for t in proto.graph.initializer}
+    outputs = {o.name for o in proto.graph.output}
+    aliases = [n for n in proto.graph.node if n.op_type == "Identity" and n.input[0] in inits
+               and n.output[0] not in outputs]
+    if not aliases:
+        return model
+    for node in aliases:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[node.input[0]])
+        copy.name = node.output[0]
+        proto.graph.initializer.append(copy)
+        proto.graph.node.remove(node)
+    return proto.SerializeToString()
 
 
 def _module_of(node_name: str) -> str:

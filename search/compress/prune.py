@@ -9,6 +9,7 @@ measurement decides.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -21,6 +22,7 @@ from search.tasks import Split
 
 __all__ = [
     "IMPORTANCES",
+    "DroppedBlock",
     "attention_modules",
     "count_zero_fraction",
     "drop_blocks",
@@ -30,7 +32,7 @@ __all__ = [
     "recalibrate_batchnorm",
 ]
 
-_WEIGHTED = (nn.Conv2d, nn.Linear)
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 IMPORTANCES = ("magnitude", "bn_scale", "taylor", "lamp")
@@ -60,23 +62,27 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float,
     """Remove channels (``ratio`` per layer group) and attention heads (``head_ratio``), in place.
 
     torch-pruning's dependency graph keeps coupled layers consistent; channel
-    counts are rounded to ``round_to``. ``keep`` layers (the classifier and
-    other Linear layers outside attention by default) keep their output width.
+    counts are rounded to ``round_to``. ``keep`` layers keep their output width;
+    by default the classifier (the last layer to run) and the projections of
+    already split attention, so hidden and feed-forward Linear widths are thinned.
     ``taylor`` scores need gradients, taken from one batch of ``data``. Heads
     are removed whole, with their projections (:mod:`search.compress.heads`).
     """
     if ratio > 0:
         if not keep:
-            keep = tuple(m for m in model.modules()
-                         if isinstance(m, nn.Linear) and not _inside_attention(model, m))
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example,
-            importance=_importance(importance),
-            pruning_ratio=ratio,
-            ignored_layers=list(keep),
-            round_to=round_to,
-        )
+            keep = _default_keep(model, example)
+        with warnings.catch_warnings():
+            # position embeddings, class tokens, layer scales: torch-pruning prunes their last
+            # non-singleton dimension, the channel one in torchvision's and PyTorch's idioms
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            pruner = tp.pruner.MetaPruner(
+                model,
+                example,
+                importance=_importance(importance),
+                pruning_ratio=ratio,
+                ignored_layers=list(keep),
+                round_to=round_to,
+            )
         if importance == "taylor":
             if data is None:
                 raise ValueError("taylor importance needs training data for its gradients")
@@ -85,15 +91,60 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float,
             F.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
         pruner.step()
         model.zero_grad(set_to_none=True)
+        _check_runs(model, example)
     prune_heads(model, head_ratio)
     return model
 
 
-def _inside_attention(model: nn.Module, layer: nn.Module) -> bool:
-    return any(layer is sub for m in attention_modules(model) for sub in m.modules())
+@torch.no_grad()
+def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    """Fail at pruning time, naming the cause, when the pruned model no longer runs (a width
+    the model's code hardcodes, which torch-pruning cannot see)."""
+    was_training = model.training
+    try:
+        model.eval()(example)
+    except RuntimeError as exc:
+        raise RuntimeError(f"the model no longer runs after channel pruning (a width its code "
+                           f"hardcodes?): {exc}") from exc
+    finally:
+        model.train(was_training)
 
 
-_BLOCK_NAME = re.compile(r"(Block|Bottleneck|InvertedResidual|EncoderLayer)$")
+def _default_keep(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, ...]:
+    """The layers whose width the model's contract fixes: the output layer (its width is the
+    number of classes) and split attention's projections (their width is heads x head_dim;
+    ``nn.MultiheadAttention`` itself is handled by torch-pruning)."""
+    split = [sub for m in model.modules() if isinstance(m, PrunedAttention)
+             for sub in m.modules() if isinstance(sub, nn.Linear)]
+    return (*_output_layers(model, example), *split, *_hardcoded_widths(model))
+
+
+def _hardcoded_widths(model: nn.Module) -> list[nn.Module]:
+    """Layers whose width the model's code reads from a number it stored: torchvision's
+    VisionTransformer reshapes the patch embedding to ``self.hidden_dim``, so its residual
+    stream keeps its width (the MLP hidden widths are still thinned)."""
+    from torchvision.models import VisionTransformer
+
+    return [m.conv_proj for m in model.modules() if isinstance(m, VisionTransformer)]
+
+
+def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """The last Conv/Linear layer to run in a forward pass: the classifier."""
+    ran: list[nn.Module] = []
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, _WEIGHTED)}
+    _observe(model, modules, lambda name, x, out: ran.append(modules[name]), example)
+    return ran[-1:]
+
+
+class DroppedBlock(nn.Identity):
+    """What a dropped block leaves: returns its first input and ignores whatever else its
+    container passes (``nn.TransformerEncoder`` calls layers with ``src_mask=...``)."""
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return args[0] if args else next(iter(kwargs.values()))
+
+
+_BLOCK_NAME = re.compile(r"(Block|Bottleneck|InvertedResidual|MBConv|EncoderLayer)$")
 
 
 @torch.no_grad()
@@ -119,7 +170,7 @@ def droppable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
     the identity path, so the network still runs (layer dropping).
 
     A block is a module whose class name ends in Block, Bottleneck,
-    InvertedResidual or EncoderLayer (torchvision's and PyTorch's names).
+    InvertedResidual, MBConv or EncoderLayer (torchvision's and PyTorch's names).
     """
     shapes: dict[str, bool] = {}
 
@@ -130,12 +181,20 @@ def droppable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
     blocks = {name: m for name, m in model.named_modules()
               if name and _BLOCK_NAME.search(type(m).__name__)}
     _observe(model, blocks, same_shape, example)
-    return [name for name, ok in shapes.items() if ok]
+    return [name for name, ok in shapes.items() if ok and name not in _encoder_firsts(model)]
+
+
+def _encoder_firsts(model: nn.Module) -> set[str]:
+    """First layers of ``nn.TransformerEncoder`` s: the encoder reads their attention's
+    settings on every call, so they stay."""
+    return {f"{name}.layers.0" if name else "layers.0" for name, m in model.named_modules()
+            if isinstance(m, nn.TransformerEncoder)}
 
 
 @torch.no_grad()
 def drop_blocks(model: nn.Module, n: int, inputs: torch.Tensor) -> list[str]:
-    """Replace the ``n`` residual blocks that change their input least by identities.
+    """Replace the ``n`` residual blocks that change their input least by
+    :class:`DroppedBlock` identities.
 
     Importance of a block: ``||f(x) - x||^2 / ||x||^2`` on ``inputs`` (a
     block that barely changes its input is the cheapest to lose). Returns the
@@ -154,7 +213,7 @@ def drop_blocks(model: nn.Module, n: int, inputs: torch.Tensor) -> list[str]:
     dropped = sorted(change, key=change.get)[:n]
     for name in dropped:
         parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, nn.Identity())
+        setattr(modules[parent] if parent else model, child, DroppedBlock())
     return dropped
 
 

@@ -33,7 +33,7 @@ from search.tasks import Split
 __all__ = ["CRITERIA", "Sparsifier", "fisher_scores", "nm_mask", "taylor_scores"]
 
 CRITERIA = ("magnitude", "movement", "fisher")
-_WEIGHTED = (nn.Conv2d, nn.Linear)
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _WARMUP = 0.25  # share of the fine-tune that only accumulates movement scores
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from search.tasks._teacher import (
     TrainSettings,
     cached_teacher,
     load_teacher_state,
+    near_chance,
     read_teacher,
     train_classifier,
 )
@@ -32,7 +34,7 @@ from search.tasks._teacher import (
 __all__ = [
     "CALIBRATION_CAP", "Metric", "Split", "TASKS", "Task", "TaskOptions", "TrainSettings",
     "build_arch", "cached_teacher", "check_task", "known_archs", "load_task", "load_teacher_state",
-    "top1_accuracy", "train_classifier",
+    "near_chance", "top1_accuracy", "train_classifier",
 ]
 
 TASKS: dict[str, str] = {
@@ -42,6 +44,7 @@ TASKS: dict[str, str] = {
 }
 
 Factory = Callable[[int, TaskOptions], Task]
+log = logging.getLogger("search")
 
 
 def _plugin(spec: str) -> Factory:
@@ -153,4 +156,16 @@ def load_task(name: str, seed: int = 0, options: TaskOptions | None = None) -> T
         info["test_accuracy"] = task.score(teacher, task.test)
         info["val_accuracy"] = task.score(teacher, task.val)
         task = dataclasses.replace(task, teacher_info=info)
-    return task
+    return _flag_chance_teacher(task)
+
+
+def _flag_chance_teacher(task: Task) -> Task:
+    """Warn (log, and ``teacher_info["warning"]`` for the study's outputs) when a top-1
+    teacher is near chance; other metrics have no chance level to compare with."""
+    if task.metric is not top1_accuracy:
+        return task
+    why = near_chance(float(task.teacher_info["test_accuracy"]), task.num_classes)
+    if not why:
+        return task
+    log.warning("task %r: %s", task.name, why)
+    return dataclasses.replace(task, teacher_info={**task.teacher_info, "warning": why})

@@ -31,8 +31,8 @@ from search.devices import autocast, grad_scaler, train_device
 from search.errors import ConfigError
 from search.tasks._base import Split
 
-__all__ = ["TrainSettings", "cached_teacher", "load_teacher_state", "read_teacher", "resolve_teacher",
-           "train_classifier"]
+__all__ = ["TrainSettings", "cached_teacher", "load_teacher_state", "near_chance", "read_teacher",
+           "resolve_teacher", "train_classifier"]
 
 log = logging.getLogger("search")
 _SHOWN = 12  # keys listed per kind of mismatch
@@ -238,3 +238,19 @@ def resolve_teacher(name: str, make_model: Callable[[], nn.Module], teacher: Pat
     if teacher is not None:
         return load_teacher_state(teacher, make_model()), {"teacher": str(teacher), "trained_s": 0.0}
     return cached_teacher(name, key, train)
+
+
+def near_chance(accuracy: float, num_classes: int) -> str:
+    """Why a teacher at top-1 ``accuracy`` (%) learned next to nothing, or "" when it did.
+
+    Near chance: less than a tenth of the way from chance (100 / classes) to
+    100 %; a short recipe can end there (EfficientNet-B0, 2 epochs on the
+    digits: 10.00 %), and compressing such a teacher only wastes the study.
+    """
+    chance = 100.0 / max(1, num_classes)
+    if accuracy >= chance + 0.1 * (100.0 - chance):
+        return ""
+    return (f"the teacher's test accuracy {accuracy:.2f}% is near chance ({chance:.2f}% for "
+            f"{num_classes} classes): it learned next to nothing, so the study compresses a "
+            "model that does not work; train it longer (--teacher-epochs) or bring trained "
+            "weights (--teacher)")

@@ -83,3 +83,55 @@ def test_each_importance_removes_channels_and_picks_its_own(task, importance):
         return {int(torch.cdist(row.flatten()[None], full.flatten(1)).argmin()) for row in w}
     if importance != "lamp":  # LAMP ranks like L2 within a layer; it differs across layers
         assert kept(by_l2) != kept(other)
+
+
+def _macs_params(model, example):
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    return macs, params
+
+
+@pytest.mark.parametrize("family", ["mlp", "transformer-encoder"])
+def test_structured_pruning_thins_hidden_and_feed_forward_linears(family):
+    from tests.families import CLASSES, FAMILIES
+
+    build, shape = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    example = torch.randn(1, *shape)
+    macs, params = _macs_params(model, example)
+    prune_structured(model, example, 0.5, round_to=8)
+    macs_after, params_after = _macs_params(model, example)
+    assert macs_after < 0.6 * macs and params_after < 0.6 * params
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears[-1].out_features == CLASSES  # the classifier keeps its outputs
+    if family == "transformer-encoder":
+        ff = model.encoder.layers[0].linear1
+        assert ff.out_features == 32 and model.encoder.layers[0].linear2.in_features == 32
+    else:
+        assert [m.out_features for m in linears] == [64, 32, CLASSES]
+    assert model(example).shape == (1, CLASSES)
+
+
+def test_layer_dropping_keeps_the_transformer_encoder_calling_convention():
+    from search.compress.heads import prune_heads
+    from search.compress.prune import DroppedBlock, drop_blocks, droppable_blocks
+    from tests.families import EncoderClassifier
+
+    torch.manual_seed(0)
+    model = EncoderClassifier(layers=3).eval()
+    x = torch.randn(8, 3, 32, 32)
+    # the encoder reads its first layer's attention settings on every call: that one stays
+    assert droppable_blocks(model, x[:1]) == ["encoder.layers.1", "encoder.layers.2"]
+    dropped = drop_blocks(model, 2, x)
+    assert sorted(dropped) == ["encoder.layers.1", "encoder.layers.2"]
+    assert all(isinstance(model.encoder.layers[i], DroppedBlock) for i in (1, 2))
+    mask = torch.zeros(8, 16, dtype=torch.bool)
+    mask[:, -3:] = True
+    with torch.no_grad():  # eval, no grad, a padding mask: the encoder's nested-tensor fast path
+        out = model.encoder(torch.randn(8, 16, 32), src_key_padding_mask=mask)
+    assert out.shape == (8, 16, 32) and torch.isfinite(out[:, :-3]).all()
+    assert prune_heads(model, 0.5) == {"encoder.layers.0.self_attn": 2}
+    prune_structured(model, x[:1], 0.5, round_to=8)
+    assert model(x).shape == (8, 10)

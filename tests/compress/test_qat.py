@@ -10,6 +10,7 @@ from search.compress.distill import distill
 from search.compress.qat import _fake_weight
 from search.evaluate import onnx_accuracy
 from search.record import Choices
+from tests.conftest import host_reduce_range
 
 
 def test_fake_weight_is_on_the_int8_grid_with_a_straight_through_gradient():
@@ -37,7 +38,7 @@ def test_qat_trains_bakes_grid_weights_and_exports_valid_qdq(task, layers):
     plan = {layer.name: "int8" for layer in layers}
     names = onnx_node_names(onnx.load_from_string(fp32), layers)
     model = apply_precision_plan(fp32, plan, names, Choices(precisions=plan, qat=True),
-                                 task.calibration, reduce_range=False)
+                                 task.calibration, reduce_range=host_reduce_range())
     graph = onnx.load_from_string(model)
     onnx.checker.check_model(graph)
     ops = {n.op_type for n in graph.graph.node}
@@ -45,5 +46,6 @@ def test_qat_trains_bakes_grid_weights_and_exports_valid_qdq(task, layers):
     int8_weights = [numpy_helper.to_array(t) for t in graph.graph.initializer
                     if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
     assert len(int8_weights) == sum(layer.op_type == "Conv" for layer in layers)
-    assert all(np.abs(q).max() == 127 for q in int8_weights)
+    top = {int(np.abs(q).max()) for q in int8_weights}
+    assert top <= {63, 64} if host_reduce_range() else top == {127}  # 7-bit weights without VNNI
     assert onnx_accuracy(model, task.val) > 97

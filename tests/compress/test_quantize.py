@@ -9,6 +9,7 @@ from search._ort import make_session
 from search.compress import apply_precision_plan, export_onnx, onnx_node_names
 from search.evaluate import onnx_accuracy
 from search.record import Choices
+from tests.conftest import host_reduce_range
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,8 @@ def fp32(task):
 def _quantize(fp32, task, layers, plan, **kw):
     names = onnx_node_names(onnx.load_from_string(fp32), layers)
     choices = Choices(precisions=plan, calibration_samples=64, **kw)
-    return apply_precision_plan(fp32, plan, names, choices, task.calibration, reduce_range=False)
+    return apply_precision_plan(fp32, plan, names, choices, task.calibration,
+                                reduce_range=host_reduce_range())
 
 
 def _optimized_ops(model: bytes, tmp_path) -> tuple[Counter, onnx.ModelProto]:
@@ -164,3 +166,30 @@ def test_per_channel_or_per_tensor_weight_scales(fp32, task, layers, per_channel
                      and n.input[0] in inits and inits[n.input[0]].ndim == 4]
     assert weight_scales
     assert all((s.size > 1) == per_channel for s in weight_scales)
+
+
+def test_dynamic_int8_quantizes_layers_with_equal_weights():
+    """The exporter stores equal weights once (the second behind an Identity); dynamic
+    int8 needs every weight as an initializer (MobileNetV3: "Expected onnx::Conv_405 to be
+    an initializer")."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from search.compress import compressible_layers
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(256, 10)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(model[0].weight)
+    fp32 = export_onnx(model, (4, 8, 8))
+    layers = compressible_layers(model)
+    names = onnx_node_names(onnx.load_from_string(fp32), layers)
+    plan = {layer.name: "int8" for layer in layers}
+    int8 = apply_precision_plan(fp32, plan, names, Choices(precisions=plan, quant_mode="dynamic"),
+                                torch.randn(8, 4, 8, 8), reduce_range=host_reduce_range())
+    ops = Counter(n.op_type for n in onnx.load_from_string(int8).graph.node)
+    assert ops["ConvInteger"] == 2
+    x = torch.randn(2, 4, 8, 8)
+    out = make_session(int8, threads=1).run(None, {"input": x.numpy()})[0]
+    assert np.abs(out - model(x).detach().numpy()).max() < 0.1 * np.abs(out).max() + 1e-3

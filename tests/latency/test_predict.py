@@ -17,6 +17,7 @@ from search.latency.predict import (
 )
 from search.profiles import load_profile
 from search.record import Choices
+from tests.conftest import host_reduce_range
 
 PROFILES = ["t4-gpu", "a100-gpu", "vpu", "fpga", "npu", "cpu-avx512-vnni", "cpu-avx2"]
 
@@ -78,7 +79,7 @@ def test_int8_precision_is_read_from_the_qdq_graph(task, layers):
     plan = {layer.name: "int8" for layer in layers}
     plan["fc"] = "fp32"
     q = apply_precision_plan(fp32, plan, names, Choices(precisions=plan), task.calibration,
-                             reduce_range=False)
+                             reduce_range=host_reduce_range())
     realized = {c.name: c.precision for c in costs_from_onnx(q) if c.op_type in ("Conv", "Gemm")}
     assert realized[names["fc"]] == "fp32"
     assert {realized[names[x.name]] for x in layers if x.name != "fc"} == {"int8"}

@@ -159,3 +159,35 @@ def test_an_unreadable_cache_file_is_trained_again(tmp_path, monkeypatch):
     again, info = cached_teacher("tiny", {"v": 2}, lambda: nn.Linear(2, 2))
     assert info["trained_s"] > 0 and set(again) == set(state)
     assert torch.load(path, weights_only=True).keys() == again.keys()
+def make_chance_task(seed: int, options: TaskOptions):
+    """An untrained teacher on random labels: a teacher that learned nothing (a plugin)."""
+    from search.tasks import Split, Task
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> Split:
+        return Split(torch.randn(n, 1, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.arange(10.0))  # always class 9: 10 % on balanced labels
+    return Task(name="chance", make_model=lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),
+                teacher_state=model.state_dict(), train=split(200), val=split(200),
+                test=split(200), input_shape=(1, 8, 8), num_classes=10)
+
+
+def test_a_teacher_near_chance_is_flagged(caplog):
+    from search.tasks import load_task, near_chance
+
+    assert near_chance(10.0, 10) and near_chance(18.9, 10) and not near_chance(19.1, 10)
+    assert near_chance(54.0, 2) and not near_chance(56.0, 2)
+    with caplog.at_level("WARNING", logger="search"):
+        task = load_task("tests.tasks.test_teacher:make_chance_task", 0)
+    assert task.teacher_info["test_accuracy"] < 19
+    assert "near chance (10.00% for 10 classes)" in task.teacher_info["warning"]
+    assert "near chance" in caplog.text
+
+
+def test_a_trained_teacher_is_not_flagged(task):
+    assert "warning" not in task.teacher_info

@@ -1,0 +1,126 @@
+"""Preflight: try each technique once on the task's model before trial 0.
+
+A technique that breaks on a model's idioms would fail every trial that draws
+it; trying it once at its extreme setting (prune, a forward pass, ONNX export,
+the precision plan, one ONNX Runtime run; no training) and removing it from
+the space costs seconds and says why, instead of a study of failed trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import onnx
+import torch
+
+from search._ort import make_session
+from search.compress import apply_precision_plan, compressible_layers, export_onnx, onnx_node_names
+from search.compress.applicable import applicable
+from search.pipeline import prune_student
+from search.profiles import HardwareProfile
+from search.record import Choices, TrialRecord
+from search.spaces import FloatRange, IntRange, ResolvedSpace
+from search.tasks import Task
+
+__all__ = ["preflight"]
+
+log = logging.getLogger("search")
+_SAMPLES = 32  # calibration and check inputs: enough to exercise, cheap to run
+
+
+def preflight(task: Task, profile: HardwareProfile,
+              resolved: ResolvedSpace) -> tuple[ResolvedSpace, list[str]]:
+    """``resolved`` without the techniques that fail on ``task``'s model, and why each went.
+
+    Techniques the model has no structure for (no droppable block, no
+    attention) are named with the reason. Each technique the space offers runs
+    alone at the top of its range; what raises is removed (a range fixed at 0,
+    a quantization mode dropped, int8 taken out of every layer's precisions
+    when no mode works).
+    """
+    removed = _structural(task, resolved)
+    for name, choices in _extremes(resolved).items():
+        error = _try(task, profile, choices)
+        if error:
+            removed.append(f"{name} is not offered for this model: {error}")
+            resolved = _without(resolved, name)
+    return resolved, removed
+
+
+def _structural(task: Task, resolved: ResolvedSpace) -> list[str]:
+    """Why the space asks for layer dropping or head pruning and the model has nothing for
+    it (the resolved space already leaves them out; this says so)."""
+    p, out = resolved.space.pruning, []
+    asked = {"drop_blocks": ("layer dropping", p.drop_blocks.high > 0),
+             "heads": ("head pruning", p.head_ratio.high > 0)}
+    model, example = task.teacher(), torch.zeros(1, *task.input_shape)
+    for technique, (name, wanted) in asked.items():
+        ok, why = applicable(model, technique, example) if wanted else (True, "")
+        if not ok:
+            out.append(f"{name} is not offered for this model: {why}")
+    return out
+
+
+def _extremes(resolved: ResolvedSpace) -> dict[str, Choices]:
+    """Each technique the space offers at its most aggressive setting."""
+    p = resolved.space.pruning
+    out: dict[str, Choices] = {}
+    if p.structured_ratio.high > 0:
+        out["structured pruning"] = Choices(structured_ratio=p.structured_ratio.high)
+    blocks = min(p.drop_blocks.high, resolved.facts.droppable_blocks)
+    if blocks > 0:
+        out["layer dropping"] = Choices(drop_blocks=blocks)
+    if resolved.facts.attention and p.head_ratio.high > 0:
+        out["head pruning"] = Choices(head_ratio=p.head_ratio.high)
+    if resolved.unstructured_sparsity.high > 0:
+        out["weight sparsity"] = Choices(unstructured_sparsity=resolved.unstructured_sparsity.high)
+    int8 = {layer.name: "int8" for layer in resolved.layers
+            if "int8" in resolved.layer_precisions[layer.name]}
+    for mode in resolved.modes if int8 else ():
+        out[f"{mode} int8"] = Choices(precisions=int8, quant_mode=mode,
+                                      calibration_samples=_SAMPLES)
+    return out
+
+
+def _try(task: Task, profile: HardwareProfile, choices: Choices) -> str:
+    """The stages of a trial without its fine-tune; "" when they run, else the error."""
+    try:
+        student = prune_student(TrialRecord(0, choices), task, profile)
+        x = task.val.x[:_SAMPLES]
+        with torch.no_grad():
+            student(x)
+        fp32 = export_onnx(student, task.input_shape)
+        layers = compressible_layers(student)
+        names = onnx_node_names(onnx.load_from_string(fp32), layers)
+        plan = {layer.name: choices.precisions.get(layer.name, "fp32") for layer in layers}
+        model = apply_precision_plan(fp32, plan, names, choices, task.calibration[:_SAMPLES],
+                                     reduce_range=profile.int8.reduce_range)
+        make_session(model, threads=1).run(None, {"input": x.numpy()})
+    except Exception as exc:  # any failure removes the technique; the reason is kept
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return ""
+
+
+def _without(resolved: ResolvedSpace, name: str) -> ResolvedSpace:
+    """``resolved`` with technique ``name`` (a key of :func:`_extremes`) taken out."""
+    space = resolved.space
+    zero = {"structured pruning": "structured_ratio", "head pruning": "head_ratio"}
+    if name == "weight sparsity":
+        return dataclasses.replace(resolved, unstructured_sparsity=FloatRange(low=0.0, high=0.0))
+    if name in zero:
+        fixed = getattr(space.pruning, zero[name]).model_copy(update={"low": 0.0, "high": 0.0})
+        pruning = space.pruning.model_copy(update={zero[name]: fixed})
+        return dataclasses.replace(resolved, space=space.model_copy(update={"pruning": pruning}))
+    if name == "layer dropping":
+        pruning = space.pruning.model_copy(update={"drop_blocks": IntRange(low=0, high=0)})
+        return dataclasses.replace(resolved, space=space.model_copy(update={"pruning": pruning}))
+    modes = tuple(m for m in resolved.modes if f"{m} int8" != name)
+    if modes:
+        return dataclasses.replace(resolved, modes=modes)
+    return dataclasses.replace(
+        resolved,
+        layer_precisions={k: tuple(p for p in v if p != "int8") or v
+                          for k, v in resolved.layer_precisions.items()},
+        group_precisions={k: tuple(p for p in v if p != "int8") or v
+                          for k, v in resolved.group_precisions.items()})

@@ -1,0 +1,122 @@
+"""Model families built the way their users build them, small enough for the tests.
+
+Each builder is a module-level function (a Task's ``make_model`` must be
+picklable) returning an untrained model for 10 classes; ``FAMILIES`` maps a
+family's name to its builder and input shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+from torchvision.models.convnext import CNBlockConfig
+from torchvision.models.efficientnet import MBConvConfig
+from torchvision.models.regnet import BlockParams
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+CLASSES = 10
+IMAGE = (3, 32, 32)
+
+
+def resnet_basic() -> nn.Module:
+    return tvm.ResNet(BasicBlock, [1, 1, 1, 1], num_classes=CLASSES)
+
+
+def resnet_bottleneck() -> nn.Module:
+    return tvm.ResNet(Bottleneck, [1, 2, 1, 1], num_classes=CLASSES, width_per_group=16)
+
+
+def mobilenet_v2() -> nn.Module:
+    return tvm.mobilenet_v2(num_classes=CLASSES, width_mult=0.5)
+
+
+def mobilenet_v3_small() -> nn.Module:
+    return tvm.mobilenet_v3_small(num_classes=CLASSES)
+
+
+def efficientnet() -> nn.Module:
+    """EfficientNet-B0's first stages (squeeze-excitation, stochastic depth), narrow."""
+    setting = [MBConvConfig(1, 3, 1, 32, 16, 1, width_mult=0.5),
+               MBConvConfig(6, 3, 2, 16, 24, 2, width_mult=0.5),
+               MBConvConfig(6, 5, 2, 24, 40, 2, width_mult=0.5)]
+    return tvm.EfficientNet(setting, dropout=0.2, num_classes=CLASSES)
+
+
+def regnet() -> nn.Module:
+    params = BlockParams.from_init_params(depth=4, w_0=16, w_a=8.0, w_m=2.0, group_width=8)
+    return tvm.RegNet(params, num_classes=CLASSES, stem_width=16)
+
+
+def convnext() -> nn.Module:
+    return tvm.ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 1)],
+                        num_classes=CLASSES)
+
+
+def densenet() -> nn.Module:
+    return tvm.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16,
+                        num_classes=CLASSES)
+
+
+def vit() -> nn.Module:
+    return tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                 hidden_dim=32, mlp_dim=64, num_classes=CLASSES)
+
+
+class EncoderClassifier(nn.Module):
+    """A vision transformer the standard PyTorch way: patch conv, ``nn.TransformerEncoder``
+    of ``nn.TransformerEncoderLayer``, mean pooling, ``nn.Linear`` head."""
+
+    def __init__(self, dim: int = 32, layers: int = 3, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 8, 8)
+        self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers)
+        self.head = nn.Linear(dim, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.encoder(x).mean(1))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                         nn.Linear(64, CLASSES))
+
+
+class ResBlock(nn.Module):
+    """A residual block of 1-D convolutions (keeps its input's shape)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(channels, channels, 3, padding=1),
+                                  nn.BatchNorm1d(channels), nn.ReLU(),
+                                  nn.Conv1d(channels, channels, 3, padding=1),
+                                  nn.BatchNorm1d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.body(x))
+
+
+def conv1d() -> nn.Module:
+    """A sequence classifier: 1-D conv stem, two residual blocks, global pooling."""
+    return nn.Sequential(nn.Conv1d(4, 32, 5, padding=2), nn.BatchNorm1d(32), nn.ReLU(),
+                         ResBlock(32), ResBlock(32), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                         nn.Linear(32, CLASSES))
+
+
+FAMILIES: dict[str, tuple] = {
+    "resnet-basic": (resnet_basic, IMAGE),
+    "resnet-bottleneck": (resnet_bottleneck, IMAGE),
+    "mobilenet-v2": (mobilenet_v2, IMAGE),
+    "mobilenet-v3-small": (mobilenet_v3_small, IMAGE),
+    "efficientnet": (efficientnet, IMAGE),
+    "regnet": (regnet, IMAGE),
+    "convnext": (convnext, IMAGE),
+    "densenet": (densenet, IMAGE),
+    "vit": (vit, IMAGE),
+    "transformer-encoder": (EncoderClassifier, IMAGE),
+    "mlp": (mlp, (64,)),
+    "conv1d": (conv1d, (4, 64)),
+}

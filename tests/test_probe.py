@@ -1,0 +1,69 @@
+"""Preflight: a technique that breaks on the model is removed before trial 0, with its reason."""
+
+from __future__ import annotations
+
+import optuna
+import torch
+from torch import nn
+
+from search.pipeline import model_facts, student_layers
+from search.probe import preflight
+from search.profiles import load_profile
+from search.spaces import load_space, resolve_space
+from search.tasks import Split, Task
+from tests.families import EncoderClassifier
+
+
+class HardcodedWidth(nn.Module):
+    """Reshapes to a width its code hardcodes, which channel pruning cannot see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).reshape(x.shape[0], 32, -1).mean(-1))
+
+
+def _task(build) -> Task:  # noqa: ANN001
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> Split:
+        return Split(torch.randn(n, 3, 32, 32, generator=gen),
+                     torch.randint(0, 10, (n,), generator=gen))
+
+    return Task(name=build.__name__, make_model=build, teacher_state=build().state_dict(),
+                train=split(64), val=split(32), test=split(32), input_shape=(3, 32, 32),
+                num_classes=10)
+
+
+def _resolved(task: Task):
+    profile = load_profile("cpu-avx512-vnni")
+    space = resolve_space(load_space("default"), profile, student_layers(task), model_facts(task))
+    return profile, space
+
+
+def test_a_technique_that_breaks_is_removed_with_its_reason():
+    task = _task(HardcodedWidth)
+    profile, resolved = _resolved(task)
+    narrowed, removed = preflight(task, profile, resolved)
+    assert removed[:2] == [
+        "layer dropping is not offered for this model: no residual block keeps its input's "
+        "shape (nothing to drop to)",
+        "head pruning is not offered for this model: no multi-head attention"]
+    assert len(removed) == 3 and removed[2].startswith("structured pruning is not offered")
+    assert "no longer runs after channel pruning" in removed[2]
+    assert narrowed.space.pruning.structured_ratio.high == 0.0
+    assert narrowed.modes == resolved.modes  # the rest stays
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    assert all(narrowed.sample(study.ask()).structured_ratio == 0.0 for _ in range(5))
+
+
+def test_a_transformer_encoder_keeps_every_technique():
+    task = _task(EncoderClassifier)
+    profile, resolved = _resolved(task)
+    assert resolved.facts.attention and resolved.facts.droppable_blocks == 2
+    narrowed, removed = preflight(task, profile, resolved)
+    assert removed == [] and narrowed == resolved
