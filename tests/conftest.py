@@ -96,6 +96,16 @@ def fast_profile(fast_profile_path):
     return load_profile(fast_profile_path)
 
 
+# a space whose trials take seconds: no fine-tune, no dropped blocks
+QUICK_SPACE = """
+name: quick
+pruning:
+  unstructured_sparsity: {low: 0.0, high: 0.5, step: 0.1}
+distillation:
+  epochs: {low: 0, high: 0}
+"""
+
+
 def free_port() -> int:
     """A loopback port nobody listens on (now)."""
     with socket.socket() as s:

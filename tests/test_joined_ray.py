@@ -17,14 +17,9 @@ from search.config import SearchConfig
 from search.errors import ConfigError
 from search.profiles import PROFILES_DIR
 from search.study import run_search
+from tests.conftest import QUICK_SPACE
 
-SPACE = """
-name: quick
-pruning:
-  unstructured_sparsity: {low: 0.0, high: 0.5, step: 0.1}
-distillation:
-  epochs: {low: 0, high: 0}
-"""
+SPACE = QUICK_SPACE
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from search._redact import redact
 from search.tracking import EXPERIMENT
-from tests.conftest import free_port, start_mlflow_server, stop_mlflow_server
+from tests.conftest import QUICK_SPACE, free_port, start_mlflow_server, stop_mlflow_server
 
 TRACKING_SECRET = "trk-s3cr3t-Pw"
 STORAGE_SECRET = "db-s3cr3t-Pw"
@@ -45,13 +45,7 @@ from search.cli import main
 sys.exit(main())
 '''
 
-SPACE = """
-name: quick
-pruning:
-  unstructured_sparsity: {low: 0.0, high: 0.5, step: 0.1}
-distillation:
-  epochs: {low: 0, high: 0}
-"""
+SPACE = QUICK_SPACE
 
 
 @pytest.mark.parametrize("text, expected, secrets", [
