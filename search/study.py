@@ -1,8 +1,10 @@
-"""The study driver: one process asks Optuna, runs trials on Ray, tells results.
+"""``run_search``: check everything, open the study, wire the loop, refine, write outputs.
 
-Only this driver writes to the Optuna storage and to MLflow. A trial's result
-is in the Optuna storage before anything else is done with it, so a study can
-be interrupted at any moment and resumed by rerunning the same command.
+Only this process writes to the Optuna storage and to MLflow (the loop is
+:mod:`search.driver`, the files :mod:`search.outputs`, the latency source
+:mod:`search.latency.source`). A trial's result is in the Optuna storage
+before anything else is done with it, so a study can be interrupted at any
+moment and resumed by rerunning the same command.
 """
 
 from __future__ import annotations
@@ -17,39 +19,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import pandas as pd
 import ray
-import yaml
 
-from search._paths import cache_dir
 from search._redact import redact
 from search.config import SearchConfig, ensure_writable
-from search.driver import Driver, DriverSettings, fail_stale, failure_reason
+from search.driver import Driver, DriverSettings, fail_stale
 from search.errors import ConfigError, SearchError
 from search.execution import (
     Executor,
     check_address,
     connect,
-    device_reachable,
     plan_parallel,
 )
 from search.latency.calibration import (
-    CalibrationChoice,
-    CalibrationStore,
-    Measurement,
     architecture_key,
 )
-from search.latency.predict import costs_from_onnx, predict_ms
+from search.latency.source import check_latency_mode, latency_source, self_calibrate
+from search.outputs import write_outputs
 from search.pareto import (
     best_speedup,
-    front_markdown,
-    hypervolume,
-    plot_front,
-    readable_front,
-    trials_frame,
-    write_html,
 )
 from search.pipeline import model_facts, student_layers
 from search.probe import preflight
@@ -61,7 +51,6 @@ from search.tracking import (
     Tracker,
     check_tracking_uri,
     default_tracking_uri,
-    server_reachable,
 )
 from search.trial_logging import MlflowTrialLogger
 
@@ -223,191 +212,6 @@ def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]
     }
 
 
-def _noisy_note(df: pd.DataFrame, cfg: SearchConfig) -> str:
-    """A warning when some measurements stayed noisy (column latency_noisy in trials.csv)."""
-    noisy = df.loc[df["latency_noisy"].fillna(False).astype(bool), "trial"].tolist() if len(df) else []
-    if not noisy:
-        return ""
-    return (f"; **warning: {len(noisy)} noisy measurement(s)** (trials "
-            f"{', '.join(map(str, noisy))}: coefficient of variation above the profile's max_cv "
-            "after a repeat; see latency_noisy in trials.csv, and rerun on a quieter machine)")
-
-
-def _unfinished_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    """A FAIL or PRUNED trial's row of trials.csv: its choices, and why it ended."""
-    a = t.user_attrs
-    row: dict[str, Any] = {"trial": t.number, "state": t.state.name}
-    if t.state == optuna.trial.TrialState.FAIL:
-        row["failure"] = failure_reason(t)
-    else:
-        row["pruned_reason"] = a.get("pruned_reason", "")
-        row.update({k: a.get(k) for k in ("latency_ms", "latency_source", "macs", "params",
-                                          "cached_from") if k in a})
-    row.update({f"param.{k}": v for k, v in (a.get("choices") or t.params).items()})
-    return row
-
-
-def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: list,
-             best: float | None, n_pruned: int = 0) -> str:
-    """A short human summary of the study (summary.md)."""
-    lines = [f"# {cfg.study_name}", "",
-             f"- profile `{cfg.profile}`, task `{cfg.task}`, space `{cfg.space}`, "
-             f"sampler `{cfg.sampler}`, seed {cfg.seed}",
-             f"- {len(df)} completed trials, {n_pruned} stopped early (could not reach the front) "
-             f"of a budget of {cfg.budget}, {len(failed)} failed",
-             f"- latency: {', '.join(sorted(set(df['latency_source'].dropna()))) or 'n/a'}"
-             + _noisy_note(df, cfg),
-             f"- best speedup within {cfg.report_drop:g} point(s) of the reference: "
-             + (f"{best:.2f}x" if best else "n/a"), ""] + front_markdown(front, cfg.report_drop)
-    return "\n".join(lines) + "\n"
-
-
-def _warning_lines(warnings: list[str]) -> str:
-    """The study's warnings (a teacher near chance, ...) at the end of summary.md."""
-    return "".join(f"\n**warning**: {w}\n" for w in warnings)
-
-
-def _write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, interrupted: bool,
-                   profile: HardwareProfile, input_shape: tuple[int, ...],
-                   providers: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    out = Path(cfg.output_dir)
-    df = trials_frame(study)
-    failed = [t for t in study.get_trials(deepcopy=False)
-              if t.state == optuna.trial.TrialState.FAIL]
-    pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
-    all_rows = df.assign(state="COMPLETE")
-    if failed or pruned:
-        others = pd.DataFrame([_unfinished_row(t) for t in failed + pruned])
-        all_rows = pd.concat([all_rows, others], ignore_index=True).sort_values("trial")
-    front = df[df["on_front"]].sort_values("latency_ms") if len(df) else df
-    all_rows.to_csv(out / "trials.csv", index=False)
-    # pareto.csv: the front, plus the baselines as reference rows (on_front tells which is which)
-    shown = readable_front(df, cfg.report_drop)  # what a user can deploy first
-    shown.to_csv(out / "pareto.csv", index=False)
-    artifacts = [out / "pareto.csv", out / "trials.csv"]
-    if len(df):
-        title = f"{cfg.study_name}: {len(df)} trials, front of {len(front)}"
-        artifacts.append(plot_front(df, out / "pareto.png", title, cfg.report_drop))
-        artifacts.append(write_html(df, out / "pareto.html", title))
-    front_models = out / "front_models"
-    front_models.mkdir(exist_ok=True)
-    models: dict[int, Path] = {}
-    for n in front["trial"]:
-        src = out / "models" / f"trial-{n}.onnx"
-        if src.exists():
-            (front_models / src.name).write_bytes(src.read_bytes())
-            models[int(n)] = front_models / src.name
-    artifacts.append(front_models)
-    best = best_speedup(df, cfg.report_drop) if len(df) else None
-    config_path = out / "config.yaml"
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    settings.update(storage=redact(cfg.storage), tracking_uri=redact(cfg.tracking_uri))
-    config_path.write_text(yaml.safe_dump(settings, sort_keys=True))
-    profile_path = out / "profile.yaml"
-    profile_path.write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
-    artifacts += [config_path, profile_path]
-    summary = out / "summary.md"
-    summary.write_text(_summary(cfg, df, shown[shown["on_front"]], failed, best, len(pruned))
-                       + _warning_lines(study.user_attrs.get("warnings", [])))
-    artifacts.append(summary)
-    if not server_reachable(tracker.uri):
-        log.warning("MLflow tracking server %s is unreachable; the CSVs are written, and "
-                    "rerunning the command completes the MLflow run", redact(tracker.uri))
-        return df, shown
-    try:
-        MlflowTrialLogger(tracker).catch_up(study)  # missed during an outage or a crash
-        if len(df):  # the final value, at the last trial's step of the history
-            tracker.log_summary_metrics({"hypervolume": hypervolume(df)},
-                                        step=int(df["trial"].max()))
-        tracker.mark_front(set(int(n) for n in front["trial"]))
-        tracker.log_models(models, input_shape, providers)
-        base = df.loc[df["reference"], "accuracy"] if len(df) else pd.Series(dtype=float)
-        tracker.finish(
-            {"front_size": len(front), "completed_trials": len(df), "failed_trials": len(failed),
-             "best_speedup_within_drop": best,
-             "baseline_accuracy": float(base.iloc[0]) if len(base) else None},
-            artifacts, status="KILLED" if interrupted else "FINISHED",
-        )
-    except Exception as exc:  # results are safe in the Optuna storage and the CSVs
-        log.warning("MLflow logging failed (%s: %s); the CSVs are written, and rerunning the "
-                    "command completes the MLflow run", type(exc).__name__, redact(str(exc))[:300])
-    return df, shown
-
-
-def _check_latency_mode(cfg: SearchConfig, profile: HardwareProfile, measurable: bool,
-                        why: str) -> None:
-    """Fail before any work when the requested latency source cannot be had."""
-    if cfg.latency == "measure" and not measurable and cfg.ray_address is None:
-        raise ConfigError(
-            f"--latency measure: profile {profile.name!r} cannot be measured on this machine "
-            f"({why}); join a Ray cluster with a node that advertises {profile.resource!r} "
-            "(--ray-address), or use --latency predict"
-        )
-    will_predict = cfg.latency == "predict" or (not measurable and cfg.ray_address is None)
-    if will_predict and profile.latency_model is None:
-        raise ConfigError(
-            f"profile {profile.name!r} cannot be measured here ({why}) and has no "
-            "latency_model to predict with; add one to the profile"
-        )
-
-
-def _latency_source(cfg: SearchConfig, profile: HardwareProfile, study: optuna.Study,
-                    why: str, architecture: str) -> tuple[str, CalibrationChoice | None]:
-    """Measured or predicted for the whole study (never mixed), and the calibration to use."""
-    reachable = device_reachable(profile)
-    if cfg.latency == "measure" and not reachable:
-        raise ConfigError(f"--latency measure: no node of the Ray cluster advertises "
-                          f"{profile.resource!r} ({why})")
-    source = "measured" if cfg.latency != "predict" and reachable else "predicted"
-    previous = study.user_attrs.get("latency_source")
-    if previous and previous != source:
-        raise ConfigError(
-            f"study {cfg.study_name!r} has {previous} latencies; resuming it with {source} ones "
-            f"would mix them. Pass --latency {'measure' if previous == 'measured' else 'predict'}"
-            " or choose another --study-name"
-        )
-    study.set_user_attr("latency_source", source)
-    if source == "measured":
-        return source, None
-    if profile.latency_model is None:
-        raise ConfigError(f"profile {profile.name!r} cannot be measured from this process "
-                          f"({why}) and has no latency_model to predict with; add one to the "
-                          "profile, or join a Ray cluster whose node advertises "
-                          f"{profile.resource!r}")
-    return source, CalibrationStore(cache_dir(), profile).choose(architecture)
-
-
-def _self_calibrate(study: optuna.Study, cfg: SearchConfig, profile: HardwareProfile,
-                    tracker: Tracker, architecture: str, label: str) -> None:
-    """Add this study's measurements to the profile's evidence and refit from all of it."""
-    batch = profile.measure.batch_size
-    samples = []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        path = Path(cfg.output_dir) / "models" / f"trial-{t.number}.onnx"
-        if path.exists() and t.values[1] > 0:
-            samples.append(Measurement(
-                architecture=architecture, label=label, source=f"{cfg.study_name}/{t.number}",
-                costs=tuple(costs_from_onnx(path.read_bytes(), batch)), ms=t.values[1],
-                batch=batch))
-    if len(samples) < 5:
-        return
-    store = CalibrationStore(cache_dir(), profile)
-    for note in store.add(samples):
-        log.info("latency model for %s: %s", profile.name, note)
-    cal = store.choose(architecture).calibration
-    predicted = [predict_ms(m.costs, profile, cal) for m in samples]
-    measured = [m.ms for m in samples]
-    from scipy.stats import spearmanr
-
-    errors = [abs(p / m - 1) for p, m in zip(predicted, measured, strict=True)]
-    rho = float(spearmanr(predicted, measured).statistic)
-    tracker.log_summary_metrics({"latency_model_spearman": rho,
-                                 "latency_model_median_abs_error": float(np.median(errors))})
-    log.info("latency model for %s on this study's %d measurements: Spearman %.2f, median "
-             "error %.0f%% (evidence in %s)", profile.name, len(samples), rho,
-             100 * float(np.median(errors)), store.dir)
-
-
 def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResult:
     """Run (or resume) a study until ``budget`` trials are COMPLETE; write its front."""
     start = time.perf_counter()
@@ -416,7 +220,7 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     profile = with_batch_size(profile, cfg.batch_size)
     space = load_space(cfg.space)
     measurable, why = measurable_here(profile)
-    _check_latency_mode(cfg, profile, measurable, why)
+    check_latency_mode(cfg, profile, measurable, why)
     check_address(cfg.ray_address)
     check_tracking_uri(cfg.tracking_uri)
     check_task(cfg.task, cfg.task_options())
@@ -475,7 +279,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     tracker.log_study_params(_study_params(cfg, profile))
     started = connect(cfg.ray_address, profile, measurable, cfg.latency)
     try:
-        source, choice = _latency_source(cfg, profile, study, why, architecture)
+        source, choice = latency_source(cfg, profile, study, why, architecture)
         calibration = choice.calibration if choice is not None else None
         parallel, train_cpus = plan_parallel(cfg.parallel)
     except SearchError:
@@ -524,7 +328,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     finish_start = time.perf_counter()
     providers = list(dict.fromkeys([profile.measure.execution_provider, "CPUExecutionProvider"]))
     try:
-        df, front = _write_outputs(study, cfg, tracker, interrupted, profile, task.input_shape,
+        df, front = write_outputs(study, cfg, tracker, interrupted, profile, task.input_shape,
                                    providers)
     except OSError as exc:  # a full or failing disk under the output directory
         raise stopped or SearchError(
@@ -533,7 +337,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
             "free space and rerun the same command to write them"
         ) from None
     if source == "measured" and profile.latency_model is not None:
-        _self_calibrate(study, cfg, profile, tracker, architecture, arch_label)
+        self_calibrate(study, cfg, profile, tracker, architecture, arch_label)
     phases["finish"] = time.perf_counter() - finish_start
     if stopped is not None:
         raise stopped

@@ -11,8 +11,9 @@ import optuna
 
 from search.cli import _print_result, main
 from search.config import SearchConfig
+from search.outputs import _summary
 from search.pareto import _draw_front, plot_front, readable_front, trials_frame
-from search.study import StudyResult, _summary
+from search.study import StudyResult
 
 # (accuracy, latency ms, baseline): fp32 reference, int8 baseline, a good point, a slow
 # but most accurate outlier, a collapsed fast model and a poor one between
