@@ -30,8 +30,9 @@ _SAMPLES = 32  # calibration and check inputs: enough to exercise, cheap to run
 
 
 def preflight(task: Task, profile: HardwareProfile,
-              resolved: ResolvedSpace) -> tuple[ResolvedSpace, list[str]]:
-    """``resolved`` without the techniques that fail on ``task``'s model, and why each went.
+              resolved: ResolvedSpace) -> tuple[ResolvedSpace, list[str], list[str]]:
+    """``resolved`` without the techniques that fail on ``task``'s model, why each went, and
+    notes on what the model has no structure for (the space already leaves those out).
 
     Techniques the model has no structure for (no droppable block, no
     attention) are named with the reason. Each technique the space offers runs
@@ -39,13 +40,14 @@ def preflight(task: Task, profile: HardwareProfile,
     a quantization mode dropped, int8 taken out of every layer's precisions
     when no mode works).
     """
-    removed = _structural(task, resolved)
+    notes = _structural(task, resolved)
+    removed = []
     for name, choices in _extremes(resolved).items():
         error = _try(task, profile, choices)
         if error:
             removed.append(f"{name} is not offered for this model: {error}")
             resolved = _without(resolved, name)
-    return resolved, removed
+    return resolved, removed, notes
 
 
 def _structural(task: Task, resolved: ResolvedSpace) -> list[str]:

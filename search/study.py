@@ -244,7 +244,9 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
               f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
     log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")), origin)
     resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
-    resolved, removed = preflight(task, profile, resolved)
+    resolved, removed, notes = preflight(task, profile, resolved)
+    for why in notes:
+        log.info("preflight: %s", why)
     for why in removed:
         log.warning("preflight: %s", why)
     architecture = architecture_key(task.input_shape, task.teacher_state)

@@ -48,13 +48,13 @@ def _resolved(task: Task):
 def test_a_technique_that_breaks_is_removed_with_its_reason():
     task = _task(HardcodedWidth)
     profile, resolved = _resolved(task)
-    narrowed, removed = preflight(task, profile, resolved)
-    assert removed[:2] == [
+    narrowed, removed, notes = preflight(task, profile, resolved)
+    assert notes == [
         "layer dropping is not offered for this model: no residual block keeps its input's "
         "shape (nothing to drop to)",
         "head pruning is not offered for this model: no multi-head attention"]
-    assert len(removed) == 3 and removed[2].startswith("structured pruning is not offered")
-    assert "no longer runs after channel pruning" in removed[2]
+    assert len(removed) == 1 and removed[0].startswith("structured pruning is not offered")
+    assert "no longer runs after channel pruning" in removed[0]
     assert narrowed.space.pruning.structured_ratio.high == 0.0
     assert narrowed.modes == resolved.modes  # the rest stays
     study = optuna.create_study(directions=["maximize", "minimize"])
@@ -65,5 +65,5 @@ def test_a_transformer_encoder_keeps_every_technique():
     task = _task(EncoderClassifier)
     profile, resolved = _resolved(task)
     assert resolved.facts.attention and resolved.facts.droppable_blocks == 2
-    narrowed, removed = preflight(task, profile, resolved)
-    assert removed == [] and narrowed == resolved
+    narrowed, removed, notes = preflight(task, profile, resolved)
+    assert removed == [] and notes == [] and narrowed == resolved
