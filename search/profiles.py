@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from search._paths import builtin_dir
 from search._schema import Strict, load_model, resolve_builtin
+from search.record import RUNNABLE_PRECISIONS
 
 __all__ = [
     "HardwareProfile",
@@ -134,6 +135,12 @@ class HardwareProfile(Strict):
         for op, allowed in value.items():
             if not allowed:
                 raise ValueError(f"op type {op} allows no precision at all")
+            cannot = [p for p in allowed if p not in RUNNABLE_PRECISIONS]
+            if cannot:
+                raise ValueError(
+                    f"op type {op} lists {', '.join(cannot)}, which the trial pipeline cannot "
+                    f"produce and score here; allowed: {', '.join(RUNNABLE_PRECISIONS)} (keep "
+                    "the device's peak for it in latency_model, and leave it out of precisions)")
             if len(set(allowed)) != len(allowed):
                 raise ValueError(f"op type {op} lists a precision twice: {allowed}")
         return value

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Choices", "Layer", "LatencyStats", "TrialRecord"]
+__all__ = ["Choices", "Layer", "LatencyStats", "PRECISIONS", "RUNNABLE_PRECISIONS", "TrialRecord"]
+
+# Precision names, least to most compressed: the one vocabulary profiles, spaces, the latency
+# model and the quantizer share.
+PRECISIONS = ("fp32", "bf16", "fp16", "int16", "int8", "int4")
+# what the trial pipeline can produce and score here (bf16 convolutions have no kernel in ONNX
+# Runtime's CPU provider, which scores every trial)
+RUNNABLE_PRECISIONS = ("fp32", "fp16", "int16", "int8", "int4")
 
 
 @dataclass(frozen=True)

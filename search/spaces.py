@@ -18,7 +18,7 @@ from search._paths import builtin_dir
 from search._schema import Strict, load_model, resolve_builtin
 from search.errors import ConfigError
 from search.profiles import HardwareProfile, Precision
-from search.record import Choices, Layer
+from search.record import PRECISIONS, Choices, Layer
 
 if TYPE_CHECKING:  # the only Optuna calls are in search.sampling; resolving a space needs none
     import optuna
@@ -38,7 +38,7 @@ __all__ = [
 SPACES_DIR = builtin_dir("spaces")
 Auto = Literal["auto"]  # what pays on the profile
 All = Literal["all"]  # everything the profile can run, paying or not (research)
-_RANK = ["fp32", "bf16", "fp16", "int16", "int8", "int4"]  # least to most compressed
+_RANK = list(PRECISIONS)  # least to most compressed
 
 
 class FloatRange(Strict):

@@ -122,3 +122,18 @@ def test_latency_model_must_price_every_allowed_precision(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="fp16"):
         load_profile(path)
+
+
+def test_a_precision_the_pipeline_cannot_run_is_refused_at_load_time(tmp_path):
+    """bf16 is a precision name (an A100 runs it) but no trial could score a bf16 model here:
+    refused when the profile loads, naming what is allowed, not in every trial."""
+    data = _base()
+    data["precisions"]["Conv"] = ["fp32", "bf16"]
+    data["latency_model"]["peak_tops"]["bf16"] = 1.0
+    path = tmp_path / "bf16.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_profile(path)
+    message = str(err.value)
+    assert "precisions" in message and "op type Conv lists bf16" in message
+    assert "allowed: fp32, fp16, int16, int8, int4" in message

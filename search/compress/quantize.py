@@ -20,12 +20,12 @@ import onnx
 import torch
 
 from search.errors import TrialError
-from search.record import Choices
+from search.record import RUNNABLE_PRECISIONS, Choices
 
 __all__ = ["CALIBRATION_METHODS", "apply_precision_plan"]
 
 _QTYPES = {"uint8": "QUInt8", "int8": "QInt8", "int16": "QInt16"}
-_SUPPORTED = {"fp32", "fp16", "int8", "int16", "int4"}
+_SUPPORTED = set(RUNNABLE_PRECISIONS)
 _INTEGER = {"int8", "int16"}
 _CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 CALIBRATION_METHODS = tuple(_CALIBRATION)
