@@ -95,7 +95,7 @@ def record_attrs(record: TrialRecord) -> dict[str, Any]:
     """The user attributes a finished trial keeps (everything trials.csv and MLflow show)."""
     lat = record.latency
     attrs: dict[str, Any] = {
-        "choices": record.choices.flat(),
+        "choices": record.choices.applied(),
         "layer_precisions": record.layer_precisions,
         "timings": record.timings,
         "test_accuracy": record.test_accuracy,
@@ -219,7 +219,7 @@ class Driver:
         except Exception as exc:  # a space the checks let through: fatal, but leave no RUNNING
             self._fail(trial, f"sampling: {type(exc).__name__}: {exc}", None)
             raise SearchError(f"trial {trial.number} could not be sampled: {exc}") from exc
-        trial.set_user_attr("choices", choices.flat())
+        trial.set_user_attr("choices", choices.applied())
         source = self._cached(choices)
         if source is not None:
             return self._answer_from_cache(trial, source)
@@ -232,7 +232,7 @@ class Driver:
 
     def _cached(self, choices: Choices) -> optuna.trial.FrozenTrial | None:
         """A done trial with exactly these choices (samplers do propose repeats)."""
-        key = _choices_key(choices.flat())
+        key = _choices_key(choices.applied())
         for t in self.study.get_trials(deepcopy=False, states=_COUNTED):
             if "refined_from" not in t.user_attrs and \
                     _choices_key(t.user_attrs.get("choices", {})) == key:

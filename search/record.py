@@ -63,6 +63,35 @@ class Choices:
         out.update({f"precision.{k}": v for k, v in self.precisions.items()})
         return out
 
+    def applied(self) -> dict[str, Any]:
+        """:meth:`flat` without the settings that had no effect on the model (int8 settings
+        when no layer is integer, distillation settings without a fine-tune, ...): what
+        trials.csv and MLflow show, and what tells two trials' models apart."""
+        return {k: v for k, v in self.flat().items() if k not in self._idle()}
+
+    def _idle(self) -> set[str]:
+        idle: set[str] = set()
+        if self.epochs == 0:
+            idle |= {"lr", "temperature", "alpha", "distill_loss", "distill_weight", "qat"}
+        elif self.distill_loss == "response":
+            idle.add("distill_weight")
+        if not any(p in ("int8", "int16") for p in self.precisions.values()):
+            idle |= {"quant_mode", "qat", "activation_type", "weight_type", "per_channel",
+                     "activation_symmetric", "calibration_method", "calibration_samples"}
+        elif self.quant_mode == "dynamic":
+            idle |= {"qat", "activation_type", "activation_symmetric", "calibration_method",
+                     "calibration_samples"}
+        if self.structured_ratio == 0:
+            idle.add("structured_importance")
+        if self.init != "teacher":
+            idle |= {"sparsity_pattern", "unstructured_sparsity", "unstructured_criterion",
+                     "unstructured_scope"}
+        elif self.sparsity_pattern == "unstructured" and self.unstructured_sparsity == 0:
+            idle |= {"unstructured_criterion", "unstructured_scope"}
+        elif self.sparsity_pattern != "unstructured":
+            idle |= {"unstructured_sparsity", "unstructured_scope"}
+        return idle
+
 
 @dataclass
 class LatencyStats:

@@ -150,8 +150,10 @@ def _failed_trials_show_every_choice(rows, root, faults: dict[str, int]) -> None
 
     from search.record import Choices
 
-    names = [k for k in Choices().flat() if not k.startswith("precision.")]
     fail = rows[rows["state"] == "FAIL"].set_index("trial")
+    # the choices that shape any model; the rest show where they applied
+    names = ["init", "drop_blocks", "structured_ratio", "head_ratio", "epochs"]
+    assert set(names) <= set(Choices().applied())
     assert fail[[f"param.{k}" for k in names]].notna().all().all()
     assert fail.filter(like="param.precision.").notna().all().all()
     client = MlflowClient(f"sqlite:///{(root / 'mlflow.db').resolve()}")
