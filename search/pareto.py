@@ -12,7 +12,8 @@ import numpy as np
 import optuna
 import pandas as pd
 
-__all__ = ["COLUMNS", "best_speedup", "front_markdown", "hypervolume", "pareto_mask", "plot_front",
+__all__ = ["COLUMNS", "best_speedup", "front_markdown", "hypervolume", "hypervolume_2d", "pareto_mask",
+           "plot_front",
            "readable_front",
            "trials_frame", "within_drop", "write_html"]
 
@@ -113,8 +114,6 @@ def hypervolume(df: pd.DataFrame, span: float = HV_ACCURACY_SPAN) -> float:
     and 2.8x speedup scores about 0.64. Trials slower than the reference or more
     than ``span`` points worse add nothing.
     """
-    from optuna._hypervolume import compute_hypervolume
-
     ref = df[df["reference"]]
     if df.empty or ref.empty:
         return 0.0
@@ -125,7 +124,26 @@ def hypervolume(df: pd.DataFrame, span: float = HV_ACCURACY_SPAN) -> float:
     loss = loss[(loss[:, 0] < 0) & (loss[:, 1] < 1)]
     if not len(loss):
         return 0.0
-    return float(compute_hypervolume(loss, np.array([0.0, 1.0])))
+    return hypervolume_2d(loss, (0.0, 1.0))
+
+
+def hypervolume_2d(points: np.ndarray, reference: tuple[float, float]) -> float:
+    """Area that ``points`` (two objectives, both minimized) dominate below ``reference``.
+
+    A sweep over the first objective: each step adds the strip up to the next
+    point, as high as the best second objective seen so far.
+    """
+    pts = np.asarray(points, float).reshape(-1, 2)
+    pts = pts[(pts[:, 0] < reference[0]) & (pts[:, 1] < reference[1])]
+    if not len(pts):
+        return 0.0
+    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
+    area, best_y = 0.0, reference[1]
+    edges = np.append(pts[1:, 0], reference[0])
+    for (x, y), next_x in zip(pts, edges, strict=True):
+        best_y = min(best_y, y)
+        area += (next_x - x) * (reference[1] - best_y)
+    return float(area)
 
 
 def best_speedup(df: pd.DataFrame, max_drop: float = 1.0) -> float | None:

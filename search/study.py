@@ -97,8 +97,6 @@ def make_sampler(name: str, seed: int, budget: int,
     With ``constrained``, the sampler learns from the trials' constraint values
     (accuracy drop, latency target) and prefers feasible regions.
     """
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message=".*independent sampler.*")
     constraints = _constraint_values if constrained else None
     startup = max(4, min(10, budget // 3))
     if name == "tpe":
@@ -111,7 +109,9 @@ def make_sampler(name: str, seed: int, budget: int,
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup,
                                          constraints_func=constraints,
                                          warn_independent_sampling=False)
-    return optuna.samplers.RandomSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"unknown sampler {name!r}; choose one of tpe, nsga2, gp, random")
 
 
 def open_storage(url: str) -> str | optuna.storages.BaseStorage:
@@ -228,7 +228,10 @@ def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResu
     ensure_writable(Path(cfg.output_dir), "output directory")
     if cfg.storage.startswith("sqlite:///") or cfg.tracking_uri is None:
         ensure_writable(root, "runs directory")
-    with _driver_lock(Path(cfg.output_dir), cfg.study_name):
+    with _driver_lock(Path(cfg.output_dir), cfg.study_name), warnings.catch_warnings():
+        # our samplers' experimental options and their independent-sampling notes are ours
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message=".*independent sampler.*")
         return _run_locked(cfg, profile, space, measurable, why, start, show_progress)
 
 

@@ -26,15 +26,19 @@ from search._redact import redact
 from search.config import DEFAULT_EXPERIMENT
 from search.errors import ConfigError
 
-logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO when imported
-# MLflow prints "View run ... at: <tracking URI>" for every run it ends on a server, with any
-# user:password the URI carries; our own summary names the server (redacted) once.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-# By default MLflow retries a failed request 7 times with exponential backoff (minutes) and
-# waits 120 s for an answer; the driver would stall that long per trial while a server is
-# down. Trial results are safe in the Optuna storage and logged later, so fail sooner.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+def _configure_mlflow() -> None:
+    """MLflow's defaults that do not suit a study driver, set (once, where unset) when a
+    Tracker is made rather than on import."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO when imported
+    # MLflow prints "View run ... at: <tracking URI>" for every run it ends on a server, with
+    # any user:password the URI carries; our own summary names the server (redacted) once.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # By default MLflow retries a failed request 7 times with exponential backoff (minutes)
+    # and waits 120 s for an answer; the driver would stall that long per trial while a
+    # server is down. Trial results are safe in the Optuna storage and logged later.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 __all__ = ["EXPERIMENT", "Tracker", "check_tracking_uri", "default_tracking_uri", "server_reachable"]
 
@@ -119,6 +123,7 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, study_name: str, artifact_root: Path | None,
                  experiment: str = EXPERIMENT) -> None:
+        _configure_mlflow()
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
