@@ -37,7 +37,7 @@ from search.compress.prune import (
     droppable_blocks,
     recalibrate_batchnorm,
 )
-from search.compress.sparsity import fisher_scores, taylor_scores
+from search.compress.sparsity import one_shot_scores
 from search.errors import TrialError
 from search.evaluate import onnx_score
 from search.latency import measure_latency
@@ -106,10 +106,9 @@ def _prune(record: TrialRecord, task: Task, profile: HardwareProfile) -> tuple[n
                                 pattern=c.sparsity_pattern)
         gradual = c.unstructured_criterion == "movement" and c.epochs > 0
         scores = None
-        if sparsifier.active and c.unstructured_criterion == "fisher":
-            scores = fisher_scores(student, task.train, seed=record.seed)
-        elif sparsifier.active and c.unstructured_criterion == "movement" and not gradual:
-            scores = taylor_scores(student, task.train, seed=record.seed)
+        if sparsifier.active and not gradual:
+            scores = one_shot_scores(student, c.unstructured_criterion, task.train,
+                                     seed=record.seed)
         sparsifier.start(scores, gradual=gradual)
     if record.dropped_blocks or c.structured_ratio > 0 or c.head_ratio > 0 or sparsifier.active:
         recalibrate_batchnorm(student, probe.repeat(2, *([1] * (probe.dim() - 1))))

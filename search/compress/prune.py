@@ -220,15 +220,10 @@ def drop_blocks(model: nn.Module, n: int, inputs: torch.Tensor) -> list[str]:
 def prune_unstructured(model: nn.Module, sparsity: float, criterion: str = "magnitude",
                        scope: str = "global", data: Split | None = None) -> nn.Module:
     """One-shot: zero the ``sparsity`` share of Conv/Linear weights with the lowest score."""
-    from search.compress.sparsity import Sparsifier, fisher_scores, taylor_scores
+    from search.compress.sparsity import Sparsifier, one_shot_scores
 
     sparsifier = Sparsifier(model, sparsity=sparsity, criterion=criterion, scope=scope)
-    scores = None
-    if criterion == "fisher" and data is not None:
-        scores = fisher_scores(model, data)
-    elif criterion == "movement" and data is not None:
-        scores = taylor_scores(model, data)
-    sparsifier.start(scores, gradual=False)
+    sparsifier.start(one_shot_scores(model, criterion, data), gradual=False)
     return model
 
 

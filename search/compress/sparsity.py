@@ -30,7 +30,7 @@ from torch import nn
 
 from search.tasks import Split
 
-__all__ = ["CRITERIA", "Sparsifier", "fisher_scores", "nm_mask", "taylor_scores"]
+__all__ = ["CRITERIA", "Sparsifier", "fisher_scores", "nm_mask", "one_shot_scores", "taylor_scores"]
 
 CRITERIA = ("magnitude", "movement", "fisher")
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -117,6 +117,20 @@ def taylor_scores(model: nn.Module, data: Split, *, samples: int = 512, batch: i
     _gradient_pass(model, data, samples, batch, seed,
                    lambda name, w, g: scores[name].sub_(w * g))
     return scores
+
+
+def one_shot_scores(model: nn.Module, criterion: str, data: Split | None,
+                    seed: int = 0) -> dict[str, torch.Tensor] | None:
+    """Scores to prune by now: the diagonal Fisher for ``fisher``, first-order movement
+    (Taylor) for ``movement`` without a fine-tune, None for ``magnitude`` (the
+    Sparsifier's own ``|w|``, and the fallback without data)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown sparsity criterion {criterion!r}; known: {CRITERIA}")
+    if data is None or criterion == "magnitude":
+        return None
+    if criterion == "fisher":
+        return fisher_scores(model, data, seed=seed)
+    return taylor_scores(model, data, seed=seed)
 
 
 class Sparsifier:
