@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,22 +29,59 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory, fast_profile):
-    """A Ray head on 127.0.0.1 that requires a token and advertises the fast profile's device;
-    stopped (with every process it started) at the end."""
+    """A Ray head on 127.0.0.1 that requires a token and advertises the fast profile's device.
+
+    Started with ``--block`` in a process group of its own and stopped by ending that group:
+    ``ray stop`` would also stop every other Ray of this user on the machine.
+    """
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(24),
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
-    started = subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
          "--resources", json.dumps({fast_profile.resource: 1}), "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stderr[-3000:]
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        _wait_for(dashboard, proc, log)
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
-        subprocess.run([RAY, "stop"], env=env, capture_output=True, timeout=120)
+        _stop_group(proc)
+
+
+def _wait_for(port: int, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("ray start exited: " + log.read_text()[-3000:])
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    pytest.fail("the Ray head's dashboard did not open: " + log.read_text()[-3000:])
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """End the head and every process it started, and check none is left behind."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        time.sleep(2)
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
+    if left.stdout.strip():
+        os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(2)
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
+    assert not left.stdout.strip(), f"Ray processes left behind: {left.stdout.split()}"
 
 
 def _submit(env: dict[str, str], address: str, *args: str) -> subprocess.CompletedProcess:
