@@ -11,7 +11,7 @@ import pytest
 from ray.cluster_utils import Cluster
 
 from search.config import SearchConfig
-from search.errors import ConfigError
+from search.errors import ConfigError, SearchError
 from search.study import run_search
 
 pytestmark = pytest.mark.slow
@@ -70,8 +70,9 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path, fast_profil
                      "  lr: {low: 1.0e+6, high: 1.0e+7, log: true}\n  alpha: {low: 0, high: 0}\n")
     config = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path,
                           space=str(space), study_name="diverge")
-    with pytest.raises(Exception, match="trials failed"):
+    with pytest.raises(SearchError, match="trials failed; stopping") as raised:
         run_search(config, show_progress=False)
+    assert type(raised.value) is SearchError  # the study gave up, not bad input
     study = optuna.load_study(study_name="diverge",
                               storage=f"sqlite:///{(tmp_path / 'optuna.db').resolve()}")
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]

@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.config import SearchConfig
+from search.errors import ConfigError
 from search.study import run_search
 from search.tracking import EXPERIMENT
 
@@ -69,19 +70,23 @@ def test_mlflow_has_parent_with_front_and_one_child_per_trial(study_run):
     assert any(k.startswith("precision.") for k in child.data.params)
 
 
-def test_rerun_resumes_without_duplicates(study_run):
-    config, first = study_run
+def test_rerun_resumes_without_duplicates(tmp_path, fast_profile_path):
+    """Its own study (the shared one above must keep exactly 4 trials whatever the order)."""
     from dataclasses import replace
 
-    second = run_search(replace(config, budget=5), show_progress=False)
+    config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=tmp_path, seed=0,
+                          study_name="resumed")
+    first = run_search(config, show_progress=False)
+    assert sorted(first.trials["trial"]) == list(range(3))
+    second = run_search(replace(config, budget=4), show_progress=False)
     assert second.parent_run_id == first.parent_run_id
-    assert sorted(second.trials["trial"]) == list(range(5))
+    assert sorted(second.trials["trial"]) == list(range(4))
     children = _children(MlflowClient(second.tracking_uri), second.parent_run_id)
     numbers = sorted(int(c.data.tags["search.trial"]) for c in children)
-    assert numbers == list(range(5))
-    study = optuna.load_study(study_name="e2e", storage=second.trials.attrs.get("storage")
-                              or f"sqlite:///{(config.runs_root / 'optuna.db').resolve()}")
-    assert len(study.trials) == 5
+    assert numbers == list(range(4))
+    study = optuna.load_study(study_name="resumed",
+                              storage=f"sqlite:///{(tmp_path / 'optuna.db').resolve()}")
+    assert len(study.trials) == 4
     # self-calibration: the measured study refit the profile's latency model
     parent = MlflowClient(second.tracking_uri).get_run(second.parent_run_id)
     assert parent.data.metrics["latency_model_spearman"] > 0
@@ -108,7 +113,7 @@ def test_gpu_profile_is_predicted_and_labelled(tmp_path):
     assert client.get_run(result.parent_run_id).data.params["latency_source"] == "predicted"
     assert {c.data.tags["latency_source"] for c in _children(client, result.parent_run_id)} == \
         {"predicted"}
-    with pytest.raises(Exception, match="measure"):
+    with pytest.raises(ConfigError, match="--latency measure"):
         run_search(SearchConfig(profile="t4-gpu", budget=3, runs_root=tmp_path, study_name="t4m",
                                 latency="measure"), show_progress=False)
 
@@ -132,7 +137,7 @@ def test_a_study_never_mixes_latency_sources(tmp_path, fast_profile_path):
     run_search(base, show_progress=False)
     from dataclasses import replace
 
-    with pytest.raises(Exception, match="mix"):
+    with pytest.raises(ConfigError, match="would mix them"):
         run_search(replace(base, budget=3, latency="measure"), show_progress=False)
 
 
