@@ -90,6 +90,16 @@ def fast_profile(fast_profile_path):
     return load_profile(fast_profile_path)
 
 
+def skip_unless_ci(reason: str) -> None:
+    """Skip with ``reason``; under CI=true (.ci/run) fail instead, since there the test's
+    prerequisites are installed and a skip would hide that they are not."""
+    import os
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and this test cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def free_port() -> int:
     """A loopback port nobody listens on (now)."""
     with socket.socket() as s:

@@ -13,7 +13,7 @@ from search.config import SearchConfig
 from search.evaluate import onnx_accuracy
 from search.study import run_search
 from search.tracking import EXPERIMENT
-from tests.conftest import free_port, start_mlflow_server, stop_mlflow_server
+from tests.conftest import free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -76,10 +76,13 @@ def _browser():
     """Headless Debian Chromium through Selenium, or skip saying what is missing."""
     import shutil
 
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    try:
+        from selenium import webdriver
+    except ImportError:
+        skip_unless_ci("selenium is not installed (pip install -e '.[dev]')")
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip("Debian's chromium and chromium-driver are not installed "
+        skip_unless_ci("Debian's chromium and chromium-driver are not installed "
                     "(apt-get install chromium chromium-driver; .ci/run does)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
