@@ -91,17 +91,24 @@ def test_repeated_choices_are_answered_from_the_cache(tmp_path):
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_every_sampler_explores_the_conditional_space(name, profile, layers):
+    """Each sampler asks distinct configurations, and each asks a branch's parameters exactly
+    when the branch is taken: distillation settings only with epochs > 0, the structured
+    importance only with a structured ratio > 0."""
     resolved = resolve_space(load_space("default"), profile, layers)
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 sampler=make_sampler(name, seed=0, budget=12, constrained=True))
-    seen = set()
+    asked = []
     for i in range(8):
         trial = study.ask()
         choices = resolved.sample(trial)
-        seen.add((choices.epochs > 0, choices.structured_ratio > 0))
+        params = set(trial.params)
+        assert ({"lr", "alpha", "temperature"} <= params) == (choices.epochs > 0), params
+        assert ({"lr", "alpha", "temperature"} & params == set()) == (choices.epochs == 0), params
+        assert ("structured_importance" in params) == (choices.structured_ratio > 0), params
+        asked.append(tuple(sorted(trial.params.items(), key=lambda kv: kv[0])))
         trial.set_user_attr("constraint_values", [float(i % 2) - 0.5])
         study.tell(trial, [90.0 + i % 5, 1.0 / (1 + i)])
-    assert len(seen) >= 2
+    assert len(set(asked)) == 8  # no configuration asked twice
 
 
 def test_sparse_transfer_from_a_checkpoint_given_on_the_command_line(tmp_path, task):
