@@ -142,3 +142,21 @@ def stop_mlflow_server(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+
+
+QUICK_SPACE = """
+name: quick
+pruning:
+  unstructured_sparsity: {low: 0.0, high: 0.5, step: 0.1}
+  structured_ratio: {low: 0.0, high: 0.3, step: 0.1}
+distillation:
+  epochs: {low: 0, high: 0}
+"""
+
+
+@pytest.fixture
+def quick_space(tmp_path) -> str:
+    """A space with no fine-tune, for studies whose subject is not training."""
+    path = tmp_path / "quick.yaml"
+    path.write_text(QUICK_SPACE)
+    return str(path)

@@ -173,3 +173,25 @@ def test_resuming_with_another_task_is_refused():
                          study_name="s").resolved("p")
     with pytest.raises(ConfigError, match="arch=resnet18.*arch=mobilenet_v2"):
         _check_same_task(study, other)
+
+
+def test_journal_file_storage_runs_and_resumes(tmp_path, fast_profile_path, quick_space):
+    """journal:///path (what the nightly configs use): a study, then a resume to a larger
+    budget, with every trial once in the journal file."""
+    from dataclasses import replace
+
+    journal = tmp_path / "shared" / "study.journal"
+    config = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path,
+                          space=quick_space, study_name="journal", latency="predict",
+                          storage=f"journal:///{journal}", refine=0)
+    first = run_search(config, show_progress=False)
+    assert journal.stat().st_size > 0 and not (tmp_path / "optuna.db").exists()
+    second = run_search(replace(config, budget=3), show_progress=False)
+    assert second.parent_run_id == first.parent_run_id
+    assert sorted(second.trials["trial"]) == [0, 1, 2]
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="journal",
+                              storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert sorted(t.number for t in done) == [0, 1, 2]
