@@ -24,7 +24,7 @@ REQUIRED = ["trial", "accuracy", "latency_ms", "latency_source", "speedup", "siz
 def study_run(tmp_path_factory, fast_profile_path):
     root = tmp_path_factory.mktemp("runs")
     config = SearchConfig(profile=str(fast_profile_path), budget=4, runs_root=root, seed=0,
-                          study_name="e2e")
+                          study_name="e2e", refine=0)  # refinement adds trials past the budget
     return config, run_search(config, show_progress=False)
 
 
@@ -75,7 +75,7 @@ def test_rerun_resumes_without_duplicates(tmp_path, fast_profile_path):
     from dataclasses import replace
 
     config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=tmp_path, seed=0,
-                          study_name="resumed")
+                          study_name="resumed", refine=0)  # no trials past the budget
     first = run_search(config, show_progress=False)
     assert sorted(first.trials["trial"]) == list(range(3))
     second = run_search(replace(config, budget=4), show_progress=False)
