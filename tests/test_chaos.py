@@ -152,7 +152,8 @@ def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fas
                     seen.add(pid)
                     time.sleep(0.5)  # well into the 1.5 s slowdown, or the 2 s measurement
                     if not _cmdline(pid).startswith(plan[0]):
-                        break  # it finished first: that was no interruption, find another
+                        seen.discard(pid)  # it finished first: no interruption; its next task
+                        break
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
