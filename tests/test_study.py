@@ -74,19 +74,19 @@ def test_rerun_resumes_without_duplicates(tmp_path, fast_profile_path):
     """Its own study (the shared one above must keep exactly 4 trials whatever the order)."""
     from dataclasses import replace
 
-    config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=tmp_path, seed=0,
+    config = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path, seed=0,
                           study_name="resumed", refine=0)  # no trials past the budget
     first = run_search(config, show_progress=False)
-    assert sorted(first.trials["trial"]) == list(range(3))
-    second = run_search(replace(config, budget=4), show_progress=False)
+    assert sorted(first.trials["trial"]) == list(range(2))
+    second = run_search(replace(config, budget=5), show_progress=False)  # 5: self-calibration
     assert second.parent_run_id == first.parent_run_id
-    assert sorted(second.trials["trial"]) == list(range(4))
+    assert sorted(second.trials["trial"]) == list(range(5))
     children = _children(MlflowClient(second.tracking_uri), second.parent_run_id)
     numbers = sorted(int(c.data.tags["search.trial"]) for c in children)
-    assert numbers == list(range(4))
+    assert numbers == list(range(5))
     study = optuna.load_study(study_name="resumed",
                               storage=f"sqlite:///{(tmp_path / 'optuna.db').resolve()}")
-    assert len(study.trials) == 4
+    assert len(study.trials) == 5
     # self-calibration: the measured study refit the profile's latency model
     parent = MlflowClient(second.tracking_uri).get_run(second.parent_run_id)
     assert parent.data.metrics["latency_model_spearman"] > 0
