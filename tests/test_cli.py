@@ -200,3 +200,41 @@ def test_experiment_files_are_valid():
     root = Path(__file__).resolve().parents[1] / "experiments"
     values = load_config_file(root / "resnet18-digits.yaml")
     assert values["arch"] == "resnet18" and values["budget"] >= 30
+
+
+def test_report_and_export_read_a_finished_study(tmp_path, monkeypatch, capsys, fast_profile_path,
+                                                 quick_space):
+    """The happy paths: `search report` prints the stored front, `search export` writes a
+    front trial's ONNX model, byte for byte, and ONNX Runtime runs it."""
+    import numpy as np
+    import onnxruntime as ort
+    import pandas as pd
+
+    from search.cli import main
+    from search.config import SearchConfig
+    from search.study import run_search
+
+    monkeypatch.chdir(tmp_path)
+    result = run_search(SearchConfig(profile=str(fast_profile_path), budget=2,
+                                     runs_root=Path("search-runs"), space=quick_space,
+                                     study_name="done", latency="predict"), show_progress=False)
+    front = pd.read_csv(result.output_dir / "pareto.csv")
+    front = front[front["on_front"]]
+    storage = f"sqlite:///{(tmp_path / 'search-runs' / 'optuna.db').resolve()}"
+    capsys.readouterr()
+
+    assert main(["report", "--study", "done", "--storage", storage]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"done: 2 completed trials, front of {len(front)}"), out
+
+    trial = int(front["trial"].iloc[0])
+    target = tmp_path / "deploy" / "model.onnx"
+    assert main(["export", "--study", "done", "--trial", str(trial), "--to", str(target)]) == 0
+    assert f"wrote {target} (trial {trial} of done)" in capsys.readouterr().out
+    source = tmp_path / "search-runs" / "done" / "models" / f"trial-{trial}.onnx"
+    assert target.read_bytes() == source.read_bytes()
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    feed = session.get_inputs()[0]
+    shape = [1 if not isinstance(d, int) else d for d in feed.shape]
+    outputs = session.run(None, {feed.name: np.zeros(shape, dtype=np.float32)})
+    assert outputs[0].shape[-1] == 10  # the digits classes

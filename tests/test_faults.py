@@ -11,18 +11,27 @@ import pytest
 from ray.cluster_utils import Cluster
 
 from search.config import SearchConfig
-from search.errors import ConfigError
+from search.errors import ConfigError, SearchError
 from search.study import run_search
 
 pytestmark = pytest.mark.slow
 
 
 def _complete(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except Exception:
-        return []
+    """The study's COMPLETE trials; raises when the study is not there."""
+    study = optuna.load_study(study_name=name, storage=storage)
     return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def _complete_so_far(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    """For polling while a driver starts: [] until the study exists or while SQLite is
+    locked for a moment; any other error raises."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        return _complete(storage, name)
+    except (KeyError, OperationalError):
+        return []
 
 
 def test_losing_the_device_node_mid_study_keeps_the_full_budget(tmp_path, fast_profile,
@@ -39,7 +48,7 @@ def test_losing_the_device_node_mid_study_keeps_the_full_budget(tmp_path, fast_p
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
-        while len(_complete(storage, "chaos")) < 2 and time.monotonic() < deadline:
+        while len(_complete_so_far(storage, "chaos")) < 2 and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             time.sleep(0.3)
         cluster.remove_node(first, allow_graceful=False)
@@ -70,8 +79,9 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path, fast_profil
                      "  lr: {low: 1.0e+6, high: 1.0e+7, log: true}\n  alpha: {low: 0, high: 0}\n")
     config = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path,
                           space=str(space), study_name="diverge")
-    with pytest.raises(Exception, match="trials failed"):
+    with pytest.raises(SearchError, match="trials failed; stopping") as raised:
         run_search(config, show_progress=False)
+    assert type(raised.value) is SearchError  # the study gave up, not bad input
     study = optuna.load_study(study_name="diverge",
                               storage=f"sqlite:///{(tmp_path / 'optuna.db').resolve()}")
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]

@@ -76,13 +76,36 @@ def test_value_out_of_range(tmp_path):
         load_profile(_write(tmp_path, data))
 
 
+def _cpuinfo_flags() -> set[str]:
+    """The first 'flags' line of /proc/cpuinfo, read here rather than through the product."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        pytest.skip("no /proc/cpuinfo: host detection is Linux-only")
+    line = next((x for x in info.read_text().splitlines() if x.startswith("flags")), None)
+    if line is None:
+        pytest.skip("/proc/cpuinfo has no flags line on this architecture")
+    return set(line.split(":", 1)[1].split())
+
+
 def test_host_detection_matches_cpuinfo():
-    profile = load_profile("cpu-avx512-vnni")
-    ok, why = measurable_here(profile)
-    flags = host_cpu_flags()
-    assert ok == (set(profile.requires.cpu_flags) <= flags), why
-    if not ok:
-        assert "lacks" in why
+    """Which built-in CPU profile measures here, stated per host kind and checked against
+    /proc/cpuinfo as read by the test: VNNI hosts get cpu-avx512-vnni and not cpu-avx2,
+    AVX2 hosts without VNNI (this machine) get cpu-avx2 and are told what they lack."""
+    from tests.conftest import host_builtin
+
+    flags = _cpuinfo_flags()
+    assert host_cpu_flags() == flags
+    vnni_ok, vnni_why = measurable_here(load_profile("cpu-avx512-vnni"))
+    avx2_ok, avx2_why = measurable_here(load_profile("cpu-avx2"))
+    if {"avx2", "avx512f", "avx512_vnni"} <= flags:
+        assert vnni_ok and not avx2_ok, (vnni_why, avx2_why)
+        assert host_builtin() == "cpu-avx512-vnni"
+    elif {"avx2", "fma"} <= flags:
+        assert not vnni_ok and "lacks" in vnni_why and "avx512" in vnni_why, vnni_why
+        assert avx2_ok, avx2_why
+        assert host_builtin() == "cpu-avx2"
+    else:
+        assert not vnni_ok and not avx2_ok
 
 
 def test_required_builtins_exist_and_legacy_devices_say_so():
@@ -109,10 +132,17 @@ def test_host_profile_matches_this_machine():
         assert host.precisions == load_profile("cpu-avx512-vnni").precisions
 
 
-def test_avx2_profile_is_not_measured_on_a_vnni_cpu():
+def test_avx2_profile_is_measured_exactly_where_vnni_is_absent():
+    """On a VNNI host cpu-avx2 is refused (its numbers would be a VNNI CPU's); on an AVX2 host
+    without VNNI, such as this one, it is the profile that measures."""
+    flags = _cpuinfo_flags()
     ok, why = measurable_here(load_profile("cpu-avx2"))
-    if "avx512_vnni" in host_cpu_flags():
-        assert not ok and "avx512_vnni" in why
+    if "avx512_vnni" in flags:
+        assert not ok and "avx512_vnni" in why, why
+    elif {"avx2", "fma"} <= flags:
+        assert ok, why
+    else:
+        assert not ok and "avx2" in why, why
 
 
 def test_latency_model_must_price_every_allowed_precision(tmp_path):

@@ -91,17 +91,24 @@ def test_repeated_choices_are_answered_from_the_cache(tmp_path):
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_every_sampler_explores_the_conditional_space(name, profile, layers):
+    """Each sampler asks distinct configurations, and each asks a branch's parameters exactly
+    when the branch is taken: distillation settings only with epochs > 0, the structured
+    importance only with a structured ratio > 0."""
     resolved = resolve_space(load_space("default"), profile, layers)
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 sampler=make_sampler(name, seed=0, budget=12, constrained=True))
-    seen = set()
+    asked = []
     for i in range(8):
         trial = study.ask()
         choices = resolved.sample(trial)
-        seen.add((choices.epochs > 0, choices.structured_ratio > 0))
+        params = set(trial.params)
+        assert ({"lr", "alpha", "temperature"} <= params) == (choices.epochs > 0), params
+        assert ({"lr", "alpha", "temperature"} & params == set()) == (choices.epochs == 0), params
+        assert ("structured_importance" in params) == (choices.structured_ratio > 0), params
+        asked.append(tuple(sorted(trial.params.items(), key=lambda kv: kv[0])))
         trial.set_user_attr("constraint_values", [float(i % 2) - 0.5])
         study.tell(trial, [90.0 + i % 5, 1.0 / (1 + i)])
-    assert len(seen) >= 2
+    assert len(set(asked)) == 8  # no configuration asked twice
 
 
 def test_sparse_transfer_from_a_checkpoint_given_on_the_command_line(tmp_path, task):
@@ -130,3 +137,32 @@ def test_sparse_transfer_from_a_checkpoint_given_on_the_command_line(tmp_path, t
     trials = pd.read_csv(tmp_path / "search-runs" / "digits-cpu-avx512-vnni" / "trials.csv")
     assert (trials["param.init"] == "sparse").all()
     assert (trials["sparsity"] >= 0.59).all()
+
+
+@pytest.mark.parametrize("name", ["nsga2", "gp"])
+def test_nsga2_and_gp_drive_a_real_study(name, tmp_path, fast_profile_path, quick_space):
+    """Each sampler runs a study end to end: the budget met, the sampler recorded."""
+    result = run_search(SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=tmp_path,
+                                     space=quick_space, study_name=name, sampler=name,
+                                     latency="predict"), show_progress=False)
+    assert sorted(result.trials["trial"]) == [0, 1, 2]
+    assert result.trials["on_front"].any()
+    parent = MlflowClient(result.tracking_uri).get_run(result.parent_run_id)
+    assert parent.data.params["sampler"] == name
+
+
+def test_max_latency_keeps_slower_trials_off_the_front(tmp_path, fast_profile_path, quick_space):
+    """The two baselines (fp32, int8) have deterministic predicted latencies: a limit between
+    them keeps the slower one off the front and marks it infeasible, whatever its accuracy."""
+    base = dict(profile=str(fast_profile_path), budget=2, runs_root=tmp_path, space=quick_space,
+                latency="predict")
+    free = run_search(SearchConfig(**base, study_name="free"), show_progress=False).trials
+    fast, slow = sorted(free["latency_ms"])
+    assert fast < slow
+    limit = (fast + slow) / 2
+    capped = run_search(SearchConfig(**base, study_name="capped", max_latency_ms=limit),
+                        show_progress=False).trials
+    assert sorted(capped["latency_ms"]) == pytest.approx([fast, slow])
+    over = capped[capped["latency_ms"] > limit]
+    assert len(over) == 1 and not over["feasible"].any() and not over["on_front"].any()
+    assert capped.loc[capped["latency_ms"] <= limit, "on_front"].all()

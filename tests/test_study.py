@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.config import SearchConfig
+from search.errors import ConfigError
 from search.study import run_search
 from search.tracking import EXPERIMENT
 
@@ -23,7 +24,7 @@ REQUIRED = ["trial", "accuracy", "latency_ms", "latency_source", "speedup", "siz
 def study_run(tmp_path_factory, fast_profile_path):
     root = tmp_path_factory.mktemp("runs")
     config = SearchConfig(profile=str(fast_profile_path), budget=4, runs_root=root, seed=0,
-                          study_name="e2e")
+                          study_name="e2e", refine=0)  # refinement adds trials past the budget
     return config, run_search(config, show_progress=False)
 
 
@@ -69,18 +70,22 @@ def test_mlflow_has_parent_with_front_and_one_child_per_trial(study_run):
     assert any(k.startswith("precision.") for k in child.data.params)
 
 
-def test_rerun_resumes_without_duplicates(study_run):
-    config, first = study_run
+def test_rerun_resumes_without_duplicates(tmp_path, fast_profile_path):
+    """Its own study (the shared one above must keep exactly 4 trials whatever the order)."""
     from dataclasses import replace
 
-    second = run_search(replace(config, budget=5), show_progress=False)
+    config = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path, seed=0,
+                          study_name="resumed", refine=0)  # no trials past the budget
+    first = run_search(config, show_progress=False)
+    assert sorted(first.trials["trial"]) == list(range(2))
+    second = run_search(replace(config, budget=5), show_progress=False)  # 5: self-calibration
     assert second.parent_run_id == first.parent_run_id
     assert sorted(second.trials["trial"]) == list(range(5))
     children = _children(MlflowClient(second.tracking_uri), second.parent_run_id)
     numbers = sorted(int(c.data.tags["search.trial"]) for c in children)
     assert numbers == list(range(5))
-    study = optuna.load_study(study_name="e2e", storage=second.trials.attrs.get("storage")
-                              or f"sqlite:///{(config.runs_root / 'optuna.db').resolve()}")
+    study = optuna.load_study(study_name="resumed",
+                              storage=f"sqlite:///{(tmp_path / 'optuna.db').resolve()}")
     assert len(study.trials) == 5
     # self-calibration: the measured study refit the profile's latency model
     parent = MlflowClient(second.tracking_uri).get_run(second.parent_run_id)
@@ -108,7 +113,7 @@ def test_gpu_profile_is_predicted_and_labelled(tmp_path):
     assert client.get_run(result.parent_run_id).data.params["latency_source"] == "predicted"
     assert {c.data.tags["latency_source"] for c in _children(client, result.parent_run_id)} == \
         {"predicted"}
-    with pytest.raises(Exception, match="measure"):
+    with pytest.raises(ConfigError, match="--latency measure"):
         run_search(SearchConfig(profile="t4-gpu", budget=3, runs_root=tmp_path, study_name="t4m",
                                 latency="measure"), show_progress=False)
 
@@ -132,7 +137,7 @@ def test_a_study_never_mixes_latency_sources(tmp_path, fast_profile_path):
     run_search(base, show_progress=False)
     from dataclasses import replace
 
-    with pytest.raises(Exception, match="mix"):
+    with pytest.raises(ConfigError, match="would mix them"):
         run_search(replace(base, budget=3, latency="measure"), show_progress=False)
 
 
@@ -168,3 +173,25 @@ def test_resuming_with_another_task_is_refused():
                          study_name="s").resolved("p")
     with pytest.raises(ConfigError, match="arch=resnet18.*arch=mobilenet_v2"):
         _check_same_task(study, other)
+
+
+def test_journal_file_storage_runs_and_resumes(tmp_path, fast_profile_path, quick_space):
+    """journal:///path (what the nightly configs use): a study, then a resume to a larger
+    budget, with every trial once in the journal file."""
+    from dataclasses import replace
+
+    journal = tmp_path / "shared" / "study.journal"
+    config = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path,
+                          space=quick_space, study_name="journal", latency="predict",
+                          storage=f"journal:///{journal}", refine=0)
+    first = run_search(config, show_progress=False)
+    assert journal.stat().st_size > 0 and not (tmp_path / "optuna.db").exists()
+    second = run_search(replace(config, budget=3), show_progress=False)
+    assert second.parent_run_id == first.parent_run_id
+    assert sorted(second.trials["trial"]) == [0, 1, 2]
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="journal",
+                              storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert sorted(t.number for t in done) == [0, 1, 2]

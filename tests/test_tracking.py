@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -18,44 +13,33 @@ from search.config import SearchConfig
 from search.evaluate import onnx_accuracy
 from search.study import run_search
 from search.tracking import EXPERIMENT
+from tests.conftest import free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    proc, port = None, free_port()
+    try:
+        proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc is not None:
+            stop_mlflow_server(proc)
 
 
-def test_study_against_a_tracking_server(server, tmp_path, fast_profile_path, task):
-    config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=tmp_path,
+@pytest.fixture(scope="module")
+def served(server, tmp_path_factory, fast_profile_path):
+    """One study against the server, read by the tests below (none of them changes it)."""
+    root = tmp_path_factory.mktemp("served")
+    config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=root,
                           tracking_uri=server, study_name="served")
-    result = run_search(config, show_progress=False)
+    return root, run_search(config, show_progress=False)
+
+
+def test_study_against_a_tracking_server(server, served, task):
+    _, result = served
     client = MlflowClient(server)
     parent = client.get_run(result.parent_run_id)
     assert parent.data.params["study_name"] == "served"
@@ -82,14 +66,9 @@ def test_study_against_a_tracking_server(server, tmp_path, fast_profile_path, ta
         assert accuracy == pytest.approx(child.data.metrics["accuracy"])
 
 
-def test_offline_plot_loads_no_remote_script(server, tmp_path, fast_profile_path):
-    path = tmp_path / "served" / "pareto.html"
-    if not path.exists():  # produced by the study above when run in the same session
-        run_search(SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path,
-                                tracking_uri=server, study_name="served-html"),
-                   show_progress=False)
-        path = tmp_path / "served-html" / "pareto.html"
-    html = path.read_text()
+def test_offline_plot_loads_no_remote_script(served):
+    root, _ = served
+    html = (root / "served" / "pareto.html").read_text()
     assert "<svg" in html and "<script src" not in html and "http" not in html.split("<body>")[1]
 
 
@@ -97,10 +76,13 @@ def _browser():
     """Headless Debian Chromium through Selenium, or skip saying what is missing."""
     import shutil
 
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    try:
+        from selenium import webdriver
+    except ImportError:
+        skip_unless_ci("selenium is not installed (pip install -e '.[dev]')")
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip("Debian's chromium and chromium-driver are not installed "
+        skip_unless_ci("Debian's chromium and chromium-driver are not installed "
                     "(apt-get install chromium chromium-driver; .ci/run does)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
