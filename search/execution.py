@@ -181,8 +181,11 @@ class Executor:
         self._screen = ray.remote(_screen_remote).options(
             num_cpus=self.train_cpus, max_retries=1, name="screen"
         )
+        # a fine-tune on a cluster with GPUs holds one, so parallel trials never share a card
+        # unknowingly (the trial trains on CUDA when Ray gives it one: search.devices)
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         self._finetune = ray.remote(_finetune_remote).options(
-            num_cpus=self.train_cpus, max_retries=1, name="finetune"
+            num_cpus=self.train_cpus, num_gpus=gpus, max_retries=1, name="finetune"
         )
         resources = {self.profile.resource: 1.0} if self.profile.resource else {}
         self._measure = ray.remote(_measure_remote).options(
