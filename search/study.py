@@ -213,7 +213,35 @@ def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]
 
 
 def run_search(config: SearchConfig, *, show_progress: bool = True) -> StudyResult:
-    """Run (or resume) a study until ``budget`` trials are COMPLETE; write its front."""
+    """Run (or resume) a study until ``budget`` trials are done; refine and write its front.
+
+    Progress and INFO messages (teacher cached or trained, latency source, trials
+    stopped early) reach a notebook too: without any logging set up by the
+    caller, they go to stderr for the duration of the call.
+    """
+    with _messages_shown():
+        return _run_search(config, show_progress)
+
+
+@contextmanager
+def _messages_shown() -> Iterator[None]:
+    ours = logging.getLogger("search")
+    if ours.handlers or logging.getLogger().handlers:  # the CLI or the caller configured it
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("search: %(message)s"))
+    level = ours.level
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        ours.removeHandler(handler)
+        ours.setLevel(level)
+
+
+def _run_search(config: SearchConfig, show_progress: bool) -> StudyResult:
     start = time.perf_counter()
     profile = load_profile(config.profile)
     cfg = config.resolved(profile.name)
