@@ -40,6 +40,9 @@ def _wasted_share(study: optuna.Study, df: pd.DataFrame) -> float:
     reference = float(df.loc[df["reference"], "accuracy"].iloc[0])
     useful = set(df.loc[df["on_front"] & (df["accuracy"] >= reference - HV_ACCURACY_SPAN),
                         "trial"].astype(int))
+    # a refinement on the front makes the trial it refined useful: that trial found it
+    useful |= {int(t.user_attrs["refined_from"]) for t in study.get_trials(deepcopy=False)
+               if t.number in useful and "refined_from" in t.user_attrs}
     total = wasted = 0.0
     for t in study.get_trials(deepcopy=False):
         if not t.state.is_finished() or "refined_from" in t.user_attrs:
@@ -55,9 +58,11 @@ def _best_within(df: pd.DataFrame, drop: float) -> tuple[pd.Series | None, float
     """The fastest trial within ``drop`` points on validation and test, its speedup over
     fp32 and over uniform int8, from the side-by-side re-measurement where there is one."""
     ref = df[df["reference"]].iloc[0]
-    latency = df["latency_remeasured_ms"].fillna(df["latency_ms"]) \
-        if "latency_remeasured_ms" in df else df["latency_ms"]
-    df = df.assign(latency_final=latency)
+    if "latency_remeasured_ms" in df:  # only what was measured side by side counts
+        df = df[df["latency_remeasured_ms"].notna()].assign(
+            latency_final=df["latency_remeasured_ms"])
+    else:
+        df = df.assign(latency_final=df["latency_ms"])
     ok = df[(df["accuracy"] >= ref["accuracy"] - drop)
             & (df["test_accuracy"] >= ref["test_accuracy"] - drop)]
     best = ok.sort_values("latency_final").iloc[0]
