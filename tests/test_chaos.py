@@ -20,6 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.config import SearchConfig
+from search.driver import failure_reason
 from search.study import run_search
 from search.tracking import EXPERIMENT
 from tests.conftest import free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
@@ -208,7 +209,7 @@ def test_driver_killed_then_rerun_recovers_exactly(slow_trials, fast_profile_pat
     assert all((after[n].values, after[n].params) == before[n] for n in before)
     failed = {t.number: t for t in _trials(storage, "killed", FAIL)}
     assert set(stale) <= set(failed)
-    assert all(failed[n].user_attrs["failure"] == "driver stopped mid-trial" for n in stale)
+    assert all(failure_reason(failed[n]) == "driver stopped mid-trial" for n in stale)
     assert not _trials(storage, "killed", RUNNING)
     tracking = f"sqlite:///{slow_trials / 'search-runs' / 'mlflow.db'}"
     _assert_mlflow_matches(tracking, storage, "killed")
