@@ -104,7 +104,12 @@ def refine_front(study: optuna.Study, executor: Executor | LocalExecutor, settin
         if record.error or record.onnx_model is None:
             log.warning("refining trial %d failed: %s", source.number, record.error)
             continue
-        number = _adopt(study, source, record, output_dir)
+        try:
+            number = _adopt(study, source, record, output_dir)
+        except OSError as exc:  # a full disk: the source stays, a rerun refines again
+            log.warning("refining trial %d: cannot save its model (%s); kept as it was",
+                        source.number, exc.strerror or exc)
+            continue
         if number is not None:
             added.append(number)
     return added
@@ -113,16 +118,19 @@ def refine_front(study: optuna.Study, executor: Executor | LocalExecutor, settin
 def _adopt(study: optuna.Study, source: optuna.trial.FrozenTrial, record: TrialRecord,
            output_dir: Path) -> int | None:
     """Add the refinement as a trial when it beats its source; record it either way."""
-    done = dict(study.user_attrs.get(_DONE_ATTR, {}))
-    done[str(source.number)] = record.accuracy
-    study.set_user_attr(_DONE_ATTR, done)
     before = source.values[0]
     if record.accuracy is None or record.accuracy <= before:
+        _mark_refined(study, source.number, record.accuracy)
         log.info("trial %d refined to %.2f%% (was %.2f%%): kept as it was", source.number,
                  record.accuracy or float("nan"), before)
         return None
     number = len(study.get_trials(deepcopy=False))
-    (output_dir / "models" / f"trial-{number}.onnx").write_bytes(record.onnx_model or b"")
+    path = output_dir / "models" / f"trial-{number}.onnx"
+    try:
+        path.write_bytes(record.onnx_model or b"")
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
     attrs: dict[str, Any] = {k: v for k, v in source.user_attrs.items()
                              if k.startswith("latency") or k in ("device", "provider", "node")}
     attrs.update(record_attrs(record))
@@ -139,9 +147,16 @@ def _adopt(study: optuna.Study, source: optuna.trial.FrozenTrial, record: TrialR
     study.add_trial(optuna.trial.create_trial(
         params=params, distributions=distributions, values=[record.accuracy, source.values[1]],
         user_attrs=attrs))
+    _mark_refined(study, source.number, record.accuracy)
     log.info("trial %d refined to %.2f%% (was %.2f%%): added as trial %d", source.number,
              record.accuracy, before, number)
     return number
+
+
+def _mark_refined(study: optuna.Study, source: int, accuracy: float | None) -> None:
+    done = dict(study.user_attrs.get(_DONE_ATTR, {}))
+    done[str(source)] = accuracy
+    study.set_user_attr(_DONE_ATTR, done)
 
 
 def _interleaved(models: dict[int, bytes], profile, input_shape, rounds: int  # noqa: ANN001
