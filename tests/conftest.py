@@ -98,6 +98,15 @@ def fast_profile(fast_profile_path):
 
 
 
+def done_rows(rows):  # noqa: ANN001, ANN201
+    """The rows of a trials.csv that a study's budget counts: COMPLETE or stopped early
+    (PRUNED), refinements of front members excluded."""
+    counted = rows["state"].isin(["COMPLETE", "PRUNED"])
+    if "refined_from" in rows:
+        counted &= rows["refined_from"].isna()
+    return rows[counted]
+
+
 def skip_unless_ci(reason: str) -> None:
     """Skip with ``reason``; under CI=true (.ci/run) fail instead, since there the test's
     prerequisites are installed and a skip would hide that they are not."""
