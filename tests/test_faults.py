@@ -77,7 +77,8 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path, fast_profil
     space = tmp_path / "diverge.yaml"
     space.write_text("distillation:\n  epochs: {low: 1, high: 1}\n"
                      "  lr: {low: 1.0e+6, high: 1.0e+7, log: true}\n  alpha: {low: 0, high: 0}\n")
-    config = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path,
+    # the two baselines (no fine-tune) complete; every trial after them diverges
+    config = SearchConfig(profile=str(fast_profile_path), budget=4, runs_root=tmp_path,
                           space=str(space), study_name="diverge")
     with pytest.raises(SearchError, match="trials failed; stopping") as raised:
         run_search(config, show_progress=False)
@@ -96,7 +97,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path, fast_profil
 def test_a_second_driver_on_the_same_study_refuses(tmp_path, fast_profile_path):
     """While one driver holds the study, a second one exits 2 and changes nothing."""
     cmd = [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget",
-           "3", "--study-name", "shared", "--quiet"]
+           "3", "--study-name", "shared", "--refine", "0", "--quiet"]
     first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     storage = f"sqlite:///{tmp_path / 'search-runs' / 'optuna.db'}"
@@ -109,7 +110,8 @@ def test_a_second_driver_on_the_same_study_refuses(tmp_path, fast_profile_path):
     assert "already being run by another driver" in second.stderr
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
-    assert len(_complete(storage, "shared")) == 3
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
 
 
 QUICK_SPACE = """
