@@ -276,10 +276,10 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")), origin)
     resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
     resolved, removed, notes = preflight(task, profile, resolved)
-    for why in notes:
-        log.info("preflight: %s", why)
-    for why in removed:
-        log.warning("preflight: %s", why)
+    for note in notes:
+        log.info("preflight: %s", note)
+    for note in removed:
+        log.warning("preflight: %s", note)
     architecture = architecture_key(task.input_shape, task.teacher_state)
     arch_label = f"{task.name}/{type(task.make_model()).__name__}"
     constrained = cfg.max_accuracy_drop is not None or cfg.max_latency_ms is not None
