@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from search.config import SAMPLERS, SearchConfig
 from search.spaces import load_space, resolve_space
 from search.study import make_sampler, run_search
+from tests.conftest import host_builtin
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ ONE_SHOT = {  # no fine-tune: trials take a second or two
 
 
 def test_accuracy_constraint_keeps_infeasible_trials_off_the_front(tmp_path):
-    config = SearchConfig(profile="cpu-avx512-vnni", budget=6, runs_root=tmp_path, seed=3,
+    config = SearchConfig(profile=host_builtin(), budget=6, runs_root=tmp_path, seed=3,
                           study_name="constrained", latency="predict", sampler="tpe",
                           max_accuracy_drop=0.5, space=_space(tmp_path, "one-shot", **ONE_SHOT))
     result = run_search(config, show_progress=False)
@@ -68,7 +69,7 @@ def test_repeated_choices_are_answered_from_the_cache(tmp_path):
                          "calibration_method": ["minmax"],
                          "calibration_samples": {"low": 64, "high": 64}},
     }
-    config = SearchConfig(profile="cpu-avx512-vnni", budget=5, runs_root=tmp_path, seed=0,
+    config = SearchConfig(profile=host_builtin(), budget=5, runs_root=tmp_path, seed=0,
                           study_name="cached", latency="predict", sampler="random",
                           space=_space(tmp_path, "two-points", **fixed))
     result = run_search(config, show_progress=False)
