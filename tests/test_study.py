@@ -71,12 +71,13 @@ def test_mlflow_has_parent_with_front_and_one_child_per_trial(study_run):
     assert any(k.startswith("precision.") for k in child.data.params)
 
 
-def test_rerun_resumes_without_duplicates(tmp_path, fast_profile_path):
-    """Its own study (the shared one above must keep exactly 4 trials whatever the order)."""
+def test_rerun_resumes_without_duplicates(tmp_path, fast_profile_path, quick_space):
+    """Its own study (the shared one above must keep exactly 4 trials whatever the order); no
+    fine-tune, so every trial completes (none is stopped early) and none is refined."""
     from dataclasses import replace
 
     config = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path, seed=0,
-                          study_name="resumed", refine=0)  # no trials past the budget
+                          study_name="resumed", refine=0, space=quick_space)
     first = run_search(config, show_progress=False)
     assert sorted(first.trials["trial"]) == list(range(2))
     second = run_search(replace(config, budget=5), show_progress=False)  # 5: self-calibration
