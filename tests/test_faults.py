@@ -13,6 +13,7 @@ from ray.cluster_utils import Cluster
 from search.config import SearchConfig
 from search.errors import ConfigError, SearchError
 from search.study import run_search
+from tests.conftest import QUICK_SPACE
 
 pytestmark = pytest.mark.slow
 
@@ -115,14 +116,6 @@ def test_a_second_driver_on_the_same_study_refuses(tmp_path, fast_profile_path):
     assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
 
 
-QUICK_SPACE = """
-name: quick
-pruning:
-  unstructured_sparsity: {low: 0.0, high: 0.5, step: 0.1}
-  structured_ratio: {low: 0.0, high: 0.3, step: 0.1}
-distillation:
-  epochs: {low: 0, high: 0}
-"""
 # the stages of a trial without fine-tune (the quick space's); a failing fine-tune ("train")
 # is the diverging study's subject above
 STAGES = ("prune", "export", "quantize", "evaluate", "measure")
