@@ -23,18 +23,11 @@ from search.config import SearchConfig
 from search.driver import failure_reason
 from search.study import run_search
 from search.tracking import EXPERIMENT
-from tests.conftest import free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
+from tests.conftest import QUICK_SPACE, free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
 
-SPACE = """
-name: quick
-pruning:
-  unstructured_sparsity: {low: 0.0, high: 0.5, step: 0.1}
-  structured_ratio: {low: 0.0, high: 0.3, step: 0.1}
-distillation:
-  epochs: {low: 0, high: 0}
-"""
+SPACE = QUICK_SPACE
 COMPLETE, RUNNING, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
                            optuna.trial.TrialState.FAIL)
 
