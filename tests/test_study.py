@@ -123,7 +123,9 @@ def test_gpu_profile_is_predicted_and_labelled(tmp_path):
 def test_vpu_study_produces_only_fp16_layers(tmp_path):
     config = SearchConfig(profile="vpu", budget=3, runs_root=tmp_path, study_name="vpu")
     result = run_search(config, show_progress=False)
-    assert set(result.trials["precisions"]) == {"fp16:10"}
+    # every layer fp16 (a trial that dropped a block has fewer layers)
+    assert all(p.startswith("fp16:") and " " not in p for p in result.trials["precisions"])
+    assert "fp16:10" in set(result.trials["precisions"])
     assert result.trials.loc[result.trials["reference"], "baseline"].tolist() == ["fp16"]
     from search.latency.predict import costs_from_onnx
 
