@@ -33,7 +33,7 @@ def server(tmp_path_factory):
 def served(server, tmp_path_factory, fast_profile_path):
     """One study against the server, read by the tests below (none of them changes it)."""
     root = tmp_path_factory.mktemp("served")
-    config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=root,
+    config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=root, refine=0,
                           tracking_uri=server, study_name="served")
     return root, run_search(config, show_progress=False)
 
