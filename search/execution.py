@@ -55,14 +55,19 @@ def _finetune_remote(record: TrialRecord, task: Task, profile: HardwareProfile,
         return record
 
 
-def _measure_remote(record: TrialRecord, profile: HardwareProfile,
-                    input_shape: tuple[int, ...]) -> TrialRecord:
-    record.node = ray.get_runtime_context().get_node_id()
+def _measure_here(record: TrialRecord, profile: HardwareProfile,
+                  input_shape: tuple[int, ...]) -> TrialRecord:
     try:
         return measure(record, profile, input_shape)
     except TrialError as exc:
         record.error = str(exc)
         return record
+
+
+def _measure_remote(record: TrialRecord, profile: HardwareProfile,
+                    input_shape: tuple[int, ...]) -> TrialRecord:
+    record.node = ray.get_runtime_context().get_node_id()
+    return _measure_here(record, profile, input_shape)
 
 
 def check_address(address: str | None, timeout_s: float = 5.0) -> None:
@@ -273,13 +278,7 @@ class LocalExecutor:
         return self._done(_finetune_remote, record, self.task, self.profile, self.threads)
 
     def submit_measure(self, record: TrialRecord) -> Future:
-        def run() -> TrialRecord:
-            try:
-                return measure(record, self.profile, self.task.input_shape)
-            except TrialError as exc:
-                record.error = str(exc)
-                return record
-        return self._done(run)
+        return self._done(_measure_here, record, self.profile, self.task.input_shape)
 
     def submit_on_device(self, fn: Callable[..., Any], *args: Any) -> Future:
         return self._done(fn, *args)
