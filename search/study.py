@@ -338,6 +338,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
         log.info("%d trial(s) in flight, %d CPU(s) each", parallel, train_cpus)
         driver = Driver(_driver_settings(cfg, parallel, show_progress), study, resolved, executor,
                         callbacks=[logger])
+        logger.frame = lambda _study: driver.frame  # refreshed by the driver before callbacks
         loop_start = time.perf_counter()
         try:
             driver.run()

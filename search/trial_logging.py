@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import optuna
+import pandas as pd
 
 from search._redact import redact
 from search.driver import failure_reason, reference_accuracy
@@ -76,8 +78,10 @@ class MlflowTrialLogger:
     end, or on a rerun (:meth:`catch_up`).
     """
 
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: Tracker,
+                 frame: Callable[[optuna.Study], pd.DataFrame] = trials_frame) -> None:
         self.tracker = tracker
+        self.frame = frame  # the trials table; the driver shares the one it keeps per trial
         self.behind = False  # some trial could not be logged yet
         self.seconds = 0.0  # time spent logging
 
@@ -108,7 +112,7 @@ class MlflowTrialLogger:
 
     def _log_hypervolume(self, study: optuna.Study, step: int) -> None:
         try:
-            hv = hypervolume(trials_frame(study))
+            hv = hypervolume(self.frame(study))
         except Exception as exc:  # a front that cannot be scored yet
             log.debug("hypervolume not logged: %s", exc)
             return
