@@ -118,6 +118,26 @@ def _quiet_provider_check() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (which ``mlflow.onnx.log_model`` needs) at ``uri`` for the
+    block only. ``mlflow.set_tracking_uri`` also writes $MLFLOW_TRACKING_URI; left behind, it
+    would send the next study of this process (a notebook) to this study's store."""
+    from mlflow.tracking._tracking_service import utils
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = getattr(utils, "_tracking_uri", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 class Tracker:
     """The study's MLflow parent run and its children."""
 
@@ -230,7 +250,6 @@ class Tracker:
         import onnxruntime as ort
         from mlflow.models import infer_signature
 
-        mlflow.set_tracking_uri(self.uri)
         example = np.zeros((1, *input_shape), dtype=np.float32)
         declared = providers or ["CPUExecutionProvider"]
         missing = [p for p in declared if p not in ort.get_available_providers()]
@@ -238,7 +257,8 @@ class Tracker:
             log.info("front models are logged for %s; this machine lacks %s, so MLflow checks "
                      "them on the CPU (expected away from the device)", declared[0],
                      ", ".join(missing))
-        with mlflow.start_run(run_id=self.parent_id), _quiet_provider_check():
+        with (_fluent_tracking_uri(self.uri), mlflow.start_run(run_id=self.parent_id),
+              _quiet_provider_check()):
             for number, path in sorted(models.items()):
                 session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                 output = session.run(None, {"input": example})[0]

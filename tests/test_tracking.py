@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -15,7 +16,30 @@ from search.study import run_search
 from search.tracking import EXPERIMENT
 from tests.conftest import free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
 
-pytestmark = pytest.mark.slow
+
+@pytest.mark.parametrize("before", [None, "http://user-choice.example:5000"])
+def test_logging_front_models_leaves_the_tracking_uri_of_the_process_as_it_was(
+        tmp_path, monkeypatch, before):
+    """MLflow's fluent API writes $MLFLOW_TRACKING_URI; left set, the next study of the same
+    process (a notebook, a test session) would log into this study's store."""
+    from torch import nn
+
+    from search.compress import export_onnx
+    from search.tracking import Tracker
+
+    if before is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(export_onnx(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), (4,)))
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "s", tmp_path / "art")
+    tracker.log_models({0: model}, (4,))
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_logged_model(client.search_logged_models(
+        [tracker.experiment_id])[0].model_id).source_run_id == tracker.parent_id
+
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +62,7 @@ def served(server, tmp_path_factory, fast_profile_path):
     return root, run_search(config, show_progress=False)
 
 
+@pytest.mark.slow
 def test_study_against_a_tracking_server(server, served, task):
     _, result = served
     client = MlflowClient(server)
@@ -66,6 +91,7 @@ def test_study_against_a_tracking_server(server, served, task):
         assert accuracy == pytest.approx(child.data.metrics["accuracy"])
 
 
+@pytest.mark.slow
 def test_offline_plot_loads_no_remote_script(served):
     root, _ = served
     html = (root / "served" / "pareto.html").read_text()
@@ -95,6 +121,7 @@ def _browser():
     return webdriver.Chrome(options=options, service=Service(driver))
 
 
+@pytest.mark.slow
 def test_a_person_reviews_the_study_in_the_mlflow_ui(server, tmp_path, fast_profile_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
