@@ -98,6 +98,47 @@ def fast_profile(fast_profile_path):
 
 
 
+def _warm_ray_resources() -> dict[str, float]:
+    """The device resources of the profiles the suite measures on: a study on a Ray that
+    lacks its profile's resource would predict instead of measure."""
+    names = [fast_profile_file(), PROFILES_DIR / f"{host_builtin()}.yaml"]
+    return {**{load_profile(n).resource: 1.0 for n in names}, "hw:host": 1.0}
+
+
+_WARM_RAY = {"running": False}
+
+
+def stop_warm_ray() -> None:
+    """Shut the session's warm Ray down (never a Ray some test started itself): for a
+    module fixture that starts or joins its own Ray before its tests' autouse fixtures run."""
+    import ray
+
+    if _WARM_RAY["running"]:
+        ray.shutdown()
+        _WARM_RAY["running"] = False
+
+
+@pytest.fixture(autouse=True)
+def _warm_ray(request):
+    """One Ray for the in-process studies of the whole session, as a notebook user running
+    several studies has: each study would otherwise start its own (seconds) with cold workers
+    that import torch again. Tests marked ``own_ray`` (how the search starts or joins Ray,
+    faults set in the workers' environment) run without it."""
+    import ray
+
+    if request.node.get_closest_marker("own_ray"):
+        stop_warm_ray()
+        yield
+        return
+    if not ray.is_initialized():
+        import logging
+
+        ray.init(address="local", resources=_warm_ray_resources(), include_dashboard=False,
+                 logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
+        _WARM_RAY["running"] = True
+    yield
+
+
 def done_rows(rows):  # noqa: ANN001, ANN201
     """The rows of a trials.csv that a study's budget counts: COMPLETE or stopped early
     (PRUNED), refinements of front members excluded."""

@@ -25,7 +25,7 @@ from search.study import run_search
 from search.tracking import EXPERIMENT
 from tests.conftest import QUICK_SPACE, free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # faults set in the workers' environment
 
 SPACE = QUICK_SPACE
 COMPLETE, RUNNING, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,

@@ -11,13 +11,15 @@ from search.execution import Executor, device_reachable
 from search.pipeline import compress
 from search.record import Choices, TrialRecord
 from search.study import run_search
+from tests.conftest import stop_warm_ray
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
 
 @pytest.fixture(scope="module")
 def cluster(fast_profile):
     """A head node without the device and a worker node that has it (both on loopback)."""
+    stop_warm_ray()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     device_node = c.add_node(num_cpus=1, resources={fast_profile.resource: 1})
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
@@ -40,7 +42,7 @@ def test_measurement_runs_on_the_device_node(cluster, task, layers, fast_profile
 def test_study_on_a_cluster_measures_on_the_device_node(cluster, tmp_path, fast_profile_path):
     c, _ = cluster
     config = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path,
-                          ray_address=c.address, study_name="cluster")
+                          ray_address=c.address, study_name="cluster", refine=0)
     result = run_search(config, show_progress=False)
     assert set(result.trials["latency_source"]) == {"measured"}
     assert ray.is_initialized()  # a cluster we joined is left running
@@ -49,6 +51,6 @@ def test_study_on_a_cluster_measures_on_the_device_node(cluster, tmp_path, fast_
 def test_profile_without_a_device_node_is_predicted(cluster, tmp_path):
     c, _ = cluster
     config = SearchConfig(profile="t4-gpu", budget=2, runs_root=tmp_path, ray_address=c.address,
-                          study_name="cluster-t4")
+                          study_name="cluster-t4", refine=0)
     result = run_search(config, show_progress=False)
     assert set(result.trials["latency_source"]) == {"predicted"}

@@ -44,7 +44,7 @@ def test_losing_the_device_node_mid_study_keeps_the_full_budget(tmp_path, fast_p
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cmd = [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget",
            "6", "--storage", storage, "--study-name", "chaos", "--ray-address", cluster.address,
-           "--quiet"]
+           "--refine", "0", "--quiet"]
     try:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -81,7 +81,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path, fast_profil
     # the two baselines (no fine-tune) complete; every trial after them diverges (none is
     # stopped first for being unable to reach the front)
     config = SearchConfig(profile=str(fast_profile_path), budget=4, runs_root=tmp_path,
-                          space=str(space), study_name="diverge", early_stopping=False)
+                          space=str(space), study_name="diverge", early_stopping=False, refine=0)
     with pytest.raises(SearchError, match="trials failed; stopping") as raised:
         run_search(config, show_progress=False)
     assert type(raised.value) is SearchError  # the study gave up, not bad input
@@ -121,6 +121,7 @@ def test_a_second_driver_on_the_same_study_refuses(tmp_path, fast_profile_path):
 STAGES = ("prune", "export", "quantize", "evaluate", "measure")
 
 
+@pytest.mark.own_ray  # SEARCH_FAULTS must reach the workers' environment
 def test_a_fault_in_each_stage_fails_that_trial_and_the_study_goes_on(tmp_path, monkeypatch,
                                                                       fast_profile_path):
     """SEARCH_FAULTS makes trials 2..7 raise on entering one stage each (search/_faults.py)."""

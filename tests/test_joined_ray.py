@@ -17,7 +17,9 @@ from search.config import SearchConfig
 from search.errors import ConfigError
 from search.profiles import PROFILES_DIR
 from search.study import run_search
-from tests.conftest import QUICK_SPACE
+from tests.conftest import QUICK_SPACE, stop_warm_ray
+
+pytestmark = pytest.mark.own_ray
 
 SPACE = QUICK_SPACE
 
@@ -25,6 +27,7 @@ SPACE = QUICK_SPACE
 @pytest.fixture(scope="module")
 def notebook_ray():
     """Ray as a user starts it: this process, no ``hw:`` resource (a new local instance)."""
+    stop_warm_ray()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -73,7 +73,7 @@ def test_the_wheel_lists_every_builtin_profile_and_space(installed, tmp_path):
 
 def test_the_wheel_runs_a_study_on_a_builtin_profile(installed, tmp_path):
     out = _run(installed, tmp_path, "-m", "search.cli", "--profile", "t4-gpu", "--budget", "2",
-               "--latency", "predict", "--quiet", timeout=600)
+               "--latency", "predict", "--refine", "0", "--quiet", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Pareto front" in out.stdout
     assert (tmp_path / "search-runs" / "digits-t4-gpu" / "pareto.csv").is_file()

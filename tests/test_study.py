@@ -14,7 +14,7 @@ from search.config import SearchConfig
 from search.errors import ConfigError
 from search.study import run_search
 from search.tracking import EXPERIMENT
-from tests.conftest import done_rows
+from tests.conftest import done_rows, host_builtin
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,8 @@ def test_csvs_hold_the_front_and_baselines(study_run):
     assert int(fp32["trial"].iloc[0]) == 0
     int8 = trials[trials["baseline"] == "int8"]
     assert int8["precisions"].iloc[0] == "int8:10"
-    assert int8["speedup"].iloc[0] > 1.5  # U8S8 on this CPU (about 2.8x measured)
+    # U8S8 measured about 2.8x with AVX-512 VNNI, about 1.45x on AVX2 (7-bit weights)
+    assert int8["speedup"].iloc[0] > (1.5 if host_builtin() == "cpu-avx512-vnni" else 1.15)
     assert pareto["on_front"].any()
     assert (result.output_dir / "pareto.png").stat().st_size > 1000
 
@@ -106,7 +107,7 @@ def test_the_command_runs_end_to_end(tmp_path, fast_profile_path):
 
 
 def test_gpu_profile_is_predicted_and_labelled(tmp_path):
-    config = SearchConfig(profile="t4-gpu", budget=3, runs_root=tmp_path, study_name="t4")
+    config = SearchConfig(profile="t4-gpu", budget=3, runs_root=tmp_path, study_name="t4", refine=0)
     result = run_search(config, show_progress=False)
     pareto = pd.read_csv(result.output_dir / "pareto.csv")
     assert set(pareto["latency_source"]) == {"predicted"}
@@ -121,7 +122,7 @@ def test_gpu_profile_is_predicted_and_labelled(tmp_path):
 
 
 def test_vpu_study_produces_only_fp16_layers(tmp_path):
-    config = SearchConfig(profile="vpu", budget=3, runs_root=tmp_path, study_name="vpu")
+    config = SearchConfig(profile="vpu", budget=3, runs_root=tmp_path, study_name="vpu", refine=0)
     result = run_search(config, show_progress=False)
     # every layer fp16 (a trial that dropped a block has fewer layers)
     assert all(p.startswith("fp16:") and " " not in p for p in result.trials["precisions"])
@@ -137,7 +138,7 @@ def test_vpu_study_produces_only_fp16_layers(tmp_path):
 
 def test_a_study_never_mixes_latency_sources(tmp_path, fast_profile_path):
     base = SearchConfig(profile=str(fast_profile_path), budget=2, runs_root=tmp_path,
-                        study_name="mix", latency="predict")
+                        study_name="mix", latency="predict", refine=0)
     run_search(base, show_progress=False)
     from dataclasses import replace
 
@@ -151,11 +152,12 @@ def test_noisy_latency_is_flagged_in_csv_mlflow_and_summary(tmp_path, fast_profi
 
     data = yaml.safe_load(fast_profile_path.read_text())
     data["name"] = "noisy-host"
+    data["resource"] = "hw:fast-host"  # the same device as the fast profile's, on the warm Ray
     data["measure"]["max_cv"] = 1e-9
     profile = tmp_path / "noisy-host.yaml"
     profile.write_text(yaml.safe_dump(data))
     result = run_search(SearchConfig(profile=str(profile), budget=2, runs_root=tmp_path,
-                                     study_name="noisy"), show_progress=False)
+                                     study_name="noisy", refine=0), show_progress=False)
     trials = pd.read_csv(result.output_dir / "trials.csv")
     assert trials["latency_noisy"].tolist() == [True, True]
     client = MlflowClient(result.tracking_uri)

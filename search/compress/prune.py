@@ -9,6 +9,7 @@ measurement decides.
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -122,8 +123,12 @@ def _default_keep(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, .
 def _hardcoded_widths(model: nn.Module) -> list[nn.Module]:
     """Layers whose width the model's code reads from a number it stored: torchvision's
     VisionTransformer reshapes the patch embedding to ``self.hidden_dim``, so its residual
-    stream keeps its width (the MLP hidden widths are still thinned)."""
-    from torchvision.models import VisionTransformer
+    stream keeps its width (the MLP hidden widths are still thinned). Looked up only where
+    torchvision is already loaded: importing it costs seconds in every worker and CLI run."""
+    vit = sys.modules.get("torchvision.models.vision_transformer")
+    if vit is None:  # no torchvision model can exist in this process
+        return []
+    VisionTransformer = vit.VisionTransformer  # noqa: N806
 
     return [m.conv_proj for m in model.modules() if isinstance(m, VisionTransformer)]
 

@@ -245,6 +245,9 @@ class CalibrationStore:
                 }
                 notes.append(f"{label}: refit on {len(mine)} measurements adopted (held-out "
                              f"median error {after:.0%} against {before:.0%} for {current.kind})")
+            elif math.isinf(after):  # too few of some kind of variant to hold any out
+                notes.append(f"{label}: {len(mine)} measurements are too few to check a refit "
+                             f"on held-out ones; {current.kind} stays in use")
             else:
                 notes.append(f"{label}: refit on {len(mine)} measurements not adopted (held-out "
                              f"median error {after:.0%}, {current.kind} has {before:.0%})")
