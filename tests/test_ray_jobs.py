@@ -23,7 +23,7 @@ from search.study import open_storage
 from search.tracking import EXPERIMENT
 from tests.conftest import QUICK_SPACE, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # a Ray of its own, started as a user would
 RAY = str(Path(sys.executable).parent / "ray")
 
 
@@ -37,11 +37,13 @@ def head(tmp_path_factory, fast_profile):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(24),
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+         # the job agent's default port (52365) may be held by another Ray on this machine
+         "--dashboard-agent-listen-port", str(agent),
          "--resources", json.dumps({fast_profile.resource: 1}), "--disable-usage-stats"],
         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -66,7 +68,7 @@ def _wait_for(port: int, proc: subprocess.Popen, log: Path) -> None:
 
 def _stop_group(proc: subprocess.Popen) -> None:
     """End the head and every process it started, and check none is left behind."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
