@@ -128,9 +128,7 @@ def _hardcoded_widths(model: nn.Module) -> list[nn.Module]:
     vit = sys.modules.get("torchvision.models.vision_transformer")
     if vit is None:  # no torchvision model can exist in this process
         return []
-    VisionTransformer = vit.VisionTransformer  # noqa: N806
-
-    return [m.conv_proj for m in model.modules() if isinstance(m, VisionTransformer)]
+    return [m.conv_proj for m in model.modules() if isinstance(m, vit.VisionTransformer)]
 
 
 def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
