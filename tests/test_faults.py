@@ -19,9 +19,11 @@ pytestmark = pytest.mark.slow
 
 
 def _complete(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    """The study's COMPLETE trials; raises when the study is not there."""
+    """The study's trials the budget counts (COMPLETE, or PRUNED by early stopping once its
+    latency showed it could not reach the front); raises when the study is not there."""
     study = optuna.load_study(study_name=name, storage=storage)
-    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,
+                                    optuna.trial.TrialState.PRUNED))
 
 
 def _complete_so_far(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
