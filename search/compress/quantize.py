@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import torch
 
+from search.compress._entropy import kl_threshold
 from search.errors import TrialError
 from search.record import RUNNABLE_PRECISIONS, Choices
 
@@ -173,10 +174,9 @@ def _entropy_ranges(model: Path, tmp: Path, inputs: torch.Tensor,
         extra_options={"num_bins": 2048, "num_quantized_bins": 128, "symmetric": symmetric},
     )
     calibrator.collect_data(_Calibration(inputs))
-    ranges = calibrator.compute_data()
     out = {}
-    for name in ranges:
-        low, high = ranges[name].range_value
+    for name, histogram in calibrator.collector.histogram_dict.items():
+        low, high = kl_threshold(histogram, num_quantized_bins=128)  # ORT's, 8x faster
         out[name] = [{"rmin": np.asarray(low, np.float32).reshape(()),
                       "rmax": np.asarray(high, np.float32).reshape(())}]
     del calibrator
