@@ -362,13 +362,16 @@ def _study(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if key in values:
             values[key] = Path(str(values[key]))
     config = SearchConfig(**values)  # type: ignore[arg-type]
-    _quiet_optuna(args.verbose)
     from search._redact import redact
-    from search.study import run_search
+    from search.checks import check_inputs
 
     logging.getLogger("search").debug("settings (flags over %s): %s", args.config or "no config file",
                                       redact(repr(config)))
     try:
+        check_inputs(config)  # bad input refused before torch, Ray and MLflow load (5-10 s)
+        _quiet_optuna(args.verbose)
+        from search.study import run_search
+
         result = run_search(config, show_progress=not args.quiet)
     except SearchError as exc:
         print(f"search: error: {exc}", file=sys.stderr)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from search.profiles import HardwareProfile
 from search.record import TrialRecord
 from search.tasks import Task
 
-__all__ = ["Executor", "LocalExecutor", "check_address", "connect", "device_reachable", "plan_parallel"]
+__all__ = ["Executor", "LocalExecutor", "connect", "device_reachable", "plan_parallel"]
 
 log = logging.getLogger("search")
 
@@ -68,26 +67,6 @@ def _measure_remote(record: TrialRecord, profile: HardwareProfile,
                     input_shape: tuple[int, ...]) -> TrialRecord:
     record.node = ray.get_runtime_context().get_node_id()
     return _measure_here(record, profile, input_shape)
-
-
-def check_address(address: str | None, timeout_s: float = 5.0) -> None:
-    """Fail within seconds, before anything is written, when a cluster address is unreachable.
-
-    ``ray.init`` itself retries for a long time; a plain TCP connect answers fast.
-    """
-    if address is None or address == "auto":
-        return
-    target = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--ray-address {address!r} is not auto, host:port or ray://host:port")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: "
-                          f"{exc.strerror or type(exc).__name__} (waited at most {timeout_s:.0f} s)"
-                          ) from None
 
 
 def plan_parallel(requested: int | None) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from search._redact import redact
+from search.checks import server_reachable
 from search.config import SearchConfig
 from search.driver import failure_reason
 from search.pareto import (
@@ -31,7 +32,7 @@ from search.pareto import (
     write_html,
 )
 from search.profiles import HardwareProfile
-from search.tracking import Tracker, server_reachable
+from search.tracking import Tracker
 from search.trial_logging import MlflowTrialLogger
 
 __all__ = ["write_outputs"]

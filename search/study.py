@@ -24,34 +24,26 @@ import pandas as pd
 import ray
 
 from search._redact import redact
-from search.config import SearchConfig, ensure_writable
+from search.checks import check_inputs, prepare_directories
+from search.config import SearchConfig
 from search.driver import Driver, DriverSettings, fail_stale
 from search.errors import ConfigError, SearchError
-from search.execution import (
-    Executor,
-    check_address,
-    connect,
-    plan_parallel,
-)
+from search.execution import Executor, connect, plan_parallel
 from search.latency.calibration import (
     architecture_key,
 )
-from search.latency.source import check_latency_mode, latency_source, self_calibrate
+from search.latency.source import latency_source, self_calibrate
 from search.outputs import write_outputs
 from search.pareto import (
     best_speedup,
 )
 from search.pipeline import model_facts, student_layers
 from search.probe import preflight
-from search.profiles import HardwareProfile, load_profile, measurable_here, with_batch_size
+from search.profiles import HardwareProfile
 from search.refine import RefineSettings, refine_front, remeasure_front
-from search.spaces import ResolvedSpace, SearchSpace, load_space, resolve_space
+from search.spaces import ResolvedSpace, SearchSpace, resolve_space
 from search.tasks import check_task, load_task
-from search.tracking import (
-    Tracker,
-    check_tracking_uri,
-    default_tracking_uri,
-)
+from search.tracking import Tracker, default_tracking_uri
 from search.trial_logging import MlflowTrialLogger
 
 __all__ = ["StudyResult", "make_sampler", "run_search"]
@@ -243,24 +235,16 @@ def _messages_shown() -> Iterator[None]:
 
 def _run_search(config: SearchConfig, show_progress: bool) -> StudyResult:
     start = time.perf_counter()
-    profile = load_profile(config.profile)
-    cfg = config.resolved(profile.name)
-    profile = with_batch_size(profile, cfg.batch_size)
-    space = load_space(cfg.space)
-    measurable, why = measurable_here(profile)
-    check_latency_mode(cfg, profile, measurable, why)
-    check_address(cfg.ray_address)
-    check_tracking_uri(cfg.tracking_uri)
+    checked = check_inputs(config)
+    cfg = checked.config
     check_task(cfg.task, cfg.task_options())
-    root = Path(cfg.runs_root)
-    ensure_writable(Path(cfg.output_dir), "output directory")
-    if cfg.storage.startswith("sqlite:///") or cfg.tracking_uri is None:
-        ensure_writable(root, "runs directory")
+    prepare_directories(cfg)
     with _driver_lock(Path(cfg.output_dir), cfg.study_name), warnings.catch_warnings():
         # our samplers' experimental options and their independent-sampling notes are ours
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message=".*independent sampler.*")
-        return _run_locked(cfg, profile, space, measurable, why, start, show_progress)
+        return _run_locked(cfg, checked.profile, checked.space, checked.measurable,
+                           checked.why, start, show_progress)
 
 
 def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace, measurable: bool,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ def _configure_mlflow() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
-__all__ = ["EXPERIMENT", "Tracker", "check_tracking_uri", "default_tracking_uri", "server_reachable"]
+__all__ = ["EXPERIMENT", "Tracker", "default_tracking_uri"]
 
 log = logging.getLogger("search")
 EXPERIMENT = DEFAULT_EXPERIMENT  # SearchConfig.experiment_name, $MLFLOW_EXPERIMENT_NAME beat it
@@ -51,52 +50,6 @@ _TRIAL_TAG = "search.trial"
 def default_tracking_uri(root: Path) -> str:
     """The shared SQLite store under ``root`` (``./search-runs`` by default)."""
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
-
-
-def _server(uri: str) -> tuple[str, int] | None:
-    """(host, port) of an http(s) tracking server; None for a local store."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return None
-    try:
-        port = parts.port
-    except ValueError:
-        return None
-    return parts.hostname, port or (443 if parts.scheme == "https" else 80)
-
-
-def server_reachable(uri: str, timeout_s: float = 2.0) -> bool:
-    """Whether a tracking server accepts connections (True for a local store).
-
-    A plain TCP connect answers in at most ``timeout_s``; an MLflow call to a
-    server that is down retries for minutes.
-    """
-    server = _server(uri)
-    if server is None:
-        return True
-    try:
-        with socket.create_connection(server, timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def check_tracking_uri(uri: str | None, timeout_s: float = 5.0) -> None:
-    """Fail within seconds, before any training, when a tracking server cannot be reached."""
-    if uri is None:
-        return
-    if "://" in uri and uri.split("://", 1)[0] in ("http", "https") and _server(uri) is None:
-        raise ConfigError(f"--tracking-uri {redact(uri)!r} is not a valid http(s) URL "
-                          "(http://host:port)")
-    if not server_reachable(uri, timeout_s):
-        host, port = _server(uri)  # type: ignore[misc]
-        raise ConfigError(
-            f"cannot reach the MLflow tracking server at {redact(uri)} ({host}:{port} refused "
-            f"or did not answer within {timeout_s:.0f} s); start it, fix --tracking-uri, or "
-            "leave it out to track in a local SQLite store"
-        )
 
 
 def _metric_items(metrics: Mapping[str, float | None], step: int = 0) -> list[Metric]:

@@ -17,9 +17,10 @@ import optuna
 import pandas as pd
 
 from search._redact import redact
+from search.checks import server_reachable
 from search.driver import failure_reason, reference_accuracy
 from search.pareto import hypervolume, trials_frame
-from search.tracking import Tracker, server_reachable
+from search.tracking import Tracker
 
 __all__ = ["MlflowTrialLogger", "log_frozen"]
 

@@ -21,6 +21,23 @@ def test_unknown_profile_lists_known_profiles_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("flags", [["--profile", "tpu-v9"], ["--space", "nope"],
+                                   ["--tracking-uri", "http://127.0.0.1:1"],
+                                   ["--ray-address", "127.0.0.1:1"]])
+def test_bad_input_is_refused_before_torch_ray_and_mlflow_are_imported(tmp_path, flags):
+    """Such a refusal needs no model: it must not wait the seconds their import takes."""
+    args = ["--profile", "host", "--budget", "3", *flags]
+    code = ("import sys\nfrom search.cli import main\ncode = main(sys.argv[1:])\n"
+            "heavy = sorted({'torch', 'ray', 'mlflow', 'optuna'} & set(sys.modules))\n"
+            "print('imported:', ','.join(heavy))\nsys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "search: error:" in out.stderr
+    assert out.stdout.strip() == "imported:"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("budget", ["0", "-4", "2.5", "many"])
 def test_bad_budget_is_rejected(tmp_path, budget):
     out = _run(["--profile", "cpu-avx512-vnni", "--budget", budget], tmp_path)

@@ -23,16 +23,18 @@ assert SPACE != QUICK_SPACE
 def test_sigint_then_rerun_ends_with_exactly_the_budget(tmp_path, fast_profile_path):
     (tmp_path / "quick.yaml").write_text(SPACE)
     cmd = [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget",
-           "10", "--space", "quick.yaml", "--study-name", "resume", "--quiet",
+           "7", "--space", "quick.yaml", "--study-name", "resume", "--quiet",
            "--grace-period", "20", "--refine", "0"]
     storage = f"sqlite:///{tmp_path / 'search-runs' / 'optuna.db'}"
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
     def complete() -> list[optuna.trial.FrozenTrial]:
-        try:
+        from sqlalchemy.exc import OperationalError
+
+        try:  # [] until the driver has created the study, or while SQLite is locked a moment
             study = optuna.load_study(study_name="resume", storage=storage)
-        except Exception:
+        except (KeyError, OperationalError):
             return []
         # what the budget counts: COMPLETE, or stopped early for not reaching the front
         return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,
@@ -47,12 +49,12 @@ def test_sigint_then_rerun_ends_with_exactly_the_budget(tmp_path, fast_profile_p
     assert proc.returncode == 130, err[-2000:]
     assert "Rerun the same command" in err
     before = {t.number: (t.values, t.params) for t in complete()}
-    assert 3 <= len(before) < 10
+    assert 3 <= len(before) < 7
 
     rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     after = complete()
-    assert len(after) == 10
+    assert len(after) == 7
     for t in after:  # completed results unchanged
         if t.number in before:
             assert (t.values, t.params) == before[t.number]

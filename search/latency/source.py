@@ -22,26 +22,9 @@ from search.latency.predict import costs_from_onnx, predict_ms
 from search.profiles import HardwareProfile
 from search.tracking import Tracker
 
-__all__ = ["check_latency_mode", "latency_source", "self_calibrate"]
+__all__ = ["latency_source", "self_calibrate"]
 
 log = logging.getLogger("search")
-
-
-def check_latency_mode(cfg: SearchConfig, profile: HardwareProfile, measurable: bool,
-                        why: str) -> None:
-    """Fail before any work when the requested latency source cannot be had."""
-    if cfg.latency == "measure" and not measurable and cfg.ray_address is None:
-        raise ConfigError(
-            f"--latency measure: profile {profile.name!r} cannot be measured on this machine "
-            f"({why}); join a Ray cluster with a node that advertises {profile.resource!r} "
-            "(--ray-address), or use --latency predict"
-        )
-    will_predict = cfg.latency == "predict" or (not measurable and cfg.ray_address is None)
-    if will_predict and profile.latency_model is None:
-        raise ConfigError(
-            f"profile {profile.name!r} cannot be measured here ({why}) and has no "
-            "latency_model to predict with; add one to the profile"
-        )
 
 
 def latency_source(cfg: SearchConfig, profile: HardwareProfile, study: optuna.Study,
