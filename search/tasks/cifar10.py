@@ -10,6 +10,11 @@ on a GPU, or pass your own weights with ``--teacher``.
 
 from __future__ import annotations
 
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from search.errors import ConfigError
@@ -44,16 +49,51 @@ def check(options: TaskOptions) -> None:
     check_arch(options.arch or _DEFAULT_ARCH)
 
 
-def _load(root, train: bool) -> Split:  # noqa: ANN001
-    from torchvision.datasets import CIFAR10
+class _ArraysOnly(pickle.Unpickler):
+    """The CIFAR-10 batches are pickled dicts of numpy arrays and lists: refuse anything
+    else a file could make pickle call (torchvision's loader unpickles without limit)."""
 
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch")
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images N x 3072 uint8, labels N) of one batch file, checked for shape and range."""
+    why = ""
     try:
-        ds = CIFAR10(root=str(root), train=train, download=False)
-    except RuntimeError as exc:  # torchvision's md5 check
-        raise ConfigError(f"--data-dir {root}: CIFAR-10 files are corrupted or incomplete ({exc}); "
-                          f"expected {LAYOUT}") from None
-    x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0  # already in memory
-    return Split(x, torch.tensor(ds.targets, dtype=torch.long))
+        with open(path, "rb") as handle:
+            entry = _ArraysOnly(handle, encoding="latin1").load()
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry["labels"], dtype=np.int64)
+    except Exception as exc:  # truncated, not a pickle, another format
+        why = f"{type(exc).__name__}: {exc}"
+    else:
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            why = f"images of shape {data.shape}, expected N x 3072"
+        elif len(labels) != len(data) or not len(data):
+            why = f"{len(data)} images and {len(labels)} labels"
+        elif labels.min() < 0 or labels.max() > 9:
+            why = f"labels from {labels.min()} to {labels.max()}, expected 0-9"
+    if why:
+        raise ConfigError(f"{path}: not a CIFAR-10 batch, the copy is corrupted or incomplete "
+                          f"({why[:200]}); expected {LAYOUT}")
+    return data, labels
+
+
+def _load(root: Path, train: bool) -> tuple[Split, str]:
+    """The training (or test) images as a Split, and a digest of their bytes."""
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    parts = [_read_batch(root / "cifar-10-batches-py" / name) for name in names]
+    data = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    digest = hashlib.sha256(data.tobytes() + labels.tobytes()).hexdigest()
+    x = torch.from_numpy(data.reshape(-1, 3, 32, 32)).float() / 255.0
+    return Split(x, torch.from_numpy(labels)), digest
 
 
 def make_task(seed: int = 0, options: TaskOptions | None = None) -> Task:
@@ -61,8 +101,9 @@ def make_task(seed: int = 0, options: TaskOptions | None = None) -> Task:
     options = options or TaskOptions()
     check(options)
     root = options.data_dir
-    train, val = split_stratified(_load(root, True), 0.1)
-    train, val, test = normalize(train, val, _load(root, False))
+    (train, train_digest), (test, test_digest) = _load(root, True), _load(root, False)
+    train, val = split_stratified(train, 0.1)
+    train, val, test = normalize(train, val, test)
     arch = options.arch or _DEFAULT_ARCH
     make_model = arch_builder(arch, 10, 3, 32)
     settings = _TRAIN
@@ -70,7 +111,7 @@ def make_task(seed: int = 0, options: TaskOptions | None = None) -> Task:
         settings = TrainSettings(**{**_TRAIN.as_dict(), "epochs": options.teacher_epochs})
     import torchvision
 
-    key = {"task": "cifar10", "data": "cifar-10-python md5-checked by torchvision", "arch": arch,
+    key = {"task": "cifar10", "data": [train_digest, test_digest], "arch": arch,
            "torchvision": torchvision.__version__.split("+")[0], "train": settings.as_dict(),
            "seed": seed}
     state, info = resolve_teacher(f"cifar10-{arch}", make_model, options.teacher, key,
