@@ -31,8 +31,8 @@ def _hermetic_cache() -> Path:
 
     real = cache_dir()
     test_cache = Path(tempfile.mkdtemp(prefix="search-tests-cache-"))
-    for teacher in real.glob("*-teacher-*.pt"):
-        shutil.copy2(teacher, test_cache / teacher.name)
+    for teacher in [*real.glob("*-teacher-*.pt"), *real.glob("*-teacher-*.pt.scores.json")]:
+        shutil.copy2(teacher, test_cache / teacher.name)  # mtime kept: the scores stay valid
     os.environ["SEARCH_CACHE_DIR"] = str(test_cache)
     atexit.register(shutil.rmtree, test_cache, ignore_errors=True)
     return test_cache

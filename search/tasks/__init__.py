@@ -28,6 +28,7 @@ from search.tasks._teacher import (
     load_teacher_state,
     near_chance,
     read_teacher,
+    teacher_scores,
     train_classifier,
 )
 
@@ -146,16 +147,14 @@ def load_task(name: str, seed: int = 0, options: TaskOptions | None = None) -> T
     if options.teacher is not None and task.teacher_info.get("teacher") != str(options.teacher):
         state = load_teacher_state(options.teacher, task.make_model())
         info = {**task.teacher_info, "teacher": str(options.teacher), "trained_s": 0.0}
-        info.pop("test_accuracy", None)
+        for key in ("test_accuracy", "val_accuracy", "cache"):  # they were the built-in's
+            info.pop(key, None)
         task = dataclasses.replace(task, teacher_state=state, teacher_info=info)
     if options.sparse_init is not None:
         task = dataclasses.replace(task, sparse_state=_sparse_state(options.sparse_init, task))
-    if "test_accuracy" not in task.teacher_info:  # a plugin need not score its teacher
-        info = dict(task.teacher_info)
-        teacher = task.teacher()
-        info["test_accuracy"] = task.score(teacher, task.test)
-        info["val_accuracy"] = task.score(teacher, task.val)
-        task = dataclasses.replace(task, teacher_info=info)
+    if "test_accuracy" not in task.teacher_info:  # built-ins and plugins leave it to us
+        task = dataclasses.replace(task, teacher_info={**task.teacher_info,
+                                                       **teacher_scores(task)})
     return _flag_chance_teacher(task)
 
 

@@ -29,10 +29,10 @@ from torch import nn
 from search._paths import cache_dir
 from search.devices import autocast, grad_scaler, train_device
 from search.errors import ConfigError
-from search.tasks._base import Split
+from search.tasks._base import Split, Task
 
 __all__ = ["TrainSettings", "cached_teacher", "load_teacher_state", "near_chance", "read_teacher",
-           "resolve_teacher", "train_classifier"]
+           "resolve_teacher", "teacher_scores", "train_classifier"]
 
 log = logging.getLogger("search")
 _SHOWN = 12  # keys listed per kind of mismatch
@@ -254,3 +254,46 @@ def near_chance(accuracy: float, num_classes: int) -> str:
             f"{num_classes} classes): it learned next to nothing, so the study compresses a "
             "model that does not work; train it longer (--teacher-epochs) or bring trained "
             "weights (--teacher)")
+
+
+def teacher_scores(task: Task) -> dict[str, float]:
+    """The teacher's ``test_accuracy`` and ``val_accuracy`` (in the task's metric).
+
+    A cached built-in teacher keeps them in a file next to its weights, keyed by
+    the metric and a digest of the validation and test data, so a study that
+    resumes or a second study on the same task does not score it again (seconds
+    on a small model, minutes on a large one).
+    """
+    cache = task.teacher_info.get("cache")
+    path = Path(f"{cache}.scores.json") if cache else None
+    digest = hashlib.sha256(repr(getattr(task.metric, "__qualname__", task.metric)).encode())
+    if cache:  # the weights file itself: retrained after a loss, it is scored again
+        try:
+            stat = os.stat(cache)
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        except OSError:
+            path = None
+    for split in (task.val, task.test):
+        digest.update(split.x.numpy().tobytes())
+        digest.update(split.y.numpy().tobytes())
+    key = digest.hexdigest()
+    if path is not None and path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("key") == key:
+                return {k: float(stored[k]) for k in ("test_accuracy", "val_accuracy")}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: score again and write it anew
+    teacher = task.teacher()
+    scores = {"test_accuracy": task.score(teacher, task.test),
+              "val_accuracy": task.score(teacher, task.val)}
+    if path is not None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"key": key, **scores}, handle)
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only cache still scores; it only does not remember
+            Path(tmp).unlink(missing_ok=True)
+            log.debug("teacher scores not cached in %s: %s", path, exc)
+    return scores

@@ -191,3 +191,42 @@ def test_a_teacher_near_chance_is_flagged(caplog):
 
 def test_a_trained_teacher_is_not_flagged(task):
     assert "warning" not in task.teacher_info
+
+
+def _scored_task(tmp_path: Path, seed: int = 0):
+    from search.tasks import Split, Task
+
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(40, 1, 3, 3, generator=gen), torch.arange(40) % 2
+    weights = tmp_path / "tiny-teacher-abc.pt"
+    torch.save(_model().state_dict(), weights)
+    return Task(name="tiny", make_model=_model, teacher_state=torch.load(weights), train=Split(x, y),
+                val=Split(x[:20], y[:20]), test=Split(x[20:], y[20:]), input_shape=(1, 3, 3),
+                num_classes=2, teacher_info={"cache": str(weights)})
+
+
+def test_teacher_scores_are_kept_next_to_a_cached_teacher_and_redone_when_anything_changes(
+        tmp_path):
+    import dataclasses
+    import json
+
+    from search.tasks import teacher_scores
+
+    task = _scored_task(tmp_path)
+    scores = teacher_scores(task)
+    teacher = task.teacher()
+    assert scores == {"test_accuracy": task.score(teacher, task.test),
+                      "val_accuracy": task.score(teacher, task.val)}
+    sidecar = tmp_path / "tiny-teacher-abc.pt.scores.json"
+    stored = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**stored, "test_accuracy": 12.5}))  # a marker, same key
+    assert teacher_scores(task)["test_accuracy"] == 12.5  # read back, not scored again
+    other_val = dataclasses.replace(task, val=task.test, test=task.val)  # other data
+    assert teacher_scores(other_val)["test_accuracy"] == pytest.approx(scores["val_accuracy"])
+    sidecar.write_text(json.dumps({**stored, "test_accuracy": 12.5}))
+    os.utime(tmp_path / "tiny-teacher-abc.pt", ns=(1, 1))  # the weights were written again
+    assert teacher_scores(task) == scores
+    sidecar.write_text("{not json")  # unreadable: scored again and rewritten
+    assert teacher_scores(task) == scores and json.loads(sidecar.read_text())["key"]
+    mine = dataclasses.replace(task, teacher_info={"teacher": "mine.pt"})  # not cached
+    assert teacher_scores(mine) == scores
