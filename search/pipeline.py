@@ -33,6 +33,7 @@ from search.compress import (
 from search.compress.heads import prune_heads
 from search.compress.prune import (
     attention_modules,
+    depth_segments,
     drop_blocks,
     droppable_blocks,
     recalibrate_batchnorm,
@@ -92,9 +93,12 @@ def _prune(record: TrialRecord, task: Task, profile: HardwareProfile) -> tuple[n
     student = task.sparse_student() if c.init == "sparse" else task.teacher()
     example = torch.zeros(1, *task.input_shape)
     probe = task.train.x[torch.randperm(len(task.train))[:256]]
+    # depth segments of the whole model: "early" names the same layers whichever blocks go
+    segments = depth_segments(student, example) if c.segment_ratios else None
     record.dropped_blocks = drop_blocks(student, c.drop_blocks, probe)
-    prune_structured(student, example, c.structured_ratio, profile.channel_multiple,
-                     importance=c.structured_importance, head_ratio=c.head_ratio, data=task.train)
+    prune_structured(student, example, c.segment_ratios or c.structured_ratio,
+                     profile.channel_multiple, importance=c.structured_importance,
+                     head_ratio=c.head_ratio, data=task.train, segments=segments)
     prune_heads(student, 0.0, always=True)  # attention as separate q/k/v/out projections
     macs, params = tp.utils.count_ops_and_params(student, example)
     record.macs, record.params = int(macs), int(params)

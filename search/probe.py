@@ -19,7 +19,7 @@ from search.compress import apply_precision_plan, compressible_layers, export_on
 from search.compress.applicable import applicable
 from search.pipeline import prune_student
 from search.profiles import HardwareProfile
-from search.record import Choices, TrialRecord
+from search.record import SEGMENTS, Choices, TrialRecord
 from search.spaces import FloatRange, IntRange, ResolvedSpace
 from search.tasks import Task
 
@@ -69,7 +69,9 @@ def _extremes(resolved: ResolvedSpace) -> dict[str, Choices]:
     p = resolved.space.pruning
     out: dict[str, Choices] = {}
     if p.structured_ratio.high > 0:
-        out["structured pruning"] = Choices(structured_ratio=p.structured_ratio.high)
+        high = p.structured_ratio.high
+        segments = ({s: high for s in SEGMENTS} if p.structured_granularity == "segment" else {})
+        out["structured pruning"] = Choices(structured_ratio=high, segment_ratios=segments)
     blocks = min(p.drop_blocks.high, resolved.facts.droppable_blocks)
     if blocks > 0:
         out["layer dropping"] = Choices(drop_blocks=blocks)

@@ -23,6 +23,10 @@ class Layer:
     op_type: str
 
 
+# thirds of a network's compute, in the order it runs (channel pruning per depth segment)
+SEGMENTS = ("early", "middle", "late")
+
+
 @dataclass
 class Choices:
     """Everything one trial decided; defaults are the uncompressed fp32 model."""
@@ -36,7 +40,8 @@ class Choices:
     unstructured_scope: str = "global"  # global | layer
     # structure: residual blocks dropped, channels and attention heads removed
     drop_blocks: int = 0
-    structured_ratio: float = 0.0
+    structured_ratio: float = 0.0  # with segment_ratios: the largest of them
+    segment_ratios: dict[str, float] = field(default_factory=dict)  # per SEGMENTS; {}: uniform
     structured_importance: str = "magnitude"  # magnitude | bn_scale | taylor | lamp
     head_ratio: float = 0.0
     # fine-tune with distillation (0 epochs: one-shot post-training)
@@ -58,8 +63,10 @@ class Choices:
     calibration_samples: int = 128
 
     def flat(self) -> dict[str, Any]:
-        """Flat, readable parameters (``precision.<layer>`` for the plan)."""
-        out = {k: v for k, v in asdict(self).items() if k != "precisions"}
+        """Flat, readable parameters (``precision.<layer>`` for the plan,
+        ``structured_ratio.<segment>`` for channel ratios per depth segment)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("precisions", "segment_ratios")}
+        out.update({f"structured_ratio.{k}": v for k, v in self.segment_ratios.items()})
         out.update({f"precision.{k}": v for k, v in self.precisions.items()})
         return out
 

@@ -65,7 +65,9 @@ def _candidates(study: optuna.Study, settings: RefineSettings) -> list[optuna.tr
 def _refined_choices(trial: optuna.trial.FrozenTrial, epochs: int) -> Choices:
     flat = dict(trial.user_attrs["choices"])
     precisions = {k.split(".", 1)[1]: flat.pop(k) for k in list(flat) if k.startswith("precision.")}
-    choices = Choices(**flat, precisions=precisions)
+    segments = {k.split(".", 1)[1]: flat.pop(k) for k in list(flat)
+                if k.startswith("structured_ratio.")}
+    choices = Choices(**flat, precisions=precisions, segment_ratios=segments)
     lr = choices.lr if choices.epochs > 0 else 3e-3
     return replace(choices, epochs=max(epochs, choices.epochs), lr=lr)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from search.record import Choices
+from search.record import SEGMENTS, Choices
 from search.spaces import FloatRange, IntRange, ResolvedSpace
 
 __all__ = ["sample"]
@@ -45,7 +45,12 @@ def sample(resolved: ResolvedSpace, trial: optuna.Trial,
     blocks = IntRange(low=min(pruning.drop_blocks.low, resolved.facts.droppable_blocks),
                       high=min(pruning.drop_blocks.high, resolved.facts.droppable_blocks))
     c.drop_blocks = _int(draw, "drop_blocks", blocks)
-    c.structured_ratio = _float(draw, "structured_ratio", pruning.structured_ratio)
+    if pruning.structured_granularity == "segment":
+        c.segment_ratios = {s: _float(draw, f"structured_ratio.{s}", pruning.structured_ratio)
+                            for s in SEGMENTS}
+        c.structured_ratio = max(c.segment_ratios.values())
+    else:
+        c.structured_ratio = _float(draw, "structured_ratio", pruning.structured_ratio)
     if c.structured_ratio > 0:
         c.structured_importance = _categorical(draw, "structured_importance",
                                                pruning.structured_importance)

@@ -18,7 +18,7 @@ from search._paths import builtin_dir
 from search._schema import Strict, load_model, resolve_builtin
 from search.errors import ConfigError
 from search.profiles import HardwareProfile, Precision
-from search.record import PRECISIONS, Choices, Layer
+from search.record import PRECISIONS, SEGMENTS, Choices, Layer
 
 if TYPE_CHECKING:  # the only Optuna calls are in search.sampling; resolving a space needs none
     import optuna
@@ -92,6 +92,9 @@ class PruningSpace(Strict):
     unstructured_scope: list[Literal["global", "layer"]] = ["global", "layer"]
     drop_blocks: IntRange = IntRange(low=0, high=1)
     structured_ratio: FloatRange = _unit(0.0, 0.6)
+    # uniform: one channel ratio for the whole model; segment: one per third of its compute
+    # (early, middle, late in the order it runs), each from structured_ratio's range
+    structured_granularity: Literal["uniform", "segment"] = "uniform"
     structured_importance: list[Literal["magnitude", "bn_scale", "taylor", "lamp"]] = \
         ["magnitude", "bn_scale", "taylor", "lamp"]
     head_ratio: FloatRange = FloatRange(low=0.0, high=0.5, step=0.25)
@@ -254,9 +257,9 @@ class ResolvedSpace:
         """
         top = {g: min(allowed, key=_RANK.index) for g, allowed in self.group_precisions.items()}
         label = next(iter(set(top.values()))) if len(set(top.values())) == 1 else "reference"
-        out = [(label, {**_UNCOMPRESSED, **self._plan(top)})]
+        out = [(label, {**_UNCOMPRESSED, **self._channels(0.0), **self._plan(top)})]
         if self._all_int8() and label != "int8":
-            out.append(("int8", {**_UNCOMPRESSED, **self._int8_params()}))
+            out.append(("int8", {**_UNCOMPRESSED, **self._channels(0.0), **self._int8_params()}))
         return out
 
     def seeds(self) -> list[tuple[str, dict[str, Any]]]:
@@ -279,11 +282,17 @@ class ResolvedSpace:
             if drop > min(pruning.drop_blocks.high, self.facts.droppable_blocks):
                 continue
             params = {**_UNCOMPRESSED, **plan, **tune, "drop_blocks": drop,
-                      "structured_ratio": _clip(ratio, pruning.structured_ratio),
+                      **self._channels(_clip(ratio, pruning.structured_ratio)),
                       "structured_importance": pruning.structured_importance[0]}
             if all(params != p for _, p in out):  # a narrow range clips two seeds alike
                 out.append((label, params))
         return out
+
+    def _channels(self, ratio: float) -> dict[str, float]:
+        """The channel-pruning parameters for ``ratio`` everywhere, as the sampler names them."""
+        if self.space.pruning.structured_granularity == "segment":
+            return {f"structured_ratio.{s}": ratio for s in SEGMENTS}
+        return {"structured_ratio": ratio}
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(dimension, what is offered, why) for every dimension, as `search spaces` shows."""
@@ -298,8 +307,12 @@ class ResolvedSpace:
              why.get("unstructured_sparsity", "")),
             ("drop_blocks", f"0-{blocks}" if blocks else "0",
              f"{self.facts.droppable_blocks} droppable residual block(s) in this model"),
-            ("structured_ratio", _text(p.structured_ratio),
-             "channels removed for real, rounded to the profile's channel multiple"),
+            ("structured_ratio", _text(p.structured_ratio) + (
+                f" per depth segment ({', '.join(SEGMENTS)})"
+                if p.structured_granularity == "segment" else ""),
+             "channels removed for real, rounded to the profile's channel multiple"
+             + (": thin where the compute is, spare what accuracy needs"
+                if p.structured_granularity == "segment" else "")),
             ("head_ratio", _text(p.head_ratio) if self.facts.attention else "0",
              "the model has multi-head attention" if self.facts.attention
              else "the model has no multi-head attention"),
@@ -356,7 +369,7 @@ def _text(r: FloatRange) -> str:
 
 _UNCOMPRESSED: dict[str, Any] = {
     "init": "teacher", "sparsity_pattern": "unstructured", "unstructured_sparsity": 0.0,
-    "drop_blocks": 0, "structured_ratio": 0.0, "head_ratio": 0.0, "epochs": 0,
+    "drop_blocks": 0, "head_ratio": 0.0, "epochs": 0,
 }
 
 

@@ -45,3 +45,28 @@ def test_a_transformer_runs_every_stage_with_heads_removed(task, fast_profile):
                       vit, fast_profile)
     assert pruned.macs < full.macs and pruned.params < full.params
     assert pruned.dropped_blocks and pruned.accuracy is not None
+
+
+def test_channel_ratios_per_segment_with_a_block_dropped(task, layers):
+    """Segments are those of the whole model, so a dropped block does not shift them: the
+    early layers keep their widths when only the late third is thinned."""
+    from torch import nn
+
+    from search.pipeline import prune_student
+    from search.profiles import load_profile
+
+    profile = load_profile("cpu-avx2")
+    plain = prune_student(TrialRecord(0, Choices(drop_blocks=1)), task, profile)
+    choices = Choices(drop_blocks=1, structured_ratio=0.5,
+                      segment_ratios={"early": 0.0, "middle": 0.0, "late": 0.5})
+    record = TrialRecord(1, choices)
+    thinned = prune_student(record, task, profile)
+    widths = {n: m.weight.shape[0] for n, m in plain.named_modules()
+              if isinstance(m, nn.Conv2d | nn.Linear)}
+    after = {n: m.weight.shape[0] for n, m in thinned.named_modules()
+             if isinstance(m, nn.Conv2d | nn.Linear)}
+    assert after["stem.0"] == widths["stem.0"]  # early: untouched
+    assert sum(after.values()) < sum(widths.values())
+    assert after["fc"] == 10
+    assert thinned(torch.zeros(2, *task.input_shape)).shape == (2, 10)
+    assert record.choices.applied()["structured_ratio.late"] == 0.5

@@ -207,7 +207,7 @@ def test_seeds_are_pruned_quantized_and_distilled_within_the_space(profile, laye
     seeds = dict(resolved.seeds())
     assert set(seeds) == {"pruned-0.5", "pruned-0.3-dropped-1", "pruned-0.65"}
     for params in seeds.values():
-        assert params["epochs"] >= 1 and params["structured_ratio"] > 0
+        assert params["epochs"] >= 1 and params["structured_ratio.late"] > 0
         assert {v for k, v in params.items() if k.startswith("precision.")} == {"int8"}
     # a baseline is what it says even where the space fixes a dimension otherwise
     fixed = load_space("default").model_copy(update={"distillation": load_space(
@@ -217,3 +217,29 @@ def test_seeds_are_pruned_quantized_and_distilled_within_the_space(profile, laye
     study = optuna.create_study(directions=["maximize", "minimize"])
     assert resolved.sample(study.ask(), params).epochs == 0
     assert resolved.sample(study.ask()).epochs == 2
+
+
+def test_segment_granularity_samples_a_channel_ratio_per_depth_segment(profile, layers):
+    resolved = resolve_space(load_space("default"), profile, layers,
+                             ModelFacts(droppable_blocks=1))
+    draws = _draws(resolved)
+    assert all(set(c.segment_ratios) == {"early", "middle", "late"} for c in draws)
+    assert all(c.structured_ratio == max(c.segment_ratios.values()) for c in draws)
+    assert any(len(set(c.segment_ratios.values())) == 3 for c in draws)  # drawn apart
+    assert all(f"structured_ratio.{s}" in c.applied() for c in draws for s in c.segment_ratios)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+
+    def enqueued(params):  # as the study enqueues baselines and seeds
+        study.enqueue_trial(params)
+        return resolved.sample(study.ask(), params)
+
+    for _, params in resolved.baselines():  # nothing pruned, in every segment
+        assert enqueued(params).segment_ratios == {"early": 0.0, "middle": 0.0, "late": 0.0}
+    for _, params in resolved.seeds():  # one ratio everywhere, as the seed says
+        ratios = enqueued(params).segment_ratios
+        assert len(set(ratios.values())) == 1 and next(iter(ratios.values())) > 0
+    rows = {dim: offered for dim, offered, _ in resolved.describe()}
+    assert "per depth segment (early, middle, late)" in rows["structured_ratio"]
+    uniform = load_space("default").model_copy(update={"pruning": load_space(
+        "default").pruning.model_copy(update={"structured_granularity": "uniform"})})
+    assert all(c.segment_ratios == {} for c in _draws(resolve_space(uniform, profile, layers)))

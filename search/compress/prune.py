@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +19,16 @@ import torch_pruning as tp
 from torch import nn
 
 from search.compress.heads import PrunedAttention, prune_heads
+from search.record import SEGMENTS
 from search.tasks import Split
 
 __all__ = [
     "IMPORTANCES",
     "DroppedBlock",
     "attention_modules",
+    "SEGMENTS",
     "count_zero_fraction",
+    "depth_segments",
     "drop_blocks",
     "droppable_blocks",
     "prune_structured",
@@ -56,20 +59,73 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention | PrunedAttention)]
 
 
-def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float,
+@torch.no_grad()
+def depth_segments(model: nn.Module, example: torch.Tensor) -> dict[str, list[str]]:
+    """The model's Conv/Linear layers in the order they run, cut into :data:`SEGMENTS` of
+    about equal MACs (a layer belongs to the segment where its MACs start).
+
+    Any architecture has an order of execution, so this needs no knowledge of
+    its stages: ResNet's early third is its high-resolution convolutions, a
+    transformer's is its first encoder layers. Channel pruning with a ratio
+    per segment can thin where the compute is and spare what accuracy needs.
+    """
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, _WEIGHTED)}
+    macs: dict[str, float] = {}
+
+    def see(name: str, x: torch.Tensor | None, out: object) -> None:
+        m = modules[name]
+        if name in macs or not isinstance(out, torch.Tensor):
+            return
+        fan_in = m.weight[0].numel()  # in / groups x kernel for a conv, in for a Linear
+        macs[name] = float(out.numel() // out.shape[0] * fan_in)
+
+    _observe(model, modules, see, example)
+    total = sum(macs.values()) or 1.0
+    out: dict[str, list[str]] = {s: [] for s in SEGMENTS}
+    done = 0.0
+    for name, cost in macs.items():
+        index = min(int(len(SEGMENTS) * done / total), len(SEGMENTS) - 1)
+        out[SEGMENTS[index]].append(name)
+        done += cost
+    return out
+
+
+def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Mapping[str, float],
                      round_to: int, keep: tuple[nn.Module, ...] = (), *,
                      importance: str = "magnitude", head_ratio: float = 0.0,
-                     data: Split | None = None) -> nn.Module:
-    """Remove channels (``ratio`` per layer group) and attention heads (``head_ratio``), in place.
+                     data: Split | None = None,
+                     segments: Mapping[str, list[str]] | None = None) -> nn.Module:
+    """Remove channels and attention heads (``head_ratio``), in place.
 
-    torch-pruning's dependency graph keeps coupled layers consistent; channel
-    counts are rounded to ``round_to``. ``keep`` layers keep their output width;
-    by default the classifier (the last layer to run) and the projections of
-    already split attention, so hidden and feed-forward Linear widths are thinned.
-    ``taylor`` scores need gradients, taken from one batch of ``data``. Heads
-    are removed whole, with their projections (:mod:`search.compress.heads`).
+    ``ratio`` is the share of channels removed from each layer group, or a ratio
+    per depth segment (``{"early": 0.1, "late": 0.5}``, see :func:`depth_segments`;
+    a segment left out keeps its width; ``segments`` as computed on the model
+    before blocks were dropped, so "early" means the same layers in every
+    trial; layers no longer there are skipped). torch-pruning's dependency graph keeps
+    coupled layers consistent (a group spanning segments takes the ratio of the
+    layer it starts at); channel counts are rounded to ``round_to``. ``keep``
+    layers keep their output width; by default the classifier (the last layer to
+    run) and the projections of already split attention, so hidden and
+    feed-forward Linear widths are thinned. ``taylor`` scores need gradients,
+    taken from one batch of ``data``. Heads are removed whole, with their
+    projections (:mod:`search.compress.heads`).
     """
-    if ratio > 0:
+    per_segment = dict(ratio) if isinstance(ratio, Mapping) else None
+    unknown = set(per_segment or ()) - set(SEGMENTS)
+    if unknown:
+        raise ValueError(f"unknown depth segments {sorted(unknown)}; known: {', '.join(SEGMENTS)}")
+    if per_segment is not None and any(v > 0 for v in per_segment.values()):
+        modules = dict(model.named_modules())
+        segments = segments or depth_segments(model, example)
+        ratios = {}
+        for segment, r in per_segment.items():
+            present = tuple(modules[n] for n in segments.get(segment, ()) if n in modules)
+            if r > 0 and present:
+                ratios[present] = r
+        ratio = 0.0
+    else:
+        ratios, ratio = {}, float(ratio) if per_segment is None else 0.0
+    if ratio > 0 or ratios:
         if not keep:
             keep = _default_keep(model, example)
         with warnings.catch_warnings():
@@ -81,6 +137,7 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float,
                 example,
                 importance=_importance(importance),
                 pruning_ratio=ratio,
+                pruning_ratio_dict=ratios or None,
                 ignored_layers=list(keep),
                 round_to=round_to,
             )

@@ -135,3 +135,43 @@ def test_layer_dropping_keeps_the_transformer_encoder_calling_convention():
     assert prune_heads(model, 0.5) == {"encoder.layers.0.self_attn": 2}
     prune_structured(model, x[:1], 0.5, round_to=8)
     assert model(x).shape == (8, 10)
+
+
+def test_a_ratio_per_depth_segment_thins_only_that_segment():
+    """torchvision's ResNet-18 as users build it: three segments of about a third of the
+    compute each, in the order the layers run; pruning the late one leaves the early widths."""
+    import torchvision
+
+    from search.compress.prune import depth_segments
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    example = torch.zeros(1, 3, 32, 32)
+    segments = depth_segments(model, example)
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert list(segments) == ["early", "middle", "late"]
+    assert sum(segments.values(), []) == [n for n in layers if n in sum(segments.values(), [])]
+    assert set(sum(segments.values(), [])) == set(layers)
+    assert segments["early"][0] == "conv1" and segments["late"][-1] == "fc"
+    before = {n: m.out_channels for n, m in _convs(model).items()}
+    prune_structured(model, example, {"late": 0.5}, round_to=8, segments=segments)
+    after = {n: m.out_channels for n, m in _convs(model).items()}
+    assert all(after[n] == before[n] for n in segments["early"] if n in after)
+    late = [n for n in segments["late"] if n in after]
+    assert sum(after[n] for n in late) <= 0.6 * sum(before[n] for n in late)
+    assert model(example).shape == (1, 10)
+    with pytest.raises(ValueError, match="unknown depth segments.*early, middle, late"):
+        prune_structured(model, example, {"head": 0.5}, round_to=8)
+
+
+def test_segments_split_the_compute_in_thirds_whatever_the_layer_count():
+    from search.compress.prune import depth_segments
+
+    equal = nn.Sequential(*[nn.Linear(16, 16) for _ in range(6)])
+    assert depth_segments(equal, torch.zeros(1, 16)) == {
+        "early": ["0", "1"], "middle": ["2", "3"], "late": ["4", "5"]}
+    # the first layer holds 64 x 64 of 64 x 64 + 4 x 64 x 4 MACs: nearly all the compute
+    heavy_first = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4), nn.Linear(4, 4),
+                                nn.Linear(4, 4), nn.Linear(4, 4))
+    segments = depth_segments(heavy_first, torch.zeros(1, 64))
+    assert segments["early"] == ["0"] and segments["middle"] == []
+    assert segments["late"] == ["1", "2", "3", "4"]
