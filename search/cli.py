@@ -278,8 +278,10 @@ def _spaces(args: argparse.Namespace) -> int:
     resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
     print(f"space {space.name!r} on profile {profile.name!r} for {task.name} "
           f"(built-in spaces: {', '.join(available_spaces())}):")
-    for dimension, offered, why in resolved.describe():
-        print(f"  {dimension:<22} {offered:<24} {why}")
+    rows = resolved.describe()
+    width = max(len(offered) for _, offered, _ in rows)
+    for dimension, offered, why in rows:
+        print(f"  {dimension:<22} {offered:<{width}}  {why}")
     return 0
 
 
