@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output-dir", type=Path, help="default: search-runs/<study-name>/")
     add("--ray-address", help="join this Ray cluster: auto, host:port or ray://host:port "
                               "(default: $RAY_ADDRESS, else start a private local Ray)")
-    add("--seed", type=_non_negative_int)
+    add("--seed", type=_non_negative_int,
+        help="seed of the search: sampler and trials (default 0; a built-in task's teacher is "
+             "the same whatever the seed)")
     add("--sampler", choices=SAMPLERS,
         help="tpe (default: best hypervolume per trial in experiments/sampler_benchmark.py), "
              "nsga2, gp or random")

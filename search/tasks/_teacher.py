@@ -31,10 +31,13 @@ from search.devices import autocast, grad_scaler, train_device
 from search.errors import ConfigError
 from search.tasks._base import Split, Task
 
-__all__ = ["TrainSettings", "cached_teacher", "load_teacher_state", "near_chance", "read_teacher",
-           "resolve_teacher", "teacher_scores", "train_classifier"]
+__all__ = ["TEACHER_SEED", "TrainSettings", "cached_teacher", "load_teacher_state", "near_chance",
+           "read_teacher", "resolve_teacher", "teacher_scores", "train_classifier"]
 
 log = logging.getLogger("search")
+# A built-in task's teacher stands for the user's trained model: one per task and recipe,
+# whatever the study's --seed (which varies the search), so a seed sweep never retrains it.
+TEACHER_SEED = 0
 _SHOWN = 12  # keys listed per kind of mismatch
 _WARNED: set[Path] = set()  # pickled checkpoints already warned about
 

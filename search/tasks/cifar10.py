@@ -21,7 +21,7 @@ from search.errors import ConfigError
 from search.tasks._arch import arch_builder, check_arch
 from search.tasks._base import Split, Task, TaskOptions
 from search.tasks._data import normalize, split_stratified
-from search.tasks._teacher import TrainSettings, resolve_teacher, train_classifier
+from search.tasks._teacher import TEACHER_SEED, TrainSettings, resolve_teacher, train_classifier
 
 __all__ = ["LAYOUT", "check", "make_task"]
 
@@ -113,9 +113,10 @@ def make_task(seed: int = 0, options: TaskOptions | None = None) -> Task:
 
     key = {"task": "cifar10", "data": [train_digest, test_digest], "arch": arch,
            "torchvision": torchvision.__version__.split("+")[0], "train": settings.as_dict(),
-           "seed": seed}
+           "seed": TEACHER_SEED}
     state, info = resolve_teacher(f"cifar10-{arch}", make_model, options.teacher, key,
-                                  lambda: train_classifier(make_model, train, settings, seed))
+                                  lambda: train_classifier(make_model, train, settings,
+                                                           TEACHER_SEED))
     task = Task(name="cifar10", make_model=make_model, teacher_state=state, train=train, val=val,
                 test=test, input_shape=(3, 32, 32), num_classes=10, teacher_info=info)
     return task  # scored (once per teacher and data) by load_task

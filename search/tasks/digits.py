@@ -18,7 +18,7 @@ from torch import nn
 from search.errors import ConfigError
 from search.tasks._arch import arch_builder, check_arch
 from search.tasks._base import Split, Task, TaskOptions
-from search.tasks._teacher import TrainSettings, resolve_teacher, train_classifier
+from search.tasks._teacher import TEACHER_SEED, TrainSettings, resolve_teacher, train_classifier
 
 __all__ = ["DigitsResNet", "check", "make_task"]
 
@@ -120,11 +120,12 @@ def make_task(seed: int = 0, options: TaskOptions | None = None) -> Task:
 
         make_model = arch_builder(options.arch, 10, 1, SIZE)
         arch = f"torchvision {torchvision.__version__.split('+')[0]} {options.arch} small-stem"
-    key = {"task": "digits", "data": data_digest, "arch": arch, "train": settings, "seed": seed}
+    key = {"task": "digits", "data": data_digest, "arch": arch, "train": settings, "seed": TEACHER_SEED}
     state, info = resolve_teacher(
         "digits" if options.arch is None else f"digits-{options.arch}", make_model,
         options.teacher, key,
-        lambda: train_classifier(make_model, train, TrainSettings(**settings), seed))
+        lambda: train_classifier(make_model, train, TrainSettings(**settings),
+                                 TEACHER_SEED))
     task = Task(
         name="digits",
         make_model=make_model,

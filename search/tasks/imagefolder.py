@@ -24,7 +24,7 @@ from search.errors import ConfigError
 from search.tasks._arch import arch_builder, check_arch
 from search.tasks._base import Split, Task, TaskOptions
 from search.tasks._data import normalize, split_stratified, to_memory
-from search.tasks._teacher import TrainSettings, resolve_teacher, train_classifier
+from search.tasks._teacher import TEACHER_SEED, TrainSettings, resolve_teacher, train_classifier
 
 __all__ = ["LAYOUT", "check", "make_task"]
 
@@ -129,9 +129,10 @@ def make_task(seed: int = 0, options: TaskOptions | None = None) -> Task:
     digest = hashlib.sha256(train.x.numpy().tobytes() + train.y.numpy().tobytes()).hexdigest()
     key = {"task": "imagefolder", "data": digest, "size": size, "arch": arch,
            "torchvision": torchvision.__version__.split("+")[0], "train": settings.as_dict(),
-           "seed": seed}
+           "seed": TEACHER_SEED}
     state, info = resolve_teacher(f"imagefolder-{arch}", make_model, options.teacher, key,
-                                  lambda: train_classifier(make_model, train, settings, seed))
+                                  lambda: train_classifier(make_model, train, settings,
+                                                           TEACHER_SEED))
     task = Task(name="imagefolder", make_model=make_model, teacher_state=state, train=train,
                 val=val, test=test, input_shape=(3, size, size), num_classes=num_classes,
                 teacher_info=info)

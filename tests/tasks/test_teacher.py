@@ -230,3 +230,13 @@ def test_teacher_scores_are_kept_next_to_a_cached_teacher_and_redone_when_anythi
     assert teacher_scores(task) == scores and json.loads(sidecar.read_text())["key"]
     mine = dataclasses.replace(task, teacher_info={"teacher": "mine.pt"})  # not cached
     assert teacher_scores(mine) == scores
+
+
+def test_the_search_seed_does_not_retrain_a_builtin_teacher(task):
+    """--seed varies the search; the built-in teacher stands for the user's model."""
+    from search.tasks import load_task
+
+    other = load_task("digits", 7)
+    assert other.teacher_info["trained_s"] == 0.0  # from the cache, not trained for seed 7
+    assert all(torch.equal(other.teacher_state[k], task.teacher_state[k])
+               for k in task.teacher_state)
