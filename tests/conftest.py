@@ -206,10 +206,15 @@ QUICK_SPACE = """
 name: quick
 pruning:
   unstructured_sparsity: {low: 0.0, high: 0.5, step: 0.1}
+  unstructured_criterion: [magnitude]
   structured_ratio: {low: 0.0, high: 0.3, step: 0.1}
+  structured_importance: [magnitude]
 distillation:
   epochs: {low: 0, high: 0}
-"""
+quantization:
+  calibration_method: [minmax]
+  calibration_samples: {low: 64, high: 128}
+"""  # the cheapest setting of each technique: these studies test the machinery, not them
 
 
 @pytest.fixture
