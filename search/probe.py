@@ -29,8 +29,8 @@ log = logging.getLogger("search")
 _SAMPLES = 32  # calibration and check inputs: enough to exercise, cheap to run
 
 
-def preflight(task: Task, profile: HardwareProfile,
-              resolved: ResolvedSpace) -> tuple[ResolvedSpace, list[str], list[str]]:
+def preflight(task: Task, profile: HardwareProfile, resolved: ResolvedSpace,
+              outcomes: dict[str, str] | None = None) -> tuple[ResolvedSpace, list[str], list[str]]:
     """``resolved`` without the techniques that fail on ``task``'s model, why each went, and
     notes on what the model has no structure for (the space already leaves those out).
 
@@ -39,11 +39,18 @@ def preflight(task: Task, profile: HardwareProfile,
     alone at the top of its range; what raises is removed (a range fixed at 0,
     a quantization mode dropped, int8 taken out of every layer's precisions
     when no mode works).
+
+    ``outcomes`` (technique -> error, "" when it ran) holds what was tried
+    before, by the study being resumed: that is not tried again, so a resumed
+    study keeps the space it started with; what is tried now is added to it.
     """
     notes = _structural(task, resolved)
     removed = []
+    outcomes = {} if outcomes is None else outcomes
     for name, choices in _extremes(resolved).items():
-        error = _try(task, profile, choices)
+        if name not in outcomes:
+            outcomes[name] = _try(task, profile, choices)
+        error = outcomes[name]
         if error:
             removed.append(f"{name} is not offered for this model: {error}")
             resolved = _without(resolved, name)

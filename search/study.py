@@ -258,12 +258,6 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     origin = (f"from {info['teacher']}" if info.get("teacher") else
               f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
     log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")), origin)
-    resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
-    resolved, removed, notes = preflight(task, profile, resolved)
-    for note in notes:
-        log.info("preflight: %s", note)
-    for note in removed:
-        log.warning("preflight: %s", note)
     architecture = architecture_key(task.input_shape, task.teacher_state)
     arch_label = f"{task.name}/{type(task.make_model()).__name__}"
     constrained = cfg.max_accuracy_drop is not None or cfg.max_latency_ms is not None
@@ -278,6 +272,17 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
         raise ConfigError(f"cannot open the Optuna storage {redact(cfg.storage)}: "
                           f"{type(exc).__name__}: {redact(str(exc))}") from None
     _check_same_task(study, cfg)
+    # preflight once per study: a resumed study keeps the space it started with
+    outcomes = dict(study.user_attrs.get("preflight", {}))
+    tried = len(outcomes)
+    resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
+    resolved, removed, notes = preflight(task, profile, resolved, outcomes)
+    if len(outcomes) != tried:
+        study.set_user_attr("preflight", outcomes)
+    for note in notes:
+        log.info("preflight: %s", note)
+    for note in removed:
+        log.warning("preflight: %s", note)
     fail_stale(study)
     if not study.get_trials(deepcopy=False):
         baselines = resolved.baselines()

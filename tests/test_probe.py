@@ -67,3 +67,19 @@ def test_a_transformer_encoder_keeps_every_technique():
     assert resolved.facts.attention and resolved.facts.droppable_blocks == 2
     narrowed, removed, notes = preflight(task, profile, resolved)
     assert removed == [] and notes == [] and narrowed == resolved
+
+
+def test_a_resumed_study_reuses_what_its_preflight_found():
+    """The outcomes of the first run are kept: nothing is tried again, so the space a study
+    resumes with is the one it started with, even if a retry would now go otherwise."""
+    task = _task(HardcodedWidth)
+    profile, resolved = _resolved(task)
+    outcomes: dict[str, str] = {}
+    narrowed, removed, _ = preflight(task, profile, resolved, outcomes)
+    assert outcomes["structured pruning"] and outcomes["static int8"] == ""
+    recorded = {**outcomes, "static int8": "RuntimeError: as it failed in the first run"}
+    again, removed_again, _ = preflight(task, profile, resolved, dict(recorded))
+    assert "static int8 is not offered for this model: RuntimeError: as it failed in the " \
+           "first run" in removed_again
+    assert "int8" not in {p for v in again.layer_precisions.values() for p in v}
+    assert again.space.pruning.structured_ratio.high == 0.0
