@@ -175,3 +175,17 @@ def test_segments_split_the_compute_in_thirds_whatever_the_layer_count():
     segments = depth_segments(heavy_first, torch.zeros(1, 64))
     assert segments["early"] == ["0"] and segments["middle"] == []
     assert segments["late"] == ["1", "2", "3", "4"]
+
+
+def test_taylor_gradients_taken_in_chunks_equal_one_batch(task):
+    """Chunks bound the memory of the taylor importance's backward pass, not its result."""
+    import torch.nn.functional as F
+
+    from search.compress.prune import _taylor_gradients
+
+    chunked, whole = task.teacher(), task.teacher()
+    _taylor_gradients(chunked, task.train)
+    idx = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(0))[:128]
+    F.cross_entropy(whole(task.train.x[idx]), task.train.y[idx]).backward()
+    for a, b in zip(chunked.parameters(), whole.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
