@@ -261,6 +261,8 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     architecture = architecture_key(task.input_shape, task.teacher_state)
     arch_label = f"{task.name}/{type(task.make_model()).__name__}"
     constrained = cfg.max_accuracy_drop is not None or cfg.max_latency_ms is not None
+    # checked against the profile and the model before anything is stored
+    resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
 
     try:
         study = optuna.create_study(
@@ -275,7 +277,6 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     # preflight once per study: a resumed study keeps the space it started with
     outcomes = dict(study.user_attrs.get("preflight", {}))
     tried = len(outcomes)
-    resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
     resolved, removed, notes = preflight(task, profile, resolved, outcomes)
     if len(outcomes) != tried:
         study.set_user_attr("preflight", outcomes)
