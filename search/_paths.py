@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
-__all__ = ["builtin_dir", "cache_dir"]
+__all__ = ["builtin_dir", "cache_dir", "write_atomic"]
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -27,3 +30,16 @@ def builtin_dir(name: str) -> Path:
     if packaged.is_dir():
         return packaged
     return _PACKAGE.parent / name
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """``write(handle)`` into a temporary file of its own beside ``path``, then rename: a
+    concurrent reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -111,21 +111,20 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
     taken from one batch of ``data``. Heads are removed whole, with their
     projections (:mod:`search.compress.heads`).
     """
-    per_segment = dict(ratio) if isinstance(ratio, Mapping) else None
-    unknown = set(per_segment or ()) - set(SEGMENTS)
-    if unknown:
-        raise ValueError(f"unknown depth segments {sorted(unknown)}; known: {', '.join(SEGMENTS)}")
-    if per_segment is not None and any(v > 0 for v in per_segment.values()):
-        modules = dict(model.named_modules())
-        segments = segments or depth_segments(model, example)
-        ratios = {}
-        for segment, r in per_segment.items():
-            present = tuple(modules[n] for n in segments.get(segment, ()) if n in modules)
-            if r > 0 and present:
-                ratios[present] = r
+    ratios: dict[tuple[nn.Module, ...], float] = {}  # torch-pruning's pruning_ratio_dict
+    if isinstance(ratio, Mapping):
+        unknown = set(ratio) - set(SEGMENTS)
+        if unknown:
+            raise ValueError(f"unknown depth segments {sorted(unknown)}; known: "
+                             f"{', '.join(SEGMENTS)}")
+        if any(r > 0 for r in ratio.values()):
+            modules = dict(model.named_modules())
+            segments = segments or depth_segments(model, example)
+            for segment, r in ratio.items():
+                present = tuple(modules[n] for n in segments.get(segment, ()) if n in modules)
+                if r > 0 and present:
+                    ratios[present] = r
         ratio = 0.0
-    else:
-        ratios, ratio = {}, float(ratio) if per_segment is None else 0.0
     if ratio > 0 or ratios:
         if not keep:
             keep = _default_keep(model, example)

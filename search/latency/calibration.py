@@ -27,8 +27,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from search._paths import write_atomic
 from search.latency.predict import Calibration, LayerCost, fit_calibration, predict_ms
 from search.profiles import HardwareProfile
 
@@ -205,14 +204,7 @@ class CalibrationStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _write(self, path: Path, text: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, lambda handle: handle.write(text.encode()))
 
     def add(self, new: Sequence[Measurement]) -> list[str]:
         """Keep ``new`` with the evidence, refit, adopt what predicts better; say what changed."""

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 from torch import nn
 
-from search._paths import cache_dir
+from search._paths import cache_dir, write_atomic
 from search.devices import autocast, grad_scaler, train_device
 from search.errors import ConfigError
 from search.tasks._base import Split, Task
@@ -140,15 +139,7 @@ def _read_cached(path: Path) -> dict[str, torch.Tensor] | None:
 
 
 def _save_atomic(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write to a temporary file of its own, then rename: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(state), handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda handle: torch.save(dict(state), handle))
 
 
 def _read_checkpoint(path: Path) -> Any:
@@ -291,12 +282,9 @@ def teacher_scores(task: Task) -> dict[str, float]:
     scores = {"test_accuracy": task.score(teacher, task.test),
               "val_accuracy": task.score(teacher, task.val)}
     if path is not None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        text = json.dumps({"key": key, **scores}).encode()
         try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"key": key, **scores}, handle)
-            os.replace(tmp, path)
+            write_atomic(path, lambda handle: handle.write(text))
         except OSError as exc:  # a read-only cache still scores; it only does not remember
-            Path(tmp).unlink(missing_ok=True)
             log.debug("teacher scores not cached in %s: %s", path, exc)
     return scores
