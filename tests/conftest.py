@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from search._paths import cache_dir
+from search._paths import cache_dir, write_atomic
 from search.compress import compressible_layers
 from search.profiles import PROFILES_DIR, load_profile, measurable_here
 from search.tasks import load_task
@@ -82,7 +82,8 @@ def fast_profile_file() -> Path:
     digest = hashlib.sha1(text.encode()).hexdigest()[:10]  # checkouts with other profiles differ
     path = Path(tempfile.gettempdir()) / "search-tests" / f"fast-host-{digest}.yaml"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(text)
+    if not path.exists():  # parallel test processes write the same text: whole or not at all
+        write_atomic(path, lambda handle: handle.write(text.encode()))
     return path
 
 
