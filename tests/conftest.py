@@ -22,8 +22,9 @@ from search.tasks import load_task
 def _hermetic_cache() -> Path:
     """The suite's own cache directory, so it never reads or writes the user's (latency
     calibrations of one test would otherwise steer the predictions of another, and of the
-    user's next study). Seeded with the user's trained teachers so nothing retrains;
-    subprocesses and Ray workers inherit it through the environment."""
+    user's next study). Seeded with the user's trained teachers, and the data splits they
+    were trained on, so nothing retrains; subprocesses and Ray workers inherit it through
+    the environment."""
     import atexit
     import os
     import shutil
@@ -31,8 +32,9 @@ def _hermetic_cache() -> Path:
 
     real = cache_dir()
     test_cache = Path(tempfile.mkdtemp(prefix="search-tests-cache-"))
-    for teacher in [*real.glob("*-teacher-*.pt"), *real.glob("*-teacher-*.pt.scores.json")]:
-        shutil.copy2(teacher, test_cache / teacher.name)  # mtime kept: the scores stay valid
+    seeds = ["*-teacher-*.pt", "*-teacher-*.pt.scores.json", "digits-split-*.npz"]
+    for found in [path for pattern in seeds for path in real.glob(pattern)]:
+        shutil.copy2(found, test_cache / found.name)  # mtime kept: the scores stay valid
     os.environ["SEARCH_CACHE_DIR"] = str(test_cache)
     atexit.register(shutil.rmtree, test_cache, ignore_errors=True)
     return test_cache

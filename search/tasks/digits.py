@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search._paths import cache_dir, write_atomic
 from search.errors import ConfigError
 from search.tasks._arch import arch_builder, check_arch
 from search.tasks._base import Split, Task, TaskOptions
@@ -64,24 +66,54 @@ class DigitsResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def _splits(seed_split: int = 0) -> tuple[Split, Split, Split, str]:
-    from sklearn.datasets import load_digits
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images 8x8 in 0..16, labels) from the copy scikit-learn ships, read as
+    ``sklearn.datasets.load_digits`` reads it, without importing scikit-learn
+    (seconds at every start of a command and of every Ray worker)."""
+    import gzip
+    from importlib.util import find_spec
+
+    spec = find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the digits task needs scikit-learn, which ships the data: "
+                          "pip install scikit-learn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as handle:
+        data = np.loadtxt(handle, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
+def _split_indices(labels: np.ndarray, seed_split: int, digest: str) -> list[np.ndarray]:
+    """Train/val/test indices (60/20/20, stratified), cached beside the teachers: the split
+    that trained a cached teacher must never change under it, and computing it needs
+    scikit-learn (seconds to import)."""
+    path = cache_dir() / f"digits-split-{seed_split}-{digest[:16]}.npz"
+    try:
+        with np.load(path) as saved:
+            return [saved[k] for k in ("train", "val", "test")]
+    except (OSError, KeyError, ValueError):
+        pass
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
-    images = torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None]
-    images = F.interpolate(images, size=SIZE, mode="bilinear", align_corners=False)
-    labels = torch.tensor(digits.target, dtype=torch.long)
     index = np.arange(len(labels))
-    train, rest = train_test_split(
-        index, test_size=0.4, random_state=seed_split, stratify=digits.target
-    )
-    val, test = train_test_split(
-        rest, test_size=0.5, random_state=seed_split, stratify=digits.target[rest]
-    )
+    train, rest = train_test_split(index, test_size=0.4, random_state=seed_split,
+                                   stratify=labels)
+    val, test = train_test_split(rest, test_size=0.5, random_state=seed_split,
+                                 stratify=labels[rest])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda handle: np.savez(handle, train=train, val=val, test=test))
+    return [train, val, test]
+
+
+def _splits(seed_split: int = 0) -> tuple[Split, Split, Split, str]:
+    raw, target = _load_digits()
+    images = torch.tensor(raw / 16.0, dtype=torch.float32)[:, None]
+    images = F.interpolate(images, size=SIZE, mode="bilinear", align_corners=False)
+    labels = torch.tensor(target, dtype=torch.long)
+    digest = hashlib.sha256(raw.tobytes() + target.tobytes()).hexdigest()
+    train, val, test = _split_indices(target, seed_split, digest)
     mean, std = images[train].mean(), images[train].std()
     images = (images - mean) / std
-    digest = hashlib.sha256(digits.images.tobytes() + digits.target.tobytes()).hexdigest()
     parts = [Split(images[i], labels[i]) for i in (train, val, test)]
     return parts[0], parts[1], parts[2], digest
 
