@@ -142,6 +142,29 @@ def _warm_ray(request):
     yield
 
 
+_PROCESS_WIDE = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "RAY_ADDRESS")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_environment():
+    """Fail a test that leaves the variables every later study reads changed (a stopped
+    server's URI left in $MLFLOW_TRACKING_URI sends the next test's study to it), and put
+    them back so that the tests after it are not its victims."""
+    import os
+
+    before = {name: os.environ.get(name) for name in _PROCESS_WIDE}
+    yield
+    after = {name: os.environ.get(name) for name in _PROCESS_WIDE}
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    changed = [f"${name}={after[name]!r}" for name in _PROCESS_WIDE if after[name] != before[name]]
+    if changed:
+        pytest.fail(f"the test left {', '.join(changed)} set for the tests after it")
+
+
 def done_rows(rows):  # noqa: ANN001, ANN201
     """The rows of a trials.csv that a study's budget counts: COMPLETE or stopped early
     (PRUNED), refinements of front members excluded."""

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from search.config import SearchConfig
 from search.evaluate import onnx_accuracy
 from search.study import run_search
-from search.tracking import EXPERIMENT
+from search.tracking import EXPERIMENT, _fluent_tracking_uri
 from tests.conftest import free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
 
 
@@ -80,15 +80,15 @@ def test_study_against_a_tracking_server(server, served, task):
     assert len(children) == 3
     front = [c for c in children if c.data.tags.get("on_front") == "true"]
     assert front
-    mlflow.set_tracking_uri(server)
     for child in children:
         assert {"accuracy", "accuracy_drop", "latency_median_ms", "latency_p90_ms", "latency_cv",
                 "size_mb", "macs", "sparsity"} <= set(child.data.metrics)
         assert {"on_front", "latency_source", "device", "state"} <= set(child.data.tags)
-    for child in front:
-        model = mlflow.onnx.load_model(child.data.tags["model_uri"])
-        accuracy = onnx_accuracy(model.SerializeToString(), task.val)
-        assert accuracy == pytest.approx(child.data.metrics["accuracy"])
+    with _fluent_tracking_uri(server):  # models:/ URIs resolve against the fluent API's server
+        for child in front:
+            model = mlflow.onnx.load_model(child.data.tags["model_uri"])
+            accuracy = onnx_accuracy(model.SerializeToString(), task.val)
+            assert accuracy == pytest.approx(child.data.metrics["accuracy"])
 
 
 @pytest.mark.slow
