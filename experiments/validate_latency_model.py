@@ -89,6 +89,7 @@ def _fit_speedups(models: list[str], costs, profile) -> Calibration:  # noqa: AN
                      for pred, pub in zip(_speedups(costs[m], profile, cal), PUBLISHED[m],
                                           strict=True)],
         len(models) * 4, per_precision_overheads=False, memory=False,
+        fill_keys=["fp32", "fp16", "int8"],
     )
 
 

@@ -2,7 +2,8 @@
 
 Each Conv/Gemm/MatMul costs ``max(compute time, memory time) + op overhead`` at
 the precision it runs in, using the profile's peak throughput, its efficiency
-(calibration) factor and memory bandwidth. A layer whose input arrives in
+(calibration) factor and memory bandwidth; compute slows where a layer has too
+few output rows to fill the device's matrix tiles (``fill_rows``). A layer whose input arrives in
 another precision pays a conversion pass (fp32 islands cost, DESIGN.md §3).
 Unstructured zeros only shrink compute where the profile has sparse kernels;
 structured pruning shrinks the layers themselves, so it is seen directly.
@@ -72,13 +73,14 @@ class Calibration:
     fitted_on: int = 0
     memory_efficiency: dict[str, float] = field(default_factory=dict)  # default 1.0
     overhead_scale: dict[str, float] = field(default_factory=dict)  # per precision, default 1.0
+    fill_rows: dict[str, float] = field(default_factory=dict)  # per precision, default 0
 
     @staticmethod
     def of(settings: LatencyModelSettings) -> Calibration:
         eff = {p: settings.efficiency.get(p, 0.5) for p in settings.peak_tops}
         mem = {p: settings.memory_efficiency.get(p, 1.0) for p in settings.peak_tops}
         return Calibration(eff, settings.op_overhead_us, settings.session_overhead_us,
-                           memory_efficiency=mem)
+                           memory_efficiency=mem, fill_rows=dict(settings.fill_rows))
 
 
 def _shape_elems(shape: onnx.TensorShapeProto) -> int | None:
@@ -268,6 +270,9 @@ def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
             elif profile.sparse_kernels == "2:4" and c.nm_sparse:
                 work *= 0.5
             compute_s = work / (peak * 1e12 * cal.efficiency.get(c.precision, 0.5))
+            fill = cal.fill_rows.get(c.precision, 0.0)
+            if fill and c.macs and c.weight_elems:  # rows = MACs per weight: batch x pixels
+                compute_s *= 1.0 + fill * c.weight_elems / c.macs
             overhead = cal.op_overhead_us * cal.overhead_scale.get(c.precision, 1.0)
             total_us += max(compute_s, memory_s) * 1e6 + overhead
             if c.input_precision is not None:  # a conversion pass at a precision boundary
@@ -308,19 +313,24 @@ def fit_calibration(samples: Iterable[tuple[list[LayerCost], float]], profile: H
 
 def _least_squares(start: Calibration, eff_keys: list[str],
                    residuals: Callable[[Calibration], list[float]], n: int, *,
-                   per_precision_overheads: bool = True, memory: bool = True) -> Calibration:
+                   per_precision_overheads: bool = True, memory: bool = True,
+                   fill_keys: list[str] | None = None) -> Calibration:
     """Fit compute efficiency per precision, one memory efficiency, overheads.
 
     Parameters: efficiency of each precision in ``eff_keys``; a memory
     efficiency shared by all precisions (caches make small models read weights
     faster than DRAM); the op overhead and, for precisions other than the
     first, a multiplier on it (int8 kernels cost more per call on a CPU); the
-    session overhead. All in log space, bounded.
+    session overhead; with ``fill_keys``, the fill rows of those precisions
+    (fitted where tables span batch sizes, kept from the profile otherwise). All
+    in log space, bounded.
     """
     from scipy.optimize import least_squares
 
     k = len(eff_keys)
     scaled_keys = eff_keys[1:] if per_precision_overheads else []
+    fill_keys = fill_keys or []
+    f0 = k + 1 + len(scaled_keys)
 
     def unpack(theta: np.ndarray) -> Calibration:
         eff = dict(start.efficiency)
@@ -329,15 +339,22 @@ def _least_squares(start: Calibration, eff_keys: list[str],
                else dict(start.memory_efficiency))
         scale = {p: float(np.exp(v)) for p, v in
                  zip(scaled_keys, theta[k + 1:k + 1 + len(scaled_keys)], strict=True)}
-        return Calibration(eff, float(np.exp(theta[-2])), float(np.exp(theta[-1])), n, mem, scale)
+        fill = dict(start.fill_rows)
+        fill.update({p: float(np.exp(v)) for p, v in
+                     zip(fill_keys, theta[f0:f0 + len(fill_keys)], strict=True)})
+        return Calibration(eff, float(np.exp(theta[-2])), float(np.exp(theta[-1])), n, mem, scale,
+                           fill)
 
     theta0 = np.log([start.efficiency[p] for p in eff_keys]
                     + [1.0]
                     + [start.overhead_scale.get(p, 1.0) for p in scaled_keys]
+                    + [max(start.fill_rows.get(p, 1.0), 1e-2) for p in fill_keys]
                     + [max(start.op_overhead_us, 1e-2), max(start.session_overhead_us, 1e-2)])
     mem_bounds = (0.1, 20.0) if memory else (0.999999, 1.000001)
-    bounds = (np.log([1e-4] * k + [mem_bounds[0]] + [0.2] * len(scaled_keys) + [1e-2, 1e-2]),
-              np.log([1.0] * k + [mem_bounds[1]] + [20.0] * len(scaled_keys) + [1e5, 1e5]))
+    bounds = (np.log([1e-4] * k + [mem_bounds[0]] + [0.2] * len(scaled_keys)
+                     + [1e-2] * len(fill_keys) + [1e-2, 1e-2]),
+              np.log([1.0] * k + [mem_bounds[1]] + [20.0] * len(scaled_keys)
+                     + [1e5] * len(fill_keys) + [1e5, 1e5]))
     theta0 = np.clip(theta0, bounds[0] + 1e-9, bounds[1] - 1e-9)
     fit = least_squares(lambda t: np.asarray(residuals(unpack(t))), theta0, bounds=bounds)
     return unpack(fit.x)
