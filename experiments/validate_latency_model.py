@@ -7,9 +7,10 @@ weights; only shapes matter). The calibration (efficiency per precision, op
 and session overheads) is fitted leave-one-model-out: each model's cells are
 predicted by a calibration fitted on the other models' cells only.
 
-Table 2: on this host (cpu-avx512-vnni), predicted against measured latency
-for compressed variants (structured ratio x precision plan, plus unstructured
-sparsity) of three architectures, again leave-one-architecture-out.
+Table 2: on this host (cpu-avx512-vnni, or cpu-avx2 without VNNI), predicted
+against measured latency for compressed variants (structured ratio x precision
+plan, plus unstructured sparsity) of four architectures (three CNNs and an
+nn.TransformerEncoder), leave-one-variant-out and leave-one-architecture-out.
 
     python experiments/validate_latency_model.py [--quick]
 """
@@ -34,6 +35,7 @@ from search.compress import (
     onnx_node_names,
     prune_structured,
 )
+from search.compress.heads import prune_heads
 from search.compress.prune import prune_unstructured
 from search.latency import measure_latency
 from search.latency.predict import (
@@ -45,7 +47,7 @@ from search.latency.predict import (
     fit_calibration,
     predict_ms,
 )
-from search.profiles import load_profile
+from search.profiles import load_profile, measurable_here
 from search.record import Choices
 from search.tasks import load_task
 
@@ -60,6 +62,7 @@ PUBLISHED = {
 }
 NOT_IN_TORCHVISION = ["MobileNet v1", "Inception v4"]
 CELLS = [(1, "fp16"), (1, "int8"), (8, "fp16"), (8, "int8")]
+ARCHS = ("digits-resnet", "resnet18", "mobilenet_v2", "encoder")  # host table
 
 
 def _with_precision(costs: list[LayerCost], precision: str) -> list[LayerCost]:
@@ -117,10 +120,19 @@ def t4_table() -> None:
     print(f"not in torchvision, not scored: {', '.join(NOT_IN_TORCHVISION)}\n")
 
 
-def _variants(arch: str, quick: bool):  # noqa: ANN202
+def _variants(arch: str, quick: bool, reduce_range: bool):  # noqa: ANN202
     task = load_task("digits", 0)
     if arch == "digits-resnet":
         make, shape = task.teacher, task.input_shape
+    elif arch == "encoder":  # nn.TransformerEncoder: MatMul and attention, not Conv
+        from encoder_digits import EncoderDigits  # beside this script
+
+        def make():  # noqa: ANN202
+            torch.manual_seed(0)
+            model = EncoderDigits().eval()
+            prune_heads(model, 0.0, always=True)  # q/k/v/out as their own MatMuls, as a trial
+            return model
+        shape = task.input_shape
     else:
         def make():  # noqa: ANN202
             torch.manual_seed(0)
@@ -142,25 +154,34 @@ def _variants(arch: str, quick: bool):  # noqa: ANN202
         plans["int8 first/last fp32"] = mixed
         for label, plan in plans.items():
             model_bytes = apply_precision_plan(fp32, plan, names, Choices(precisions=plan),
-                                               calib, reduce_range=False)
+                                               calib, reduce_range=reduce_range)
             yield f"{arch} r{ratio:.1f} {label}", model_bytes, shape
     model = make()
     prune_unstructured(model, 0.7)
     yield f"{arch} 70% zeros fp32", export_onnx(model, shape), shape
 
 
+def host_profile():  # noqa: ANN201
+    """The built-in CPU profile this machine measures: VNNI if it has it, else AVX2."""
+    for name in ("cpu-avx512-vnni", "cpu-avx2"):
+        profile = load_profile(name)
+        if measurable_here(profile)[0]:
+            return profile
+    raise SystemExit("this CPU has neither AVX-512 VNNI nor AVX2: no host table")
+
+
 def host_rows(quick: bool) -> list[tuple]:
-    profile = load_profile("cpu-avx512-vnni")
+    profile = host_profile()
     rows = []
-    for arch in ("digits-resnet", "resnet18", "mobilenet_v2"):
-        for label, model, shape in _variants(arch, quick):
+    for arch in ARCHS:
+        for label, model, shape in _variants(arch, quick, profile.int8.reduce_range):
             measured = measure_latency(model, profile, shape)
             rows.append((arch, label, costs_from_onnx(model), measured.median_ms, measured.cv))
     return rows
 
 
 def host_table(quick: bool, rows: list[tuple] | None = None) -> None:
-    profile = load_profile("cpu-avx512-vnni")
+    profile = host_profile()
     rows = rows or host_rows(quick)
     meas = np.array([r[3] for r in rows])
 
@@ -180,7 +201,7 @@ def host_table(quick: bool, rows: list[tuple] | None = None) -> None:
     for arch, _, costs, _, _ in rows:
         cal = fit_calibration([(c, ms) for a, _, c, ms, _ in rows if a != arch], profile)
         loao.append(predict_ms(costs, profile, cal))
-    print("Table 2: cpu-avx512-vnni (this host, 1 thread, batch 1), predicted vs measured ms")
+    print(f"Table 2: {profile.name} (this host, 1 thread, batch 1), predicted vs measured ms")
     print(f"{'variant':<40}{'measured':>9}{'cv':>6}{'LOVO':>8}{'err':>6}{'LOAO':>8}{'err':>6}")
     for (_, label, _, ms, cv), a, b in zip(rows, lovo, loao, strict=True):
         print(f"{label:<40}{ms:>9.3f}{cv:>6.2f}{a:>8.3f}{a / ms - 1:>+6.0%}{b:>8.3f}"
@@ -194,9 +215,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer host variants")
     parser.add_argument("--skip-host", action="store_true")
+    parser.add_argument("--skip-t4", action="store_true")
     args = parser.parse_args()
     start = time.perf_counter()
-    t4_table()
+    if not args.skip_t4:
+        t4_table()
     if not args.skip_host:
         host_table(args.quick)
     print(f"\n({time.perf_counter() - start:.0f} s)")

@@ -43,6 +43,18 @@ def _hermetic_cache() -> Path:
 TEST_CACHE = _hermetic_cache()
 
 
+# modules whose tests share nothing and each take minutes: spread over the test processes
+_SPREAD = {"test_faults.py", "test_chaos.py"}
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (``--dist loadgroup``) keep each module's tests on one process, so
+    that its module-scoped study runs once, except the modules in ``_SPREAD``."""
+    for item in items:
+        if item.path.name not in _SPREAD:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def task():
     return load_task("digits", 0)
