@@ -170,19 +170,25 @@ def host_profile():  # noqa: ANN201
     raise SystemExit("this CPU has neither AVX-512 VNNI nor AVX2: no host table")
 
 
-def host_rows(quick: bool) -> list[tuple]:
+def host_rows(quick: bool, rounds: int = 3) -> list[tuple]:
+    """Every variant measured ``rounds`` times, round-robin, median of the rounds: on a shared
+    machine a single measurement can be off by half, and interleaving spreads the
+    disturbances over all variants alike."""
     profile = host_profile()
-    rows = []
-    for arch in ARCHS:
-        for label, model, shape in _variants(arch, quick, profile.int8.reduce_range):
-            measured = measure_latency(model, profile, shape)
-            rows.append((arch, label, costs_from_onnx(model), measured.median_ms, measured.cv))
-    return rows
+    variants = [(arch, label, model, shape) for arch in ARCHS
+                for label, model, shape in _variants(arch, quick, profile.int8.reduce_range)]
+    times: list[list[float]] = [[] for _ in variants]
+    for _ in range(rounds):
+        for i, (_, _, model, shape) in enumerate(variants):
+            times[i].append(measure_latency(model, profile, shape).median_ms)
+    return [(arch, label, costs_from_onnx(model), float(np.median(t)),
+             float(np.std(t) / np.mean(t)))
+            for (arch, label, model, _), t in zip(variants, times, strict=True)]
 
 
-def host_table(quick: bool, rows: list[tuple] | None = None) -> None:
+def host_table(quick: bool, rounds: int = 3) -> None:
     profile = host_profile()
-    rows = rows or host_rows(quick)
+    rows = host_rows(quick, rounds)
     meas = np.array([r[3] for r in rows])
 
     def report(title: str, preds: list[float]) -> None:
@@ -202,7 +208,7 @@ def host_table(quick: bool, rows: list[tuple] | None = None) -> None:
         cal = fit_calibration([(c, ms) for a, _, c, ms, _ in rows if a != arch], profile)
         loao.append(predict_ms(costs, profile, cal))
     print(f"Table 2: {profile.name} (this host, 1 thread, batch 1), predicted vs measured ms")
-    print(f"{'variant':<40}{'measured':>9}{'cv':>6}{'LOVO':>8}{'err':>6}{'LOAO':>8}{'err':>6}")
+    print(f"{'variant':<40}{'measured':>9}{'spread':>6}{'LOVO':>8}{'err':>6}{'LOAO':>8}{'err':>6}")
     for (_, label, _, ms, cv), a, b in zip(rows, lovo, loao, strict=True):
         print(f"{label:<40}{ms:>9.3f}{cv:>6.2f}{a:>8.3f}{a / ms - 1:>+6.0%}{b:>8.3f}"
               f"{b / ms - 1:>+6.0%}")
@@ -216,12 +222,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer host variants")
     parser.add_argument("--skip-host", action="store_true")
     parser.add_argument("--skip-t4", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="host measurements per variant, interleaved (median)")
     args = parser.parse_args()
     start = time.perf_counter()
     if not args.skip_t4:
         t4_table()
     if not args.skip_host:
-        host_table(args.quick)
+        host_table(args.quick, args.rounds)
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 
