@@ -61,6 +61,7 @@ class LayerCost:
     density: float = 1.0  # share of non-zero weights
     nm_sparse: bool = False  # weights follow a 2:4 pattern
     input_precision: str | None = None  # when it differs, a conversion pass is paid
+    activations_only: bool = False  # a MatMul of two activations (attention), no weight
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,14 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1) -> list[Laye
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     elems: dict[str, int] = {}
+    last_dim: dict[str, int] = {}  # the reduced dimension of an activation-by-activation MatMul
     for value in list(graph.value_info) + list(graph.input) + list(graph.output):
         n = _shape_elems(value.type.tensor_type.shape)
         if n is not None:
             elems[value.name] = n
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[-1].HasField("dim_value"):
+                last_dim[value.name] = dims[-1].dim_value
     for name, tensor in inits.items():
         elems[name] = int(np.prod(tensor.dims)) if tensor.dims else 1
     producers = {out: node for node in graph.node for out in node.output}
@@ -158,6 +163,9 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1) -> list[Laye
             elif weight is not None and weight.ndim == 2:
                 rows = elems.get(ins[0], 0) // max(_reduce_dim(node, weight), 1)
                 macs = rows * weight.size
+            elif weight is None and op_type == "MatMul":  # attention: Q·Kᵀ, weights·V
+                macs = out * last_dim.get(ins[0], 0)
+                precision = incoming
             else:
                 macs = 0
             density, nm = _sparsity(weight)
@@ -166,6 +174,7 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1) -> list[Laye
                 weight_elems=w_elems, in_elems=elems.get(ins[0], 0), out_elems=out,
                 density=density, nm_sparse=nm,
                 input_precision=incoming if incoming != precision else None,
+                activations_only=weight is None and op_type == "MatMul",
             ))
             for o in node.output:
                 tensor_precision[o] = precision
@@ -260,7 +269,10 @@ def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
         memory_s = (c.weight_elems + c.in_elems + c.out_elems) * b / (
             bandwidth * cal.memory_efficiency.get(c.precision, 1.0))
         if c.op_type in _COMPUTE:
-            peak = settings.peak_tops.get(c.precision)
+            precision = c.precision
+            if c.activations_only and precision not in settings.peak_tops:
+                precision = next(iter(settings.peak_tops))  # runs in what the device has
+            peak = settings.peak_tops.get(precision)
             if peak is None:
                 raise ConfigError(f"profile {profile.name!r} cannot run {c.precision} "
                                   f"({c.op_type} {c.name}); it runs {sorted(settings.peak_tops)}")
@@ -269,8 +281,8 @@ def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
                 work *= c.density
             elif profile.sparse_kernels == "2:4" and c.nm_sparse:
                 work *= 0.5
-            compute_s = work / (peak * 1e12 * cal.efficiency.get(c.precision, 0.5))
-            fill = cal.fill_rows.get(c.precision, 0.0)
+            compute_s = work / (peak * 1e12 * cal.efficiency.get(precision, 0.5))
+            fill = cal.fill_rows.get(precision, 0.0)
             if fill and c.macs and c.weight_elems:  # rows = MACs per weight: batch x pixels
                 compute_s *= 1.0 + fill * c.weight_elems / c.macs
             overhead = cal.op_overhead_us * cal.overhead_scale.get(c.precision, 1.0)

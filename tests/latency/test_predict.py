@@ -137,3 +137,22 @@ def test_negative_fill_rows_are_refused():
 
     with pytest.raises(ValidationError, match="fill_rows"):
         LatencyModelSettings(peak_tops={"int8": 1.0}, memory_gbps=1.0, fill_rows={"int8": -1})
+
+
+def test_attention_matmuls_of_two_activations_cost_compute():
+    """Q·Kᵀ and weights·V have no weight initializer; their MACs are rows x the shared
+    dimension x columns all the same, so a longer sequence must predict slower."""
+    from search.compress import export_onnx
+
+    class Gram(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, tokens, dim)
+            return (x @ x.transpose(-1, -2)).softmax(-1) @ x
+
+    profile = load_profile("cpu-avx2")
+    costs = {n: costs_from_onnx(export_onnx(Gram(), (n, 8))) for n in (16, 64)}
+    matmuls = [c for c in costs[16] if c.op_type == "MatMul"]
+    assert [c.activations_only for c in matmuls] == [True, True]
+    assert [c.macs for c in matmuls] == [16 * 16 * 8, 16 * 16 * 8]
+    assert predict_ms(costs[64], profile) > predict_ms(costs[16], profile)
+    only_fp16 = load_profile("vpu")  # runs fp16 only: the activations' fp32 is not refused
+    assert predict_ms(costs[16], only_fp16) > 0
