@@ -23,13 +23,16 @@ def _hermetic_cache() -> Path:
     """The suite's own cache directory, so it never reads or writes the user's (latency
     calibrations of one test would otherwise steer the predictions of another, and of the
     user's next study). Seeded with the user's trained teachers, and the data splits they
-    were trained on, so nothing retrains; subprocesses and Ray workers inherit it through
-    the environment."""
+    were trained on, so nothing retrains; subprocesses, Ray workers and pytest-xdist's
+    test processes inherit it through the environment."""
     import atexit
     import os
     import shutil
     import tempfile
 
+    inherited = Path(os.environ.get("SEARCH_CACHE_DIR", "."))
+    if os.environ.get("PYTEST_XDIST_WORKER") and inherited.name.startswith("search-tests-cache-"):
+        return inherited  # the controller's: a teacher one test process trains serves the other
     real = cache_dir()
     test_cache = Path(tempfile.mkdtemp(prefix="search-tests-cache-"))
     seeds = ["*-teacher-*.pt", "*-teacher-*.pt.scores.json", "digits-split-*.npz"]
