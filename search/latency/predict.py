@@ -3,8 +3,8 @@
 Each Conv/Gemm/MatMul costs ``max(compute time, memory time) + op overhead`` at
 the precision it runs in, using the profile's peak throughput, its efficiency
 (calibration) factor and memory bandwidth; compute slows where a layer has too
-few output rows to fill the device's matrix tiles (``fill_rows``). A layer whose input arrives in
-another precision pays a conversion pass (fp32 islands cost, DESIGN.md §3).
+few output rows to fill the device's matrix tiles (``fill_rows``). A layer
+whose input arrives in another precision pays a conversion pass (fp32 islands cost, DESIGN.md §3).
 Unstructured zeros only shrink compute where the profile has sparse kernels;
 structured pruning shrinks the layers themselves, so it is seen directly.
 """
@@ -157,13 +157,14 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1) -> list[Laye
             weight = numpy_helper.to_array(tensor) if tensor is not None else None
             w_elems = int(weight.size) if weight is not None else elems.get(ins[1], 0)
             out = elems.get(node.output[0], 0)
+            activations_only = False
             if op_type == "Conv" and weight is not None and weight.ndim >= 3:
                 out_channels = weight.shape[0]
                 macs = out // max(out_channels, 1) * w_elems
             elif weight is not None and weight.ndim == 2:
                 rows = elems.get(ins[0], 0) // max(_reduce_dim(node, weight), 1)
                 macs = rows * weight.size
-            elif weight is None and op_type == "MatMul":  # attention: Q·Kᵀ, weights·V
+            elif activations_only := (weight is None and op_type == "MatMul"):  # Q·Kᵀ, A·V
                 macs = out * last_dim.get(ins[0], 0)
                 precision = incoming
             else:
@@ -174,7 +175,7 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1) -> list[Laye
                 weight_elems=w_elems, in_elems=elems.get(ins[0], 0), out_elems=out,
                 density=density, nm_sparse=nm,
                 input_precision=incoming if incoming != precision else None,
-                activations_only=weight is None and op_type == "MatMul",
+                activations_only=activations_only,
             ))
             for o in node.output:
                 tensor_precision[o] = precision
