@@ -17,24 +17,12 @@ _FRONT_COLUMNS = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_s
                   "on_front", "baseline"]
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str) -> int:
+    """Parse only: the range each setting allows is checked once, by ``config.Settings``."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of trials, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 _ENVIRONMENT = """\
@@ -72,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(parser, default=False)
     add("--config", type=Path, help="YAML file with any of these settings (flags beat it)")
     add("--profile", help="hardware profile name (`search profiles`) or a YAML path")
-    add("--budget", type=_positive_int, help="number of COMPLETE trials the study ends with")
+    add("--budget", type=_whole_number, help="number of COMPLETE trials the study ends with")
     add("--task", help="digits (default), cifar10, imagefolder, or module:function returning a "
                        "Task (your own model and data)")
     add("--data-dir", type=Path, help="dataset directory for --task cifar10 / imagefolder "
@@ -81,12 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "resnet18, mobilenet_v2 (untrained; CIFAR-style stem for images <= 64 px)")
     add("--teacher", type=Path, help="trained weights to compress (torch.save of a state_dict "
                                      "or model) instead of training the built-in teacher")
-    add("--image-size", type=_positive_int, help="--task imagefolder: resize and crop to this "
+    add("--image-size", type=_whole_number, help="--task imagefolder: resize and crop to this "
                                                   "side (default: the first image's, at most 224)")
     add("--sparse-init", type=Path,
         help="a pre-sparsified checkpoint of the same model: trials may start from it and keep "
              "its zeros while fine-tuning (sparse transfer)")
-    add("--teacher-epochs", type=_positive_int, help="epochs to train a built-in teacher "
+    add("--teacher-epochs", type=_whole_number, help="epochs to train a built-in teacher "
                                                       "(default per task; small for smoke runs)")
     add("--space", help="search space name or YAML path (default: default)")
     add("--study-name", help="default: <task>-<profile>; rerun the command to resume")
@@ -99,13 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output-dir", type=Path, help="default: search-runs/<study-name>/")
     add("--ray-address", help="join this Ray cluster: auto, host:port or ray://host:port "
                               "(default: $RAY_ADDRESS, else start a private local Ray)")
-    add("--seed", type=_non_negative_int,
+    add("--seed", type=_whole_number,
         help="seed of the search: sampler and trials (default 0; a built-in task's teacher is "
              "the same whatever the seed)")
     add("--sampler", choices=SAMPLERS,
         help="tpe (default: best hypervolume per trial in experiments/sampler_benchmark.py), "
              "nsga2, gp or random")
-    add("--parallel", type=_positive_int,
+    add("--parallel", type=_whole_number,
         help="trials in flight (default: what the cluster allows, one per node)")
     add("--max-accuracy-drop", type=float,
         help="constraint: trials losing more accuracy points than this against the reference "
@@ -117,13 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
              "measure where the device is reachable (default)")
     add("--grace-period", dest="grace_period_s", type=float,
         help="seconds running trials get to finish after Ctrl-C (default 30)")
-    add("--batch-size", type=_positive_int,
+    add("--batch-size", type=_whole_number,
         help="inputs per inference that latency is measured or predicted for (default: the "
              "profile's, 1 on CPUs); GPUs pay off at deployment batch sizes")
-    add("--refine", type=_non_negative_int,
+    add("--refine", type=_whole_number,
         help="front members given a longer distillation after the budget, then re-measured "
              "side by side with the baselines (default 4; 0: none)")
-    add("--refine-epochs", type=_positive_int,
+    add("--refine-epochs", type=_whole_number,
         help="distillation epochs of a refinement (default: twice the space's longest, >= 6)")
     add("--no-early-stopping", dest="early_stopping", action="store_false", default=None,
         help="fine-tune every trial to the end, even one that cannot reach the front")

@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, StrictInt, ValidationError, field_validator
 
 from search._schema import Strict, load_model
 from search.errors import ConfigError
@@ -21,12 +21,14 @@ if TYPE_CHECKING:  # search.tasks imports torch: keep `search --help` and bad fl
     from search.tasks import TaskOptions
 
 __all__ = ["ConfigFile", "DEFAULT_EXPERIMENT", "ENV_DEFAULTS", "LATENCY_MODES", "SAMPLERS",
-           "SearchConfig", "default_study_name", "ensure_writable", "load_config_file"]
+           "SearchConfig", "Settings", "default_study_name", "ensure_writable", "load_config_file"]
 
 log = logging.getLogger("search")
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
-LATENCY_MODES = ("auto", "measure", "predict")
+SamplerName = Literal["tpe", "nsga2", "gp", "random"]
+LatencyMode = Literal["auto", "measure", "predict"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+LATENCY_MODES: tuple[str, ...] = get_args(LatencyMode)
 DEFAULT_EXPERIMENT = "compression-search"  # the MLflow experiment, unless named otherwise
 # Settings the ecosystem's own environment variables give when nothing else does: below
 # a flag and a config file, above the built-in default (so `ray job submit -- search ...`
@@ -35,6 +37,15 @@ ENV_DEFAULTS = {"tracking_uri": "MLFLOW_TRACKING_URI", "experiment_name": "MLFLO
                 "ray_address": "RAY_ADDRESS"}
 REPORT_DROP = 1.0  # points of accuracy the best speedup is reported within by default
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# A setting's flag, where it is not --<name with dashes> (None: config file only)
+_FLAGS = {"grace_period_s": "--grace-period", "early_stopping": "--no-early-stopping",
+          "refine_timeout_s": None}
+
+
+def _setting(name: object) -> str:
+    """``budget (--budget)``: the name a config file uses and the flag a command line uses."""
+    flag = _FLAGS.get(str(name), "--" + str(name).replace("_", "-"))
+    return f"{name} ({flag})" if flag else f"{name} (config file)"
 
 
 @dataclass(frozen=True)
@@ -88,47 +99,21 @@ class SearchConfig:
         )
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first bad setting and what is allowed."""
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int):
-            raise ConfigError(f"budget must be a whole number of trials, got {self.budget!r}")
-        if self.budget <= 0:
-            raise ConfigError(f"budget must be at least 1 trial, got {self.budget}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.parallel is not None and (not isinstance(self.parallel, int) or self.parallel < 1):
-            raise ConfigError(f"parallel must be at least 1, got {self.parallel!r}")
-        if self.study_name is not None and not _NAME.match(self.study_name):
-            raise ConfigError(
-                f"study name {self.study_name!r} is not allowed: use letters, digits, '.', '_' "
-                "or '-', starting with a letter or digit, at most 128 characters"
-            )
-        if self.experiment_name is not None and not str(self.experiment_name).strip():
-            raise ConfigError("experiment name must not be empty")
-        if self.latency not in LATENCY_MODES:
-            raise ConfigError(f"unknown latency mode {self.latency!r}; choose one of "
-                              f"{', '.join(LATENCY_MODES)}")
-        if self.max_accuracy_drop is not None and not self.max_accuracy_drop >= 0:
-            raise ConfigError(f"max accuracy drop must be >= 0 points, got {self.max_accuracy_drop}")
-        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
-            raise ConfigError(f"max latency must be > 0 ms, got {self.max_latency_ms}")
-        if self.image_size is not None and (not isinstance(self.image_size, int)
-                                            or not 8 <= self.image_size <= 1024):
-            raise ConfigError(f"image size must be 8 to 1024 pixels, got {self.image_size!r}")
-        if self.teacher_epochs is not None and (not isinstance(self.teacher_epochs, int)
-                                                or self.teacher_epochs < 1):
-            raise ConfigError(f"teacher epochs must be at least 1, got {self.teacher_epochs!r}")
-        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
-            raise ConfigError(f"refine must be a number of front members >= 0, got {self.refine!r}")
-        if self.refine_epochs is not None and (not isinstance(self.refine_epochs, int)
-                                               or self.refine_epochs < 1):
-            raise ConfigError(f"refine epochs must be at least 1, got {self.refine_epochs!r}")
-        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(
-                self.batch_size, int) or not 1 <= self.batch_size <= 4096):
-            raise ConfigError(f"batch size must be 1 to 4096, got {self.batch_size!r}")
-        if not self.refine_timeout_s >= 0:
-            raise ConfigError(f"refine timeout must be >= 0 s, got {self.refine_timeout_s!r}")
+        """Raise :class:`ConfigError` naming each bad setting (and its flag) and what is allowed.
+
+        The rules are :class:`Settings`' (the same a config file is checked against).
+        """
+        values = {f.name: getattr(self, f.name) for f in fields(self)
+                  if f.name in Settings.model_fields and getattr(self, f.name) is not None}
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+        try:
+            Settings.model_validate(values)
+        except ValidationError as exc:
+            lines = [f"{_setting(e['loc'][0] if e['loc'] else '')}: "
+                     f"{e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})"
+                     for e in exc.errors()]
+            raise ConfigError("invalid setting" + ("s:\n  " if len(lines) > 1 else " ")
+                              + "\n  ".join(lines)) from None
 
     @property
     def report_drop(self) -> float:
@@ -191,40 +176,64 @@ def ensure_writable(directory: Path, what: str) -> None:
         ) from None
 
 
-class ConfigFile(Strict):
-    """A config file (``search --config F``): the flags' names in snake_case, all optional.
+Count = Annotated[StrictInt, Field(ge=1)]  # a whole number: true is not 1
+
+
+class Settings(Strict):
+    """Every setting's rule, declared once: a config file (``search --config F``, the flags'
+    names in snake_case, all optional) is checked against it when read, and so is what the
+    flags, the file and the defaults resolve to (:meth:`SearchConfig.validate`), whoever
+    built it.
 
     Flags typed on the command line beat the file, which beats the defaults.
     """
 
     profile: str | None = None
-    budget: int | None = Field(default=None, ge=1)
+    budget: Count | None = None
     task: str | None = None
     space: str | None = None
     study_name: str | None = None
     storage: str | None = None
     tracking_uri: str | None = None
-    experiment_name: str | None = Field(default=None, min_length=1)
+    experiment_name: str | None = None
     output_dir: str | None = None
     ray_address: str | None = None
-    seed: int | None = Field(default=None, ge=0)
-    sampler: Literal["tpe", "nsga2", "gp", "random"] | None = None
-    parallel: int | None = Field(default=None, ge=1)
+    seed: Annotated[StrictInt, Field(ge=0)] | None = None
+    sampler: SamplerName | None = None
+    parallel: Count | None = None
     max_accuracy_drop: float | None = Field(default=None, ge=0)
     max_latency_ms: float | None = Field(default=None, gt=0)
-    latency: Literal["auto", "measure", "predict"] | None = None
+    latency: LatencyMode | None = None
     grace_period_s: float | None = Field(default=None, ge=0)
     data_dir: str | None = None
     arch: str | None = None
     teacher: str | None = None
-    image_size: int | None = Field(default=None, ge=8, le=1024)
-    teacher_epochs: int | None = Field(default=None, ge=1)
+    image_size: Annotated[StrictInt, Field(ge=8, le=1024)] | None = None
+    teacher_epochs: Count | None = None
     sparse_init: str | None = None
     early_stopping: bool | None = None
-    refine: int | None = Field(default=None, ge=0)
-    refine_epochs: int | None = Field(default=None, ge=1)
+    refine: Annotated[StrictInt, Field(ge=0)] | None = None
+    refine_epochs: Count | None = None
     refine_timeout_s: float | None = Field(default=None, ge=0)
-    batch_size: int | None = Field(default=None, ge=1, le=4096)
+    batch_size: Annotated[StrictInt, Field(ge=1, le=4096)] | None = None
+
+    @field_validator("study_name")
+    @classmethod
+    def _study_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' or '-', starting with a letter or "
+                             "digit, at most 128 characters")
+        return value
+
+    @field_validator("experiment_name")
+    @classmethod
+    def _experiment_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+ConfigFile = Settings  # what a config file is validated as (the name its errors carry)
 
 
 def load_config_file(path: Path) -> dict[str, object]:
@@ -234,7 +243,7 @@ def load_config_file(path: Path) -> dict[str, object]:
     experiment file works from any directory.
     """
     path = Path(path)
-    values = load_model(ConfigFile, path).model_dump(exclude_none=True)
+    values = load_model(Settings, path).model_dump(exclude_none=True)
     for key in ("data_dir", "teacher", "sparse_init"):
         if key in values:
             p = Path(str(values[key])).expanduser()

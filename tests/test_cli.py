@@ -124,7 +124,7 @@ def test_profiles_command_lists_every_profile(tmp_path):
     ("profile: cpu-avx512-vnni\nbudget: 0\n", "budget", "greater than or equal to 1"),
     ("profile: cpu-avx512-vnni\nbudget: 3\nsampler: grid\n", "sampler", "'tpe', 'nsga2'"),
     ("profile: cpu-avx512-vnni\nbudget: 3\nparallel: -1\n", "parallel", "greater than or equal"),
-    ("- profile\n- budget\n", "expected a mapping", "ConfigFile"),
+    ("- profile\n- budget\n", "expected a mapping", "Settings"),
 ])
 def test_malformed_config_file_names_file_field_and_what_is_allowed(tmp_path, text, field,
                                                                      allowed):

@@ -5,6 +5,11 @@ convolution runs at stride 1 (a 7x7 one becomes 3x3) and a max-pool right
 after it is removed, so a 32x32 input is not shrunk to 8x8 before the first
 block (for ResNets this is the usual CIFAR ResNet). Inputs with other than 3
 channels get a first convolution with that many input channels.
+
+Vision transformers are built for the task's image side instead (torchvision's
+``VisionTransformer`` takes ``image_size``; its position embedding has one
+entry per patch) and keep their patch embedding: a 32x32 image is four 16x16
+patches, the sequence its encoder was made for, only shorter.
 """
 
 from __future__ import annotations
@@ -37,12 +42,20 @@ def check_arch(name: str) -> None:
                           f"for example {', '.join(close)} (all: torchvision.models.list_models())")
 
 
+def _sized_by_image(name: str) -> bool:
+    """Whether the builder needs the image side (a position embedding per patch)."""
+    import torchvision
+
+    return torchvision.models.get_model_builder(name).__module__.endswith(".vision_transformer")
+
+
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def _adapt_stem(model: nn.Module, in_channels: int, small: bool) -> None:
+    """First convolution: ``in_channels`` inputs; for small images stride 1, no max-pool."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         return
@@ -72,12 +85,15 @@ def build_arch(name: str, num_classes: int, in_channels: int = 3, image_side: in
     import torchvision
 
     check_arch(name)
+    sized = _sized_by_image(name)
+    extra = {"image_size": image_side} if sized else {}
     try:
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
     except Exception as exc:
-        raise ConfigError(f"--arch {name}: torchvision cannot build it for {num_classes} classes "
+        size = f" and {image_side}x{image_side} images" if sized else ""
+        raise ConfigError(f"--arch {name}: torchvision cannot build it for {num_classes} classes{size} "
                           f"({type(exc).__name__}: {exc})") from None
-    _adapt_stem(model, in_channels, image_side <= SMALL_SIDE)
+    _adapt_stem(model, in_channels, image_side <= SMALL_SIDE and not sized)
     return model
 
 

@@ -42,3 +42,16 @@ def test_unknown_arch_suggests_names():
 def test_builder_pickles_for_ray_workers():
     make = pickle.loads(pickle.dumps(arch_builder("resnet18", 3, 3, 32)))
     assert make().fc.out_features == 3
+
+
+def test_vision_transformer_is_built_for_the_image_side():
+    model = build_arch("vit_b_16", 10, in_channels=1, image_side=32)
+    assert model.image_size == 32 and model.conv_proj.stride == (16, 16)
+    assert model.conv_proj.in_channels == 1
+    assert model.encoder.pos_embedding.shape[1] == 1 + (32 // 16) ** 2
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_an_image_side_the_patches_do_not_divide_is_refused():
+    with pytest.raises(ConfigError, match="vit_b_16: torchvision cannot build it for 10 classes and 40x40"):
+        build_arch("vit_b_16", 10, image_side=40)
