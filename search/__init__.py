@@ -4,7 +4,8 @@ from search.config import SearchConfig
 from search.errors import ConfigError, SearchError, TrialError
 from search.profiles import HardwareProfile, available_profiles, load_profile
 from search.record import Choices, LatencyStats, Layer, TrialRecord
-from search.spaces import SearchSpace, available_spaces, load_space, resolve_space
+from search.resolve import resolve_space
+from search.spaces import SearchSpace, available_spaces, load_space
 
 __all__ = [
     "Choices",

@@ -260,7 +260,8 @@ def _spaces(args: argparse.Namespace) -> int:
     why each dimension is there or not."""
     from search.pipeline import model_facts, student_layers
     from search.profiles import load_profile
-    from search.spaces import available_spaces, load_space, resolve_space
+    from search.resolve import resolve_space
+    from search.spaces import available_spaces, load_space
     from search.tasks import TaskOptions, load_task
 
     profile, space = load_profile(args.profile), load_space(args.space)

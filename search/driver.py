@@ -32,7 +32,7 @@ from search.errors import SearchError
 from search.execution import Executor, LocalExecutor
 from search.pareto import HV_ACCURACY_SPAN, best_speedup, trials_frame
 from search.record import Choices, TrialRecord
-from search.spaces import ResolvedSpace
+from search.resolve import ResolvedSpace
 
 __all__ = ["Driver", "DriverSettings", "TrialCallback", "failure_reason", "fail_stale",
            "n_done", "record_attrs", "reference_accuracy"]

@@ -45,7 +45,7 @@ from search.latency import measure_latency
 from search.latency.predict import Calibration, predict_latency
 from search.profiles import HardwareProfile, measurable_here
 from search.record import Layer, TrialRecord
-from search.spaces import ModelFacts
+from search.resolve import ModelFacts
 from search.tasks import Task
 
 __all__ = ["compress", "finetune", "measure", "model_facts", "predict", "prune_student",

@@ -20,7 +20,8 @@ from search.compress.applicable import applicable
 from search.pipeline import prune_student
 from search.profiles import HardwareProfile
 from search.record import SEGMENTS, Choices, TrialRecord
-from search.spaces import FloatRange, IntRange, ResolvedSpace
+from search.resolve import ResolvedSpace
+from search.spaces import FloatRange, IntRange
 from search.tasks import Task
 
 __all__ = ["preflight"]

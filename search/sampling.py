@@ -14,7 +14,8 @@ from typing import Any
 import optuna
 
 from search.record import SEGMENTS, Choices
-from search.spaces import FloatRange, IntRange, ResolvedSpace
+from search.resolve import ResolvedSpace
+from search.spaces import FloatRange, IntRange
 
 __all__ = ["sample"]
 

@@ -41,7 +41,8 @@ from search.pipeline import model_facts, student_layers
 from search.probe import preflight
 from search.profiles import HardwareProfile
 from search.refine import RefineSettings, refine_front, remeasure_front
-from search.spaces import ResolvedSpace, SearchSpace, resolve_space
+from search.resolve import ResolvedSpace, resolve_space
+from search.spaces import SearchSpace
 from search.tasks import check_task, load_task
 from search.tracking import Tracker, default_tracking_uri
 from search.trial_logging import MlflowTrialLogger

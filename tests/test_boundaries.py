@@ -19,13 +19,13 @@ def _loaded_after(code: str) -> set[str]:
 
 
 def test_the_trial_pipeline_loads_without_optuna_mlflow_or_ray():
-    loaded = _loaded_after("import search.pipeline, search.spaces")
+    loaded = _loaded_after("import search.pipeline, search.spaces, search.resolve")
     assert "torch" in loaded  # it did load the pipeline
     assert not {"optuna", "mlflow", "ray"} & loaded
 
 
 def test_settings_load_without_torch():
-    loaded = _loaded_after("import search.config, search.profiles, search.spaces")
+    loaded = _loaded_after("import search.config, search.profiles, search.spaces, search.resolve")
     assert not {"torch", "optuna", "mlflow", "ray"} & loaded
 
 

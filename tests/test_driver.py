@@ -11,7 +11,8 @@ from search.execution import LocalExecutor
 from search.latency.predict import Calibration
 from search.pipeline import model_facts, student_layers
 from search.profiles import load_profile
-from search.spaces import SearchSpace, resolve_space
+from search.resolve import resolve_space
+from search.spaces import SearchSpace
 from search.study import run_search
 
 PROFILE = "cpu-avx512-vnni"  # predicted here: the latency model, no device needed

@@ -9,7 +9,8 @@ from torch import nn
 from search.pipeline import model_facts, student_layers
 from search.probe import preflight
 from search.profiles import load_profile
-from search.spaces import load_space, resolve_space
+from search.resolve import resolve_space
+from search.spaces import load_space
 from search.tasks import Split, Task
 from tests.families import EncoderClassifier
 

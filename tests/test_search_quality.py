@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from search.config import SAMPLERS, SearchConfig
 from search.pareto import hypervolume
-from search.spaces import load_space, resolve_space
+from search.resolve import resolve_space
+from search.spaces import load_space
 from search.study import make_sampler, run_search
 from tests.conftest import host_builtin
 

@@ -4,7 +4,8 @@ import yaml
 
 from search.errors import ConfigError
 from search.record import Layer
-from search.spaces import IntRange, ModelFacts, load_space, resolve_space
+from search.resolve import ModelFacts, resolve_space
+from search.spaces import IntRange, load_space
 
 
 def test_default_space_resolves_to_profile_precisions(profile, layers):
@@ -67,7 +68,7 @@ def test_baselines_are_fp32_then_uniform_u8s8(profile, layers):
 
 
 def test_block_and_stage_granularity_group_layer_precisions(tmp_path, profile, layers):
-    from search.spaces import layer_group
+    from search.resolve import layer_group
 
     assert layer_group("layer1.0.conv1", "block") == "layer1.0"  # torchvision ResNet
     assert layer_group("features.3.conv.0.0", "block") == "features.3"  # MobileNetV2
@@ -108,7 +109,7 @@ def test_profile_decides_patterns_and_modes(layers):
 
 def test_space_asking_what_profile_or_model_cannot_do_is_rejected(tmp_path, layers):
     from search.profiles import load_profile
-    from search.spaces import ModelFacts
+    from search.resolve import ModelFacts
 
     dynamic = tmp_path / "dynamic.yaml"
     dynamic.write_text(yaml.safe_dump({"quantization": {"mode": ["dynamic"]}}))
@@ -127,7 +128,7 @@ def test_space_asking_what_profile_or_model_cannot_do_is_rejected(tmp_path, laye
 
 
 def test_conditional_dimensions_appear_only_when_their_parent_allows(profile, layers):
-    from search.spaces import ModelFacts
+    from search.resolve import ModelFacts
 
     resolved = resolve_space(load_space("default"), profile, layers,
                              ModelFacts(droppable_blocks=1, attention=False))

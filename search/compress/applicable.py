@@ -1,7 +1,7 @@
 """Which techniques a model offers, decided from its structure, with the reason when not.
 
 The space only offers what the model can take (``ModelFacts`` carries the same
-decisions into :func:`search.spaces.resolve_space`); the conformance tests use
+decisions into :func:`search.resolve.resolve_space`); the conformance tests use
 this to tell "not offered, and why" from a technique that broke.
 """
 
