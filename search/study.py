@@ -43,7 +43,7 @@ from search.profiles import HardwareProfile
 from search.refine import RefineSettings, refine_front, remeasure_front
 from search.resolve import ResolvedSpace, resolve_space
 from search.spaces import SearchSpace
-from search.tasks import check_task, load_task
+from search.tasks import Task, check_task, load_task
 from search.tracking import Tracker, default_tracking_uri
 from search.trial_logging import MlflowTrialLogger
 
@@ -253,18 +253,88 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     """Everything after validation, with the study's driver lock held."""
     root = Path(cfg.runs_root)
     tracking_uri = cfg.tracking_uri or default_tracking_uri(root)
+    task = _load_teacher(cfg)
+    architecture = architecture_key(task.input_shape, task.teacher_state)
+    arch_label = f"{task.name}/{type(task.make_model()).__name__}"
+    # checked against the profile and the model before anything is stored
+    resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
+    study, resolved = _open_study(cfg, task, profile, resolved)
 
+    # artifacts beside the default local store; a tracking server keeps its own
+    tracker = Tracker(tracking_uri, cfg.study_name,
+                      root / "mlartifacts" if cfg.tracking_uri is None else None, cfg.experiment_name)
+    tracker.log_study_params(_study_params(cfg, profile))
+    started = connect(cfg.ray_address, profile, measurable, cfg.latency)
+    try:
+        source, choice = latency_source(cfg, profile, study, why, architecture)
+        calibration = choice.calibration if choice is not None else None
+        parallel, train_cpus = plan_parallel(cfg.parallel)
+    except SearchError:
+        if started:
+            ray.shutdown()
+        raise
+    tracker.log_study_params({
+        "latency_source": source,
+        "calibration_fitted_on": choice.fitted_on if choice else 0,
+        "calibration": choice.description if choice else "",
+    })
+    log.info("latency: %s on %s", source, profile.name if source == "measured" else
+             f"{profile.name}'s latency model (device not reachable: {why}); calibration: "
+             f"{choice.description if choice else ''}")
+    phases = {"setup": time.perf_counter() - start}
+    try:
+        cpus = Executor.node_cpus()
+        executor = Executor(task, profile, train_cpus=train_cpus, measure_cpus=cpus if started
+                            else min(cpus, profile.measure.threads), calibration=calibration)
+        log.info("%d trial(s) in flight, %d CPU(s) each", parallel, train_cpus)
+        interrupted, stopped = _run_trials(cfg, study, resolved, executor, tracker, parallel,
+                                           show_progress, phases)
+    finally:
+        if started:
+            ray.shutdown()
+    finish_start = time.perf_counter()
+    providers = list(dict.fromkeys([profile.measure.execution_provider, "CPUExecutionProvider"]))
+    try:
+        df, front = write_outputs(study, cfg, tracker, interrupted, profile, task.input_shape,
+                                   providers)
+    except OSError as exc:  # a full or failing disk under the output directory
+        raise stopped or SearchError(
+            f"cannot write the study's outputs to {cfg.output_dir} ({exc.strerror or exc}); "
+            f"every completed trial is kept in the Optuna storage {redact(cfg.storage)}: "
+            "free space and rerun the same command to write them"
+        ) from None
+    if source == "measured" and profile.latency_model is not None:
+        self_calibrate(study, cfg, profile, tracker, architecture, arch_label)
+    phases["finish"] = time.perf_counter() - finish_start
+    if stopped is not None:
+        raise stopped
+    states = optuna.trial.TrialState
+    return StudyResult(
+        study_name=cfg.study_name, output_dir=Path(cfg.output_dir), trials=df, front=front,
+        tracking_uri=tracking_uri, parent_run_id=tracker.parent_id,
+        best_speedup=best_speedup(df, cfg.report_drop) if len(df) else None,
+        n_failed=len(study.get_trials(deepcopy=False, states=(states.FAIL,))),
+        wall_s=time.perf_counter() - start, interrupted=interrupted,
+        n_pruned=len(study.get_trials(deepcopy=False, states=(states.PRUNED,))),
+        phases=phases, storage=redact(cfg.storage), _storage_url=cfg.storage,
+    )
+
+
+def _load_teacher(cfg: SearchConfig) -> Task:
+    """The task, its teacher trained or read from the cache (said which, with its accuracy)."""
     task = load_task(cfg.task, cfg.seed, cfg.task_options())
     info = task.teacher_info
     origin = (f"from {info['teacher']}" if info.get("teacher") else
               f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
     log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")), origin)
-    architecture = architecture_key(task.input_shape, task.teacher_state)
-    arch_label = f"{task.name}/{type(task.make_model()).__name__}"
-    constrained = cfg.max_accuracy_drop is not None or cfg.max_latency_ms is not None
-    # checked against the profile and the model before anything is stored
-    resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
+    return task
 
+
+def _open_study(cfg: SearchConfig, task: Task, profile: HardwareProfile,
+                resolved: ResolvedSpace) -> tuple[optuna.Study, ResolvedSpace]:
+    """Create or resume the Optuna study: same task, preflight once, stale trials failed,
+    baselines and seeds enqueued on a new one. Returns it with the space preflight left."""
+    constrained = cfg.max_accuracy_drop is not None or cfg.max_latency_ms is not None
     try:
         study = optuna.create_study(
             storage=open_storage(cfg.storage),
@@ -295,85 +365,39 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     study.set_metric_names(["accuracy", "latency_ms"])
     study.set_user_attr("max_accuracy_drop", cfg.max_accuracy_drop)
     study.set_user_attr("max_latency_ms", cfg.max_latency_ms)
-    study.set_user_attr("warnings", ([info["warning"]] if info.get("warning") else []) + removed)
+    warning = task.teacher_info.get("warning")
+    study.set_user_attr("warnings", ([warning] if warning else []) + removed)
+    return study, resolved
 
-    # artifacts beside the default local store; a tracking server keeps its own
-    tracker = Tracker(tracking_uri, cfg.study_name,
-                      root / "mlartifacts" if cfg.tracking_uri is None else None, cfg.experiment_name)
-    tracker.log_study_params(_study_params(cfg, profile))
-    started = connect(cfg.ray_address, profile, measurable, cfg.latency)
-    try:
-        source, choice = latency_source(cfg, profile, study, why, architecture)
-        calibration = choice.calibration if choice is not None else None
-        parallel, train_cpus = plan_parallel(cfg.parallel)
-    except SearchError:
-        if started:
-            ray.shutdown()
-        raise
-    tracker.log_study_params({
-        "latency_source": source,
-        "calibration_fitted_on": choice.fitted_on if choice else 0,
-        "calibration": choice.description if choice else "",
-    })
-    log.info("latency: %s on %s", source, profile.name if source == "measured" else
-             f"{profile.name}'s latency model (device not reachable: {why}); calibration: "
-             f"{choice.description if choice else ''}")
+
+def _run_trials(cfg: SearchConfig, study: optuna.Study, resolved: ResolvedSpace,
+                executor: Executor, tracker: Tracker, parallel: int, show_progress: bool,
+                phases: dict[str, float]) -> tuple[bool, SearchError | None]:
+    """The budget's trials, then refinement; returns (interrupted, what stopped the study).
+
+    Both end cleanly so that the outputs are still written; ``phases`` gets their times.
+    """
     interrupted = False
     stopped: SearchError | None = None
-    phases = {"setup": time.perf_counter() - start}
     logger = MlflowTrialLogger(tracker)
+    driver = Driver(_driver_settings(cfg, parallel, show_progress), study, resolved, executor,
+                    callbacks=[logger])
+    logger.frame = lambda _study: driver.frame  # refreshed by the driver before callbacks
+    loop_start = time.perf_counter()
     try:
-        cpus = Executor.node_cpus()
-        executor = Executor(task, profile, train_cpus=train_cpus, measure_cpus=cpus if started
-                            else min(cpus, profile.measure.threads), calibration=calibration)
-        log.info("%d trial(s) in flight, %d CPU(s) each", parallel, train_cpus)
-        driver = Driver(_driver_settings(cfg, parallel, show_progress), study, resolved, executor,
-                        callbacks=[logger])
-        logger.frame = lambda _study: driver.frame  # refreshed by the driver before callbacks
-        loop_start = time.perf_counter()
+        driver.run()
+    except KeyboardInterrupt:
+        interrupted = True
+    except SearchError as exc:  # too many failures: still write what completed
+        stopped = exc
+    phases["trials"] = time.perf_counter() - loop_start
+    if not interrupted and stopped is None:
+        refine_start = time.perf_counter()
         try:
-            driver.run()
+            _refine(cfg, study, resolved, executor, parallel)
         except KeyboardInterrupt:
             interrupted = True
-        except SearchError as exc:  # too many failures: still write what completed
-            stopped = exc
-        phases["trials"] = time.perf_counter() - loop_start
-        if not interrupted and stopped is None:
-            refine_start = time.perf_counter()
-            try:
-                _refine(cfg, study, resolved, executor, parallel)
-            except KeyboardInterrupt:
-                interrupted = True
-            phases["refine"] = time.perf_counter() - refine_start
-        phases["mlflow_trial_logging"] = logger.seconds
-        phases.update({f"stage_{k}": v for k, v in driver.stage_time.items()})
-    finally:
-        if started:
-            ray.shutdown()
-    finish_start = time.perf_counter()
-    providers = list(dict.fromkeys([profile.measure.execution_provider, "CPUExecutionProvider"]))
-    try:
-        df, front = write_outputs(study, cfg, tracker, interrupted, profile, task.input_shape,
-                                   providers)
-    except OSError as exc:  # a full or failing disk under the output directory
-        raise stopped or SearchError(
-            f"cannot write the study's outputs to {cfg.output_dir} ({exc.strerror or exc}); "
-            f"every completed trial is kept in the Optuna storage {redact(cfg.storage)}: "
-            "free space and rerun the same command to write them"
-        ) from None
-    if source == "measured" and profile.latency_model is not None:
-        self_calibrate(study, cfg, profile, tracker, architecture, arch_label)
-    phases["finish"] = time.perf_counter() - finish_start
-    if stopped is not None:
-        raise stopped
-    n_failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
-    result = StudyResult(
-        study_name=cfg.study_name, output_dir=Path(cfg.output_dir), trials=df, front=front,
-        tracking_uri=tracking_uri, parent_run_id=tracker.parent_id,
-        best_speedup=best_speedup(df, cfg.report_drop) if len(df) else None,
-        n_failed=n_failed, wall_s=time.perf_counter() - start, interrupted=interrupted,
-        n_pruned=len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))),
-        phases=phases, storage=redact(cfg.storage), _storage_url=cfg.storage,
-    )
-    return result
-
+        phases["refine"] = time.perf_counter() - refine_start
+    phases["mlflow_trial_logging"] = logger.seconds
+    phases.update({f"stage_{k}": v for k, v in driver.stage_time.items()})
+    return interrupted, stopped

@@ -131,6 +131,46 @@ def _last_linear(model: nn.Module) -> str | None:
     return names[-1] if names else None
 
 
+class _Auxiliary:
+    """The feature or relation term of a distillation loss: activations captured from both
+    models on every forward pass, and for features the adapters matching their widths."""
+
+    def __init__(self, loss: str, student: nn.Module, teacher: nn.Module, probe: torch.Tensor,
+                 device: torch.device) -> None:
+        self.loss = loss
+        self.adapters = nn.ModuleDict()
+        self.caps: tuple[_Capture, _Capture] | None = None
+        if loss == "feature":
+            taps = feature_taps(teacher, probe)
+            self.caps = (_Capture(student, taps), _Capture(teacher, taps))
+            with torch.no_grad():
+                student.eval()(probe)
+                teacher(probe)
+            s, t = self.caps
+            for name in taps:
+                self.adapters[name.replace(".", "_")] = _adapter(s.values[name], t.values[name])
+            self.adapters.to(device)
+        elif loss == "relation":
+            head = _last_linear(teacher)
+            if head is None:
+                raise TrialError("fine-tune", "relation distillation needs a final Linear layer")
+            self.caps = (_Capture(student, [head], inputs=True),
+                         _Capture(teacher, [head], inputs=True))
+
+    def term(self) -> torch.Tensor:
+        """The term for the batch both models last ran."""
+        assert self.caps is not None
+        s, t = self.caps
+        if self.loss == "feature":
+            return _hint(self.adapters, s.values, t.values)
+        (name,) = t.values
+        return relation_loss(s.values[name].float(), t.values[name].float())
+
+    def close(self) -> None:
+        for cap in self.caps or ():
+            cap.close()
+
+
 def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int, lr: float,
             temperature: float, alpha: float, seed: int, batch_size: int = 64,
             loss: str = "response", loss_weight: float = 1.0,
@@ -153,23 +193,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
     device = train_device()  # CUDA with mixed precision when present; the model returns on CPU
     student.to(device)
     teacher.to(device).eval()
-    s_cap = t_cap = None
-    adapters = nn.ModuleDict()
-    if loss == "feature":
-        taps = feature_taps(teacher, train.x[:2].to(device))
-        s_cap, t_cap = _Capture(student, taps), _Capture(teacher, taps)
-        with torch.no_grad():
-            student.eval()(train.x[:2].to(device))
-            teacher(train.x[:2].to(device))
-        for name in taps:
-            adapters[name.replace(".", "_")] = _adapter(s_cap.values[name], t_cap.values[name])
-        adapters.to(device)
-    elif loss == "relation":
-        head = _last_linear(teacher)
-        if head is None:
-            raise TrialError("fine-tune", "relation distillation needs a final Linear layer")
-        s_cap, t_cap = _Capture(student, [head], inputs=True), _Capture(teacher, [head], inputs=True)
-    opt = torch.optim.AdamW(list(student.parameters()) + list(adapters.parameters()),
+    aux = _Auxiliary(loss, student, teacher, train.x[:2].to(device), device)
+    opt = torch.optim.AdamW(list(student.parameters()) + list(aux.adapters.parameters()),
                             lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -191,12 +216,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
                                               alpha)
                     sums["response"] += float(value.detach())
                     if loss != "response":
-                        if loss == "feature":
-                            extra = _hint(adapters, s_cap.values, t_cap.values)
-                        else:
-                            (name,) = t_cap.values
-                            extra = relation_loss(s_cap.values[name].float(),
-                                                  t_cap.values[name].float())
+                        extra = aux.term()
                         sums[loss] += float(extra.detach())
                         value = value + loss_weight * extra
                 batches += 1
@@ -223,9 +243,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
                 if stop:
                     break
     finally:
-        for cap in (s_cap, t_cap):
-            if cap is not None:
-                cap.close()
+        aux.close()
         student.cpu()
         teacher.cpu()
     return student.eval()

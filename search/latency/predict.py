@@ -102,98 +102,113 @@ def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     return model
 
 
+class _Graph:
+    """An ONNX graph with inferred shapes: element counts, initializers, producers."""
+
+    def __init__(self, proto: onnx.ModelProto) -> None:
+        graph = proto.graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.elems: dict[str, int] = {}
+        self.last_dim: dict[str, int] = {}  # the reduced dimension of an activation MatMul
+        for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+            n = _shape_elems(value.type.tensor_type.shape)
+            if n is not None:
+                self.elems[value.name] = n
+                dims = value.type.tensor_type.shape.dim
+                if dims and dims[-1].HasField("dim_value"):
+                    self.last_dim[value.name] = dims[-1].dim_value
+        for name, tensor in self.inits.items():
+            self.elems[name] = int(np.prod(tensor.dims)) if tensor.dims else 1
+        self.producers = {out: node for node in graph.node for out in node.output}
+
+    def weight_of(self, name: str) -> tuple[onnx.TensorProto | None, str]:
+        """The initializer behind ``name`` (through DequantizeLinear/Cast) and its precision."""
+        node = self.producers.get(name)
+        seen = 0
+        while node is not None and node.op_type in ("DequantizeLinear", "Cast") and seen < 4:
+            if node.op_type == "DequantizeLinear" and node.input[0] in self.inits:
+                t = self.inits[node.input[0]]
+                return t, _ONNX_PRECISION.get(t.data_type, "fp32")
+            name, node, seen = node.input[0], self.producers.get(node.input[0]), seen + 1
+        t = self.inits.get(name)
+        return t, _ONNX_PRECISION.get(t.data_type, "fp32") if t is not None else "fp32"
+
+
+def _nbits_cost(g: _Graph, node: onnx.NodeProto, ins: list[str], incoming: str) -> LayerCost:
+    """MatMulNBits: 4-bit weight-only, K x N packed in blocks."""
+    attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+    k, n = attrs.get("K", 1), attrs.get("N", 1)
+    rows = g.elems.get(ins[0], 0) // max(k, 1)
+    return LayerCost(name=node.name, op_type="MatMul", precision="int4", macs=int(rows * k * n),
+                     weight_elems=k * n, in_elems=g.elems.get(ins[0], 0),
+                     out_elems=g.elems.get(node.output[0], 0),
+                     input_precision=incoming if incoming != "int4" else None)
+
+
+def _compute_cost(g: _Graph, node: onnx.NodeProto, op_type: str, ins: list[str],
+                  incoming: str) -> LayerCost:
+    """Conv / Gemm / MatMul: MACs from the weight's shape, precision from its storage."""
+    tensor, precision = g.weight_of(ins[1])
+    weight = numpy_helper.to_array(tensor) if tensor is not None else None
+    w_elems = int(weight.size) if weight is not None else g.elems.get(ins[1], 0)
+    out = g.elems.get(node.output[0], 0)
+    activations_only = False
+    if op_type == "Conv" and weight is not None and weight.ndim >= 3:
+        macs = out // max(weight.shape[0], 1) * w_elems
+    elif weight is not None and weight.ndim == 2:
+        macs = g.elems.get(ins[0], 0) // max(_reduce_dim(node, weight), 1) * weight.size
+    elif activations_only := (weight is None and op_type == "MatMul"):  # Q·Kᵀ, A·V
+        macs = out * g.last_dim.get(ins[0], 0)
+        precision = incoming
+    else:
+        macs = 0
+    density, nm = _sparsity(weight)
+    return LayerCost(name=node.name, op_type=op_type, precision=precision, macs=int(macs),
+                     weight_elems=w_elems, in_elems=g.elems.get(ins[0], 0), out_elems=out,
+                     density=density, nm_sparse=nm,
+                     input_precision=incoming if incoming != precision else None,
+                     activations_only=activations_only)
+
+
+def _output_precision(g: _Graph, node: onnx.NodeProto, incoming: str) -> str:
+    """What a non-compute node hands on: QuantizeLinear its zero point's type, Cast its target;
+    DequantizeLinear and elementwise ops keep the precision they got."""
+    if node.op_type == "QuantizeLinear":
+        zp = g.inits.get(node.input[2]) if len(node.input) > 2 else None
+        return _ONNX_PRECISION.get(zp.data_type, "int8") if zp is not None else "int8"
+    if node.op_type == "Cast":
+        to = next((a.i for a in node.attribute if a.name == "to"), onnx.TensorProto.FLOAT)
+        return _ONNX_PRECISION.get(to, "fp32")
+    return incoming
+
+
 def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1) -> list[LayerCost]:
     """Layer costs of an ONNX model as it will run (int8 where weights are QDQ int8)."""
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
     proto = shape_inference.infer_shapes(_fix_batch(proto, batch))
-    graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    elems: dict[str, int] = {}
-    last_dim: dict[str, int] = {}  # the reduced dimension of an activation-by-activation MatMul
-    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
-        n = _shape_elems(value.type.tensor_type.shape)
-        if n is not None:
-            elems[value.name] = n
-            dims = value.type.tensor_type.shape.dim
-            if dims and dims[-1].HasField("dim_value"):
-                last_dim[value.name] = dims[-1].dim_value
-    for name, tensor in inits.items():
-        elems[name] = int(np.prod(tensor.dims)) if tensor.dims else 1
-    producers = {out: node for node in graph.node for out in node.output}
-
-    def weight_of(name: str) -> tuple[onnx.TensorProto | None, str]:
-        node = producers.get(name)
-        seen = 0
-        while node is not None and node.op_type in ("DequantizeLinear", "Cast") and seen < 4:
-            if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-                t = inits[node.input[0]]
-                return t, _ONNX_PRECISION.get(t.data_type, "fp32")
-            name, node, seen = node.input[0], producers.get(node.input[0]), seen + 1
-        t = inits.get(name)
-        return t, _ONNX_PRECISION.get(t.data_type, "fp32") if t is not None else "fp32"
-
-    tensor_precision: dict[str, str] = {}
-    for value in graph.input:
-        tensor_precision[value.name] = _ONNX_PRECISION.get(value.type.tensor_type.elem_type, "fp32")
+    g = _Graph(proto)
+    tensor_precision = {v.name: _ONNX_PRECISION.get(v.type.tensor_type.elem_type, "fp32")
+                        for v in proto.graph.input}
     costs: list[LayerCost] = []
-    for node in graph.node:
+    for node in proto.graph.node:
         ins = [i for i in node.input if i]
         incoming = tensor_precision.get(ins[0], "fp32") if ins else "fp32"
-        if node.op_type == "MatMulNBits":  # 4-bit weight-only: K x N packed in blocks
-            attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
-            k, n = attrs.get("K", 1), attrs.get("N", 1)
-            rows = elems.get(ins[0], 0) // max(k, 1)
-            costs.append(LayerCost(
-                name=node.name, op_type="MatMul", precision="int4", macs=int(rows * k * n),
-                weight_elems=k * n, in_elems=elems.get(ins[0], 0),
-                out_elems=elems.get(node.output[0], 0),
-                input_precision=incoming if incoming != "int4" else None,
-            ))
-            tensor_precision[node.output[0]] = "fp32"
-            continue
         op_type = _INTEGER_OPS.get(node.op_type, node.op_type)
-        if op_type in _COMPUTE and len(ins) >= 2:
-            tensor, precision = weight_of(ins[1])
-            weight = numpy_helper.to_array(tensor) if tensor is not None else None
-            w_elems = int(weight.size) if weight is not None else elems.get(ins[1], 0)
-            out = elems.get(node.output[0], 0)
-            activations_only = False
-            if op_type == "Conv" and weight is not None and weight.ndim >= 3:
-                out_channels = weight.shape[0]
-                macs = out // max(out_channels, 1) * w_elems
-            elif weight is not None and weight.ndim == 2:
-                rows = elems.get(ins[0], 0) // max(_reduce_dim(node, weight), 1)
-                macs = rows * weight.size
-            elif activations_only := (weight is None and op_type == "MatMul"):  # Q·Kᵀ, A·V
-                macs = out * last_dim.get(ins[0], 0)
-                precision = incoming
-            else:
-                macs = 0
-            density, nm = _sparsity(weight)
-            costs.append(LayerCost(
-                name=node.name, op_type=op_type, precision=precision, macs=int(macs),
-                weight_elems=w_elems, in_elems=elems.get(ins[0], 0), out_elems=out,
-                density=density, nm_sparse=nm,
-                input_precision=incoming if incoming != precision else None,
-                activations_only=activations_only,
-            ))
-            for o in node.output:
-                tensor_precision[o] = precision
-            continue
-        if node.op_type == "QuantizeLinear":
-            zp = inits.get(node.input[2]) if len(node.input) > 2 else None
-            precision = _ONNX_PRECISION.get(zp.data_type, "int8") if zp is not None else "int8"
-        elif node.op_type == "Cast":
-            to = next((a.i for a in node.attribute if a.name == "to"), onnx.TensorProto.FLOAT)
-            precision = _ONNX_PRECISION.get(to, "fp32")
+        if node.op_type == "MatMulNBits":
+            costs.append(_nbits_cost(g, node, ins, incoming))
+            precision = "fp32"
+        elif op_type in _COMPUTE and len(ins) >= 2:
+            costs.append(_compute_cost(g, node, op_type, ins, incoming))
+            precision = costs[-1].precision
         else:
-            precision = incoming  # DequantizeLinear and elementwise ops keep the precision
+            precision = _output_precision(g, node, incoming)
+            if node.op_type not in _FREE:
+                costs.append(LayerCost(
+                    name=node.name, op_type=node.op_type, precision=precision,
+                    in_elems=sum(g.elems.get(i, 0) for i in ins if i not in g.inits),
+                    out_elems=sum(g.elems.get(o, 0) for o in node.output)))
         for o in node.output:
             tensor_precision[o] = precision
-        if node.op_type not in _FREE:
-            costs.append(LayerCost(name=node.name, op_type=node.op_type, precision=precision,
-                                   in_elems=sum(elems.get(i, 0) for i in ins if i not in inits),
-                                   out_elems=sum(elems.get(o, 0) for o in node.output)))
     return costs
 
 
