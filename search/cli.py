@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Every flag defaults to None so that a flag the user typed can beat the config file.
 
     Without a subcommand ``search`` runs a study, so ``search --profile X --budget N``
-    stays the short form; the subcommands are listed in ``--help``.
+    stays the short form; the subcommands are listed in ``--help``. (Long: one flat
+    statement per flag, in ``--help`` order; splitting it would only scatter the list.)
     """
     parser = argparse.ArgumentParser(
         prog="search",

@@ -20,7 +20,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,55 +161,70 @@ class Driver:
         done = n_done(self.study)
         bar = tqdm(total=s.budget, initial=min(done, s.budget), unit="trial", desc=s.study_name,
                    disable=not s.show_progress, file=sys.stderr, dynamic_ncols=True)
-        max_failures = max(10, s.budget)
         stop = threading.Event()
+        with self._first_sigint_sets(stop):
+            try:
+                self._loop(done, bar, stop)
+            except BaseException:
+                self._abandon_in_flight("driver interrupted")
+                raise
+            finally:
+                bar.close()
+        if stop.is_set():
+            self._abandon_in_flight("interrupted: grace period over")
+            raise KeyboardInterrupt
 
+    @contextmanager
+    def _first_sigint_sets(self, stop: threading.Event) -> Iterator[None]:
+        """While inside, a first Ctrl-C sets ``stop`` (a second raises KeyboardInterrupt);
+        only in the main thread, where Python delivers signals."""
         def on_sigint(signum, frame):  # noqa: ANN001, ARG001
             if stop.is_set():
                 raise KeyboardInterrupt
             stop.set()
             log.warning("interrupted: no new trials; %d running trial(s) get %.0f s to finish "
-                        "(Ctrl-C again to stop now)", len(self.in_flight), s.grace_period_s)
+                        "(Ctrl-C again to stop now)", len(self.in_flight),
+                        self.settings.grace_period_s)
 
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, on_sigint)
-        deadline: float | None = None
         try:
-            while done < s.budget:
-                if stop.is_set():
-                    deadline = deadline or time.monotonic() + s.grace_period_s
-                    if not self.in_flight or time.monotonic() > deadline:
-                        break
-                else:
-                    while len(self.in_flight) < s.parallel and done + len(self.in_flight) < s.budget:
-                        state = self._start_trial()
-                        if state in _COUNTED:  # answered from the cache
-                            done += 1
-                            bar.update(1)
-                ready = self.executor.wait(list(self.in_flight), timeout=1.0)
-                if not ready:
-                    continue
-                state = self._advance(ready[0])
-                if state in _COUNTED:
-                    done += 1
-                    bar.update(1)
-                    bar.set_postfix_str(self._postfix(), refresh=True)
-                elif state is optuna.trial.TrialState.FAIL:
-                    self.n_failed += 1
-                    if self.n_failed >= max_failures:
-                        raise SearchError(f"{self.n_failed} trials failed; stopping. The last "
-                                          "failure reason is in trials.csv and MLflow.")
-        except BaseException:
-            self._abandon_in_flight("driver interrupted")
-            raise
+            yield
         finally:
-            bar.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-        if stop.is_set():
-            self._abandon_in_flight("interrupted: grace period over")
-            raise KeyboardInterrupt
+
+    def _loop(self, done: int, bar: Any, stop: threading.Event) -> None:  # noqa: ANN401
+        """Keep ``parallel`` trials in flight and advance each as its task ends, until the
+        budget is done or, after ``stop``, the running ones ended or their grace is over."""
+        s = self.settings
+        max_failures = max(10, s.budget)
+        deadline: float | None = None
+        while done < s.budget:
+            if stop.is_set():
+                deadline = deadline or time.monotonic() + s.grace_period_s
+                if not self.in_flight or time.monotonic() > deadline:
+                    return
+            else:
+                while len(self.in_flight) < s.parallel and done + len(self.in_flight) < s.budget:
+                    state = self._start_trial()
+                    if state in _COUNTED:  # answered from the cache
+                        done += 1
+                        bar.update(1)
+            ready = self.executor.wait(list(self.in_flight), timeout=1.0)
+            if not ready:
+                continue
+            state = self._advance(ready[0])
+            if state in _COUNTED:
+                done += 1
+                bar.update(1)
+                bar.set_postfix_str(self._postfix(), refresh=True)
+            elif state is optuna.trial.TrialState.FAIL:
+                self.n_failed += 1
+                if self.n_failed >= max_failures:
+                    raise SearchError(f"{self.n_failed} trials failed; stopping. The last "
+                                      "failure reason is in trials.csv and MLflow.")
 
     def _start_trial(self) -> optuna.trial.TrialState | None:
         """Ask for a trial and start screening it, or answer it from the cache."""

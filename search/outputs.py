@@ -87,6 +87,8 @@ def _warning_lines(warnings: list[str]) -> str:
 def write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, interrupted: bool,
                    profile: HardwareProfile, input_shape: tuple[int, ...],
                    providers: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The study's files (trials, front, plots, models, settings, summary), then its MLflow
+    parent run completed from them; returns (trials, the front as shown to users)."""
     out = Path(cfg.output_dir)
     df = trials_frame(study)
     failed = [t for t in study.get_trials(deepcopy=False)
@@ -106,23 +108,10 @@ def write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, inte
         title = f"{cfg.study_name}: {len(df)} trials, front of {len(front)}"
         artifacts.append(plot_front(df, out / "pareto.png", title, cfg.report_drop))
         artifacts.append(write_html(df, out / "pareto.html", title))
-    front_models = out / "front_models"
-    front_models.mkdir(exist_ok=True)
-    models: dict[int, Path] = {}
-    for n in front["trial"]:
-        src = out / "models" / f"trial-{n}.onnx"
-        if src.exists():
-            (front_models / src.name).write_bytes(src.read_bytes())
-            models[int(n)] = front_models / src.name
-    artifacts.append(front_models)
+    models = _copy_front_models(out, front)
+    artifacts.append(out / "front_models")
     best = best_speedup(df, cfg.report_drop) if len(df) else None
-    config_path = out / "config.yaml"
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    settings.update(storage=redact(cfg.storage), tracking_uri=redact(cfg.tracking_uri))
-    config_path.write_text(yaml.safe_dump(settings, sort_keys=True))
-    profile_path = out / "profile.yaml"
-    profile_path.write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
-    artifacts += [config_path, profile_path]
+    artifacts += _write_settings(out, cfg, profile)
     summary = out / "summary.md"
     summary.write_text(_summary(cfg, df, shown[shown["on_front"]], failed, best, len(pruned))
                        + _warning_lines(study.user_attrs.get("warnings", [])))
@@ -149,3 +138,27 @@ def write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, inte
         log.warning("MLflow logging failed (%s: %s); the CSVs are written, and rerunning the "
                     "command completes the MLflow run", type(exc).__name__, redact(str(exc))[:300])
     return df, shown
+
+
+def _copy_front_models(out: Path, front: pd.DataFrame) -> dict[int, Path]:
+    """The front's ONNX models copied to ``front_models/`` (trial number -> path)."""
+    front_models = out / "front_models"
+    front_models.mkdir(exist_ok=True)
+    models: dict[int, Path] = {}
+    for n in front["trial"]:
+        src = out / "models" / f"trial-{n}.onnx"
+        if src.exists():
+            (front_models / src.name).write_bytes(src.read_bytes())
+            models[int(n)] = front_models / src.name
+    return models
+
+
+def _write_settings(out: Path, cfg: SearchConfig, profile: HardwareProfile) -> list[Path]:
+    """config.yaml (the resolved settings, secrets redacted) and profile.yaml."""
+    config_path = out / "config.yaml"
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    settings.update(storage=redact(cfg.storage), tracking_uri=redact(cfg.tracking_uri))
+    config_path.write_text(yaml.safe_dump(settings, sort_keys=True))
+    profile_path = out / "profile.yaml"
+    profile_path.write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
+    return [config_path, profile_path]

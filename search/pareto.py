@@ -289,6 +289,46 @@ def write_html(df: pd.DataFrame, path: Path, title: str) -> Path:
     """
     from html import escape
 
+    svg = _plot_svg(df)
+    cols = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_source", "speedup",
+            "size_mb", "precisions", "sparsity", "on_front", "baseline"]
+    cols = [c for c in cols if c in df.columns]
+    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{escape(f'{r[c]:.3f}' if isinstance(r[c], float) else str(r[c]))}"
+                         "</td>" for c in cols) + "</tr>"
+        for _, r in df.sort_values("latency_ms").iterrows()
+    )
+    html = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} svg text{{font-size:11px}}
+.pt:hover{{stroke:#000;stroke-width:2}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12px}} th{{cursor:pointer;background:#eee}}
+</style></head><body>
+<h2>{escape(title)}</h2>
+<p>Validation accuracy against latency; red: Pareto front. Hover a point for details.</p>
+{svg}
+<h3>Trials</h3><table id="trials"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
+<script>
+document.querySelectorAll('#trials th').forEach((th, i) => th.onclick = () => {{
+  const body = th.closest('table').tBodies[0];
+  const rows = Array.from(body.rows);
+  const num = rows.every(r => !isNaN(parseFloat(r.cells[i].textContent)));
+  rows.sort((a, b) => num ? parseFloat(a.cells[i].textContent) - parseFloat(b.cells[i].textContent)
+                          : a.cells[i].textContent.localeCompare(b.cells[i].textContent));
+  rows.forEach(r => body.appendChild(r));
+}});
+</script></body></html>
+"""
+    path.write_text(html)
+    return path
+
+
+def _plot_svg(df: pd.DataFrame) -> str:
+    """Accuracy against latency as inline SVG: every trial a point (its details on hover),
+    the front red and joined by a line."""
+    from html import escape
+
     width, height, pad = 720, 420, 56
     lat = df["latency_ms"].astype(float)
     acc = df["accuracy"].astype(float)
@@ -313,15 +353,6 @@ def write_html(df: pd.DataFrame, path: Path, title: str) -> Path:
     front = df[df["on_front"]].sort_values("latency_ms")
     line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(front["latency_ms"],
                                                               front["accuracy"], strict=True))
-    cols = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_source", "speedup",
-            "size_mb", "precisions", "sparsity", "on_front", "baseline"]
-    cols = [c for c in cols if c in df.columns]
-    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{escape(f'{r[c]:.3f}' if isinstance(r[c], float) else str(r[c]))}"
-                         "</td>" for c in cols) + "</tr>"
-        for _, r in df.sort_values("latency_ms").iterrows()
-    )
     ticks = "".join(
         f'<text x="{sx(v):.1f}" y="{height - pad + 18}" text-anchor="middle">{v:.3g}</text>'
         for v in np.linspace(x0, x1, 6)
@@ -329,33 +360,11 @@ def write_html(df: pd.DataFrame, path: Path, title: str) -> Path:
         f'<text x="{pad - 8}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.1f}</text>'
         for v in np.linspace(y0, y1, 6)
     )
-    html = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:1.5em}} svg text{{font-size:11px}}
-.pt:hover{{stroke:#000;stroke-width:2}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12px}} th{{cursor:pointer;background:#eee}}
-</style></head><body>
-<h2>{escape(title)}</h2>
-<p>Validation accuracy against latency; red: Pareto front. Hover a point for details.</p>
-<svg width="{width}" height="{height}" role="img" aria-label="Pareto front">
+    return f"""<svg width="{width}" height="{height}" role="img" aria-label="Pareto front">
 <rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" fill="none"
  stroke="#888"/>{ticks}
 <polyline points="{line}" fill="none" stroke="#d62728" stroke-width="1.5"/>
 {''.join(points)}
 <text x="{width / 2}" y="{height - 12}" text-anchor="middle">latency, ms</text>
 <text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})"
- text-anchor="middle">accuracy, %</text></svg>
-<h3>Trials</h3><table id="trials"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
-<script>
-document.querySelectorAll('#trials th').forEach((th, i) => th.onclick = () => {{
-  const body = th.closest('table').tBodies[0];
-  const rows = Array.from(body.rows);
-  const num = rows.every(r => !isNaN(parseFloat(r.cells[i].textContent)));
-  rows.sort((a, b) => num ? parseFloat(a.cells[i].textContent) - parseFloat(b.cells[i].textContent)
-                          : a.cells[i].textContent.localeCompare(b.cells[i].textContent));
-  rows.forEach(r => body.appendChild(r));
-}});
-</script></body></html>
-"""
-    path.write_text(html)
-    return path
+ text-anchor="middle">accuracy, %</text></svg>"""

@@ -1,4 +1,5 @@
-"""Sampling a resolved space: the only module that calls ``trial.suggest_*``.
+"""Sampling: the Optuna sampler of a study, and a resolved space drawn from (the only
+module that calls ``trial.suggest_*``).
 
 Define-by-run with conditional dimensions: a dimension is only suggested when
 the choices before it make it matter (the temperature only with a fine-tune,
@@ -13,11 +14,13 @@ from typing import Any
 
 import optuna
 
+from search.config import SAMPLERS
+from search.errors import ConfigError
 from search.record import SEGMENTS, Choices
 from search.resolve import ResolvedSpace
 from search.spaces import FloatRange, IntRange
 
-__all__ = ["sample"]
+__all__ = ["make_sampler", "sample"]
 
 
 def sample(resolved: ResolvedSpace, trial: optuna.Trial,
@@ -28,21 +31,33 @@ def sample(resolved: ResolvedSpace, trial: optuna.Trial,
     dimension: a baseline is the uncompressed model whatever the space says.
     """
     draw = _Draw(trial, pinned or {})
-    pruning, distil = resolved.space.pruning, resolved.space.distillation
-    quant = resolved.space.quantization
     c = Choices()
+    _sparsity(draw, resolved, c)
+    _structure(draw, resolved, c)
+    _distillation(draw, resolved, c)
+    _precisions(draw, resolved, c)
+    return c
+
+
+def _sparsity(draw: _Draw, resolved: ResolvedSpace, c: Choices) -> None:
+    pruning = resolved.space.pruning
     c.init = _categorical(draw, "init", resolved.inits)
-    if c.init == "teacher":
-        c.sparsity_pattern = _categorical(draw, "sparsity_pattern", resolved.patterns)
-        if c.sparsity_pattern == "unstructured":
-            c.unstructured_sparsity = _float(draw, "unstructured_sparsity",
-                                             resolved.unstructured_sparsity)
-            if c.unstructured_sparsity > 0:
-                c.unstructured_scope = _categorical(draw, "unstructured_scope",
-                                                    pruning.unstructured_scope)
-        if c.sparsity_pattern != "unstructured" or c.unstructured_sparsity > 0:
-            c.unstructured_criterion = _categorical(draw, "unstructured_criterion",
-                                                    pruning.unstructured_criterion)
+    if c.init != "teacher":
+        return
+    c.sparsity_pattern = _categorical(draw, "sparsity_pattern", resolved.patterns)
+    if c.sparsity_pattern == "unstructured":
+        c.unstructured_sparsity = _float(draw, "unstructured_sparsity",
+                                         resolved.unstructured_sparsity)
+        if c.unstructured_sparsity > 0:
+            c.unstructured_scope = _categorical(draw, "unstructured_scope",
+                                                pruning.unstructured_scope)
+    if c.sparsity_pattern != "unstructured" or c.unstructured_sparsity > 0:
+        c.unstructured_criterion = _categorical(draw, "unstructured_criterion",
+                                                pruning.unstructured_criterion)
+
+
+def _structure(draw: _Draw, resolved: ResolvedSpace, c: Choices) -> None:
+    pruning = resolved.space.pruning
     blocks = IntRange(low=min(pruning.drop_blocks.low, resolved.facts.droppable_blocks),
                       high=min(pruning.drop_blocks.high, resolved.facts.droppable_blocks))
     c.drop_blocks = _int(draw, "drop_blocks", blocks)
@@ -57,6 +72,10 @@ def sample(resolved: ResolvedSpace, trial: optuna.Trial,
                                                pruning.structured_importance)
     if resolved.facts.attention:
         c.head_ratio = _float(draw, "head_ratio", pruning.head_ratio)
+
+
+def _distillation(draw: _Draw, resolved: ResolvedSpace, c: Choices) -> None:
+    distil = resolved.space.distillation
     c.epochs = _int(draw, "epochs", distil.epochs)
     if c.epochs > 0:
         c.lr = _float(draw, "lr", distil.lr)
@@ -65,6 +84,11 @@ def sample(resolved: ResolvedSpace, trial: optuna.Trial,
         c.distill_loss = _categorical(draw, "distill_loss", distil.loss)
         if c.distill_loss != "response":
             c.distill_weight = _float(draw, "distill_weight", distil.loss_weight)
+
+
+def _precisions(draw: _Draw, resolved: ResolvedSpace, c: Choices) -> None:
+    """Per-group precisions, then the int8 knobs only where a layer is integer."""
+    quant = resolved.space.quantization
     if quant.granularity == "uniform":
         pick = _categorical(draw, "precision", resolved._common_precisions())
         c.precisions = {layer.name: pick for layer in resolved.layers}
@@ -72,22 +96,21 @@ def sample(resolved: ResolvedSpace, trial: optuna.Trial,
         chosen = {g: _categorical(draw, f"precision.{g}", resolved.group_precisions[g])
                   for g in resolved.groups}
         c.precisions = {name: chosen[g] for g, names in resolved.groups.items() for name in names}
-    if any(p in ("int8", "int16") for p in c.precisions.values()):
-        wide = "int16" in c.precisions.values()
-        c.quant_mode = "static" if wide else _categorical(draw, "quant_mode", resolved.modes)
-        c.weight_type = _categorical(draw, "weight_type", resolved.weight_types)
-        c.per_channel = _categorical(draw, "per_channel", resolved.per_channel)
-        if c.quant_mode == "static":
-            c.activation_type = _categorical(draw, "activation_type", resolved.activation_types)
-            c.activation_symmetric = _categorical(draw, "activation_symmetric",
-                                                  resolved.activation_symmetric)
-            c.calibration_method = _categorical(draw, "calibration_method",
-                                                quant.calibration_method)
-            c.calibration_samples = _int(draw, "calibration_samples",
-                                         quant.calibration_samples)
-            if c.epochs > 0 and not wide:
-                c.qat = _categorical(draw, "qat", quant.qat)
-    return c
+    if not any(p in ("int8", "int16") for p in c.precisions.values()):
+        return
+    wide = "int16" in c.precisions.values()
+    c.quant_mode = "static" if wide else _categorical(draw, "quant_mode", resolved.modes)
+    c.weight_type = _categorical(draw, "weight_type", resolved.weight_types)
+    c.per_channel = _categorical(draw, "per_channel", resolved.per_channel)
+    if c.quant_mode == "static":
+        c.activation_type = _categorical(draw, "activation_type", resolved.activation_types)
+        c.activation_symmetric = _categorical(draw, "activation_symmetric",
+                                              resolved.activation_symmetric)
+        c.calibration_method = _categorical(draw, "calibration_method",
+                                            quant.calibration_method)
+        c.calibration_samples = _int(draw, "calibration_samples", quant.calibration_samples)
+        if c.epochs > 0 and not wide:
+            c.qat = _categorical(draw, "qat", quant.qat)
 
 
 @dataclass(frozen=True)
@@ -123,3 +146,32 @@ def _categorical(draw: _Draw, name: str, options: tuple[Any, ...] | list[Any]) -
     if len(options) == 1:
         return options[0]
     return draw.trial.suggest_categorical(name, list(options))
+
+
+def _constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """Optuna's constraint convention: <= 0 is feasible. Computed by the driver at tell time."""
+    return list(trial.user_attrs.get("constraint_values", [0.0]))
+
+
+def make_sampler(name: str, seed: int, budget: int,
+                 constrained: bool = False) -> optuna.samplers.BaseSampler:
+    """Seeded sampler; re-created identically when a study resumes (Optuna does not persist it).
+
+    With ``constrained``, the sampler learns from the trials' constraint values
+    (accuracy drop, latency target) and prefers feasible regions.
+    """
+    constraints = _constraint_values if constrained else None
+    startup = max(4, min(10, budget // 3))
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          n_startup_trials=startup, constraints_func=constraints)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, budget // 3)),
+                                             constraints_func=constraints)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup,
+                                         constraints_func=constraints,
+                                         warn_independent_sampling=False)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")

@@ -29,9 +29,8 @@ from search.config import SearchConfig
 from search.driver import Driver, DriverSettings, fail_stale
 from search.errors import ConfigError, SearchError
 from search.execution import Executor, connect, plan_parallel
-from search.latency.calibration import (
-    architecture_key,
-)
+from search.latency.calibration import CalibrationChoice, architecture_key
+from search.latency.predict import Calibration
 from search.latency.source import latency_source, self_calibrate
 from search.outputs import write_outputs
 from search.pareto import (
@@ -42,12 +41,13 @@ from search.probe import preflight
 from search.profiles import HardwareProfile
 from search.refine import RefineSettings, refine_front, remeasure_front
 from search.resolve import ResolvedSpace, resolve_space
+from search.sampling import make_sampler
 from search.spaces import SearchSpace
 from search.tasks import Task, check_task, load_task
 from search.tracking import Tracker, default_tracking_uri
 from search.trial_logging import MlflowTrialLogger
 
-__all__ = ["StudyResult", "make_sampler", "run_search"]
+__all__ = ["StudyResult", "run_search"]
 
 log = logging.getLogger("search")
 
@@ -76,35 +76,6 @@ class StudyResult:
         ``optuna.visualization`` or to inspect trials; metric names and constraints as stored."""
         return optuna.load_study(study_name=self.study_name,
                                  storage=open_storage(self._storage_url or self.storage))
-
-
-def _constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna's constraint convention: <= 0 is feasible. Computed by the driver at tell time."""
-    return list(trial.user_attrs.get("constraint_values", [0.0]))
-
-
-def make_sampler(name: str, seed: int, budget: int,
-                 constrained: bool = False) -> optuna.samplers.BaseSampler:
-    """Seeded sampler; re-created identically when a study resumes (Optuna does not persist it).
-
-    With ``constrained``, the sampler learns from the trials' constraint values
-    (accuracy drop, latency target) and prefers feasible regions.
-    """
-    constraints = _constraint_values if constrained else None
-    startup = max(4, min(10, budget // 3))
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                          n_startup_trials=startup, constraints_func=constraints)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, budget // 3)),
-                                             constraints_func=constraints)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup,
-                                         constraints_func=constraints,
-                                         warn_independent_sampling=False)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ConfigError(f"unknown sampler {name!r}; choose one of tpe, nsga2, gp, random")
 
 
 def open_storage(url: str) -> str | optuna.storages.BaseStorage:
@@ -267,20 +238,12 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     started = connect(cfg.ray_address, profile, measurable, cfg.latency)
     try:
         source, choice = latency_source(cfg, profile, study, why, architecture)
-        calibration = choice.calibration if choice is not None else None
         parallel, train_cpus = plan_parallel(cfg.parallel)
     except SearchError:
         if started:
             ray.shutdown()
         raise
-    tracker.log_study_params({
-        "latency_source": source,
-        "calibration_fitted_on": choice.fitted_on if choice else 0,
-        "calibration": choice.description if choice else "",
-    })
-    log.info("latency: %s on %s", source, profile.name if source == "measured" else
-             f"{profile.name}'s latency model (device not reachable: {why}); calibration: "
-             f"{choice.description if choice else ''}")
+    calibration = _log_latency_source(tracker, profile, source, choice, why)
     phases = {"setup": time.perf_counter() - start}
     try:
         cpus = Executor.node_cpus()
@@ -318,6 +281,21 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
         n_pruned=len(study.get_trials(deepcopy=False, states=(states.PRUNED,))),
         phases=phases, storage=redact(cfg.storage), _storage_url=cfg.storage,
     )
+
+
+def _log_latency_source(tracker: Tracker, profile: HardwareProfile, source: str,
+                        choice: CalibrationChoice | None, why: str) -> Calibration | None:
+    """Say (and log to the parent run) whether latency is measured or predicted, and with
+    which calibration; returns that calibration for the predictions."""
+    tracker.log_study_params({
+        "latency_source": source,
+        "calibration_fitted_on": choice.fitted_on if choice else 0,
+        "calibration": choice.description if choice else "",
+    })
+    log.info("latency: %s on %s", source, profile.name if source == "measured" else
+             f"{profile.name}'s latency model (device not reachable: {why}); calibration: "
+             f"{choice.description if choice else ''}")
+    return choice.calibration if choice is not None else None
 
 
 def _load_teacher(cfg: SearchConfig) -> Task:

@@ -11,8 +11,9 @@ from mlflow.tracking import MlflowClient
 from search.config import SAMPLERS, SearchConfig
 from search.pareto import hypervolume
 from search.resolve import resolve_space
+from search.sampling import make_sampler
 from search.spaces import load_space
-from search.study import make_sampler, run_search
+from search.study import run_search
 from tests.conftest import host_builtin
 
 pytestmark = pytest.mark.slow

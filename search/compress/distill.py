@@ -184,6 +184,10 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
     ``after_epoch(epoch, student)`` is called after every epoch but the last
     (the student on the CPU, in eval mode); returning True stops the fine-tune
     there (a multi-fidelity search stops what cannot reach the front).
+
+    (Long: one training loop kept whole, because its order (autocast, loss scaling,
+    unscale, hooks after backward and after each step, schedule) is what the sparsity
+    masks and QAT hooks rely on.)
     """
     if epochs <= 0:
         return student.eval()
