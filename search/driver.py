@@ -34,14 +34,13 @@ from search.execution import Executor, LocalExecutor
 from search.pareto import HV_ACCURACY_SPAN, best_speedup, trials_frame
 from search.record import Choices, TrialRecord
 from search.resolve import ResolvedSpace
+from search.trial_attrs import COUNTED as _COUNTED
+from search.trial_attrs import n_done, record_attrs, reference_accuracy
 
-__all__ = ["Driver", "DriverSettings", "TrialCallback", "failure_reason", "fail_stale",
-           "n_done", "record_attrs", "reference_accuracy"]
+__all__ = ["Driver", "DriverSettings", "TrialCallback"]
 
 log = logging.getLogger("search")
 TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
-_STALE = "driver stopped mid-trial"
-_COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 @dataclass(frozen=True)
@@ -61,61 +60,9 @@ class DriverSettings:
     early_stopping: bool = True
 
 
-def n_done(study: optuna.Study) -> int:
-    """Trials the budget counts: every configuration screened to an end (COMPLETE, or PRUNED
-    because it could not reach the front), refinements of front members excluded."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=_COUNTED)
-               if "refined_from" not in t.user_attrs)
-
-
-def failure_reason(trial: optuna.trial.FrozenTrial) -> str:
-    """Why a FAIL trial failed (a trial left RUNNING by a dead driver has no recorded reason)."""
-    return str(trial.user_attrs.get("failure", _STALE))
-
-
-def fail_stale(study: optuna.Study) -> None:
-    """Trials left RUNNING by a driver that died are marked FAILED (retried within budget)."""
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-
-
-def reference_accuracy(study: optuna.Study) -> float | None:
-    """Accuracy of the reference trial (trial 0: the least compressed model)."""
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.user_attrs.get("reference"):
-            return float(t.values[0])
-    return None
-
-
 def _choices_key(flat: dict[str, Any]) -> str:
     return json.dumps({k: (round(v, 9) if isinstance(v, float) else v) for k, v in flat.items()},
                       sort_keys=True, default=str)
-
-
-def record_attrs(record: TrialRecord) -> dict[str, Any]:
-    """The user attributes a finished trial keeps (everything trials.csv and MLflow show)."""
-    lat = record.latency
-    attrs: dict[str, Any] = {
-        "choices": record.choices.applied(),
-        "layer_precisions": record.layer_precisions,
-        "timings": record.timings,
-        "test_accuracy": record.test_accuracy,
-        "size_mb": record.size_mb,
-        "sparsity": record.sparsity,
-        "macs": record.macs,
-        "params": record.params,
-        "dropped_blocks": record.dropped_blocks,
-    }
-    if record.epoch_accuracy:
-        attrs["epoch_accuracy"] = record.epoch_accuracy
-    if record.node:
-        attrs["node"] = record.node
-    if lat is not None:
-        attrs.update(latency_ms=lat.median_ms, latency_p90_ms=lat.p90_ms, latency_cv=lat.cv,
-                     latency_runs=lat.runs, latency_source=lat.source, device=lat.device,
-                     provider=lat.provider, latency_noisy=lat.noisy,
-                     latency_batch_size=lat.batch_size)
-    return attrs
 
 
 @dataclass

@@ -21,7 +21,6 @@ import yaml
 from search._redact import redact
 from search.checks import server_reachable
 from search.config import SearchConfig
-from search.driver import failure_reason
 from search.pareto import (
     best_speedup,
     front_markdown,
@@ -33,6 +32,7 @@ from search.pareto import (
 )
 from search.profiles import HardwareProfile
 from search.tracking import Tracker
+from search.trial_attrs import failure_reason
 from search.trial_logging import MlflowTrialLogger
 
 __all__ = ["write_outputs"]

@@ -24,10 +24,10 @@ from typing import Any
 
 import optuna
 
-from search.driver import record_attrs
 from search.execution import Executor, LocalExecutor
 from search.pareto import HV_ACCURACY_SPAN, trials_frame
 from search.record import Choices, LatencyStats, TrialRecord
+from search.trial_attrs import record_attrs
 
 __all__ = ["RefineSettings", "refine_front", "remeasure_front"]
 

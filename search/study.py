@@ -26,7 +26,7 @@ import ray
 from search._redact import redact
 from search.checks import check_inputs, prepare_directories
 from search.config import SearchConfig
-from search.driver import Driver, DriverSettings, fail_stale
+from search.driver import Driver, DriverSettings
 from search.errors import ConfigError, SearchError
 from search.execution import Executor, connect, plan_parallel
 from search.latency.calibration import CalibrationChoice, architecture_key
@@ -45,6 +45,7 @@ from search.sampling import make_sampler
 from search.spaces import SearchSpace
 from search.tasks import Task, check_task, load_task
 from search.tracking import Tracker, default_tracking_uri
+from search.trial_attrs import fail_stale
 from search.trial_logging import MlflowTrialLogger
 
 __all__ = ["StudyResult", "run_search"]

@@ -18,9 +18,9 @@ import pandas as pd
 
 from search._redact import redact
 from search.checks import server_reachable
-from search.driver import failure_reason, reference_accuracy
 from search.pareto import hypervolume, trials_frame
 from search.tracking import Tracker
+from search.trial_attrs import failure_reason, reference_accuracy
 
 __all__ = ["MlflowTrialLogger", "log_frozen"]
 

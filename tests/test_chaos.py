@@ -20,9 +20,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.config import SearchConfig
-from search.driver import failure_reason
 from search.study import run_search
 from search.tracking import EXPERIMENT
+from search.trial_attrs import failure_reason
 from tests.conftest import QUICK_SPACE, free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # faults set in the workers' environment

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from search.config import SearchConfig
-from search.driver import Driver, DriverSettings, fail_stale, failure_reason, n_done
+from search.driver import Driver, DriverSettings
 from search.execution import LocalExecutor
 from search.latency.predict import Calibration
 from search.pipeline import model_facts, student_layers
@@ -14,6 +14,7 @@ from search.profiles import load_profile
 from search.resolve import resolve_space
 from search.spaces import SearchSpace
 from search.study import run_search
+from search.trial_attrs import fail_stale, failure_reason, n_done
 
 PROFILE = "cpu-avx512-vnni"  # predicted here: the latency model, no device needed
 
