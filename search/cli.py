@@ -13,8 +13,8 @@ from search.errors import SearchError
 __all__ = ["main"]
 
 _FRONT_COLUMNS = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_source", "speedup",
-                  "size_mb", "precisions", "sparsity", "param.structured_ratio", "param.epochs",
-                  "on_front", "baseline"]
+                  "speedup_remeasured", "size_mb", "precisions", "sparsity",
+                  "param.structured_ratio", "param.epochs", "on_front", "baseline"]
 
 
 def _whole_number(text: str) -> int:

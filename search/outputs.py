@@ -74,7 +74,9 @@ def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: l
              f"of a budget of {cfg.budget}, {len(failed)} failed",
              f"- latency: {', '.join(sorted(set(df['latency_source'].dropna()))) or 'n/a'}"
              + _noisy_note(df, cfg),
-             f"- best speedup within {cfg.report_drop:g} point(s) of the reference: "
+             f"- best speedup within {cfg.report_drop:g} point(s) of the reference"
+             + (" (measured side by side with it after the study, where re-measured)"
+                if "speedup_remeasured" in df else "") + ": "
              + (f"{best:.2f}x" if best else "n/a"), ""] + front_markdown(front, cfg.report_drop)
     return "\n".join(lines) + "\n"
 

@@ -195,11 +195,20 @@ def front_markdown(front: pd.DataFrame, max_drop: float) -> list[str]:
 
 
 def _markdown_rows(rows: pd.DataFrame) -> list[str]:
-    lines = ["| trial | accuracy % | latency ms | speedup | precisions |", "|---|---|---|---|---|"]
+    """One row per point; with a re-measurement, its side-by-side speedup beside the trial's
+    own (the trial's was measured alone, at another moment of a possibly busy machine)."""
+    side = "speedup_remeasured" in rows and rows["speedup_remeasured"].notna().any()
+    extra = (" side by side |", "---|") if side else ("", "")
+    lines = [f"| trial | accuracy % | latency ms | speedup |{extra[0]} precisions |",
+             f"|---|---|---|---|{extra[1]}---|"]
     for _, r in rows.iterrows():
         label = f" ({r['baseline']})" if r.get("baseline") else ""
+        again = ""
+        if side:
+            v = r["speedup_remeasured"]
+            again = f" {v:.2f}x |" if pd.notna(v) else " - |"
         lines.append(f"| {r['trial']}{label} | {r['accuracy']:.2f} | {r['latency_ms']:.3f} | "
-                     f"{r['speedup']:.2f}x | {r['precisions']} |")
+                     f"{r['speedup']:.2f}x |{again} {r['precisions']} |")
     return lines
 
 

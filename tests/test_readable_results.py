@@ -12,7 +12,7 @@ import optuna
 from search.cli import _print_result, main
 from search.config import SearchConfig
 from search.outputs import _summary
-from search.pareto import _draw_front, plot_front, readable_front, trials_frame
+from search.pareto import _draw_front, best_speedup, plot_front, readable_front, trials_frame
 from search.study import StudyResult
 
 # (accuracy, latency ms, baseline): fp32 reference, int8 baseline, a good point, a slow
@@ -82,3 +82,20 @@ def test_the_terminal_table_and_search_report_lead_with_usable_points(tmp_path, 
     assert main(["report", "--study", "readable", "--storage", storage]) == 0
     out = capsys.readouterr().out
     assert _rows_in_order(out, [0, 1, 2, 3, 4, 5]) == [2, 1, 0, 3, 4, 5]
+
+
+def test_a_re_measured_front_shows_its_side_by_side_speedup_beside_the_trials_own():
+    """The headline best speedup uses the side-by-side re-measurement; the table must show
+    that number too, not only the trial's own (measured alone, maybe on a busy machine)."""
+    study = _study()
+    study.set_user_attr("remeasured", {"0": {"median_ms": 1.2}, "1": {"median_ms": 0.6},
+                                       "2": {"median_ms": 0.4}})
+    df = trials_frame(study)
+    shown = readable_front(df, 1.0)
+    text = _summary(SearchConfig(profile="t4-gpu", budget=6, study_name="readable"), df,
+                    shown[shown["on_front"]], [], best_speedup(df, 1.0))
+    assert "side by side" in text.splitlines()[5] and ": 3.00x" in text.splitlines()[5]
+    row = next(line for line in text.splitlines() if line.startswith("| 2 |"))
+    assert row.split("|")[4].strip() == "3.33x" and row.split("|")[5].strip() == "3.00x"
+    slow = next(line for line in text.splitlines() if line.startswith("| 3 |"))
+    assert slow.split("|")[5].strip() == "-"  # not re-measured
