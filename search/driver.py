@@ -34,8 +34,7 @@ from search.execution import Executor, LocalExecutor
 from search.pareto import HV_ACCURACY_SPAN, best_speedup, trials_frame
 from search.record import Choices, TrialRecord
 from search.resolve import ResolvedSpace
-from search.trial_attrs import COUNTED as _COUNTED
-from search.trial_attrs import n_done, record_attrs, reference_accuracy
+from search.trial_attrs import COUNTED, n_done, record_attrs, reference_accuracy
 
 __all__ = ["Driver", "DriverSettings", "TrialCallback"]
 
@@ -156,14 +155,14 @@ class Driver:
             else:
                 while len(self.in_flight) < s.parallel and done + len(self.in_flight) < s.budget:
                     state = self._start_trial()
-                    if state in _COUNTED:  # answered from the cache
+                    if state in COUNTED:  # answered from the cache
                         done += 1
                         bar.update(1)
             ready = self.executor.wait(list(self.in_flight), timeout=1.0)
             if not ready:
                 continue
             state = self._advance(ready[0])
-            if state in _COUNTED:
+            if state in COUNTED:
                 done += 1
                 bar.update(1)
                 bar.set_postfix_str(self._postfix(), refresh=True)
@@ -196,7 +195,7 @@ class Driver:
     def _cached(self, choices: Choices) -> optuna.trial.FrozenTrial | None:
         """A done trial with exactly these choices (samplers do propose repeats)."""
         key = _choices_key(choices.applied())
-        for t in self.study.get_trials(deepcopy=False, states=_COUNTED):
+        for t in self.study.get_trials(deepcopy=False, states=COUNTED):
             if "refined_from" not in t.user_attrs and \
                     _choices_key(t.user_attrs.get("choices", {})) == key:
                 return t
