@@ -103,9 +103,8 @@ class SearchConfig:
 
         The rules are :class:`Settings`' (the same a config file is checked against).
         """
-        values = {f.name: getattr(self, f.name) for f in fields(self)
-                  if f.name in Settings.model_fields and getattr(self, f.name) is not None}
-        values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+        given = ((f.name, getattr(self, f.name)) for f in fields(self) if f.name in Settings.model_fields)
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in given if v is not None}
         try:
             Settings.model_validate(values)
         except ValidationError as exc:
