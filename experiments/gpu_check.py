@@ -117,7 +117,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     result = run_search(SearchConfig(profile=profile, budget=budget, latency=latency,
                                      batch_size=batches[-1], runs_root=root, refine=0,
-                                     study_name=f"gpu-check-{profile}"), show_progress=False)
+                                     study_name=f"gpu-check-{load_profile(profile).name}"),
+                        show_progress=False)
     print(f"\nstudy at batch {batches[-1]} ({result.wall_s:.0f} s, "
           f"{result.phases.get('trials', 0):.0f} s of trials):")
     cols = ["trial", "accuracy", "latency_ms", "latency_source", "device", "speedup",

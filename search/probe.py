@@ -9,6 +9,7 @@ the space costs seconds and says why, instead of a study of failed trials.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 
 import onnx
@@ -48,9 +49,10 @@ def preflight(task: Task, profile: HardwareProfile, resolved: ResolvedSpace,
     notes = _structural(task, resolved)
     removed = []
     outcomes = {} if outcomes is None else outcomes
+    model = _model_key(task)
     for name, choices in _extremes(resolved).items():
         if name not in outcomes:
-            outcomes[name] = _try(task, profile, choices)
+            outcomes[name] = _try_once(model, task, profile, choices)
         error = outcomes[name]
         if error:
             removed.append(f"{name} is not offered for this model: {error}")
@@ -93,6 +95,34 @@ def _extremes(resolved: ResolvedSpace) -> dict[str, Choices]:
         out[f"{mode} int8"] = Choices(precisions=int8, quant_mode=mode,
                                       calibration_samples=_SAMPLES)
     return out
+
+
+# what was tried in this process: a notebook (or a test session) running several studies of
+# one model tries each technique once, not once per study (seconds each)
+_TRIED: dict[tuple[str, str, bool], str] = {}
+
+
+def _model_key(task: Task) -> str:
+    """What a preflight outcome depends on besides the setting tried: the model (its
+    architecture and weights) and the inputs it is checked and calibrated on."""
+    digest = hashlib.sha1(f"{task.name}|{task.input_shape}|{task.make_model!r}".encode())
+    values = [value for _, value in sorted(task.teacher_state.items())]
+    for value in [*values, task.val.x[:_SAMPLES], task.calibration[:_SAMPLES]]:
+        if isinstance(value, torch.Tensor):  # raw bytes, whatever the dtype (bf16 included)
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                          .numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    digest.update(repr(sorted(task.teacher_state)).encode())
+    return digest.hexdigest()
+
+
+def _try_once(model: str, task: Task, profile: HardwareProfile, choices: Choices) -> str:
+    key = (model, repr(choices), profile.int8.reduce_range)
+    if key not in _TRIED:
+        _TRIED[key] = _try(task, profile, choices)
+    return _TRIED[key]
 
 
 def _try(task: Task, profile: HardwareProfile, choices: Choices) -> str:

@@ -21,6 +21,7 @@ import mlflow.onnx
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from search._mlflow_store import seed_sqlite_store
 from search._redact import redact
 from search.config import DEFAULT_EXPERIMENT
 from search.errors import ConfigError
@@ -98,6 +99,7 @@ class Tracker:
                  experiment: str = EXPERIMENT) -> None:
         _configure_mlflow()
         self.uri = tracking_uri
+        seed_sqlite_store(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
             found = self.client.get_experiment_by_name(experiment)

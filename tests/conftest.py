@@ -50,12 +50,31 @@ TEST_CACHE = _hermetic_cache()
 _SPREAD = {"test_faults.py", "test_chaos.py"}
 
 
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):  # noqa: ANN001, ANN201
+    """Under pytest-xdist keep each module's tests on one test process, so that its
+    module-scoped study or server is set up once, except the modules in ``_SPREAD``.
+    (pytest-xdist's own ``--dist loadgroup`` marks groups by editing node ids, which pytest
+    9.2 no longer reads: its groups silently split.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if Path(module).name in _SPREAD else module
+
+    return _ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (``--dist loadgroup``) keep each module's tests on one process, so
-    that its module-scoped study runs once, except the modules in ``_SPREAD``."""
-    for item in items:
-        if item.path.name not in _SPREAD:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    """The order the test processes take work in (``--no-loadscope-reorder``): tests with a
+    Ray of their own last, since each stops the session's warm Ray and the next test that
+    needs it would start it again (seconds, and cold workers that import torch); before them
+    the modules with end-to-end studies, so that the longest work starts first. Whole modules
+    move together, so that a module's shared study is set up once."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.get_closest_marker("own_ray") is not None,
+                                 item.module.__name__ not in slow))
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +113,7 @@ def fast_profile_file() -> Path:
 
     data = yaml.safe_load((PROFILES_DIR / f"{host_builtin()}.yaml").read_text())
     data["name"] = "fast-host"
-    data["measure"].update(warmup_runs=5, min_runs=20, min_time_s=0.2)
+    data["measure"].update(warmup_runs=3, min_runs=10, min_time_s=0.1)
     text = yaml.safe_dump(data)
     digest = hashlib.sha1(text.encode()).hexdigest()[:10]  # checkouts with other profiles differ
     path = Path(tempfile.gettempdir()) / "search-tests" / f"fast-host-{digest}.yaml"

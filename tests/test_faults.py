@@ -38,15 +38,19 @@ def _complete_so_far(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def test_losing_the_device_node_mid_study_keeps_the_full_budget(tmp_path, fast_profile,
-                                                                 fast_profile_path):
+                                                                 fast_profile_path, monkeypatch):
     """The study runs as a separate driver (the CLI) joined to a local multi-node cluster;
-    the node that holds the device is killed after two trials and a new one joins."""
+    the node that holds the device is killed after two trials and a new one joins. Trials
+    are quick (no fine-tune) but slowed by 1.5 s in the cluster's workers, whose environment
+    is this process's, so that the loss lands mid-study."""
+    monkeypatch.setenv("SEARCH_FAULTS", "prune@*+1.5")
+    (tmp_path / "quick.yaml").write_text(QUICK_SPACE)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     first = cluster.add_node(num_cpus=1, resources={fast_profile.resource: 1})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cmd = [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget",
            "4", "--storage", storage, "--study-name", "chaos", "--ray-address", cluster.address,
-           "--refine", "0", "--quiet"]
+           "--space", "quick.yaml", "--refine", "0", "--quiet"]
     try:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -79,7 +83,10 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path, fast_profil
     """A learning rate that makes every fine-tune diverge: those trials FAIL with the reason."""
     space = tmp_path / "diverge.yaml"
     space.write_text("distillation:\n  epochs: {low: 1, high: 1}\n"
-                     "  lr: {low: 1.0e+6, high: 1.0e+7, log: true}\n  alpha: {low: 0, high: 0}\n")
+                     "  lr: {low: 1.0e+6, high: 1.0e+7, log: true}\n  alpha: {low: 0, high: 0}\n"
+                     # nothing pruned: each trial reaches its diverging fine-tune at once
+                     "pruning:\n  structured_ratio: {low: 0, high: 0}\n"
+                     "  drop_blocks: {low: 0, high: 0}\n")
     # the two baselines (no fine-tune) complete; every trial after them diverges (none is
     # stopped first for being unable to reach the front)
     config = SearchConfig(profile=str(fast_profile_path), budget=4, runs_root=tmp_path,
@@ -112,8 +119,9 @@ def test_a_second_driver_on_the_same_study_refuses(tmp_path, fast_profile_path):
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2
     assert "already being run by another driver" in second.stderr
-    _, err = first.communicate(timeout=300)
+    out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
+    assert "Pareto front" in out and "mlflow ui --backend-store-uri" in out  # as a user reads it
     study = optuna.load_study(study_name="shared", storage=storage)
     assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
 

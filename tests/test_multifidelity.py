@@ -81,7 +81,7 @@ ONE_EPOCH = {
 
 def test_refinement_never_lowers_a_front_member_and_is_not_repeated(tmp_path):
     config = SearchConfig(profile="cpu-avx512-vnni", budget=3, runs_root=tmp_path, seed=0,
-                          study_name="refined", latency="predict", refine=2, refine_epochs=3,
+                          study_name="refined", latency="predict", refine=2, refine_epochs=2,
                           space=_space(tmp_path, "one-epoch", **ONE_EPOCH))
     result = run_search(config, show_progress=False)
     study = optuna.load_study(study_name="refined", storage=config.resolved("x").storage)
@@ -95,7 +95,7 @@ def test_refinement_never_lowers_a_front_member_and_is_not_repeated(tmp_path):
             (new,) = added
             assert new.values[0] == pytest.approx(accuracy) and new.values[0] > before
             assert new.values[1] == by_number[int(source)].values[1]
-            assert new.user_attrs["choices"]["epochs"] == 3
+            assert new.user_attrs["choices"]["epochs"] == 2
             assert (result.output_dir / "models" / f"trial-{new.number}.onnx").exists()
         else:
             assert not added

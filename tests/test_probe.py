@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import torch
 from torch import nn
@@ -84,3 +86,28 @@ def test_a_resumed_study_reuses_what_its_preflight_found():
            "first run" in removed_again
     assert "int8" not in {p for v in again.layer_precisions.values() for p in v}
     assert again.space.pruning.structured_ratio.high == 0.0
+
+
+def test_a_second_study_of_the_same_model_in_one_process_tries_nothing_again(monkeypatch):
+    """Tried once per model and setting in a process (a notebook's studies); other weights
+    of the same architecture are tried afresh, with the same outcomes."""
+    from search import probe
+
+    tried = []
+
+    def counted(task, profile, choices):  # noqa: ANN001, ANN202
+        tried.append(task.name)
+        return real(task, profile, choices)
+
+    real = probe._try
+    monkeypatch.setattr(probe, "_try", counted)
+    monkeypatch.setattr(probe, "_TRIED", {})
+    task = _task(HardcodedWidth)
+    profile, resolved = _resolved(task)
+    first = preflight(task, profile, resolved)
+    n = len(tried)
+    assert n >= 2
+    assert preflight(task, profile, resolved) == first and len(tried) == n
+    torch.manual_seed(1)
+    other = dataclasses.replace(task, teacher_state=HardcodedWidth().state_dict())
+    assert preflight(other, profile, resolved)[1:] == first[1:] and len(tried) == 2 * n

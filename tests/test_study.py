@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import onnx
 import optuna
 import pandas as pd
@@ -103,19 +100,26 @@ def test_rerun_resumes_without_duplicates(tmp_path, fast_profile_path, quick_spa
     assert parent.data.metrics["latency_model_spearman"] > 0
 
 
-def test_the_command_runs_end_to_end(tmp_path, fast_profile_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget", "3",
-         "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "Pareto front" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
+def test_the_command_runs_end_to_end(tmp_path, fast_profile_path, quick_space, monkeypatch,
+                                     capsys):
+    """The command's flags, run, refinement (one front member, one epoch: the default
+    refinement's length is test_multifidelity's subject) and printed result; in this process,
+    on the session's Ray (test_resume and test_chaos run it as a separate process)."""
+    from search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["--profile", str(fast_profile_path), "--budget", "3", "--space", quick_space,
+                 "--refine", "1", "--refine-epochs", "1", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert "Pareto front" in out and "mlflow ui --backend-store-uri" in out
     pareto = pd.read_csv(tmp_path / "search-runs" / "digits-fast-host" / "pareto.csv")
     assert set(REQUIRED) <= set(pareto.columns)
 
 
-def test_gpu_profile_is_predicted_and_labelled(tmp_path):
-    config = SearchConfig(profile="t4-gpu", budget=3, runs_root=tmp_path, study_name="t4", refine=0)
+def test_gpu_profile_is_predicted_and_labelled(tmp_path, quick_space):
+    config = SearchConfig(profile="t4-gpu", budget=3, runs_root=tmp_path, study_name="t4", refine=0,
+                          space=quick_space)
     result = run_search(config, show_progress=False)
     pareto = pd.read_csv(result.output_dir / "pareto.csv")
     assert set(pareto["latency_source"]) == {"predicted"}
@@ -129,8 +133,9 @@ def test_gpu_profile_is_predicted_and_labelled(tmp_path):
                                 latency="measure"), show_progress=False)
 
 
-def test_vpu_study_produces_only_fp16_layers(tmp_path):
-    config = SearchConfig(profile="vpu", budget=3, runs_root=tmp_path, study_name="vpu", refine=0)
+def test_vpu_study_produces_only_fp16_layers(tmp_path, quick_space):
+    config = SearchConfig(profile="vpu", budget=3, runs_root=tmp_path, study_name="vpu", refine=0,
+                          space=quick_space)
     result = run_search(config, show_progress=False)
     # every layer fp16 (a trial that dropped a block has fewer layers)
     assert all(p.startswith("fp16:") and " " not in p for p in result.trials["precisions"])

@@ -14,7 +14,7 @@ from search.config import SearchConfig
 from search.evaluate import onnx_accuracy
 from search.study import run_search
 from search.tracking import EXPERIMENT, _fluent_tracking_uri
-from tests.conftest import free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
+from tests.conftest import QUICK_SPACE, free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
 
 
 @pytest.mark.parametrize("before", [None, "http://user-choice.example:5000"])
@@ -57,8 +57,9 @@ def server(tmp_path_factory):
 def served(server, tmp_path_factory, fast_profile_path):
     """One study against the server, read by the tests below (none of them changes it)."""
     root = tmp_path_factory.mktemp("served")
+    (root / "quick.yaml").write_text(QUICK_SPACE)  # what is logged, not what is trained
     config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=root, refine=0,
-                          tracking_uri=server, study_name="served")
+                          tracking_uri=server, study_name="served", space=str(root / "quick.yaml"))
     return root, run_search(config, show_progress=False)
 
 
@@ -122,23 +123,21 @@ def _browser():
 
 
 @pytest.mark.slow
-def test_a_person_reviews_the_study_in_the_mlflow_ui(server, tmp_path, fast_profile_path):
+def test_a_person_reviews_the_study_in_the_mlflow_ui(server, served, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser = _browser()
     shots = tmp_path / "screenshots"
     shots.mkdir()
     try:
-        result = run_search(SearchConfig(profile=str(fast_profile_path), budget=3,
-                                         runs_root=tmp_path, tracking_uri=server,
-                                         study_name="reviewed"), show_progress=False)
+        _, result = served
         client = MlflowClient(server)
         exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
         parent = result.parent_run_id
         wait = WebDriverWait(browser, 90)
 
         browser.get(f"{server}/#/experiments/{exp}/runs")
-        wait.until(lambda d: "reviewed" in d.find_element("tag name", "body").text)
+        wait.until(lambda d: "served" in d.find_element("tag name", "body").text)
         browser.save_screenshot(str(shots / "experiment.png"))
 
         browser.get(f"{server}/#/experiments/{exp}/runs/{parent}/artifacts")
@@ -150,7 +149,7 @@ def test_a_person_reviews_the_study_in_the_mlflow_ui(server, tmp_path, fast_prof
         browser.switch_to.frame(browser.find_elements("tag name", "iframe")[0])
         wait.until(lambda d: d.find_elements("css selector", "svg circle"))
         body = browser.find_element("tag name", "body").text
-        assert "Pareto front" in body and "reviewed" in body
+        assert "Pareto front" in body and "served" in body
         points = browser.find_elements("css selector", "svg circle")
         assert len(points) == len(result.trials)
         browser.switch_to.default_content()

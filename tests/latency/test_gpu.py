@@ -45,16 +45,19 @@ def test_measure_is_refused_for_a_gpu_profile_this_machine_cannot_run(tmp_path):
         run_search(SearchConfig(profile="t4-gpu", budget=1, latency="measure", runs_root=tmp_path))
 
 
-def test_a_batch_size_setting_reaches_the_predicted_latency(tmp_path):
+def test_a_batch_size_setting_reaches_the_predicted_latency(tmp_path, task):
     result = run_search(SearchConfig(profile="t4-gpu", budget=2, latency="predict", batch_size=8,
                                      runs_root=tmp_path, refine=0), show_progress=False)
     study = result.load_study()
     assert {t.user_attrs["latency_batch_size"] for t in study.trials
             if t.state.is_finished()} == {8}
-    one = run_search(SearchConfig(profile="t4-gpu", budget=2, latency="predict", refine=0,
-                                  runs_root=tmp_path, study_name="b1"), show_progress=False)
+    from search.compress import export_onnx
+    from search.latency.predict import predict_latency
+
+    # the same model predicted at the profile's own batch size, 1
+    fp32 = export_onnx(task.teacher(), task.input_shape)
+    fp32_1 = predict_latency(fp32, load_profile("t4-gpu"), task.input_shape).median_ms
     fp32_8 = float(result.trials.loc[result.trials["reference"], "latency_ms"].iloc[0])
-    fp32_1 = float(one.trials.loc[one.trials["reference"], "latency_ms"].iloc[0])
     assert fp32_8 > 2 * fp32_1  # eight images cost more than one, even on a launch-bound GPU
 
 
@@ -72,10 +75,12 @@ def test_tensorrt_options_reach_the_session(task):
 
 
 @pytest.mark.slow
-def test_the_gpu_check_script_runs_its_cpu_path():
+def test_the_gpu_check_script_runs_its_cpu_path(fast_profile_path):
+    """The script's whole path on this CPU; measured with the suite's short-measurement
+    profile of this host (the path, not the figures, is the subject)."""
     out = subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu_check.py"), "--dry-run",
-                          "--models", "resnet18"], capture_output=True, text=True, timeout=900,
-                         cwd=ROOT)
+                          "--models", "resnet18", "--profile", str(fast_profile_path)],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "measured here" in out.stdout and "resnet18" in out.stdout
     assert "gpu_check done" in out.stdout
