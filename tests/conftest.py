@@ -46,6 +46,32 @@ def _hermetic_cache() -> Path:
 TEST_CACHE = _hermetic_cache()
 
 
+def _ray_address_file() -> Path:
+    """Where ``ray start`` and ray.cluster_utils note the cluster a bare ``ray.init()`` joins."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
+
+
+_RAY_ADDRESS_BEFORE = _ray_address_file().read_bytes() if _ray_address_file().exists() else None
+
+
+def pytest_sessionfinish(session):  # noqa: ANN001
+    """Leave the machine's current-Ray note as the suite found it: one left by a test's
+    cluster (seen after a full run) names a dead cluster, and a user's next bare
+    ``ray.init()`` would wait on it for minutes. Done by the controlling process, once every
+    test process has finished."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    note = _ray_address_file()
+    if _RAY_ADDRESS_BEFORE is None:
+        note.unlink(missing_ok=True)
+    elif not note.exists() or note.read_bytes() != _RAY_ADDRESS_BEFORE:
+        note.write_bytes(_RAY_ADDRESS_BEFORE)
+
+
 # modules whose tests share nothing and each take minutes: spread over the test processes
 _SPREAD = {"test_faults.py", "test_chaos.py"}
 
