@@ -99,7 +99,7 @@ def _extremes(resolved: ResolvedSpace) -> dict[str, Choices]:
 
 # what was tried in this process: a notebook (or a test session) running several studies of
 # one model tries each technique once, not once per study (seconds each)
-_TRIED: dict[tuple[str, str, bool], str] = {}
+_TRIED: dict[tuple[str, str, str], str] = {}
 
 
 def _model_key(task: Task) -> str:
@@ -119,7 +119,7 @@ def _model_key(task: Task) -> str:
 
 
 def _try_once(model: str, task: Task, profile: HardwareProfile, choices: Choices) -> str:
-    key = (model, repr(choices), profile.int8.reduce_range)
+    key = (model, repr(choices), profile.model_dump_json())  # channel multiple, int8 kernels
     if key not in _TRIED:
         _TRIED[key] = _try(task, profile, choices)
     return _TRIED[key]

@@ -111,3 +111,6 @@ def test_a_second_study_of_the_same_model_in_one_process_tries_nothing_again(mon
     torch.manual_seed(1)
     other = dataclasses.replace(task, teacher_state=HardcodedWidth().state_dict())
     assert preflight(other, profile, resolved)[1:] == first[1:] and len(tried) == 2 * n
+    wider = profile.model_copy(update={"channel_multiple": 2 * profile.channel_multiple})
+    preflight(task, wider, resolved)  # channels are rounded to the profile's multiple
+    assert len(tried) == 3 * n
