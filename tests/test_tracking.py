@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import mlflow
 import mlflow.onnx
@@ -127,7 +126,7 @@ def test_a_person_reviews_the_study_in_the_mlflow_ui(server, served, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser = _browser()
-    shots = tmp_path / "screenshots"
+    shots = tmp_path / "screenshots"  # kept for a person to see in pytest's basetemp
     shots.mkdir()
     try:
         _, result = served
@@ -166,9 +165,5 @@ def test_a_person_reviews_the_study_in_the_mlflow_ui(server, served, tmp_path):
         browser.save_screenshot(str(shots / "front-child.png"))
         assert all((shots / f).stat().st_size > 10_000 for f in
                    ("experiment.png", "parent-artifacts.png", "pareto.png", "front-child.png"))
-        keep = Path(__file__).parent.parent / "search-runs" / "screenshots"  # for a person to see
-        keep.mkdir(parents=True, exist_ok=True)
-        for f in shots.iterdir():
-            (keep / f.name).write_bytes(f.read_bytes())
     finally:
         browser.quit()
