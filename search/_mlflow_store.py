@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 from search._paths import cache_dir
@@ -60,7 +61,7 @@ def _template() -> Path:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".mlflow-template-") as work:
         built = Path(work) / "store.db"
         MlflowClient(f"sqlite:///{built}").search_experiments()  # runs the migrations
-        with sqlite3.connect(built) as con:
+        with closing(sqlite3.connect(built)) as con, con:  # closed, after a commit
             con.execute("DELETE FROM experiments")
             tables = [r[0] for r in con.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")]
@@ -76,7 +77,5 @@ def _template() -> Path:
 
 def _copy_db(source: Path, target: Path) -> None:
     """A consistent copy of a SQLite database (its backup API: whatever its journal mode)."""
-    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
         src.backup(dst)
-    src.close()
-    dst.close()

@@ -106,15 +106,16 @@ def _model_key(task: Task) -> str:
     """What a preflight outcome depends on besides the setting tried: the model (its
     architecture and weights) and the inputs it is checked and calibrated on."""
     digest = hashlib.sha1(f"{task.name}|{task.input_shape}|{task.make_model!r}".encode())
-    values = [value for _, value in sorted(task.teacher_state.items())]
-    for value in [*values, task.val.x[:_SAMPLES], task.calibration[:_SAMPLES]]:
+    named = [*sorted(task.teacher_state.items()), ("check", task.val.x[:_SAMPLES]),
+             ("calibration", task.calibration[:_SAMPLES])]
+    for name, value in named:
+        digest.update(name.encode())
         if isinstance(value, torch.Tensor):  # raw bytes, whatever the dtype (bf16 included)
             digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
             digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
                           .numpy().tobytes())
         else:
             digest.update(repr(value).encode())
-    digest.update(repr(sorted(task.teacher_state)).encode())
     return digest.hexdigest()
 
 
