@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="distillation epochs of a refinement (default: twice the space's longest, >= 6)")
     add("--no-early-stopping", dest="early_stopping", action="store_false", default=None,
         help="fine-tune every trial to the end, even one that cannot reach the front")
+    add("--max-failures", type=_whole_number,
+        help="failed trials after which the study stops, keeping what completed (default: "
+             "the budget, at least 10)")
     add("--quiet", action="store_true", help="no progress bar")
     _add_subcommands(parser)
     return parser

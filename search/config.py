@@ -84,6 +84,7 @@ class SearchConfig:
     refine_epochs: int | None = None  # None: twice the space's longest fine-tune, at least 6
     refine_timeout_s: float = 600.0  # no refinement starts later than this after the budget
     batch_size: int | None = None  # inputs per inference latency is for (None: the profile's)
+    max_failures: int | None = None  # failed trials before the study stops (None: max(10, budget))
 
     def task_options(self) -> TaskOptions:
         """What the task factory gets besides the seed."""
@@ -215,6 +216,7 @@ class Settings(Strict):
     refine_epochs: Count | None = None
     refine_timeout_s: float | None = Field(default=None, ge=0)
     batch_size: Annotated[StrictInt, Field(ge=1, le=4096)] | None = None
+    max_failures: Count | None = None
 
     @field_validator("study_name")
     @classmethod

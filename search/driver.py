@@ -57,6 +57,13 @@ class DriverSettings:
     report_drop: float = 1.0
     show_progress: bool = True
     early_stopping: bool = True
+    max_failures: int | None = None
+
+    @property
+    def failure_limit(self) -> int:
+        """Failed trials after which the study stops: a space or a model that fails most
+        trials should say so early, but a few failures in a long study are not a reason."""
+        return self.max_failures if self.max_failures is not None else max(10, self.budget)
 
 
 def _choices_key(flat: dict[str, Any]) -> str:
@@ -145,7 +152,7 @@ class Driver:
         """Keep ``parallel`` trials in flight and advance each as its task ends, until the
         budget is done or, after ``stop``, the running ones ended or their grace is over."""
         s = self.settings
-        max_failures = max(10, s.budget)
+        max_failures = s.failure_limit
         deadline: float | None = None
         while done < s.budget:
             if stop.is_set():

@@ -9,13 +9,16 @@ the space costs seconds and says why, instead of a study of failed trials.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
+from pathlib import Path
 
 import onnx
 import torch
 
 from search._ort import make_session
+from search._paths import cache_dir, write_atomic
 from search.compress import apply_precision_plan, compressible_layers, export_onnx, onnx_node_names
 from search.compress.applicable import applicable
 from search.pipeline import prune_student
@@ -98,7 +101,8 @@ def _extremes(resolved: ResolvedSpace) -> dict[str, Choices]:
 
 
 # what was tried in this process: a notebook (or a test session) running several studies of
-# one model tries each technique once, not once per study (seconds each)
+# one model tries each technique once, not once per study (seconds each); what passed is
+# also noted in the cache directory, for the next process
 _TRIED: dict[tuple[str, str, str], str] = {}
 
 
@@ -122,8 +126,43 @@ def _model_key(task: Task) -> str:
 def _try_once(model: str, task: Task, profile: HardwareProfile, choices: Choices) -> str:
     key = (model, repr(choices), profile.model_dump_json())  # channel multiple, int8 kernels
     if key not in _TRIED:
-        _TRIED[key] = _try(task, profile, choices)
+        marker = _passed_marker(key)
+        _TRIED[key] = "" if marker.exists() else _try(task, profile, choices)
+        if not _TRIED[key]:
+            _remember_passed(marker)
     return _TRIED[key]
+
+
+@functools.cache
+def _code_digest() -> str:
+    """This package's source and the versions of the libraries a preflight runs: a technique
+    that passed under other code is tried again."""
+    import onnxruntime
+    import torch_pruning
+
+    digest = hashlib.sha1(f"{torch.__version__}|{onnx.__version__}|{onnxruntime.__version__}|"
+                          f"{torch_pruning.__version__}".encode())
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _passed_marker(key: tuple[str, str, str]) -> Path:
+    """Where a technique that passed on this model, profile and code is noted between
+    processes (every new study of a command line would otherwise pay seconds to try it)."""
+    digest = hashlib.sha1("|".join((*key, _code_digest())).encode()).hexdigest()
+    return cache_dir() / "preflight" / digest
+
+
+def _remember_passed(marker: Path) -> None:
+    """Only passes are kept: a failure may be the machine's (memory), so it is tried again."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(marker, lambda handle: handle.write(b"passed\n"))
+    except OSError:  # a read-only cache costs the next study seconds, nothing else
+        pass
 
 
 def _try(task: Task, profile: HardwareProfile, choices: Choices) -> str:

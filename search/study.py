@@ -162,7 +162,7 @@ def _driver_settings(cfg: SearchConfig, parallel: int, show_progress: bool) -> D
         study_name=cfg.study_name, grace_period_s=cfg.grace_period_s,
         max_accuracy_drop=cfg.max_accuracy_drop, max_latency_ms=cfg.max_latency_ms,
         report_drop=cfg.report_drop, show_progress=show_progress,
-        early_stopping=cfg.early_stopping,
+        early_stopping=cfg.early_stopping, max_failures=cfg.max_failures,
     )
 
 

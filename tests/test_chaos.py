@@ -126,18 +126,13 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fast_profile_path):
+def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fast_profile_path,
+                                                              monkeypatch):
     """SIGKILL two screen workers and one measure worker while they run a trial's task (each
     checked to be still running it just before the kill): Ray retries the task, or the trial
-    FAILs with that stage named and another is asked; the budget is met exactly. Measurements
-    last 2 s here, so the kill lands inside one, not after it."""
-    import yaml
-
-    data = yaml.safe_load(fast_profile_path.read_text())
-    data["name"] = "slow-measure-host"
-    data["measure"]["min_time_s"] = 2.0
-    profile = slow_trials / "slow-measure-host.yaml"
-    profile.write_text(yaml.safe_dump(data))
+    FAILs with that stage named and another is asked; the budget is met exactly. The measure
+    stage is slowed by 1.5 s too, so the kill lands inside that task, not after it."""
+    monkeypatch.setenv("SEARCH_FAULTS", "prune@*+1.5,measure@*+1.5")
     killed: list[str] = []
     stop = threading.Event()
     plan = ["ray::screen", "ray::screen", "ray::measure"]
@@ -148,7 +143,7 @@ def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fas
             for pid, cmd in _descendants(os.getpid()):
                 if cmd.startswith(plan[0]) and pid not in seen:
                     seen.add(pid)
-                    time.sleep(0.5)  # well into the 1.5 s slowdown, or the 2 s measurement
+                    time.sleep(0.5)  # well into the task's 1.5 s slowdown
                     if not _cmdline(pid).startswith(plan[0]):
                         seen.discard(pid)  # it finished first: no interruption; its next task
                         break
@@ -163,7 +158,7 @@ def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fas
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        config = SearchConfig(profile=str(profile), budget=4, runs_root=slow_trials,
+        config = SearchConfig(profile=str(fast_profile_path), budget=4, runs_root=slow_trials,
                               space="quick.yaml", study_name="worker-kill", parallel=1)
         result = run_search(config, show_progress=False)
     finally:
@@ -179,44 +174,67 @@ def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fas
     _assert_mlflow_matches(result.tracking_uri, storage, "worker-kill")
 
 
-def test_driver_killed_then_rerun_recovers_exactly(slow_trials, fast_profile_path):
-    """kill -9 the driver with a trial running; the same command resumes the study."""
-    storage = f"sqlite:///{slow_trials / 'search-runs' / 'optuna.db'}"
-    cmd = _command(fast_profile_path, 5, "killed")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait(lambda: len(_trials_so_far(storage, "killed", COMPLETE)) >= 2
-          and _trials_so_far(storage, "killed", RUNNING), 300, proc)
+def _kill_driver(proc: subprocess.Popen) -> None:
+    """kill -9 the driver; Ray's processes below it must notice and go (10 s)."""
     below = _descendants(proc.pid)
     proc.kill()
     proc.communicate(timeout=60)
-    deadline = time.monotonic() + 10  # Ray's processes notice their driver is gone
+    deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p, _ in below):
         time.sleep(0.5)
     survivors = [(p, cmd) for p, cmd in below if Path(f"/proc/{p}").exists()]
     for pid, _ in survivors:  # never leak them into the machine
         os.kill(pid, signal.SIGKILL)
-    before = {t.number: (t.values, t.params) for t in _trials(storage, "killed", COMPLETE)}
-    stale = [t.number for t in _trials(storage, "killed", RUNNING)]
-    assert len(before) >= 2 and stale
-
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    after = {t.number: t for t in _trials(storage, "killed", COMPLETE)}
-    assert len(after) == 5
-    assert all((after[n].values, after[n].params) == before[n] for n in before)
-    failed = {t.number: t for t in _trials(storage, "killed", FAIL)}
-    assert set(stale) <= set(failed)
-    assert all(failure_reason(failed[n]) == "driver stopped mid-trial" for n in stale)
-    assert not _trials(storage, "killed", RUNNING)
-    tracking = f"sqlite:///{slow_trials / 'search-runs' / 'mlflow.db'}"
-    _assert_mlflow_matches(tracking, storage, "killed")
-    rows = pd.read_csv(slow_trials / "search-runs" / "killed" / "trials.csv")
-    assert sorted(rows.loc[rows["state"] == "COMPLETE", "trial"]) == sorted(after)
     if survivors:  # Ray's doing, not the study's: say so without failing
         import warnings
 
         warnings.warn(f"Ray processes outlived their SIGKILLed driver by 10 s: {survivors}",
-                      stacklevel=1)
+                      stacklevel=2)
+
+
+def test_ctrl_c_then_kill_9_then_rerun_ends_with_exactly_the_budget(slow_trials,
+                                                                     fast_profile_path):
+    """The same command three times: stopped with Ctrl-C (SIGINT: exit 130, saying how to
+    resume), then with kill -9 while a trial runs, then to the end. Nothing completed is
+    lost, changed or logged twice; the trial the killed driver left RUNNING is FAILED with
+    the reason and retried."""
+    storage = f"sqlite:///{slow_trials / 'search-runs' / 'optuna.db'}"
+    cmd = _command(fast_profile_path, 6, "resume", "--grace-period", "20", "--refine", "0")
+
+    def complete() -> dict[int, tuple]:
+        return {t.number: (t.values, t.params)
+                for t in _trials_so_far(storage, "resume", COMPLETE)}
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: len(complete()) >= 2, 300, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Rerun the same command" in err
+    first = complete()
+    assert 2 <= len(first) < 6 and not _trials(storage, "resume", RUNNING)
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: len(complete()) > len(first) and _trials_so_far(storage, "resume", RUNNING),
+          300, proc)
+    _kill_driver(proc)
+    second = complete()
+    stale = [t.number for t in _trials(storage, "resume", RUNNING)]
+    assert len(second) < 6 and stale
+    assert all(second[n] == first[n] for n in first)
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = complete()
+    assert len(after) == 6 and all(after[n] == second[n] for n in second)
+    failed = {t.number: t for t in _trials(storage, "resume", FAIL)}
+    assert set(stale) <= set(failed)
+    assert all(failure_reason(failed[n]) == "driver stopped mid-trial" for n in stale)
+    assert not _trials(storage, "resume", RUNNING)
+    tracking = f"sqlite:///{slow_trials / 'search-runs' / 'mlflow.db'}"
+    _assert_mlflow_matches(tracking, storage, "resume")
+    rows = pd.read_csv(slow_trials / "search-runs" / "resume" / "trials.csv")
+    assert sorted(rows.loc[rows["state"] == "COMPLETE", "trial"]) == sorted(after)
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:

@@ -113,3 +113,21 @@ def test_parallel_two_on_one_node_runs_trials_together(tmp_path, fast_profile_pa
     spans = sorted((t.datetime_start, t.datetime_complete) for t in done)
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)), \
         spans
+
+
+def test_a_study_whose_trials_all_fail_stops_at_the_default_limit(task, tmp_path, monkeypatch):
+    """Every trial raises on entering its first stage (search/_faults.py, in this process):
+    the study stops after max(10, budget) failures, each recorded with its stage."""
+    from search.errors import SearchError
+
+    monkeypatch.setenv("SEARCH_FAULTS", "prune@*")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    with pytest.raises(SearchError, match="^10 trials failed; stopping"):
+        _run(task, tmp_path, ONE_SHOT_TWO_MODELS, budget=4, study=study)
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == len(study.trials) == 10
+    assert all(failure_reason(t).startswith("prune: InjectedFault") for t in failed)
+    limits = [DriverSettings(budget=b, parallel=1, seed=0, output_dir=tmp_path, study_name="t",
+                             max_failures=m).failure_limit for b, m in ((4, None), (30, None),
+                                                                        (30, 3))]
+    assert limits == [10, 30, 3]

@@ -81,7 +81,7 @@ ONE_EPOCH = {
 
 def test_refinement_never_lowers_a_front_member_and_is_not_repeated(tmp_path):
     config = SearchConfig(profile="cpu-avx512-vnni", budget=3, runs_root=tmp_path, seed=0,
-                          study_name="refined", latency="predict", refine=2, refine_epochs=2,
+                          study_name="refined", latency="predict", refine=1, refine_epochs=2,
                           space=_space(tmp_path, "one-epoch", **ONE_EPOCH))
     result = run_search(config, show_progress=False)
     study = optuna.load_study(study_name="refined", storage=config.resolved("x").storage)

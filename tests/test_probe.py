@@ -88,11 +88,13 @@ def test_a_resumed_study_reuses_what_its_preflight_found():
     assert again.space.pruning.structured_ratio.high == 0.0
 
 
-def test_a_second_study_of_the_same_model_in_one_process_tries_nothing_again(monkeypatch):
+def test_a_second_study_of_the_same_model_in_one_process_tries_nothing_again(monkeypatch,
+                                                                             tmp_path):
     """Tried once per model and setting in a process (a notebook's studies); other weights
     of the same architecture are tried afresh, with the same outcomes."""
     from search import probe
 
+    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path))  # nothing noted by earlier tests
     tried = []
 
     def counted(task, profile, choices):  # noqa: ANN001, ANN202
@@ -114,3 +116,28 @@ def test_a_second_study_of_the_same_model_in_one_process_tries_nothing_again(mon
     wider = profile.model_copy(update={"channel_multiple": 2 * profile.channel_multiple})
     preflight(task, wider, resolved)  # channels are rounded to the profile's multiple
     assert len(tried) == 3 * n
+
+
+def test_a_new_process_tries_again_only_what_failed(monkeypatch, tmp_path):
+    """What passed is noted in the cache directory for the next process (a new study of the
+    command line); a failure is tried again, since it may be the machine's."""
+    from search import probe
+
+    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path))
+    tried = []
+    real = probe._try
+
+    def counted(task, profile, choices):  # noqa: ANN001, ANN202
+        tried.append(repr(choices))
+        return real(task, profile, choices)
+
+    monkeypatch.setattr(probe, "_try", counted)
+    monkeypatch.setattr(probe, "_TRIED", {})
+    task = _task(HardcodedWidth)
+    profile, resolved = _resolved(task)
+    first = preflight(task, profile, resolved)
+    assert len(tried) >= 2 and len(list((tmp_path / "preflight").iterdir())) == len(tried) - 1
+    monkeypatch.setattr(probe, "_TRIED", {})  # a new process
+    again = preflight(task, profile, resolved)
+    assert again == first
+    assert len(tried) == len(set(tried)) + 1 and "structured_ratio=0.7" in tried[-1]

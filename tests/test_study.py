@@ -104,7 +104,7 @@ def test_the_command_runs_end_to_end(tmp_path, fast_profile_path, quick_space, m
                                      capsys):
     """The command's flags, run, refinement (one front member, one epoch: the default
     refinement's length is test_multifidelity's subject) and printed result; in this process,
-    on the session's Ray (test_resume and test_chaos run it as a separate process)."""
+    on the session's Ray (test_chaos runs it as a separate process)."""
     from search.cli import main
 
     monkeypatch.chdir(tmp_path)
