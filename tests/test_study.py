@@ -22,7 +22,8 @@ REQUIRED = ["trial", "accuracy", "latency_ms", "latency_source", "speedup", "siz
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory, fast_profile_path):
     root = tmp_path_factory.mktemp("runs")
-    config = SearchConfig(profile=str(fast_profile_path), budget=4, runs_root=root, seed=0,
+    # the default space: the two baselines and the first known-good seed (a fine-tune)
+    config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=root, seed=0,
                           study_name="e2e", refine=0)  # refinement adds trials past the budget
     return config, run_search(config, show_progress=False)
 
@@ -38,7 +39,7 @@ def test_csvs_hold_the_front_and_baselines(study_run):
     trials = pd.read_csv(result.output_dir / "trials.csv")
     pareto = pd.read_csv(result.output_dir / "pareto.csv")
     assert set(REQUIRED) <= set(trials.columns) and set(REQUIRED) <= set(pareto.columns)
-    assert len(done_rows(trials)) == 4
+    assert len(done_rows(trials)) == 3
     assert set(trials["latency_source"].dropna()) == {"measured"}
     fp32 = pareto[pareto["reference"]]
     assert fp32["baseline"].tolist() == ["fp32"]
@@ -63,12 +64,12 @@ def test_mlflow_has_parent_with_front_and_one_child_per_trial(study_run):
     config, result = study_run
     client = MlflowClient(result.tracking_uri)
     parent = client.get_run(result.parent_run_id)
-    assert parent.data.params["budget"] == "4"
+    assert parent.data.params["budget"] == "3"
     assert parent.data.metrics["front_size"] >= 1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pareto.csv", "trials.csv", "pareto.png", "front_models"} <= artifacts
     children = _children(client, parent.info.run_id)
-    assert len(children) == 4
+    assert len(children) == 3
     on_front = [c for c in children if c.data.tags.get("on_front") == "true"]
     assert len(on_front) == int(result.trials["on_front"].sum())
     child = on_front[0]
@@ -78,7 +79,7 @@ def test_mlflow_has_parent_with_front_and_one_child_per_trial(study_run):
 
 
 def test_rerun_resumes_without_duplicates(tmp_path, fast_profile_path, quick_space):
-    """Its own study (the shared one above must keep exactly 4 trials whatever the order); no
+    """Its own study (the shared one above must keep exactly 3 trials whatever the order); no
     fine-tune, so every trial completes (none is stopped early) and none is refined."""
     from dataclasses import replace
 
