@@ -76,6 +76,9 @@ class MeasureSettings(Strict):
     min_runs: int = Field(default=100, ge=3)
     min_time_s: float = Field(default=1.0, ge=0.0, le=600.0)
     max_cv: float = Field(default=0.25, gt=0.0)
+    # after the study, the baselines and the front are measured again in this many rounds,
+    # each model once per round, interleaved: the speedups a user reads share their load
+    side_by_side_rounds: int = Field(default=5, ge=1, le=100)
 
 
 class LatencyModelSettings(Strict):

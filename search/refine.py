@@ -173,11 +173,13 @@ def _interleaved(models: dict[int, bytes], profile, input_shape, rounds: int  # 
 
 
 def remeasure_front(study: optuna.Study, executor: Executor | LocalExecutor, output_dir: Path,
-                    rounds: int = 5) -> dict[int, LatencyStats] | None:
-    """Measure the baselines and the front's members again, interleaved, in one device task;
-    the result is kept in the study (``remeasured``) and shown in pareto.csv."""
+                    rounds: int | None = None) -> dict[int, LatencyStats] | None:
+    """Measure the baselines and the front's members again, interleaved, in one device task
+    (``rounds``, default the profile's ``measure.side_by_side_rounds``); the result is kept
+    in the study (``remeasured``) and shown in pareto.csv."""
     if executor.predicts:
         return None
+    rounds = rounds or executor.profile.measure.side_by_side_rounds
     df = trials_frame(study)
     rows = df[df["on_front"] | (df["baseline"] != "")]
     models = {}

@@ -22,9 +22,10 @@ from search.tasks import load_task
 def _hermetic_cache() -> Path:
     """The suite's own cache directory, so it never reads or writes the user's (latency
     calibrations of one test would otherwise steer the predictions of another, and of the
-    user's next study). Seeded with the user's trained teachers, and the data splits they
-    were trained on, so nothing retrains; subprocesses, Ray workers and pytest-xdist's
-    test processes inherit it through the environment."""
+    user's next study). Seeded with the user's trained teachers (hard links: hundreds of MB
+    for a ViT), and the data splits they were trained on, so nothing retrains;
+    subprocesses, Ray workers and pytest-xdist's test processes inherit it through the
+    environment."""
     import atexit
     import os
     import shutil
@@ -37,7 +38,10 @@ def _hermetic_cache() -> Path:
     test_cache = Path(tempfile.mkdtemp(prefix="search-tests-cache-"))
     seeds = ["*-teacher-*.pt", "*-teacher-*.pt.scores.json", "digits-split-*.npz"]
     for found in [path for pattern in seeds for path in real.glob(pattern)]:
-        shutil.copy2(found, test_cache / found.name)  # mtime kept: the scores stay valid
+        try:  # a link: a teacher is replaced whole (renamed over), never written in place
+            os.link(found, test_cache / found.name)
+        except OSError:  # another filesystem
+            shutil.copy2(found, test_cache / found.name)  # mtime kept: the scores stay valid
     os.environ["SEARCH_CACHE_DIR"] = str(test_cache)
     atexit.register(shutil.rmtree, test_cache, ignore_errors=True)
     return test_cache
@@ -139,7 +143,7 @@ def fast_profile_file() -> Path:
 
     data = yaml.safe_load((PROFILES_DIR / f"{host_builtin()}.yaml").read_text())
     data["name"] = "fast-host"
-    data["measure"].update(warmup_runs=3, min_runs=10, min_time_s=0.1)
+    data["measure"].update(warmup_runs=3, min_runs=10, min_time_s=0.1, side_by_side_rounds=3)
     text = yaml.safe_dump(data)
     digest = hashlib.sha1(text.encode()).hexdigest()[:10]  # checkouts with other profiles differ
     path = Path(tempfile.gettempdir()) / "search-tests" / f"fast-host-{digest}.yaml"

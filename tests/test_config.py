@@ -27,6 +27,7 @@ BAD = [  # setting, a value its rule refuses, words of the error
     ("refine_epochs", 0, "greater than or equal to 1"),
     ("refine_timeout_s", -1.0, "greater than or equal to 0"),
     ("batch_size", 5000, "less than or equal to 4096"),
+    ("max_failures", 0, "greater than or equal to 1"),
     ("study_name", "a/b", "letters, digits"),
     ("experiment_name", "  ", "must not be empty"),
 ]

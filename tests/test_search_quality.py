@@ -117,12 +117,13 @@ def test_every_sampler_explores_the_conditional_space(name, profile, layers):
     assert len(set(asked)) == 8  # no configuration asked twice
 
 
-def test_sparse_transfer_from_a_checkpoint_given_on_the_command_line(tmp_path, task):
-    import subprocess
-    import sys
-
+def test_sparse_transfer_from_a_checkpoint_given_on_the_command_line(tmp_path, task, monkeypatch,
+                                                                    capsys):
+    """The command's --sparse-init, run in this process on the session's Ray (test_chaos runs
+    the command as a separate process)."""
     import torch
 
+    from search.cli import main
     from search.compress.sparsity import Sparsifier
 
     sparse = task.teacher()
@@ -132,14 +133,13 @@ def test_sparse_transfer_from_a_checkpoint_given_on_the_command_line(tmp_path, t
     space = _space(tmp_path, "transfer", **{**ONE_SHOT, "pruning": {
         **ONE_SHOT["pruning"], "init": ["sparse"],
         "structured_ratio": {"low": 0, "high": 0}}})
-    base = [sys.executable, "-m", "search.cli", "--profile", "cpu-avx512-vnni", "--budget", "3",
-            "--latency", "predict", "--space", space, "--refine", "0", "--quiet"]
-    out = subprocess.run(base + ["--sparse-init", str(tmp_path / "dense.pt")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 2 and "only 0.0% of its Conv/Linear weights are zero" in out.stderr
-    out = subprocess.run(base + ["--sparse-init", str(tmp_path / "sparse.pt")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    base = ["--profile", "cpu-avx512-vnni", "--budget", "3", "--latency", "predict", "--space",
+            space, "--refine", "0", "--quiet"]
+    assert main(base + ["--sparse-init", str(tmp_path / "dense.pt")]) == 2
+    assert "only 0.0% of its Conv/Linear weights are zero" in capsys.readouterr().err
+    code = main(base + ["--sparse-init", str(tmp_path / "sparse.pt")])
+    assert code == 0, capsys.readouterr().err[-3000:]
     trials = pd.read_csv(tmp_path / "search-runs" / "digits-cpu-avx512-vnni" / "trials.csv")
     searched = trials[trials["baseline"].isna()]  # the fp32 reference is the teacher itself
     assert len(searched) and (searched["param.init"] == "sparse").all()
