@@ -50,6 +50,17 @@ def _hermetic_cache() -> Path:
 TEST_CACHE = _hermetic_cache()
 
 
+def _hypothesis_home() -> None:
+    """Hypothesis keeps its example database and the constants it reads from source in
+    ``./.hypothesis``: in the suite's cache instead, so the checkout is left as found."""
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(TEST_CACHE / "hypothesis")
+
+
+_hypothesis_home()
+
+
 def _ray_address_file() -> Path:
     """Where ``ray start`` and ray.cluster_utils note the cluster a bare ``ray.init()`` joins."""
     from ray._common.utils import get_ray_address_file

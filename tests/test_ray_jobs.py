@@ -45,7 +45,8 @@ def head(tmp_path_factory, fast_profile):
          # the job agent's default port (52365) may be held by another Ray on this machine
          "--dashboard-agent-listen-port", str(agent),
          "--resources", json.dumps({fast_profile.resource: 1}), "--disable-usage-stats"],
-        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=log.parent)  # the jobs' working directory: MLflow's ./mlruns lands there
     try:
         _wait_for(dashboard, proc, log)
         yield env, f"http://127.0.0.1:{dashboard}"
