@@ -127,9 +127,12 @@ def _try_once(model: str, task: Task, profile: HardwareProfile, choices: Choices
     key = (model, repr(choices), profile.model_dump_json())  # channel multiple, int8 kernels
     if key not in _TRIED:
         marker = _passed_marker(key)
-        _TRIED[key] = "" if marker.exists() else _try(task, profile, choices)
-        if not _TRIED[key]:
-            _remember_passed(marker)
+        if marker.exists():
+            _TRIED[key] = ""
+        else:
+            _TRIED[key] = _try(task, profile, choices)
+            if not _TRIED[key]:
+                _remember_passed(marker)
     return _TRIED[key]
 
 

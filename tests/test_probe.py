@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import optuna
+import pytest
 import torch
 from torch import nn
 
@@ -88,22 +89,28 @@ def test_a_resumed_study_reuses_what_its_preflight_found():
     assert again.space.pruning.structured_ratio.high == 0.0
 
 
-def test_a_second_study_of_the_same_model_in_one_process_tries_nothing_again(monkeypatch,
-                                                                             tmp_path):
-    """Tried once per model and setting in a process (a notebook's studies); other weights
-    of the same architecture are tried afresh, with the same outcomes."""
+@pytest.fixture
+def tried(monkeypatch, tmp_path) -> list[str]:
+    """The settings preflight really tries (repr of each), in a process that has tried
+    nothing yet and with a cache directory of its own (nothing noted by earlier tests)."""
     from search import probe
 
-    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path))  # nothing noted by earlier tests
-    tried = []
+    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path))
+    seen: list[str] = []
+    real = probe._try
 
     def counted(task, profile, choices):  # noqa: ANN001, ANN202
-        tried.append(task.name)
+        seen.append(repr(choices))
         return real(task, profile, choices)
 
-    real = probe._try
     monkeypatch.setattr(probe, "_try", counted)
     monkeypatch.setattr(probe, "_TRIED", {})
+    return seen
+
+
+def test_a_second_study_of_the_same_model_in_one_process_tries_nothing_again(tried):
+    """Tried once per model and setting in a process (a notebook's studies); other weights
+    of the same architecture are tried afresh, with the same outcomes."""
     task = _task(HardcodedWidth)
     profile, resolved = _resolved(task)
     first = preflight(task, profile, resolved)
@@ -118,21 +125,11 @@ def test_a_second_study_of_the_same_model_in_one_process_tries_nothing_again(mon
     assert len(tried) == 3 * n
 
 
-def test_a_new_process_tries_again_only_what_failed(monkeypatch, tmp_path):
+def test_a_new_process_tries_again_only_what_failed(tried, monkeypatch, tmp_path):
     """What passed is noted in the cache directory for the next process (a new study of the
     command line); a failure is tried again, since it may be the machine's."""
     from search import probe
 
-    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path))
-    tried = []
-    real = probe._try
-
-    def counted(task, profile, choices):  # noqa: ANN001, ANN202
-        tried.append(repr(choices))
-        return real(task, profile, choices)
-
-    monkeypatch.setattr(probe, "_try", counted)
-    monkeypatch.setattr(probe, "_TRIED", {})
     task = _task(HardcodedWidth)
     profile, resolved = _resolved(task)
     first = preflight(task, profile, resolved)
