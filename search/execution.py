@@ -15,11 +15,12 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
+from search import _faults
 from search.errors import ConfigError, TrialError
 from search.latency.predict import Calibration
 from search.pipeline import finetune, measure, predict, screen
@@ -33,22 +34,25 @@ log = logging.getLogger("search")
 
 
 def _screen_remote(record: TrialRecord, task: Task, profile: HardwareProfile,
-                   threads: int, calibration: Calibration | None) -> TrialRecord:
+                   threads: int, calibration: Calibration | None,
+                   faults: str | None = None) -> TrialRecord:
     """The trial's model before fine-tuning; its latency predicted here unless measured."""
     try:
-        record = screen(record, task, profile, threads)
-        if calibration is not None:
-            record = predict(record, profile, task.input_shape, calibration)
-        return record
+        with _faults.carried(faults):
+            record = screen(record, task, profile, threads)
+            if calibration is not None:
+                record = predict(record, profile, task.input_shape, calibration)
+            return record
     except TrialError as exc:
         record.error = str(exc)
         return record
 
 
 def _finetune_remote(record: TrialRecord, task: Task, profile: HardwareProfile,
-                     threads: int) -> TrialRecord:
+                     threads: int, faults: str | None = None) -> TrialRecord:
     try:
-        return finetune(record, task, profile, threads)
+        with _faults.carried(faults):
+            return finetune(record, task, profile, threads)
     except TrialError as exc:
         record.error = str(exc)
         return record
@@ -64,9 +68,10 @@ def _measure_here(record: TrialRecord, profile: HardwareProfile,
 
 
 def _measure_remote(record: TrialRecord, profile: HardwareProfile,
-                    input_shape: tuple[int, ...]) -> TrialRecord:
+                    input_shape: tuple[int, ...], faults: str | None = None) -> TrialRecord:
     record.node = ray.get_runtime_context().get_node_id()
-    return _measure_here(record, profile, input_shape)
+    with _faults.carried(faults):
+        return _measure_here(record, profile, input_shape)
 
 
 def plan_parallel(requested: int | None) -> tuple[int, int]:
@@ -159,6 +164,9 @@ class Executor:
     train_cpus: int
     measure_cpus: int
     calibration: Calibration | None = None  # set: predict latency; None: measure it
+    # the driver's test hook (search/_faults.py), sent with each task: a joined cluster's
+    # workers do not share the driver's environment
+    faults: str = field(default_factory=lambda: os.environ.get(_faults.ENV, ""))
 
     def __post_init__(self) -> None:
         self._task_ref = ray.put(self.task)
@@ -179,17 +187,18 @@ class Executor:
     def submit_screen(self, record: TrialRecord) -> ray.ObjectRef:
         """Prune, export and quantize (and score when there is no fine-tune)."""
         return self._screen.remote(record, self._task_ref, self.profile, self.train_cpus,
-                                   self.calibration)
+                                   self.calibration, self.faults)
 
     def submit_finetune(self, record: TrialRecord) -> ray.ObjectRef:
-        return self._finetune.remote(record, self._task_ref, self.profile, self.train_cpus)
+        return self._finetune.remote(record, self._task_ref, self.profile, self.train_cpus,
+                                     self.faults)
 
     @property
     def predicts(self) -> bool:
         return self.calibration is not None
 
     def submit_measure(self, record: TrialRecord) -> ray.ObjectRef:
-        return self._measure.remote(record, self.profile, self.task.input_shape)
+        return self._measure.remote(record, self.profile, self.task.input_shape, self.faults)
 
     @staticmethod
     def wait(handles: list[ray.ObjectRef], timeout: float | None) -> list[ray.ObjectRef]:

@@ -217,6 +217,17 @@ def _warm_ray(request):
     yield
 
 
+def warm_ray_address() -> str:
+    """The address of the session's warm Ray, for a command-line study to join with
+    ``--ray-address`` (seconds saved: no Ray of its own, workers that imported torch
+    already) where how the driver starts Ray is not the subject. Only in tests not marked
+    ``own_ray``, which the warm Ray serves."""
+    import ray
+
+    assert _WARM_RAY["running"], "the warm Ray serves tests not marked own_ray only"
+    return ray.get_runtime_context().gcs_address
+
+
 _PROCESS_WIDE = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "RAY_ADDRESS")
 
 
@@ -268,14 +279,25 @@ def free_port() -> int:
 
 def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` on 127.0.0.1:port whose runs and artifacts live under ``root``
-    (a SQLite store, so they survive a restart on the same root and port)."""
+    (a SQLite store, so they survive a restart on the same root and port).
+
+    A new store starts from the migrated empty one the search itself uses for new stores
+    (seconds of schema migrations saved), and the server runs without MLflow 3's job
+    runner (eight more Python processes that import MLflow, for jobs a study never runs)."""
+    import os
+
+    from search._mlflow_store import seed_sqlite_store
+
     root.mkdir(parents=True, exist_ok=True)
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    seed_sqlite_store(store)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--backend-store-uri", store,
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "a"), text=True,
         start_new_session=True,  # its own process group: stop_mlflow_server ends its workers too
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

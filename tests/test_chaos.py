@@ -1,7 +1,8 @@
 """Processes killed and resources lost mid-study: nothing completed is lost or doubled.
 
 Trials are slowed with the fault hook (``SEARCH_FAULTS=prune@*+SECONDS``, see
-search/_faults.py) so that a kill lands mid-trial.
+search/_faults.py: the driver sends it with each task) so that a kill lands mid-trial.
+Studies whose subject is not how the driver starts Ray run on the session's warm Ray.
 """
 
 from __future__ import annotations
@@ -23,9 +24,16 @@ from search.config import SearchConfig
 from search.study import run_search
 from search.tracking import EXPERIMENT
 from search.trial_attrs import failure_reason
-from tests.conftest import QUICK_SPACE, free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
+from tests.conftest import (
+    QUICK_SPACE,
+    free_port,
+    skip_unless_ci,
+    start_mlflow_server,
+    stop_mlflow_server,
+    warm_ray_address,
+)
 
-pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # faults set in the workers' environment
+pytestmark = pytest.mark.slow
 
 SPACE = QUICK_SPACE
 COMPLETE, RUNNING, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
@@ -192,6 +200,7 @@ def _kill_driver(proc: subprocess.Popen) -> None:
                       stacklevel=2)
 
 
+@pytest.mark.own_ray  # the driver starts its Ray, which a kill -9 must take down with it
 def test_ctrl_c_then_kill_9_then_rerun_ends_with_exactly_the_budget(slow_trials,
                                                                      fast_profile_path):
     """The same command three times: stopped with Ctrl-C (SIGINT: exit 130, saying how to
@@ -266,7 +275,8 @@ def test_disk_full_stops_clearly_and_a_rerun_finishes(slow_trials, fast_profile_
     _mount_tmpfs(small, "8m")
     try:
         storage = f"sqlite:///{slow_trials / 'search-runs' / 'optuna.db'}"
-        cmd = _command(fast_profile_path, 4, "full", "--output-dir", str(small / "out"))
+        cmd = _command(fast_profile_path, 4, "full", "--output-dir", str(small / "out"),
+                       "--ray-address", warm_ray_address())
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait(lambda: len(_trials_so_far(storage, "full", COMPLETE)) >= 2, 300, proc)
         filler = _fill(small)
@@ -306,7 +316,8 @@ def test_tracking_server_restarted_mid_study(slow_trials, fast_profile_path):
     server = start_mlflow_server(root, port)
     tracking = f"http://127.0.0.1:{port}"
     storage = f"sqlite:///{slow_trials / 'search-runs' / 'optuna.db'}"
-    cmd = _command(fast_profile_path, 6, "outage", "--tracking-uri", tracking)
+    cmd = _command(fast_profile_path, 6, "outage", "--tracking-uri", tracking,
+                   "--ray-address", warm_ray_address())
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

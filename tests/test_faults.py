@@ -13,7 +13,7 @@ from ray.cluster_utils import Cluster
 from search.config import SearchConfig
 from search.errors import ConfigError, SearchError
 from search.study import run_search
-from tests.conftest import QUICK_SPACE
+from tests.conftest import QUICK_SPACE, warm_ray_address
 
 pytestmark = pytest.mark.slow
 
@@ -110,11 +110,13 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path, fast_profil
 
 def test_a_second_driver_on_the_same_study_refuses(tmp_path, fast_profile_path, monkeypatch):
     """While one driver holds the study, a second one exits 2 and changes nothing. Trials
-    are quick but slowed by 1.5 s each, so that the first driver still runs."""
+    are quick but slowed by 1.5 s each, so that the first driver still runs. Both join the
+    session's warm Ray."""
     monkeypatch.setenv("SEARCH_FAULTS", "prune@*+1.5")
     (tmp_path / "quick.yaml").write_text(QUICK_SPACE)
     cmd = [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget",
-           "3", "--study-name", "shared", "--space", "quick.yaml", "--refine", "0", "--quiet"]
+           "3", "--study-name", "shared", "--space", "quick.yaml", "--refine", "0", "--quiet",
+           "--ray-address", warm_ray_address()]
     first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     storage = f"sqlite:///{tmp_path / 'search-runs' / 'optuna.db'}"
@@ -138,7 +140,6 @@ def test_a_second_driver_on_the_same_study_refuses(tmp_path, fast_profile_path, 
 STAGES = ("prune", "export", "quantize", "evaluate", "measure")
 
 
-@pytest.mark.own_ray  # SEARCH_FAULTS must reach the workers' environment
 def test_a_fault_in_each_stage_fails_that_trial_and_the_study_goes_on(tmp_path, monkeypatch,
                                                                       fast_profile_path):
     """SEARCH_FAULTS makes trials 2..7 raise on entering one stage each (search/_faults.py)."""
