@@ -204,7 +204,8 @@ def _kill_driver(proc: subprocess.Popen) -> None:
 def test_ctrl_c_then_kill_9_then_rerun_ends_with_exactly_the_budget(slow_trials,
                                                                      fast_profile_path):
     """The same command three times: stopped with Ctrl-C (SIGINT: exit 130, saying how to
-    resume), then with kill -9 while a trial runs, then to the end. Nothing completed is
+    resume), then with kill -9 while a trial runs (both as separate processes), then to the
+    end (in this process). Nothing completed is
     lost, changed or logged twice; the trial the killed driver left RUNNING is FAILED with
     the reason and retried."""
     storage = f"sqlite:///{slow_trials / 'search-runs' / 'optuna.db'}"
@@ -232,8 +233,9 @@ def test_ctrl_c_then_kill_9_then_rerun_ends_with_exactly_the_budget(slow_trials,
     assert len(second) < 6 and stale
     assert all(second[n] == first[n] for n in first)
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    from search.cli import main  # the rerun in this process: the same command, to the end
+
+    assert main(cmd[3:]) == 0
     after = complete()
     assert len(after) == 6 and all(after[n] == second[n] for n in second)
     failed = {t.number: t for t in _trials(storage, "resume", FAIL)}
@@ -268,31 +270,43 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
-def test_disk_full_stops_clearly_and_a_rerun_finishes(slow_trials, fast_profile_path):
-    """The output directory (models, CSVs, plots) is on an 8 MB tmpfs that fills mid-study;
+def test_disk_full_stops_clearly_and_a_rerun_finishes(slow_trials, fast_profile_path, capsys):
+    """The output directory (models, CSVs, plots) is on an 8 MB tmpfs that fills mid-study
+    (from another thread, while the command runs in this process on the session's warm Ray);
     the Optuna storage and MLflow store are on another disk."""
+    from search.cli import main
+
     small = slow_trials / "small"
     _mount_tmpfs(small, "8m")
     try:
         storage = f"sqlite:///{slow_trials / 'search-runs' / 'optuna.db'}"
-        cmd = _command(fast_profile_path, 4, "full", "--output-dir", str(small / "out"),
-                       "--ray-address", warm_ray_address())
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait(lambda: len(_trials_so_far(storage, "full", COMPLETE)) >= 2, 300, proc)
-        filler = _fill(small)
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 1, err[-3000:]
-        assert "No space left on device" in err and "rerun the same command" in err
+        args = _command(fast_profile_path, 4, "full", "--output-dir", str(small / "out"))[3:]
+        filled: list[Path] = []
+
+        def fill_after_two_trials() -> None:
+            deadline = time.monotonic() + 300
+            while len(_trials_so_far(storage, "full", COMPLETE)) < 2 \
+                    and time.monotonic() < deadline:
+                time.sleep(0.3)
+            filled.append(_fill(small))
+
+        filler = threading.Thread(target=fill_after_two_trials, daemon=True)
+        filler.start()
+        capsys.readouterr()
+        assert main(args) == 1
+        filler.join(timeout=60)
+        err = capsys.readouterr().err
+        assert filled, "the disk was not filled"
+        assert "No space left on device" in err and "rerun the same command" in err, err[-3000:]
         assert "Traceback" not in err
         before = {t.number: t.values for t in _trials(storage, "full", COMPLETE)}
         assert 2 <= len(before) < 4
 
-        start = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # still full
-        assert start.returncode == 2 and "cannot be written" in start.stderr, start.stderr
+        assert main(args) == 2  # still full
+        assert "cannot be written" in capsys.readouterr().err
 
-        filler.unlink()
-        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        filled[0].unlink()
+        assert main(args) == 0, capsys.readouterr().err[-3000:]
         after = {t.number: t.values for t in _trials(storage, "full", COMPLETE)}
         assert len(after) == 4 and all(after[n] == v for n, v in before.items())
         rows = pd.read_csv(small / "out" / "trials.csv")

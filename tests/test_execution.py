@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 def cluster(fast_profile):
     """A head node without the device and a worker node that has it (both on loopback)."""
     stop_warm_ray()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     device_node = c.add_node(num_cpus=1, resources={fast_profile.resource: 1})
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
     yield c, device_node

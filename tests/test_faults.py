@@ -41,11 +41,12 @@ def test_losing_the_device_node_mid_study_keeps_the_full_budget(tmp_path, fast_p
                                                                  fast_profile_path, monkeypatch):
     """The study runs as a separate driver (the CLI) joined to a local multi-node cluster;
     the node that holds the device is killed after two trials and a new one joins. Trials
-    are quick (no fine-tune) but slowed by 1.5 s in the cluster's workers, whose environment
-    is this process's, so that the loss lands mid-study."""
+    are quick (no fine-tune) but slowed by 1.5 s (the fault hook, which the driver sends
+    with each task), so that the loss lands mid-study."""
     monkeypatch.setenv("SEARCH_FAULTS", "prune@*+1.5")
     (tmp_path / "quick.yaml").write_text(QUICK_SPACE)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster = Cluster(initialize_head=True,  # no dashboard: a dozen processes it never uses
+                      head_node_args={"num_cpus": 2, "include_dashboard": False})
     first = cluster.add_node(num_cpus=1, resources={fast_profile.resource: 1})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cmd = [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget",
@@ -108,25 +109,29 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path, fast_profil
     assert (trials["state"] == "FAIL").sum() == len(failed)
 
 
-def test_a_second_driver_on_the_same_study_refuses(tmp_path, fast_profile_path, monkeypatch):
-    """While one driver holds the study, a second one exits 2 and changes nothing. Trials
-    are quick but slowed by 1.5 s each, so that the first driver still runs. Both join the
-    session's warm Ray."""
+def test_a_second_driver_on_the_same_study_refuses(tmp_path, fast_profile_path, monkeypatch,
+                                                   capsys):
+    """While one driver (a separate process) holds the study, a second one (the command in
+    this process) exits 2 and changes nothing. Trials are quick but slowed by 1.5 s each, so
+    that the first driver still runs; it joins the session's warm Ray."""
+    from search.cli import main
+
     monkeypatch.setenv("SEARCH_FAULTS", "prune@*+1.5")
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "quick.yaml").write_text(QUICK_SPACE)
-    cmd = [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget",
-           "3", "--study-name", "shared", "--space", "quick.yaml", "--refine", "0", "--quiet",
-           "--ray-address", warm_ray_address()]
-    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    args = ["--profile", str(fast_profile_path), "--budget", "3", "--study-name", "shared",
+            "--space", "quick.yaml", "--refine", "0", "--quiet"]
+    first = subprocess.Popen([sys.executable, "-m", "search.cli", *args, "--ray-address",
+                              warm_ray_address()], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     storage = f"sqlite:///{tmp_path / 'search-runs' / 'optuna.db'}"
     deadline = time.monotonic() + 120
     while not (tmp_path / "search-runs" / "shared" / ".driver.lock").exists() \
             and time.monotonic() < deadline:
         time.sleep(0.2)
-    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert second.returncode == 2
-    assert "already being run by another driver" in second.stderr
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already being run by another driver" in capsys.readouterr().err
     assert first.poll() is None  # refused because the first one held it, not after it ended
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]

@@ -25,14 +25,15 @@ def _space(tmp_path, name: str, **sections) -> str:
 
 def test_a_fine_tune_that_falls_behind_stops_after_an_epoch(task, fast_profile):
     plan = {layer.name: "fp32" for layer in student_layers(task)}
-    choices = Choices(structured_ratio=0.5, epochs=3, lr=3e-3, precisions=plan)
+    choices = Choices(structured_ratio=0.5, epochs=2, lr=3e-3, precisions=plan)
     record = TrialRecord(0, choices, seed=1, needed_accuracy=1000.0)  # out of any reach
     out = finetune(record, task, fast_profile)
-    assert out.stopped and "after epoch 1 of 3" in out.stopped, out.stopped
+    assert out.stopped and "after epoch 1 of 2" in out.stopped, out.stopped
     assert len(out.epoch_accuracy) == 1 and out.onnx_model is None
-    # the same fine-tune with a reachable bar runs to the end and is scored
+    # the same fine-tune with a reachable bar runs to the end and is scored (checked after
+    # each epoch but the last, which the final score covers)
     done = finetune(TrialRecord(0, choices, seed=1, needed_accuracy=50.0), task, fast_profile)
-    assert done.stopped is None and len(done.epoch_accuracy) == 2
+    assert done.stopped is None and len(done.epoch_accuracy) == 1
     assert done.onnx_model is not None and done.accuracy > 50
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,8 +41,13 @@ def head(tmp_path_factory, fast_profile):
     env.pop("RAY_ADDRESS", None)
     port, dashboard, agent = free_port(), free_port(), free_port()
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    # a temporary directory of its own (short: Ray's socket paths): a job's driver joins the
+    # cluster named in <temp-dir>/ray_current_cluster, which any other Ray started on this
+    # machine meanwhile (another test's) would rewrite in the shared /tmp/ray
+    temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--temp-dir", str(temp),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
          # the job agent's default port (52365) may be held by another Ray on this machine
          "--dashboard-agent-listen-port", str(agent),
@@ -52,6 +59,7 @@ def head(tmp_path_factory, fast_profile):
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
         _stop_group(proc)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _wait_for(port: int, proc: subprocess.Popen, log: Path) -> None:
@@ -68,8 +76,9 @@ def _wait_for(port: int, proc: subprocess.Popen, log: Path) -> None:
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    """End the head and every process it started, and check none is left behind."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+    """End the head and every process it started, and check none is left behind (a short
+    graceful stop first: the test needs the processes gone, not a clean shutdown)."""
+    for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 30)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

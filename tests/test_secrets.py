@@ -9,15 +9,13 @@ shape as ``postgresql://user:password@host/db``.
 from __future__ import annotations
 
 import base64
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
 from search._redact import redact
 from search.tracking import EXPERIMENT
@@ -26,24 +24,14 @@ from tests.conftest import QUICK_SPACE, free_port, start_mlflow_server, stop_mlf
 TRACKING_SECRET = "trk-s3cr3t-Pw"
 STORAGE_SECRET = "db-s3cr3t-Pw"
 
-DRIVER = '''
-import sys
-from sqlalchemy.dialects import registry
-from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
-
-
 class PasswordSQLite(SQLiteDialect_pysqlite):
     """SQLite reached through a URL with user, password and host, like a database server."""
 
-    def create_connect_args(self, url):
+    def create_connect_args(self, url):  # noqa: ANN001, ANN201
         return super().create_connect_args(url._replace(username=None, password=None, host=None))
 
 
-registry.register("sqlite.pw", "__main__", "PasswordSQLite")
-from search.cli import main
-
-sys.exit(main())
-'''
+registry.register("sqlite.pw", __name__, "PasswordSQLite")
 
 SPACE = QUICK_SPACE
 
@@ -97,28 +85,33 @@ def _leaks(root: Path, secrets: list[bytes]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_credentials_in_urls_never_leak(tmp_path, fast_profile_path):
+def test_credentials_in_urls_never_leak(tmp_path, fast_profile_path, monkeypatch, capsys):
+    """The command, run in this process on the session's warm Ray, whose logs are searched
+    too."""
+    import ray
+
+    from search.cli import main
+
     port = free_port()
     server_root = tmp_path / "server"
     server = start_mlflow_server(server_root, port)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths
+    context = ray.get_runtime_context()
+    ray_logs = Path(context.get_temp_dir()) / context.get_session_name()
     work = tmp_path / "work"
     work.mkdir()
     (work / "quick.yaml").write_text(SPACE)
-    (work / "driver.py").write_text(DRIVER)
+    monkeypatch.chdir(work)
     db = work / "optuna.db"
     tracking = f"http://alice:{TRACKING_SECRET}@127.0.0.1:{port}"
     storage = f"sqlite+pw://bob:{STORAGE_SECRET}@dbhost/{db}"
     try:
-        out = subprocess.run(
-            [sys.executable, "driver.py", "--profile", str(fast_profile_path), "--budget", "2",
-             "--space", "quick.yaml", "--study-name", "secret", "--tracking-uri", tracking,
-             "--storage", storage, "--quiet"],
-            cwd=work, capture_output=True, text=True, timeout=600,
-            env={**__import__("os").environ, "RAY_TMPDIR": str(ray_tmp)},
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert "alice:***@127.0.0.1" in out.stdout  # the server is named, redacted
+        capsys.readouterr()
+        code = main(["--profile", str(fast_profile_path), "--budget", "2", "--space",
+                     "quick.yaml", "--study-name", "secret", "--tracking-uri", tracking,
+                     "--storage", storage, "--quiet"])
+        out = capsys.readouterr()
+        assert code == 0, out.err[-3000:]
+        assert "alice:***@127.0.0.1" in out.out  # the server is named, redacted
         study = optuna.load_study(study_name="secret", storage=f"sqlite:///{db}")
         assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
 
@@ -140,14 +133,13 @@ def test_credentials_in_urls_never_leak(tmp_path, fast_profile_path):
         secrets = [TRACKING_SECRET, STORAGE_SECRET]
         secrets += [base64.b64encode(f"{u}:{s}".encode()).decode()
                     for u, s in (("alice", TRACKING_SECRET), ("bob", STORAGE_SECRET))]
-        for text, where in ((out.stdout, "stdout"), (out.stderr, "stderr"),
+        for text, where in ((out.out, "stdout"), (out.err, "stderr"),
                             ("\n".join(logged), "MLflow params/tags")):
             assert not [s for s in secrets if s in text], where
         stop_mlflow_server(server)
         leaks = [_leaks(root, [s.encode() for s in secrets])
-                 for root in (work, tmp_path / "downloaded", server_root, ray_tmp)]
+                 for root in (work, tmp_path / "downloaded", server_root, ray_logs)]
         assert leaks == [[], [], [], []]
-        assert list(ray_tmp.rglob("*.log")), "Ray wrote its logs elsewhere"
+        assert list(ray_logs.rglob("*.log")), f"Ray wrote no logs in {ray_logs}"
     finally:
         stop_mlflow_server(server)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
