@@ -166,7 +166,7 @@ def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fas
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        config = SearchConfig(profile=str(fast_profile_path), budget=4, runs_root=slow_trials,
+        config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=slow_trials,
                               space="quick.yaml", study_name="worker-kill", parallel=1)
         result = run_search(config, show_progress=False)
     finally:
@@ -174,7 +174,7 @@ def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fas
         thread.join(timeout=10)
     assert killed == ["ray::screen", "ray::screen", "ray::measure"]
     storage = f"sqlite:///{slow_trials / 'optuna.db'}"
-    assert len(_trials(storage, "worker-kill", COMPLETE)) == 4 == len(result.trials)
+    assert len(_trials(storage, "worker-kill", COMPLETE)) == 3 == len(result.trials)
     for t in _trials(storage, "worker-kill", FAIL):  # a retry that was killed again
         stage, _, why = t.user_attrs["failure"].partition(": ")
         assert stage in ("screen", "measure") and "WorkerCrashedError" in why, t.user_attrs
