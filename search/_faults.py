@@ -2,7 +2,9 @@
 
 ``SEARCH_FAULTS="quantize@3,measure@5"`` makes trial 3 raise on entering its
 quantize stage and trial 5 on entering measure; ``stage@*`` hits every trial;
-``prune@*+2`` does not raise but sleeps 2 s (a slow trial, to be caught mid-way).
+``prune@*+2`` does not raise but sleeps 2 s (a slow trial, to be caught mid-way);
+``prune@*?/tmp/gate`` does not raise but waits while the file ``/tmp/gate`` exists (at
+most 10 minutes: trials held while a test does something outside the study).
 The driver reads the variable when it starts its trials and sends it with each
 task (:func:`carried`), so that workers of a cluster it joined, whose environment
 is not the driver's, obey it too; a stage run in the driver's own process reads
@@ -33,12 +35,17 @@ def inject(stage: str, trial: int) -> None:
     spec = _carried[-1] if _carried else os.environ.get(ENV)
     for item in spec.split(",") if spec else ():
         name, _, target = item.strip().partition("@")
+        target, _, gate = target.partition("?")
         number, _, delay = target.partition("+")
         if name != stage or number.strip() not in ("*", str(trial)):
             continue
         if delay:
             time.sleep(float(delay))
-        else:
+        if gate:
+            deadline = time.monotonic() + 600
+            while os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        if not (delay or gate):
             raise InjectedFault(f"injected fault ({ENV}={spec!r})")
 
 

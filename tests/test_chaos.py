@@ -30,7 +30,6 @@ from tests.conftest import (
     skip_unless_ci,
     start_mlflow_server,
     stop_mlflow_server,
-    warm_ray_address,
 )
 
 pytestmark = pytest.mark.slow
@@ -321,39 +320,61 @@ def test_disk_full_stops_clearly_and_a_rerun_finishes(slow_trials, fast_profile_
         subprocess.run(["umount", "-l", str(small)], check=False)
 
 
-def test_tracking_server_restarted_mid_study(slow_trials, fast_profile_path):
+def test_tracking_server_restarted_mid_study(slow_trials, fast_profile_path, monkeypatch,
+                                             capsys):
     """A real mlflow server (SQLite backend) is killed after the first trial is logged and
-    started again two trials later (the driver paused meanwhile, so that a slow restart on a
-    loaded machine cannot outlast the study); MLflow ends complete and exact."""
+    started again two trials later, while the command runs in this process; the trials wait
+    at a gate (the fault hook) during the restart, so that a slow restart on a loaded machine
+    cannot outlast the study. MLflow ends complete and exact."""
+    from search.cli import main
+
     port = free_port()
     root = slow_trials / "server"
-    server = start_mlflow_server(root, port)
+    servers = [start_mlflow_server(root, port)]
     tracking = f"http://127.0.0.1:{port}"
     storage = f"sqlite:///{slow_trials / 'search-runs' / 'optuna.db'}"
-    cmd = _command(fast_profile_path, 6, "outage", "--tracking-uri", tracking,
-                   "--ray-address", warm_ray_address())
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gate = slow_trials / "gate"
+    monkeypatch.setenv("SEARCH_FAULTS", f"prune@*+1.5,prune@*?{gate}")
+    errors: list[BaseException] = []
 
-        def logged() -> int:
-            from mlflow.exceptions import MlflowException
+    def logged() -> int:
+        from mlflow.exceptions import MlflowException
 
-            try:
-                return len(_children_runs(tracking, started=False)[1])
-            except (MlflowException, AttributeError):  # no experiment yet (None), or down
-                return 0
-
-        _wait(lambda: logged() >= 1, 300, proc)
-        stop_mlflow_server(server)
-        down_at = len(_trials(storage, "outage", COMPLETE))
-        _wait(lambda: len(_trials_so_far(storage, "outage", COMPLETE)) >= down_at + 2, 300, proc)
-        proc.send_signal(signal.SIGSTOP)  # a slow restart must not outlast the study
         try:
-            server = start_mlflow_server(root, port)
-        finally:
-            proc.send_signal(signal.SIGCONT)
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
+            return len(_children_runs(tracking, started=False)[1])
+        except (MlflowException, AttributeError):  # no experiment yet (None), or down
+            return 0
+
+    def until(condition) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + 300
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.3)
+
+    def outage() -> None:
+        try:
+            until(lambda: logged() >= 1)
+            stop_mlflow_server(servers[0])
+            down_at = len(_trials(storage, "outage", COMPLETE))
+            until(lambda: len(_trials_so_far(storage, "outage", COMPLETE)) >= down_at + 2)
+            gate.touch()
+            try:
+                servers.append(start_mlflow_server(root, port))
+            finally:
+                gate.unlink()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            errors.append(exc)
+
+    helper = threading.Thread(target=outage, daemon=True)
+    try:
+        helper.start()
+        capsys.readouterr()
+        code = main(_command(fast_profile_path, 6, "outage", "--tracking-uri", tracking)[3:])
+        helper.join(timeout=60)
+        err = capsys.readouterr().err
+        assert not errors, errors
+        assert len(servers) == 2, "the study ended before the server was back"
+        assert code == 0, err[-3000:]
         assert "unreachable" in err or "logged later" in err
         assert len(_trials(storage, "outage", COMPLETE)) == 6
         _assert_mlflow_matches(tracking, storage, "outage")
@@ -362,4 +383,6 @@ def test_tracking_server_restarted_mid_study(slow_trials, fast_profile_path):
         assert parents[0].info.status == "FINISHED"
         assert "pareto.csv" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     finally:
-        stop_mlflow_server(server)
+        gate.unlink(missing_ok=True)
+        for server in servers:
+            stop_mlflow_server(server)
