@@ -27,6 +27,8 @@ STORAGE_SECRET = "db-s3cr3t-Pw"
 class PasswordSQLite(SQLiteDialect_pysqlite):
     """SQLite reached through a URL with user, password and host, like a database server."""
 
+    supports_statement_cache = True  # SQLite's own caching holds: only the URL differs
+
     def create_connect_args(self, url):  # noqa: ANN001, ANN201
         return super().create_connect_args(url._replace(username=None, password=None, host=None))
 
