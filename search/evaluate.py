@@ -16,7 +16,7 @@ def onnx_score(model: bytes, split: Split, metric: Metric = top1_accuracy, *, th
                batch_size: int = 256) -> float:
     """``metric(logits, labels)`` of ``model`` on ``split`` (a task's ``Task.metric``)."""
     try:
-        session = make_session(model, threads=threads)
+        session = make_session(model, threads=threads, spinning=False)
     except Exception as exc:
         raise TrialError("evaluate", f"ONNX Runtime cannot load the model: {exc}") from exc
     x = split.x.numpy().astype(np.float32)
