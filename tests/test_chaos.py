@@ -345,18 +345,13 @@ def test_tracking_server_restarted_mid_study(slow_trials, fast_profile_path, mon
         except (MlflowException, AttributeError):  # no experiment yet (None), or down
             return 0
 
-    def until(condition) -> None:  # noqa: ANN001
-        deadline = time.monotonic() + 300
-        while not condition():
-            assert time.monotonic() < deadline, "timed out"
-            time.sleep(0.3)
-
     def outage() -> None:
         try:
-            until(lambda: logged() >= 1)
+            _wait(lambda: logged() >= 1, 300)
             stop_mlflow_server(servers[0])
             down_at = len(_trials(storage, "outage", COMPLETE))
-            until(lambda: len(_trials_so_far(storage, "outage", COMPLETE)) >= down_at + 2)
+            _wait(lambda: len(_trials_so_far(storage, "outage", COMPLETE)) >= down_at + 2,
+                  300)
             gate.touch()
             try:
                 servers.append(start_mlflow_server(root, port))
