@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: $RAY_ADDRESS, else start a private local Ray)")
     add("--seed", type=_whole_number,
         help="seed of the search: sampler and trials (default 0; a built-in task's teacher is "
-             "the same whatever the seed)")
+             "the same whatever the seed; a seed other than 0 adds -seed<N> to the default "
+             "study name, so that it starts a study of its own)")
     add("--sampler", choices=SAMPLERS,
         help="tpe (default: best hypervolume per trial in experiments/sampler_benchmark.py), "
              "nsga2, gp or random")

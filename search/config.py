@@ -126,7 +126,8 @@ class SearchConfig:
         Settings left unset take the environment's value (``ENV_DEFAULTS``) first.
         """
         self.validate()
-        name = self.study_name or default_study_name(self.task, self.arch, profile_name)
+        name = self.study_name or default_study_name(self.task, self.arch, profile_name,
+                                                     self.seed)
         root = Path(self.runs_root)
         env = _from_environment(self)
         env.setdefault("experiment_name", self.experiment_name or DEFAULT_EXPERIMENT)
@@ -155,9 +156,11 @@ def _from_environment(config: SearchConfig) -> dict[str, str]:
     return found
 
 
-def default_study_name(task: str, arch: str | None, profile: str) -> str:
-    """``<task>[-<arch>]-<profile>``; a plugin's ``module:function`` becomes ``module.function``."""
-    parts = [task.replace(":", "."), arch, profile]
+def default_study_name(task: str, arch: str | None, profile: str, seed: int = 0) -> str:
+    """``<task>[-<arch>]-<profile>[-seed<N>]``; a plugin's ``module:function`` becomes
+    ``module.function``. Another seed is another study: rerunning with ``--seed 1`` would
+    otherwise resume (and show) the seed-0 study already done."""
+    parts = [task.replace(":", "."), arch, profile, f"seed{seed}" if seed else None]
     name = "-".join(p for p in parts if p)
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:128]
 

@@ -73,6 +73,17 @@ def test_default_study_name():
     assert default_study_name("digits", None, "host") == "digits-host"
     assert default_study_name("my.mod:make", "resnet18", "t4-gpu") == "my.mod.make-resnet18-t4-gpu"
     assert default_study_name("x y", None, "p/q") == "x_y-p_q"
+    assert default_study_name("digits", None, "host", seed=3) == "digits-host-seed3"
+
+
+def test_another_seed_is_another_default_study():
+    """``--seed 1`` after a seed-0 study must not resume (and show) the seed-0 study."""
+    first = SearchConfig(profile="host", budget=2).resolved("host")
+    second = SearchConfig(profile="host", budget=2, seed=1).resolved("host")
+    assert first.study_name == "digits-host" and second.study_name == "digits-host-seed1"
+    assert first.output_dir != second.output_dir
+    named = SearchConfig(profile="host", budget=2, seed=1, study_name="mine").resolved("host")
+    assert named.study_name == "mine"
 
 
 def test_resolved_takes_the_environment_below_settings(tmp_path, monkeypatch):
