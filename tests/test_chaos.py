@@ -199,14 +199,17 @@ def _kill_driver(proc: subprocess.Popen) -> None:
                       stacklevel=2)
 
 
-@pytest.mark.own_ray  # the driver starts its Ray, which a kill -9 must take down with it
 def test_ctrl_c_then_kill_9_then_rerun_ends_with_exactly_the_budget(slow_trials,
-                                                                     fast_profile_path):
+                                                                     fast_profile_path, capsys):
     """The same command three times: stopped with Ctrl-C (SIGINT: exit 130, saying how to
-    resume), then with kill -9 while a trial runs (both as separate processes), then to the
-    end (in this process). Nothing completed is
-    lost, changed or logged twice; the trial the killed driver left RUNNING is FAILED with
-    the reason and retried."""
+    resume), then with kill -9 while a trial runs, then to the end. The killed driver is a
+    separate process that starts a Ray of its own (which the kill must take down with it);
+    the first and last run in this process on the session's warm Ray (Ctrl-C is delivered
+    to this process's main thread, where the driver runs). Nothing completed is lost,
+    changed or logged twice; the trial the killed driver left RUNNING is FAILED with the
+    reason and retried."""
+    from search.cli import main
+
     storage = f"sqlite:///{slow_trials / 'search-runs' / 'optuna.db'}"
     cmd = _command(fast_profile_path, 6, "resume", "--grace-period", "20", "--refine", "0")
 
@@ -214,12 +217,25 @@ def test_ctrl_c_then_kill_9_then_rerun_ends_with_exactly_the_budget(slow_trials,
         return {t.number: (t.values, t.params)
                 for t in _trials_so_far(storage, "resume", COMPLETE)}
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait(lambda: len(complete()) >= 2, 300, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
-    assert "Rerun the same command" in err
+    returned = threading.Event()  # no Ctrl-C for pytest itself once the command is over
+
+    def ctrl_c_after_two_trials() -> None:
+        while len(complete()) < 2 and not returned.is_set():
+            time.sleep(0.3)
+        if not returned.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    capsys.readouterr()
+    interrupter = threading.Thread(target=ctrl_c_after_two_trials, daemon=True)
+    interrupter.start()
+    try:
+        code = main(cmd[3:])
+    finally:
+        returned.set()
+        interrupter.join(timeout=10)
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "Rerun the same command" in err, err[-3000:]
     first = complete()
     assert 2 <= len(first) < 6 and not _trials(storage, "resume", RUNNING)
 
@@ -232,9 +248,7 @@ def test_ctrl_c_then_kill_9_then_rerun_ends_with_exactly_the_budget(slow_trials,
     assert len(second) < 6 and stale
     assert all(second[n] == first[n] for n in first)
 
-    from search.cli import main  # the rerun in this process: the same command, to the end
-
-    assert main(cmd[3:]) == 0
+    assert main(cmd[3:]) == 0  # the rerun: the same command, to the end
     after = complete()
     assert len(after) == 6 and all(after[n] == second[n] for n in second)
     failed = {t.number: t for t in _trials(storage, "resume", FAIL)}
