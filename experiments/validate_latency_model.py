@@ -181,14 +181,26 @@ def host_rows(quick: bool, rounds: int = 3) -> list[tuple]:
     for _ in range(rounds):
         for i, (_, _, model, shape) in enumerate(variants):
             times[i].append(measure_latency(model, profile, shape).median_ms)
-    return [(arch, label, costs_from_onnx(model), float(np.median(t)),
-             float(np.std(t) / np.mean(t)))
+    return [(arch, label, model, float(np.median(t)), float(np.std(t) / np.mean(t)))
             for (arch, label, model, _), t in zip(variants, times, strict=True)]
 
 
-def host_table(quick: bool, rounds: int = 3) -> None:
+def host_table(quick: bool, rounds: int = 3, save: str | None = None,
+               load: str | None = None) -> None:
+    """Predicted against measured; ``save`` keeps the measurements (ONNX models and medians)
+    so that ``load`` can refit and score another model of latency without measuring again."""
+    import pickle
+
     profile = host_profile()
-    rows = host_rows(quick, rounds)
+    if load:
+        with open(load, "rb") as handle:
+            rows = pickle.load(handle)  # noqa: S301 - a file this script wrote
+    else:
+        rows = host_rows(quick, rounds)
+    if save:
+        with open(save, "wb") as handle:
+            pickle.dump(rows, handle)
+    rows = [(arch, label, costs_from_onnx(model), ms, cv) for arch, label, model, ms, cv in rows]
     meas = np.array([r[3] for r in rows])
 
     def report(title: str, preds: list[float]) -> None:
@@ -224,12 +236,14 @@ def main() -> None:
     parser.add_argument("--skip-t4", action="store_true")
     parser.add_argument("--rounds", type=int, default=3,
                         help="host measurements per variant, interleaved (median)")
+    parser.add_argument("--save", help="keep the host measurements in this file")
+    parser.add_argument("--load", help="score the model on measurements kept with --save")
     args = parser.parse_args()
     start = time.perf_counter()
     if not args.skip_t4:
         t4_table()
     if not args.skip_host:
-        host_table(args.quick, args.rounds)
+        host_table(args.quick, args.rounds, args.save, args.load)
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 
