@@ -200,7 +200,8 @@ def host_table(quick: bool, rounds: int = 3, save: str | None = None,
     if save:
         with open(save, "wb") as handle:
             pickle.dump(rows, handle)
-    rows = [(arch, label, costs_from_onnx(model), ms, cv) for arch, label, model, ms, cv in rows]
+    rows = [(arch, label, costs_from_onnx(model, runtime_graph=True), ms, cv)
+            for arch, label, model, ms, cv in rows]
     meas = np.array([r[3] for r in rows])
 
     def report(title: str, preds: list[float]) -> None:

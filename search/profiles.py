@@ -97,6 +97,9 @@ class LatencyModelSettings(Strict):
     peak_tops: dict[Precision, float] = Field(min_length=1)
     memory_gbps: float = Field(gt=0)
     op_overhead_us: float = Field(default=5.0, ge=0)
+    # per executed non-compute node (CPU provider profiles, whose executed graph is read);
+    # absent: a quarter of op_overhead_us
+    node_overhead_us: float | None = Field(default=None, ge=0)
     session_overhead_us: float = Field(default=20.0, ge=0)
     efficiency: dict[Precision, float] = {}
     memory_efficiency: dict[Precision, float] = {}

@@ -7,13 +7,21 @@ few output rows to fill the device's matrix tiles (``fill_rows``). A layer
 whose input arrives in another precision pays a conversion pass (fp32 islands cost, DESIGN.md §3).
 Unstructured zeros only shrink compute where the profile has sparse kernels;
 structured pruning shrinks the layers themselves, so it is seen directly.
+
+For a profile that runs on ONNX Runtime's CPU provider, the other operations
+are read from the graph ONNX Runtime will execute (its optimizer's output), not
+from the exported one: quantize/dequantize pairs fused into QLinearConv cost
+nothing, while the transposes, standalone (de)quantizations and softmaxes a
+transformer keeps each pay a node overhead. On small models that overhead is
+most of the latency (an int8 ``nn.TransformerEncoder`` runs 145 nodes and is
+slower than its 115-node fp32 form).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -26,6 +34,7 @@ from search.record import LatencyStats
 __all__ = [
     "Calibration",
     "LayerCost",
+    "costs_for",
     "costs_from_onnx",
     "costs_from_torch",
     "fit_calibration",
@@ -36,6 +45,12 @@ __all__ = [
 BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int16": 2.0, "int8": 1.0, "int4": 0.5}
 _COMPUTE = ("Conv", "Gemm", "MatMul")
 _INTEGER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}  # dynamic quantization
+# ONNX Runtime CPU kernels that do a layer's MACs (costed from the exported graph instead)
+_RUNTIME_COMPUTE = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "MatMul", "FusedMatMul",
+                    "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+                    "DynamicQuantizeMatMul", "MatMulNBits", "Gemm", "FusedGemm", "QGemm"}
+# views and constants: no kernel time
+_RUNTIME_FREE = {"Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant"}
 _FREE = {"QuantizeLinear", "DequantizeLinear", "Cast", "Reshape", "Flatten", "Squeeze",
          "Unsqueeze", "Identity", "Relu", "Clip", "Shape", "Constant", "Transpose"}
 _ONNX_PRECISION = {
@@ -62,6 +77,7 @@ class LayerCost:
     nm_sparse: bool = False  # weights follow a 2:4 pattern
     input_precision: str | None = None  # when it differs, a conversion pass is paid
     activations_only: bool = False  # a MatMul of two activations (attention), no weight
+    runtime_node: bool = False  # a non-compute node of the graph the runtime executes
 
 
 @dataclass(frozen=True)
@@ -75,13 +91,19 @@ class Calibration:
     memory_efficiency: dict[str, float] = field(default_factory=dict)  # default 1.0
     overhead_scale: dict[str, float] = field(default_factory=dict)  # per precision, default 1.0
     fill_rows: dict[str, float] = field(default_factory=dict)  # per precision, default 0
+    node_overhead_us: float | None = None  # per runtime node; None: a quarter op overhead
 
     @staticmethod
     def of(settings: LatencyModelSettings) -> Calibration:
         eff = {p: settings.efficiency.get(p, 0.5) for p in settings.peak_tops}
         mem = {p: settings.memory_efficiency.get(p, 1.0) for p in settings.peak_tops}
         return Calibration(eff, settings.op_overhead_us, settings.session_overhead_us,
-                           memory_efficiency=mem, fill_rows=dict(settings.fill_rows))
+                           memory_efficiency=mem, fill_rows=dict(settings.fill_rows),
+                           node_overhead_us=settings.node_overhead_us)
+
+    def node_us(self) -> float:
+        return 0.25 * self.op_overhead_us if self.node_overhead_us is None \
+            else self.node_overhead_us
 
 
 def _shape_elems(shape: onnx.TensorShapeProto) -> int | None:
@@ -182,11 +204,53 @@ def _output_precision(g: _Graph, node: onnx.NodeProto, incoming: str) -> str:
     return incoming
 
 
-def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1) -> list[LayerCost]:
-    """Layer costs of an ONNX model as it will run (int8 where weights are QDQ int8)."""
+def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1, *,
+                    runtime_graph: bool = False) -> list[LayerCost]:
+    """Layer costs of an ONNX model as it will run (int8 where weights are QDQ int8).
+
+    With ``runtime_graph``, the non-compute costs are the nodes ONNX Runtime's CPU
+    provider executes after its graph optimizations (``runtime_node``), and precision
+    boundaries are those nodes rather than a conversion pass per layer.
+    """
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
     proto = shape_inference.infer_shapes(_fix_batch(proto, batch))
     g = _Graph(proto)
+    costs = _graph_costs(proto, g)
+    if not runtime_graph:
+        return costs
+    compute = [replace(c, input_precision=None) for c in costs if c.op_type in _COMPUTE]
+    return compute + _runtime_nodes(proto, g)
+
+
+def _runtime_nodes(proto: onnx.ModelProto, g: _Graph) -> list[LayerCost]:
+    """The non-compute nodes of the graph ONNX Runtime's CPU provider runs (its optimizer's
+    output at the default level), sized from the exported graph's shapes by tensor name."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3  # the optimized graph is saved on purpose: no warning
+    with tempfile.TemporaryDirectory() as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "runtime.onnx")
+        ort.InferenceSession(proto.SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
+        runtime = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    nodes = []
+    for node in runtime.graph.node:
+        if node.op_type in _RUNTIME_COMPUTE or node.op_type in _RUNTIME_FREE:
+            continue
+        int8 = node.op_type.startswith("QLinear") or node.op_type == "DequantizeLinear"
+        nodes.append(LayerCost(
+            name=node.name, op_type=node.op_type, precision="int8" if int8 else "fp32",
+            in_elems=sum(g.elems.get(i, 0) for i in node.input if i and i not in g.inits),
+            out_elems=sum(g.elems.get(o, 0) for o in node.output), runtime_node=True))
+    return nodes
+
+
+def _graph_costs(proto: onnx.ModelProto, g: _Graph) -> list[LayerCost]:
     tensor_precision = {v.name: _ONNX_PRECISION.get(v.type.tensor_type.elem_type, "fp32")
                         for v in proto.graph.input}
     costs: list[LayerCost] = []
@@ -306,16 +370,26 @@ def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
             if c.input_precision is not None:  # a conversion pass at a precision boundary
                 conv_bytes = c.in_elems * (b + BYTES.get(c.input_precision, 4.0))
                 total_us += conv_bytes / bandwidth * 1e6 + cal.op_overhead_us
+        elif c.runtime_node:
+            total_us += memory_s * 1e6 + cal.node_us()
         else:
             total_us += memory_s * 1e6 + 0.25 * cal.op_overhead_us * cal.overhead_scale.get(
                 c.precision, 1.0)
     return total_us / 1e3
 
 
+def costs_for(model: bytes, profile: HardwareProfile) -> list[LayerCost]:
+    """Layer costs as ``profile``'s runtime sees them, at its batch size: the executed graph
+    where that runtime is ONNX Runtime's CPU provider (present in every install)."""
+    return costs_from_onnx(model, profile.measure.batch_size,
+                           runtime_graph=profile.measure.execution_provider
+                           == "CPUExecutionProvider")
+
+
 def predict_latency(model: bytes, profile: HardwareProfile, input_shape: tuple[int, ...],
                     calibration: Calibration | None = None) -> LatencyStats:
     """A LatencyStats labelled ``predicted`` for the profile's device and batch size."""
-    ms = predict_ms(costs_from_onnx(model, profile.measure.batch_size), profile, calibration)
+    ms = predict_ms(costs_for(model, profile), profile, calibration)
     return LatencyStats(median_ms=ms, p90_ms=ms, mean_ms=ms, cv=0.0, runs=0, source="predicted",
                         device=f"{profile.name} (latency model)", provider="",
                         batch_size=profile.measure.batch_size)
@@ -335,14 +409,17 @@ def fit_calibration(samples: Iterable[tuple[list[LayerCost], float]], profile: H
     used = sorted({c.precision for costs, _ in data for c in costs if c.op_type in _COMPUTE})
     keys = [p for p in used if p in start.efficiency]
     keys = (["fp32"] if "fp32" in keys else []) + [p for p in keys if p != "fp32"]
+    nodes = any(c.runtime_node for costs, _ in data for c in costs)
     return _least_squares(start, keys, lambda cal: [math.log(predict_ms(costs, profile, cal) / ms)
-                                                    for costs, ms in data], len(data))
+                                                    for costs, ms in data], len(data),
+                          node_overhead=nodes)
 
 
 def _least_squares(start: Calibration, eff_keys: list[str],
                    residuals: Callable[[Calibration], list[float]], n: int, *,
                    per_precision_overheads: bool = True, memory: bool = True,
-                   fill_keys: list[str] | None = None) -> Calibration:
+                   fill_keys: list[str] | None = None,
+                   node_overhead: bool = False) -> Calibration:
     """Fit compute efficiency per precision, one memory efficiency, overheads.
 
     Parameters: efficiency of each precision in ``eff_keys``; a memory
@@ -350,8 +427,9 @@ def _least_squares(start: Calibration, eff_keys: list[str],
     faster than DRAM); the op overhead and, for precisions other than the
     first, a multiplier on it (int8 kernels cost more per call on a CPU); the
     session overhead; with ``fill_keys``, the fill rows of those precisions
-    (fitted where tables span batch sizes, kept from the profile otherwise). All
-    in log space, bounded.
+    (fitted where tables span batch sizes, kept from the profile otherwise); with
+    ``node_overhead``, the overhead of a runtime node (samples costed from the executed
+    graph). All in log space, bounded.
     """
     from scipy.optimize import least_squares
 
@@ -359,6 +437,7 @@ def _least_squares(start: Calibration, eff_keys: list[str],
     scaled_keys = eff_keys[1:] if per_precision_overheads else []
     fill_keys = fill_keys or []
     f0 = k + 1 + len(scaled_keys)
+    n0 = f0 + len(fill_keys)  # where the node overhead sits, when fitted
 
     def unpack(theta: np.ndarray) -> Calibration:
         eff = dict(start.efficiency)
@@ -370,19 +449,22 @@ def _least_squares(start: Calibration, eff_keys: list[str],
         fill = dict(start.fill_rows)
         fill.update({p: float(np.exp(v)) for p, v in
                      zip(fill_keys, theta[f0:f0 + len(fill_keys)], strict=True)})
+        node = float(np.exp(theta[n0])) if node_overhead else start.node_overhead_us
         return Calibration(eff, float(np.exp(theta[-2])), float(np.exp(theta[-1])), n, mem, scale,
-                           fill)
+                           fill, node)
 
     theta0 = np.log([start.efficiency[p] for p in eff_keys]
                     + [1.0]
                     + [start.overhead_scale.get(p, 1.0) for p in scaled_keys]
                     + [max(start.fill_rows.get(p, 1.0), 1e-2) for p in fill_keys]
+                    + ([max(start.node_us(), 1e-2)] if node_overhead else [])
                     + [max(start.op_overhead_us, 1e-2), max(start.session_overhead_us, 1e-2)])
     mem_bounds = (0.1, 20.0) if memory else (0.999999, 1.000001)
+    nodes = 1 if node_overhead else 0
     bounds = (np.log([1e-4] * k + [mem_bounds[0]] + [0.2] * len(scaled_keys)
-                     + [1e-2] * len(fill_keys) + [1e-2, 1e-2]),
+                     + [1e-2] * len(fill_keys) + [1e-2] * nodes + [1e-2, 1e-2]),
               np.log([1.0] * k + [mem_bounds[1]] + [20.0] * len(scaled_keys)
-                     + [1e5] * len(fill_keys) + [1e5, 1e5]))
+                     + [1e5] * len(fill_keys) + [1e4] * nodes + [1e5, 1e5]))
     theta0 = np.clip(theta0, bounds[0] + 1e-9, bounds[1] - 1e-9)
     fit = least_squares(lambda t: np.asarray(residuals(unpack(t))), theta0, bounds=bounds)
     return unpack(fit.x)

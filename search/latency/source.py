@@ -18,7 +18,7 @@ from search.latency.calibration import (
     CalibrationStore,
     Measurement,
 )
-from search.latency.predict import costs_from_onnx, predict_ms
+from search.latency.predict import costs_for, predict_ms
 from search.profiles import HardwareProfile
 from search.tracking import Tracker
 
@@ -63,7 +63,7 @@ def self_calibrate(study: optuna.Study, cfg: SearchConfig, profile: HardwareProf
         if path.exists() and t.values[1] > 0:
             samples.append(Measurement(
                 architecture=architecture, label=label, source=f"{cfg.study_name}/{t.number}",
-                costs=tuple(costs_from_onnx(path.read_bytes(), batch)), ms=t.values[1],
+                costs=tuple(costs_for(path.read_bytes(), profile)), ms=t.values[1],
                 batch=batch))
     if len(samples) < 5:
         return
