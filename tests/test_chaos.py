@@ -133,16 +133,22 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fast_profile_path,
-                                                              monkeypatch):
+def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fast_profile_path):
     """SIGKILL two screen workers and one measure worker while they run a trial's task (each
     checked to be still running it just before the kill): Ray retries the task, or the trial
-    FAILs with that stage named and another is asked; the budget is met exactly. The measure
-    stage is slowed by 1.5 s too, so the kill lands inside that task, not after it."""
-    monkeypatch.setenv("SEARCH_FAULTS", "prune@*+1.5,measure@*+1.5")
+    FAILs with that stage named and another is asked; the budget is met exactly. The screen
+    stage is slowed by 1.5 s (the fault hook) and each measurement lasts at least 2 s (the
+    profile), so that the measure kill lands while ONNX Runtime is timing the model."""
+    import yaml
+
+    profile = yaml.safe_load(fast_profile_path.read_text())
+    profile["measure"]["min_time_s"] = 2.0  # same name: the warm Ray's device resource
+    long_measure = slow_trials / "fast-host.yaml"
+    long_measure.write_text(yaml.safe_dump(profile))
     killed: list[str] = []
     stop = threading.Event()
     plan = ["ray::screen", "ray::screen", "ray::measure"]
+    into = {"ray::screen": 0.5, "ray::measure": 1.2}  # well into the slowdown / the timing
 
     def killer() -> None:
         seen: set[int] = set()
@@ -150,7 +156,7 @@ def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fas
             for pid, cmd in _descendants(os.getpid()):
                 if cmd.startswith(plan[0]) and pid not in seen:
                     seen.add(pid)
-                    time.sleep(0.5)  # well into the task's 1.5 s slowdown
+                    time.sleep(into[plan[0]])
                     if not _cmdline(pid).startswith(plan[0]):
                         seen.discard(pid)  # it finished first: no interruption; its next task
                         break
@@ -165,7 +171,7 @@ def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fas
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=slow_trials,
+        config = SearchConfig(profile=str(long_measure), budget=3, runs_root=slow_trials,
                               space="quick.yaml", study_name="worker-kill", parallel=1)
         result = run_search(config, show_progress=False)
     finally:

@@ -148,27 +148,44 @@ def test_sparse_transfer_from_a_checkpoint_given_on_the_command_line(tmp_path, t
 
 @pytest.mark.parametrize("name", ["nsga2", "gp"])
 def test_nsga2_and_gp_drive_a_real_study(name, tmp_path, fast_profile_path, quick_space):
-    """Each sampler runs a study end to end: the budget met, the sampler recorded."""
-    result = run_search(SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=tmp_path,
+    """Each sampler runs a study end to end past its random start (at these budgets GP starts
+    after 4 completed trials; NSGA-II's first population is 4 trials after the two
+    baselines, which it does not breed from), so its model-based step runs in a real study:
+    the budget met, the sampler recorded. Without early stopping: both samplers learn from
+    completed trials only, so trials stopped early would keep them at their start."""
+    budget = 7 if name == "nsga2" else 6
+    result = run_search(SearchConfig(profile=str(fast_profile_path), budget=budget,
+                                     runs_root=tmp_path,
                                      space=quick_space, study_name=name, sampler=name,
-                                     latency="predict"), show_progress=False)
-    assert sorted(result.trials["trial"]) == [0, 1, 2]
+                                     latency="predict", early_stopping=False),
+                        show_progress=False)
+    assert sorted(result.trials["trial"]) == list(range(budget))
     assert result.trials["on_front"].any()
+    if name == "nsga2":  # the last trial was bred from the first generation
+        study = result.load_study()
+        assert max(t.system_attrs.get("NSGAIISampler:generation", 0) for t in study.trials) >= 1
     parent = MlflowClient(result.tracking_uri).get_run(result.parent_run_id)
     assert parent.data.params["sampler"] == name
 
 
-def test_max_latency_keeps_slower_trials_off_the_front(tmp_path, fast_profile_path, quick_space):
+def test_max_latency_keeps_slower_trials_off_the_front(tmp_path, fast_profile_path, quick_space,
+                                                       monkeypatch):
     """The two baselines (fp32, int8) have deterministic predicted latencies: a limit between
-    them keeps the slower one off the front and marks it infeasible, whatever its accuracy."""
+    them (``--max-latency-ms`` on the command line) keeps the slower one off the front and
+    marks it infeasible, whatever its accuracy."""
+    from search.cli import main
+
     base = dict(profile=str(fast_profile_path), budget=2, runs_root=tmp_path, space=quick_space,
                 latency="predict")
     free = run_search(SearchConfig(**base, study_name="free"), show_progress=False).trials
     fast, slow = sorted(free["latency_ms"])
     assert fast < slow
     limit = (fast + slow) / 2
-    capped = run_search(SearchConfig(**base, study_name="capped", max_latency_ms=limit),
-                        show_progress=False).trials
+    monkeypatch.chdir(tmp_path)
+    assert main(["--profile", str(fast_profile_path), "--budget", "2", "--space", quick_space,
+                 "--latency", "predict", "--study-name", "capped", "--quiet",
+                 "--max-latency-ms", repr(limit)]) == 0
+    capped = pd.read_csv(tmp_path / "search-runs" / "capped" / "trials.csv")
     assert sorted(capped["latency_ms"]) == pytest.approx([fast, slow])
     over = capped[capped["latency_ms"] > limit]
     assert len(over) == 1 and not over["feasible"].any() and not over["on_front"].any()

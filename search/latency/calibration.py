@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from search._paths import write_atomic
-from search.latency.predict import Calibration, LayerCost, fit_calibration, predict_ms
+from search.latency.predict import Calibration, LayerCost, costing, fit_calibration, predict_ms
 from search.profiles import HardwareProfile
 
 __all__ = [
@@ -59,6 +59,7 @@ class Measurement:
     costs: tuple[LayerCost, ...]
     ms: float
     batch: int
+    costing: str = "exported"  # how ``costs`` were read (predict.costing); older lines: exported
 
 
 @dataclass(frozen=True)
@@ -142,10 +143,12 @@ class CalibrationStore:
         self.dir = root / "calibration" / profile.name
         self.evidence_path = self.dir / "evidence.jsonl"
         self.fits_path = self.dir / "fits.json"
+        self.costing = costing(profile)  # evidence and fits costed otherwise are not used
 
     # --- reading -------------------------------------------------------------------------
     def measurements(self) -> list[Measurement]:
-        """Every measurement kept for this profile (unreadable lines are skipped)."""
+        """Every measurement kept for this profile and costed as it is costed now (unreadable
+        lines, and lines costed another way by an earlier version, are skipped)."""
         if not self.evidence_path.is_file():
             return []
         out = []
@@ -156,14 +159,17 @@ class CalibrationStore:
                 out.append(Measurement(costs=costs, **d))
             except (ValueError, TypeError, KeyError):
                 continue
-        return out
+        return [m for m in out if m.costing == self.costing]
 
     def _fits(self) -> dict[str, Any]:
+        empty = {"architectures": {}, "pooled": None, "costing": self.costing}
         try:
             data = json.loads(self.fits_path.read_text())
         except (OSError, ValueError):
-            return {"architectures": {}, "pooled": None}
-        return data if isinstance(data, dict) else {"architectures": {}, "pooled": None}
+            return empty
+        if not isinstance(data, dict) or data.get("costing", "exported") != self.costing:
+            return empty  # fitted on costs read another way: refit from matching evidence
+        return data
 
     def choose(self, architecture: str | None) -> CalibrationChoice:
         """The calibration for a predicted study of ``architecture`` (None: unknown)."""

@@ -19,6 +19,7 @@ slower than its 115-node fp32 form).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,7 @@ from search.record import LatencyStats
 __all__ = [
     "Calibration",
     "LayerCost",
+    "costing",
     "costs_for",
     "costs_from_onnx",
     "costs_from_torch",
@@ -218,8 +220,15 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1, *,
     costs = _graph_costs(proto, g)
     if not runtime_graph:
         return costs
+    try:
+        nodes = _runtime_nodes(proto, g)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors have no common base
+        logging.getLogger(__name__).warning(
+            "latency model: ONNX Runtime could not open the model to read the graph it "
+            "executes (%s); costing the exported graph instead", str(exc).splitlines()[0])
+        return costs
     compute = [replace(c, input_precision=None) for c in costs if c.op_type in _COMPUTE]
-    return compute + _runtime_nodes(proto, g)
+    return compute + nodes
 
 
 def _runtime_nodes(proto: onnx.ModelProto, g: _Graph) -> list[LayerCost]:
@@ -378,12 +387,18 @@ def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
     return total_us / 1e3
 
 
+def costing(profile: HardwareProfile) -> str:
+    """How ``profile``'s layer costs are read: ``executed`` (the graph ONNX Runtime's CPU
+    provider runs, present in every install) or ``exported``. Evidence and fits of the
+    other kind are not mixed with these (calibration.py)."""
+    return "executed" if profile.measure.execution_provider == "CPUExecutionProvider" \
+        else "exported"
+
+
 def costs_for(model: bytes, profile: HardwareProfile) -> list[LayerCost]:
-    """Layer costs as ``profile``'s runtime sees them, at its batch size: the executed graph
-    where that runtime is ONNX Runtime's CPU provider (present in every install)."""
+    """Layer costs as ``profile``'s runtime sees them, at its batch size (``costing``)."""
     return costs_from_onnx(model, profile.measure.batch_size,
-                           runtime_graph=profile.measure.execution_provider
-                           == "CPUExecutionProvider")
+                           runtime_graph=costing(profile) == "executed")
 
 
 def predict_latency(model: bytes, profile: HardwareProfile, input_shape: tuple[int, ...],

@@ -18,7 +18,7 @@ from search.latency.calibration import (
     CalibrationStore,
     Measurement,
 )
-from search.latency.predict import costs_for, predict_ms
+from search.latency.predict import costing, costs_for, predict_ms
 from search.profiles import HardwareProfile
 from search.tracking import Tracker
 
@@ -64,7 +64,7 @@ def self_calibrate(study: optuna.Study, cfg: SearchConfig, profile: HardwareProf
             samples.append(Measurement(
                 architecture=architecture, label=label, source=f"{cfg.study_name}/{t.number}",
                 costs=tuple(costs_for(path.read_bytes(), profile)), ms=t.values[1],
-                batch=batch))
+                batch=batch, costing=costing(profile)))
     if len(samples) < 5:
         return
     store = CalibrationStore(cache_dir(), profile)

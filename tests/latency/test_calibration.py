@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models import mobilenet_v2, resnet18, resnet34
 
 from search.latency.calibration import CalibrationStore, Measurement, architecture_key
-from search.latency.predict import Calibration, costs_from_torch, predict_ms
+from search.latency.predict import Calibration, costing, costs_from_torch, predict_ms
 from search.profiles import load_profile
 
 PROFILE = "cpu-avx512-vnni"
@@ -37,8 +37,8 @@ def _variants(kind: str):
 
 def _measured(kind: str, truth: Calibration, profile, study: str = "s") -> list[Measurement]:
     key, label, costs = _variants(kind)
-    return [Measurement(key, label, f"{study}/{i}", tuple(c), predict_ms(c, profile, truth), 1)
-            for i, c in enumerate(costs)]
+    return [Measurement(key, label, f"{study}/{i}", tuple(c), predict_ms(c, profile, truth), 1,
+                        costing(profile)) for i, c in enumerate(costs)]
 
 
 @pytest.fixture
@@ -124,3 +124,27 @@ def test_two_concurrent_writers_keep_both_studies_evidence(tmp_path, profile):
     kept = CalibrationStore(tmp_path, profile).measurements()
     assert sorted({m.source.split("/")[0] for m in kept}) == ["x", "y"] and len(kept) == 16
     assert CalibrationStore(tmp_path, profile).choose(kept[0].architecture).kind == "architecture"
+
+
+def test_evidence_and_fits_costed_another_way_are_not_used(tmp_path, profile):
+    """Evidence an earlier version kept (layer costs read from the exported graph, where the
+    CPU profile now reads the executed one) and the fits made from it are set aside: a
+    predicted study uses the profile's numbers until measurements costed the current way
+    refit them, and those replace the stale lines."""
+    import json
+    from dataclasses import replace
+
+    store = CalibrationStore(tmp_path, profile)
+    assert store.costing == "executed"  # a CPU-provider profile
+    stale = [replace(m, costing="exported") for m in _measured("resnet", NARROW, profile, "old")]
+    store.add(stale)
+    assert store.measurements() == [] and store.choose("x").kind == "profile"
+    fits = json.loads(store.fits_path.read_text())
+    fits["costing"] = "exported"  # as an earlier version wrote it, adopted fit and all
+    fits["pooled"] = {"labels": ["a", "b"], "calibration": vars(NARROW)}
+    store.fits_path.write_text(json.dumps(fits))
+    assert store.choose("x").kind == "profile"
+    fresh = _measured("resnet", NARROW, profile, "new")
+    store.add(fresh)
+    assert {m.source for m in store.measurements()} == {m.source for m in fresh}
+    assert json.loads(store.fits_path.read_text())["costing"] == "executed"

@@ -227,3 +227,22 @@ def test_a_refit_on_executed_graphs_fits_the_node_overhead(task):
                                                                              strict=True)],
                             profile)
     assert plain.node_overhead_us == profile.latency_model.node_overhead_us
+
+
+def test_a_graph_onnx_runtime_cannot_open_is_costed_as_exported(caplog):
+    """An operator ONNX Runtime lacks (a custom domain): the prediction still comes, from the
+    exported graph, and says why."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["s"]),
+                               helper.make_node("Unknown", ["s"], ["y"], domain="com.example")],
+                              "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.example", 1)])
+    with caplog.at_level("WARNING"):
+        costs = costs_from_onnx(model.SerializeToString(), runtime_graph=True)
+    assert [c.op_type for c in costs] == ["Softmax", "Unknown"]
+    assert not any(c.runtime_node for c in costs)
+    assert "costing the exported graph instead" in caplog.text
