@@ -244,7 +244,10 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
         if started:
             ray.shutdown()
         raise
-    calibration = _log_latency_source(tracker, profile, source, choice, why)
+    calibration = _log_latency_source(
+        tracker, profile, source, choice,
+        "as asked (--latency predict)" if cfg.latency == "predict" else
+        f"device not reachable: {why}")
     phases = {"setup": time.perf_counter() - start}
     try:
         cpus = Executor.node_cpus()
@@ -285,7 +288,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
 
 
 def _log_latency_source(tracker: Tracker, profile: HardwareProfile, source: str,
-                        choice: CalibrationChoice | None, why: str) -> Calibration | None:
+                        choice: CalibrationChoice | None, reason: str) -> Calibration | None:
     """Say (and log to the parent run) whether latency is measured or predicted, and with
     which calibration; returns that calibration for the predictions."""
     tracker.log_study_params({
@@ -294,7 +297,7 @@ def _log_latency_source(tracker: Tracker, profile: HardwareProfile, source: str,
         "calibration": choice.description if choice else "",
     })
     log.info("latency: %s on %s", source, profile.name if source == "measured" else
-             f"{profile.name}'s latency model (device not reachable: {why}); calibration: "
+             f"{profile.name}'s latency model ({reason}); calibration: "
              f"{choice.description if choice else ''}")
     return choice.calibration if choice is not None else None
 

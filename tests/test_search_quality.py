@@ -169,7 +169,7 @@ def test_nsga2_and_gp_drive_a_real_study(name, tmp_path, fast_profile_path, quic
 
 
 def test_max_latency_keeps_slower_trials_off_the_front(tmp_path, fast_profile_path, quick_space,
-                                                       monkeypatch):
+                                                       monkeypatch, capsys):
     """The two baselines (fp32, int8) have deterministic predicted latencies: a limit between
     them (``--max-latency-ms`` on the command line) keeps the slower one off the front and
     marks it infeasible, whatever its accuracy."""
@@ -182,9 +182,12 @@ def test_max_latency_keeps_slower_trials_off_the_front(tmp_path, fast_profile_pa
     assert fast < slow
     limit = (fast + slow) / 2
     monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
     assert main(["--profile", str(fast_profile_path), "--budget", "2", "--space", quick_space,
-                 "--latency", "predict", "--study-name", "capped", "--quiet",
+                 "--latency", "predict", "--study-name", "capped",
                  "--max-latency-ms", repr(limit)]) == 0
+    # predicted because it was asked, not because the device (this CPU) is out of reach
+    assert "latency model (as asked (--latency predict))" in capsys.readouterr().err
     capped = pd.read_csv(tmp_path / "search-runs" / "capped" / "trials.csv")
     assert sorted(capped["latency_ms"]) == pytest.approx([fast, slow])
     over = capped[capped["latency_ms"] > limit]
