@@ -237,16 +237,12 @@ def _runtime_nodes(proto: onnx.ModelProto, g: _Graph) -> list[LayerCost]:
     import tempfile
     from pathlib import Path
 
-    import onnxruntime as ort
+    from search._ort import make_session  # the sessions scoring and measuring open
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3  # the optimized graph is saved on purpose: no warning
     with tempfile.TemporaryDirectory() as tmp:
-        options.optimized_model_filepath = str(Path(tmp) / "runtime.onnx")
-        ort.InferenceSession(proto.SerializeToString(), options,
-                             providers=["CPUExecutionProvider"])
-        runtime = onnx.load(options.optimized_model_filepath, load_external_data=False)
+        path = str(Path(tmp) / "runtime.onnx")
+        make_session(proto.SerializeToString(), threads=1, optimized_path=path)
+        runtime = onnx.load(path, load_external_data=False)
     nodes = []
     for node in runtime.graph.node:
         if node.op_type in _RUNTIME_COMPUTE or node.op_type in _RUNTIME_FREE:
