@@ -131,3 +131,28 @@ def test_a_study_whose_trials_all_fail_stops_at_the_default_limit(task, tmp_path
                              max_failures=m).failure_limit for b, m in ((4, None), (30, None),
                                                                         (30, 3))]
     assert limits == [10, 30, 3]
+
+
+def _frame(rows: list[tuple[float, float, int]]):
+    """A trials frame of (accuracy, latency ms, epochs) rows, as trials_frame builds it."""
+    import pandas as pd
+
+    return pd.DataFrame({"accuracy": [r[0] for r in rows], "latency_ms": [r[1] for r in rows],
+                         "param.epochs": [r[2] for r in rows], "baseline": "",
+                         "refined_from": None, "cached_from": None, "feasible": True})
+
+
+def test_a_fine_tune_is_expected_to_reach_what_fine_tunes_at_least_as_slow_typically_reach():
+    from search.driver import fine_tune_prospect
+
+    assert fine_tune_prospect(_frame([])[:0], 1.0) == (None, None, "")
+    # fewer than three fine-tunes at least as slow: the best accuracy so far
+    few = _frame([(99.0, 1.0, 0), (97.0, 0.5, 2), (60.0, 0.2, 1)])
+    assert fine_tune_prospect(few, 0.4)[:2] == (60.0, 99.0)
+    # three or more: their median; faster fine-tunes and one-shot trials do not count
+    many = _frame([(99.0, 1.0, 0), (98.0, 0.6, 2), (95.0, 0.5, 2), (90.0, 0.45, 3),
+                   (70.0, 0.1, 2), (99.5, 0.05, 0)])
+    needed, expected, why = fine_tune_prospect(many, 0.4)
+    assert (needed, expected) == (99.5, 95.0) and "median of the 3" in why
+    # a slower trial has fewer fine-tunes at least as slow than it: back to the best so far
+    assert fine_tune_prospect(many, 0.55)[1] == 99.5

@@ -16,6 +16,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -72,6 +73,7 @@ def _plugin(spec: str) -> Factory:
                           f"its functions: {', '.join(public) or 'none'}") from None
     if not callable(factory):
         raise ConfigError(f"--task {spec!r}: {attr!r} is a {type(factory).__name__}, not a function")
+    _ship_by_value(module)
     try:
         inspect.signature(factory).bind(0, TaskOptions())
     except TypeError:
@@ -80,6 +82,17 @@ def _plugin(spec: str) -> Factory:
     except ValueError:  # no signature to inspect (a builtin): let the call decide
         pass
     return factory
+
+
+def _ship_by_value(module: ModuleType) -> None:
+    """Send a one-file plugin's functions to Ray workers by value, so the nodes of a cluster
+    need not have the user's module on their path (a package's modules still must be:
+    what they import from their package travels by reference)."""
+    if "." in module.__name__ or hasattr(module, "__path__"):
+        return
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(module)
 
 
 def check_task(name: str, options: TaskOptions | None = None) -> None:

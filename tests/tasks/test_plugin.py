@@ -114,6 +114,22 @@ def test_plugin_task_gets_scored_and_takes_a_teacher_file(on_path, tmp_path):
         assert torch.equal(mine.teacher_state[key], value)
 
 
+def test_a_one_file_plugin_travels_to_ray_workers_by_value(on_path, tmp_path):
+    """A cluster's workers need not have the user's module: its functions are pickled whole."""
+    from ray import cloudpickle
+
+    check_task("blobs_task:make_task")
+    import blobs_task
+
+    blob = cloudpickle.dumps(blobs_task.make_model)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import pickle, sys; print(type(pickle.loads(sys.stdin.buffer"
+         ".read())()).__name__)"], input=blob, cwd=tmp_path, env=env, capture_output=True,
+        timeout=120)
+    assert out.returncode == 0 and out.stdout.decode().strip() == "Sequential", out.stderr[-2000:]
+
+
 def test_plugin_study_runs_on_ray_workers(plugin_dir, tmp_path, fast_profile_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), str(REPO)]),
            "SEARCH_CACHE_DIR": str(tmp_path / "cache")}
