@@ -23,6 +23,7 @@ from search.latency.predict import (
 from search.profiles import load_profile, measurable_here
 from search.refine import _interleaved
 from search.study import run_search
+from tests.tasks.test_plugin import PLUGIN
 
 PROFILE = "cpu-avx512-vnni"
 
@@ -161,37 +162,15 @@ def test_evidence_and_fits_costed_another_way_are_not_used(tmp_path, profile):
     assert json.loads(store.fits_path.read_text())["costing"] == "executed"
 
 
-# a user's MLP (the README's plugin shape): its own measured study on the profile comes first
-MLP_PLUGIN = """
-import torch
-from torch import nn
-
-from search.tasks import Split, Task, TrainSettings, cached_teacher, train_classifier
-
-
-def make_model():
-    return nn.Sequential(nn.Flatten(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512),
-                         nn.ReLU(), nn.Linear(512, 4))
-
-
-def _split(n, gen):
-    y = torch.randint(0, 4, (n,), generator=gen)
-    x = torch.randn(n, 1, 16, 16, generator=gen)
-    for i, label in enumerate(y.tolist()):
-        r, c = divmod(label, 2)
-        x[i, 0, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8] += 3.0
-    return Split(x, y)
-
-
-def make_task(seed, options):
-    gen = torch.Generator().manual_seed(1234)
-    train, val, test = (_split(n, gen) for n in (512, 256, 256))
-    recipe = TrainSettings(epochs=2, shift=0)
-    state, info = cached_teacher("mlp-blobs", {"seed": seed, **recipe.as_dict()},
-                                 lambda: train_classifier(make_model, train, recipe, seed))
-    return Task(name="mlp-blobs", make_model=make_model, teacher_state=state, train=train,
-                val=val, test=test, input_shape=(1, 16, 16), num_classes=4, teacher_info=info)
-"""
+# a user's MLP: the README's plugin (tests/tasks/test_plugin.py) with its CNN swapped for one
+_CNN = """    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))"""
+_MLP = """    return nn.Sequential(nn.Flatten(), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512),
+                         nn.ReLU(), nn.Linear(512, 4))"""
+assert _CNN in PLUGIN
+MLP_PLUGIN = PLUGIN.replace(_CNN, _MLP).replace('"blobs"', '"mlp-blobs"')
 
 
 @pytest.mark.slow
