@@ -179,9 +179,9 @@ def test_a_measured_mlp_study_leaves_the_next_conv_net_study_predicted_true(
     """The issue's sequence, end to end: a measured study of an MLP, then a predicted study
     of the digits ResNet on the same profile; the second's predictions are checked against
     what its models measure here."""
-    from tests.conftest import TEST_CACHE, host_builtin
+    from tests.conftest import TEST_CACHE
 
-    fast, full = load_profile(fast_profile_path), load_profile(host_builtin())
+    fast = load_profile(fast_profile_path)
     if not measurable_here(fast)[0]:
         pytest.skip(f"this machine cannot measure {fast.name}: {measurable_here(fast)[1]}")
     cache = tmp_path / "cache"  # evidence of this test only; the digits teacher is linked in
@@ -199,7 +199,7 @@ def test_a_measured_mlp_study_leaves_the_next_conv_net_study_predicted_true(
     evidence = CalibrationStore(cache, fast).measurements()
     assert len(evidence) >= 5 and {m.label for m in evidence} == {evidence[0].label}
 
-    second = run_search(SearchConfig(budget=5, latency="predict", study_name="resnet", **common),
+    second = run_search(SearchConfig(budget=4, latency="predict", study_name="resnet", **common),
                         show_progress=False)
     done = second.trials[second.trials["latency_source"] == "predicted"]
     assert len(done) >= 3 and done["reference"].any()
@@ -213,12 +213,13 @@ def test_a_measured_mlp_study_leaves_the_next_conv_net_study_predicted_true(
         own = predict_latency(model, fast, task.input_shape).median_ms
         assert done.set_index("trial").loc[n, "latency_ms"] == pytest.approx(own, rel=1e-9)
     # and they are true to what the models measure here, side by side: as speedups over the
-    # fp32 reference, since a loaded machine (the other test process) scales every latency.
+    # fp32 reference (interleaved rounds of the fast profile's short runs), since a loaded
+    # machine (the other test process) scales every latency.
     # The goal is 25 %; the profile's numbers are off by up to 22 %, 30 % and 31 % for these
     # variants in three runs on the 2-core EPYC: the bound leaves room for that, not for a
     # poisoned fit
     measured = {n: statistics.median(v) for n, v in
-                _interleaved(models, full, task.input_shape, rounds=3).items()}
+                _interleaved(models, fast, task.input_shape, rounds=5).items()}
     ref = int(done.loc[done["reference"], "trial"].iloc[0])
     predicted = done.set_index("trial")["latency_ms"]
     errors = {n: (predicted[ref] / predicted[n]) / (measured[ref] / measured[n]) - 1

@@ -119,9 +119,7 @@ def test_a_one_file_plugin_travels_to_ray_workers_by_value(on_path, tmp_path):
     from ray import cloudpickle
 
     check_task("blobs_task:make_task")
-    import blobs_task
-
-    blob = cloudpickle.dumps(blobs_task.make_model)
+    blob = cloudpickle.dumps(sys.modules["blobs_task"].make_model)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run(
         [sys.executable, "-c", "import pickle, sys; print(type(pickle.loads(sys.stdin.buffer"
