@@ -61,7 +61,6 @@ NUMBER = 3
 '''
 
 
-
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("plugin")
