@@ -36,7 +36,7 @@ import optuna
 import pandas as pd
 
 from search.config import SearchConfig
-from search.pareto import best_speedup, hypervolume, pareto_mask, trials_frame
+from search.pareto import best_speedup, hypervolume, mark_front, trials_frame
 from search.study import run_search
 
 
@@ -63,12 +63,8 @@ def _union(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """Every trial of several studies of one task, with one reference row (each study's
     fp32 reference is the same model, predicted the same), its front recomputed."""
     first = frames[0]
-    rows = pd.concat([first] + [f[~f["reference"]] for f in frames[1:]], ignore_index=True)
-    ok = rows["feasible"].to_numpy()
-    rows["on_front"] = False
-    rows.loc[ok, "on_front"] = pareto_mask(rows.loc[ok, "accuracy"].to_numpy(),
-                                           rows.loc[ok, "latency_ms"].to_numpy())
-    return rows
+    return mark_front(pd.concat([first] + [f[~f["reference"]] for f in frames[1:]],
+                                ignore_index=True))
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ import numpy as np
 import optuna
 import pandas as pd
 
-__all__ = ["COLUMNS", "best_speedup", "front_markdown", "hypervolume", "hypervolume_2d", "pareto_mask",
+__all__ = ["COLUMNS", "best_speedup", "front_markdown", "hypervolume", "hypervolume_2d",
+           "mark_front", "pareto_mask",
            "plot_front",
            "readable_front",
            "trials_frame", "within_drop", "write_html"]
@@ -80,10 +81,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     df["speedup"] = reference / df["latency_ms"]
     df["feasible"] = feasible(df, study.user_attrs.get("max_accuracy_drop"),
                               study.user_attrs.get("max_latency_ms"))
-    df["on_front"] = False
-    ok = df["feasible"].to_numpy()
-    df.loc[ok, "on_front"] = pareto_mask(df.loc[ok, "accuracy"].to_numpy(),
-                                         df.loc[ok, "latency_ms"].to_numpy())
+    mark_front(df)
     remeasured = study.user_attrs.get("remeasured")
     if remeasured:  # the front and baselines measured again side by side (search.refine)
         df["latency_remeasured_ms"] = [remeasured.get(str(n), {}).get("median_ms")
@@ -104,6 +102,15 @@ def feasible(df: pd.DataFrame, max_drop: float | None, max_latency_ms: float | N
     if max_latency_ms is not None:
         ok &= df["latency_ms"] <= max_latency_ms
     return ok
+
+
+def mark_front(df: pd.DataFrame) -> pd.DataFrame:
+    """Set ``on_front``: the feasible rows no other feasible row dominates (in place)."""
+    df["on_front"] = False
+    ok = df["feasible"].to_numpy()
+    df.loc[ok, "on_front"] = pareto_mask(df.loc[ok, "accuracy"].to_numpy(),
+                                         df.loc[ok, "latency_ms"].to_numpy())
+    return df
 
 
 def hypervolume(df: pd.DataFrame, span: float = HV_ACCURACY_SPAN) -> float:
