@@ -9,6 +9,14 @@ After ``pip install -e '.[gpu]'`` (onnxruntime-gpu and the TensorRT libraries):
    fp32 side by side;
 3. runs a short measured study (``--latency measure``) and prints its front.
 
+Where the profile's provider cannot run here (onnxruntime-gpu without the
+TensorRT libraries, say), it says so and measures with the CUDA provider
+alone, labelled as such: its int8 rows then show ONNX Runtime's CUDA path for
+QDQ models (dequantize + float kernels), not the device's int8 speed, and the
+study, which would refuse to measure, is skipped. So is the study where
+Optuna, Ray or MLflow are not installed; the table needs only PyTorch, ONNX
+and ONNX Runtime.
+
 ``--dry-run`` takes the same path on this machine's CPU (the host profile,
 small inputs, batch 1 and 8, a budget-2 study): the CI runs it so the script
 cannot rot while no GPU is at hand.
@@ -20,6 +28,7 @@ cannot rot while no GPU is at hand.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 import time
@@ -29,11 +38,12 @@ import onnx
 import torch
 import torchvision
 
+from search._ort import make_session
 from search.compress import apply_precision_plan, compressible_layers, export_onnx, onnx_node_names
-from search.config import SearchConfig
 from search.latency import measure_latency
 from search.latency.predict import predict_latency
 from search.profiles import (
+    HardwareProfile,
     available_profiles,
     load_profile,
     local_gpu_names,
@@ -41,7 +51,6 @@ from search.profiles import (
     with_batch_size,
 )
 from search.record import Choices
-from search.study import run_search
 
 
 def _gpu_profile() -> str:
@@ -58,41 +67,85 @@ def _gpu_profile() -> str:
 
 
 def _variants(model: torch.nn.Module, shape: tuple[int, ...], precisions: list[str],
-              reduce_range: bool) -> dict[str, bytes]:
+              profile: HardwareProfile) -> dict[str, bytes]:
+    """Uniform variants, int8 in the mode the profile's kernels fuse (TensorRT: symmetric
+    int8 activations; x86: uint8)."""
     fp32 = export_onnx(model.eval(), shape)
     layers = compressible_layers(model)
     names = onnx_node_names(onnx.load_from_string(fp32), layers)
     calibration = torch.randn(64, *shape)
+    int8 = profile.int8
+    activation = (int8.fast_activation_types or int8.activation_types)[0]
     out = {}
     for precision in precisions:
         plan = {layer.name: precision for layer in layers}
-        choices = Choices(precisions=plan, activation_type="int8", activation_symmetric=True,
+        choices = Choices(precisions=plan, activation_type=activation,
+                          weight_type=int8.weight_types[0], per_channel=int8.per_channel[0],
+                          activation_symmetric=int8.activation_symmetric[0],
                           calibration_samples=32)
         out[precision] = fp32 if precision == "fp32" else apply_precision_plan(
-            fp32, plan, names, choices, calibration, reduce_range=reduce_range)
+            fp32, plan, names, choices, calibration, reduce_range=int8.reduce_range)
     return out
 
 
-def _table(profile_name: str, models: list[str], side: int, batches: list[int]) -> None:
-    base = load_profile(profile_name)
+def _provider_works(profile: HardwareProfile, shape: tuple[int, ...]) -> tuple[bool, str]:
+    """Whether a session with the profile's provider really runs on it (onnxruntime-gpu
+    lists TensorRT whether or not its libraries can be loaded)."""
+    provider = profile.measure.execution_provider
+    model = export_onnx(torch.nn.Sequential(torch.nn.Conv2d(shape[0], 8, 3), torch.nn.ReLU()),
+                        shape)
+    try:
+        session = make_session(model, threads=1, provider=provider,
+                               provider_options=profile.measure.provider_options,
+                               fallback_providers=profile.measure.fallback_providers)
+    except Exception as exc:  # noqa: BLE001 - the reason is what this reports
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    used = session.get_providers()
+    if used[0] != provider:
+        return False, f"the session fell back to {used}"
+    return True, f"session providers {used}"
+
+
+def _measured_as(profile: HardwareProfile, shape: tuple[int, ...]) -> tuple[HardwareProfile, bool]:
+    """The profile as it can be measured here, and whether that is its own provider."""
+    ok, why = _provider_works(profile, shape)
+    print(f"{profile.measure.execution_provider}: {'works' if ok else 'NOT usable'} ({why})")
+    if ok or profile.measure.execution_provider != "TensorrtExecutionProvider":
+        return profile, ok
+    cuda = profile.model_copy(update={"measure": profile.measure.model_copy(update={
+        "execution_provider": "CUDAExecutionProvider", "fallback_providers": []})})
+    ok, why = _provider_works(cuda, shape)
+    if not ok:
+        sys.exit(f"neither TensorRT nor CUDA runs here: {why}")
+    print("measuring with CUDAExecutionProvider alone: its int8 rows show ONNX Runtime's CUDA "
+          "path for QDQ models (dequantize + float kernels), not this device's int8 speed")
+    return cuda, False
+
+
+def _table(base: HardwareProfile, models: list[str], side: int, batches: list[int]) -> None:
     precisions = [p for p in ("fp32", "fp16", "int8") if p in base.precisions_used()]
     shape = (3, side, side)
     print(f"{'model':<14} {'batch':>5} {'precision':>9} {'measured ms':>12} {'predicted ms':>13} "
           f"{'speedup meas.':>14} {'speedup pred.':>14}")
     for arch in models:
         model = getattr(torchvision.models, arch)(num_classes=10)
-        variants = _variants(model, shape, precisions, base.int8.reduce_range)
+        variants = _variants(model, shape, precisions, base)
         for batch in batches:
             profile = with_batch_size(base, batch)
             rows = {}
             for precision, onnx_model in variants.items():
-                measured = measure_latency(onnx_model, profile, shape).median_ms
+                try:
+                    stats = measure_latency(onnx_model, profile, shape)
+                except Exception as exc:  # noqa: BLE001 - one failed cell must not end the check
+                    print(f"{arch:<14} {batch:>5} {precision:>9} failed: "
+                          f"{str(exc).splitlines()[0][:200]}", flush=True)
+                    continue
                 predicted = predict_latency(onnx_model, profile, shape).median_ms
-                rows[precision] = (measured, predicted)
-            m0, p0 = rows["fp32"]
-            for precision, (m, p) in rows.items():
+                rows[precision] = (stats.median_ms, predicted, stats.cv)
+            m0, p0, _ = rows.get("fp32", (float("nan"),) * 3)
+            for precision, (m, p, cv) in rows.items():
                 print(f"{arch:<14} {batch:>5} {precision:>9} {m:>12.3f} {p:>13.3f} "
-                      f"{m0 / m:>13.2f}x {p0 / p:>13.2f}x", flush=True)
+                      f"{m0 / m:>13.2f}x {p0 / p:>13.2f}x  cv {cv:.2f}", flush=True)
 
 
 def main() -> None:
@@ -108,12 +161,25 @@ def main() -> None:
     else:
         profile, side, batches, budget, latency = (args.profile or _gpu_profile(), 224,
                                                    [1, 8, 128], args.budget, "measure")
+    import onnxruntime as ort
+
+    print(f"onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())}), "
+          f"torch {torch.__version__}, GPUs: {', '.join(local_gpu_names()) or 'none'}")
     ok, why = measurable_here(load_profile(profile))
-    print(f"profile {profile}: {'measured here' if ok else 'NOT measurable here'} ({why}); "
-          f"GPUs: {', '.join(local_gpu_names()) or 'none'}")
+    print(f"profile {profile}: {'measured here' if ok else 'NOT measurable here'} ({why})")
     if not ok:
         sys.exit(f"cannot measure {profile} here: {why}")
-    _table(profile, args.models, side, batches)
+    measured, own_provider = _measured_as(load_profile(profile), (3, side, side))
+    _table(measured, args.models, side, batches)
+    missing = [m for m in ("optuna", "ray", "mlflow") if importlib.util.find_spec(m) is None]
+    if missing or not own_provider:
+        why = (f"{', '.join(missing)} not installed" if missing
+               else f"{load_profile(profile).measure.execution_provider} does not run here")
+        print(f"\nstudy skipped: {why}\ngpu_check done in {time.perf_counter() - start:.0f} s")
+        return
+    from search.config import SearchConfig
+    from search.study import run_search
+
     root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     result = run_search(SearchConfig(profile=profile, budget=budget, latency=latency,
                                      batch_size=batches[-1], runs_root=root, refine=0,

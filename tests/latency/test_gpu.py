@@ -14,7 +14,7 @@ from search.errors import ConfigError
 from search.profiles import gpu_matches, load_profile, local_gpu_names, measurable_here
 from search.study import run_search
 
-GPU_PROFILES = ["t4-gpu", "a100-gpu", "h100-gpu"]
+GPU_PROFILES = ["t4-gpu", "a100-gpu", "h100-gpu", "h200-gpu"]
 ROOT = Path(__file__).resolve().parents[2]
 needs_tensorrt = pytest.mark.skipif(
     "TensorrtExecutionProvider" not in ort.get_available_providers(),
