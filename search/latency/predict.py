@@ -118,11 +118,21 @@ def _shape_elems(shape: onnx.TensorShapeProto) -> int | None:
 
 
 def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """``model`` with its batch axis set to ``batch``, in the value infos too: a converted
+    model (fp16, bf16) keeps the exporter's symbolic shapes there, and shape inference does
+    not overwrite them, so every layer behind one would be costed as empty."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    for value in list(model.graph.input) + list(model.graph.output):
+    graph = model.graph
+    symbols = {v.type.tensor_type.shape.dim[0].dim_param for v in graph.input
+               if v.type.tensor_type.shape.dim} - {""}
+    for value in list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_value = batch
+    for value in graph.value_info:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in symbols:
+                dim.dim_value = batch
     return model
 
 
