@@ -38,7 +38,7 @@ import onnx
 import torch
 import torchvision
 
-from search._ort import make_session
+from search._ort import provider_loads
 from search.compress import apply_precision_plan, compressible_layers, export_onnx, onnx_node_names
 from search.compress.heads import prune_heads
 from search.latency import measure_latency
@@ -46,6 +46,7 @@ from search.latency.predict import predict_latency
 from search.profiles import (
     HardwareProfile,
     available_profiles,
+    gpu_matches,
     load_profile,
     local_gpu_names,
     measurable_here,
@@ -90,38 +91,21 @@ def _variants(model: torch.nn.Module, shape: tuple[int, ...], precisions: list[s
     return out
 
 
-def _provider_works(profile: HardwareProfile, shape: tuple[int, ...]) -> tuple[bool, str]:
-    """Whether a session with the profile's provider really runs on it (onnxruntime-gpu
-    lists TensorRT whether or not its libraries can be loaded)."""
-    provider = profile.measure.execution_provider
-    model = export_onnx(torch.nn.Sequential(torch.nn.Conv2d(shape[0], 8, 3), torch.nn.ReLU()),
-                        shape)
-    try:
-        session = make_session(model, threads=1, provider=provider,
-                               provider_options=profile.measure.provider_options,
-                               fallback_providers=profile.measure.fallback_providers)
-    except Exception as exc:  # noqa: BLE001 - the reason is what this reports
-        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-    used = session.get_providers()
-    if used[0] != provider:
-        return False, f"the session fell back to {used}"
-    return True, f"session providers {used}"
-
-
-def _measured_as(profile: HardwareProfile, shape: tuple[int, ...]) -> tuple[HardwareProfile, bool]:
-    """The profile as it can be measured here, and whether that is its own provider."""
-    ok, why = _provider_works(profile, shape)
-    print(f"{profile.measure.execution_provider}: {'works' if ok else 'NOT usable'} ({why})")
-    if ok or profile.measure.execution_provider != "TensorrtExecutionProvider":
-        return profile, ok
-    cuda = profile.model_copy(update={"measure": profile.measure.model_copy(update={
-        "execution_provider": "CUDAExecutionProvider", "fallback_providers": []})})
-    ok, why = _provider_works(cuda, shape)
-    if not ok:
-        sys.exit(f"neither TensorRT nor CUDA runs here: {why}")
+def _measured_as(profile: HardwareProfile) -> tuple[HardwareProfile, bool]:
+    """The profile as it can be measured here, and whether that is with its own provider:
+    where TensorRT cannot load on the right GPU, CUDA alone, said loudly."""
+    ok, why = measurable_here(profile)
+    print(f"profile {profile.name}: {'measured here' if ok else 'NOT measurable here'} ({why})")
+    if ok:
+        return profile, True
+    cuda_ok, cuda_why = provider_loads("CUDAExecutionProvider")
+    if (profile.measure.execution_provider != "TensorrtExecutionProvider" or not cuda_ok
+            or not gpu_matches(profile, local_gpu_names())[0]):
+        sys.exit(f"cannot measure {profile.name} here: {why}; CUDA: {cuda_why}")
     print("measuring with CUDAExecutionProvider alone: its int8 rows show ONNX Runtime's CUDA "
           "path for QDQ models (dequantize + float kernels), not this device's int8 speed")
-    return cuda, False
+    return profile.model_copy(update={"measure": profile.measure.model_copy(update={
+        "execution_provider": "CUDAExecutionProvider", "fallback_providers": []})}), False
 
 
 def _table(base: HardwareProfile, models: list[str], side: int, batches: list[int]) -> None:
@@ -171,11 +155,7 @@ def main() -> None:
 
     print(f"onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())}), "
           f"torch {torch.__version__}, GPUs: {', '.join(local_gpu_names()) or 'none'}")
-    ok, why = measurable_here(load_profile(profile))
-    print(f"profile {profile}: {'measured here' if ok else 'NOT measurable here'} ({why})")
-    if not ok:
-        sys.exit(f"cannot measure {profile} here: {why}")
-    measured, own_provider = _measured_as(load_profile(profile), (3, side, side))
+    measured, own_provider = _measured_as(load_profile(profile))
     _table(measured, args.models, side, batches)
     missing = [m for m in ("optuna", "ray", "mlflow") if importlib.util.find_spec(m) is None]
     if missing or not own_provider:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import warnings
+
 import onnxruntime as ort
 
-__all__ = ["make_session"]
+__all__ = ["make_session", "provider_loads"]
 
 
 def make_session(model: bytes, *, threads: int, provider: str = "CPUExecutionProvider",
@@ -51,3 +56,39 @@ def _provider_options(provider: str, given: dict[str, str]) -> dict[str, str]:
                 "trt_engine_cache_enable": "True",
                 "trt_engine_cache_path": str(cache_dir() / "tensorrt-engines")}
     return {**defaults, **given}
+
+
+@functools.cache
+def provider_loads(provider: str) -> tuple[bool, str]:
+    """Whether a session really runs on ``provider`` here, and why not.
+
+    onnxruntime-gpu lists the TensorRT provider whether or not the TensorRT
+    libraries can be loaded; without them a session falls back to CUDA (seen on
+    an H100 with onnxruntime-gpu 1.31: ``libnvinfer.so.10: cannot open shared
+    object file``), and a measuring session, which refuses the CPU, fails with
+    an error about session options that names neither. A one-node session says
+    which. Cached: a GPU provider takes seconds to start.
+    """
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    printed = io.StringIO()  # ONNX Runtime prints why it fell back, and falls back
+    try:
+        with contextlib.redirect_stdout(printed), warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            session = ort.InferenceSession(model.SerializeToString(), options,
+                                           providers=[provider])
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors have no common base
+        return False, str(exc).splitlines()[0][:300]
+    used = session.get_providers()
+    if used and used[0] == provider:
+        return True, f"a session runs on {provider}"
+    causes = [line.split(" when using ")[0] for line in printed.getvalue().splitlines()
+              if line.startswith("EP Error")] + [str(w.message).split(".Available")[0] for w in warned]
+    cause = causes[0][:300] if causes else ""
+    return False, f"a session on it falls back to {used}" + (f" ({cause})" if cause else "")

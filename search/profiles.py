@@ -231,7 +231,19 @@ def measurable_here(profile: HardwareProfile) -> tuple[bool, str]:
     if profile.device_class != "cpu":
         if provider == "CPUExecutionProvider":
             return False, f"a {profile.device_class} cannot be measured with the CPU provider"
-        return gpu_matches(profile, local_gpu_names())
+        ok, why = gpu_matches(profile, local_gpu_names())
+        if not ok:
+            return ok, why
+        from search._ort import provider_loads
+
+        loads, load_why = provider_loads(provider)
+        if not loads:
+            why = f"ONNX Runtime here has {provider} but it cannot run: {load_why}"
+            if provider == "TensorrtExecutionProvider":
+                why += (" (the TensorRT libraries: pip install -e '.[gpu]'; CUDA alone runs int8 "
+                        "QDQ models as dequantize + float kernels)")
+            return False, why
+        return ok, why
     flags = host_cpu_flags()
     missing = sorted(set(profile.requires.cpu_flags) - flags)
     if missing:

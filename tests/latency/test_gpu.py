@@ -8,7 +8,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from search._ort import make_session
+from search._ort import make_session, provider_loads
 from search.config import SearchConfig
 from search.errors import ConfigError
 from search.profiles import gpu_matches, load_profile, local_gpu_names, measurable_here
@@ -33,6 +33,17 @@ def test_a_gpu_profile_is_measured_only_on_the_gpu_it_names(name):
     assert not ok and other in why and "another device" in why
     ok, why = gpu_matches(profile, ())
     assert not ok and "no NVIDIA GPU" in why
+
+
+def test_a_provider_listed_but_not_loadable_is_told_apart():
+    """onnxruntime-gpu lists TensorRT even where its libraries are missing; only a session says.
+    On this machine's onnxruntime the CPU provider runs and a GPU provider does not."""
+    assert provider_loads("CPUExecutionProvider")[0]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    ok, why = provider_loads("CUDAExecutionProvider")
+    assert not ok and "falls back to ['CPUExecutionProvider']" in why, why
+    assert "CUDAExecutionProvider" in why
 
 
 @pytest.mark.skipif(bool(local_gpu_names()), reason="checks the refusal on a machine without a GPU")
