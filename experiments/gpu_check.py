@@ -11,9 +11,9 @@ After ``pip install -e '.[gpu]'`` (onnxruntime-gpu and the TensorRT libraries):
 
 Where the profile's provider cannot run here (onnxruntime-gpu without the
 TensorRT libraries, say), it says so and measures with the CUDA provider
-alone, labelled as such: its int8 rows then show ONNX Runtime's CUDA path for
-QDQ models (dequantize + float kernels), not the device's int8 speed, and the
-study, which would refuse to measure, is skipped. So is the study where
+alone, labelled as such: fp32 and fp16 rows, while its int8 rows fail (the CUDA
+provider places a QDQ model's weight dequantizations on the CPU, which a
+measurement refuses), and the study, which would refuse to measure, is skipped. So is the study where
 Optuna, Ray or MLflow are not installed; the table needs only PyTorch, ONNX
 and ONNX Runtime.
 
@@ -102,8 +102,8 @@ def _measured_as(profile: HardwareProfile) -> tuple[HardwareProfile, bool]:
     if (profile.measure.execution_provider != "TensorrtExecutionProvider" or not cuda_ok
             or not gpu_matches(profile, local_gpu_names())[0]):
         sys.exit(f"cannot measure {profile.name} here: {why}; CUDA: {cuda_why}")
-    print("measuring with CUDAExecutionProvider alone: its int8 rows show ONNX Runtime's CUDA "
-          "path for QDQ models (dequantize + float kernels), not this device's int8 speed")
+    print("measuring with CUDAExecutionProvider alone: not the profile's provider; int8 QDQ "
+          "models cannot run on it without the CPU, so their rows fail")
     return profile.model_copy(update={"measure": profile.measure.model_copy(update={
         "execution_provider": "CUDAExecutionProvider", "fallback_providers": []})}), False
 

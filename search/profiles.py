@@ -225,8 +225,8 @@ def measurable_here(profile: HardwareProfile) -> tuple[bool, str]:
     if missing:
         why = f"ONNX Runtime here lacks {', '.join(missing)}"
         if provider == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
-            why += (" (CUDA alone runs int8 QDQ models as dequantize + float kernels, so its "
-                    "int8 latencies would not be this device's)")
+            why += (" (CUDA alone cannot run int8 QDQ models on the GPU: their weights' "
+                    "dequantizations are placed on the CPU)")
         return False, why
     if profile.device_class != "cpu":
         if provider == "CPUExecutionProvider":
@@ -240,8 +240,8 @@ def measurable_here(profile: HardwareProfile) -> tuple[bool, str]:
         if not loads:
             why = f"ONNX Runtime here has {provider} but it cannot run: {load_why}"
             if provider == "TensorrtExecutionProvider":
-                why += (" (the TensorRT libraries: pip install -e '.[gpu]'; CUDA alone runs int8 "
-                        "QDQ models as dequantize + float kernels)")
+                why += (" (the TensorRT libraries: pip install -e '.[gpu]'; CUDA alone cannot run "
+                        "int8 QDQ models on the GPU)")
             return False, why
         return ok, why
     flags = host_cpu_flags()

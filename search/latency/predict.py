@@ -118,8 +118,8 @@ def _shape_elems(shape: onnx.TensorShapeProto) -> int | None:
 
 
 def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """``model`` with its batch axis set to ``batch``, in the value infos too: a converted
-    model (fp16, bf16) keeps the exporter's symbolic shapes there, and shape inference does
+    """``model`` with its batch axis set to ``batch``, in the value infos too: a model
+    converted to fp16 keeps the exporter's symbolic shapes there, and shape inference does
     not overwrite them, so every layer behind one would be costed as empty."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
