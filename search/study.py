@@ -97,6 +97,29 @@ def open_storage(url: str) -> str | optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(path))
 
 
+def _create_or_load_study(storage: str | optuna.storages.BaseStorage,
+                          sampler: optuna.samplers.BaseSampler | None,
+                          study_name: str) -> optuna.Study:
+    """The two-objective study ``study_name`` in ``storage``, created if new.
+
+    Drivers that open a new SQLite file at the same moment (studies launched
+    together by a scheduler) race to create its tables, and Optuna lets the
+    losers fail ("table studies already exists"; seen with 5 of 6 threads). By
+    then the tables exist, so a loser tries again, a few times.
+    """
+    for attempt in range(4):
+        try:
+            return optuna.create_study(storage=storage, sampler=sampler, study_name=study_name,
+                                       directions=["maximize", "minimize"], load_if_exists=True)
+        except Exception as exc:  # sqlalchemy's errors, without importing sqlalchemy
+            racing = type(exc).__name__ in ("OperationalError", "IntegrityError") and (
+                "already exists" in str(exc) or "UNIQUE constraint" in str(exc))
+            if not racing or attempt == 3:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def _driver_lock(output_dir: Path, study_name: str) -> Iterator[None]:
     """One driver per study output directory: a second one refuses instead of racing.
@@ -318,11 +341,9 @@ def _open_study(cfg: SearchConfig, task: Task, profile: HardwareProfile,
     baselines and seeds enqueued on a new one. Returns it with the space preflight left."""
     constrained = cfg.max_accuracy_drop is not None or cfg.max_latency_ms is not None
     try:
-        study = optuna.create_study(
-            storage=open_storage(cfg.storage),
-            sampler=make_sampler(cfg.sampler, cfg.seed, cfg.budget, constrained),
-            study_name=cfg.study_name, directions=["maximize", "minimize"], load_if_exists=True,
-        )
+        study = _create_or_load_study(open_storage(cfg.storage),
+                                      make_sampler(cfg.sampler, cfg.seed, cfg.budget, constrained),
+                                      cfg.study_name)
     except Exception as exc:
         raise ConfigError(f"cannot open the Optuna storage {redact(cfg.storage)}: "
                           f"{type(exc).__name__}: {redact(str(exc))}") from None

@@ -45,13 +45,13 @@ def _trials(storage: str, name: str, *states) -> list[optuna.trial.FrozenTrial]:
 
 
 def _trials_so_far(storage: str, name: str, *states) -> list[optuna.trial.FrozenTrial]:
-    """For polling while a driver starts: [] until the study exists or while SQLite is
-    locked for a moment; any other error raises."""
-    from sqlalchemy.exc import OperationalError
+    """For polling while a driver starts: [] until the study exists, while SQLite is
+    locked for a moment or while the driver creates its tables; any other error raises."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     try:
         return _trials(storage, name, *states)
-    except (KeyError, OperationalError):
+    except (KeyError, OperationalError, IntegrityError):
         return []
 
 

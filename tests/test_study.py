@@ -215,3 +215,30 @@ def test_journal_file_storage_runs_and_resumes(tmp_path, fast_profile_path, quic
                               storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert sorted(t.number for t in done) == [0, 1, 2]
+
+
+def test_studies_opened_at_once_on_a_new_sqlite_file_all_open(tmp_path):
+    """Six drivers' studies on one new SQLite file at the same moment: Optuna alone lets
+    all but one fail creating its tables ("table studies already exists")."""
+    import threading
+
+    from search.study import _create_or_load_study
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    start, errors = threading.Barrier(6), []
+
+    def open_one(i: int) -> None:
+        start.wait()
+        try:
+            _create_or_load_study(url, None, f"study-{i}")
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=open_one, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    names = {s.study_name for s in optuna.get_all_study_summaries(url)}
+    assert names == {f"study-{i}" for i in range(6)}
