@@ -187,17 +187,33 @@ def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fas
     _assert_mlflow_matches(result.tracking_uri, storage, "worker-kill")
 
 
+def _alive(pid: int) -> bool:
+    """Running: a zombie (exited, not yet reaped by whoever inherited it) has gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+# Ray's per-node agents, which notice their raylet's death only after 10 s or more
+_LINGERING = ("DashboardAgent", "RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent")
+
+
 def _kill_driver(proc: subprocess.Popen) -> None:
-    """kill -9 the driver; Ray's processes below it must notice and go (10 s)."""
+    """kill -9 the driver; Ray's processes below it (GCS, raylet, workers) must notice and
+    go (10 s). Its agents, which linger, are killed once the rest has gone."""
     below = _descendants(proc.pid)
     proc.kill()
     proc.communicate(timeout=60)
+    core = [(p, cmd) for p, cmd in below if not any(name in cmd for name in _LINGERING)]
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p, _ in below):
-        time.sleep(0.5)
-    survivors = [(p, cmd) for p, cmd in below if Path(f"/proc/{p}").exists()]
-    for pid, _ in survivors:  # never leak them into the machine
-        os.kill(pid, signal.SIGKILL)
+    while time.monotonic() < deadline and any(_alive(p) for p, _ in core):
+        time.sleep(0.2)
+    survivors = [(p, cmd) for p, cmd in core if _alive(p)]
+    for pid, _ in below:  # never leak them into the machine
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
     if survivors:  # Ray's doing, not the study's: say so without failing
         import warnings
 

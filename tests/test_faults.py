@@ -46,7 +46,10 @@ def test_losing_the_device_node_mid_study_keeps_the_full_budget(tmp_path, fast_p
     monkeypatch.setenv("SEARCH_FAULTS", "prune@*+1.5")
     (tmp_path / "quick.yaml").write_text(QUICK_SPACE)
     cluster = Cluster(initialize_head=True,  # no dashboard: a dozen processes it never uses
-                      head_node_args={"num_cpus": 2, "include_dashboard": False})
+                      # a lost node is declared dead after 1.5 s, not Ray's default 15 s or so
+                      head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                      "_system_config": {"health_check_period_ms": 500,
+                                                         "health_check_failure_threshold": 3}})
     first = cluster.add_node(num_cpus=1, resources={fast_profile.resource: 1})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cmd = [sys.executable, "-m", "search.cli", "--profile", str(fast_profile_path), "--budget",
