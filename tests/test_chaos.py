@@ -224,7 +224,8 @@ def _kill_driver(proc: subprocess.Popen) -> None:
 def test_ctrl_c_then_kill_9_then_rerun_ends_with_exactly_the_budget(slow_trials,
                                                                      fast_profile_path, capsys):
     """The same command three times: stopped with Ctrl-C (SIGINT: exit 130, saying how to
-    resume), then with kill -9 while a trial runs, then to the end. The killed driver is a
+    resume), then with kill -9 while a trial runs (a fourth copy, started while that one
+    holds the study, exits 2 and changes nothing), then to the end. The killed driver is a
     separate process that starts a Ray of its own (which the kill must take down with it);
     the first and last run in this process on the session's warm Ray (Ctrl-C is delivered
     to this process's main thread, where the driver runs). Nothing completed is lost,
@@ -262,8 +263,14 @@ def test_ctrl_c_then_kill_9_then_rerun_ends_with_exactly_the_budget(slow_trials,
     assert 2 <= len(first) < 6 and not _trials(storage, "resume", RUNNING)
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait(lambda: len(complete()) > len(first) and _trials_so_far(storage, "resume", RUNNING),
-          300, proc)
+    _wait(lambda: len(complete()) > len(first), 300, proc)
+    # while that driver holds the study, the same command in this process is refused and
+    # changes nothing
+    capsys.readouterr()
+    assert main(cmd[3:]) == 2
+    assert "already being run by another driver" in capsys.readouterr().err
+    assert proc.poll() is None  # refused because the other held it, not after it ended
+    _wait(lambda: bool(_trials_so_far(storage, "resume", RUNNING)), 300, proc)
     _kill_driver(proc)
     second = complete()
     stale = [t.number for t in _trials(storage, "resume", RUNNING)]
@@ -271,6 +278,8 @@ def test_ctrl_c_then_kill_9_then_rerun_ends_with_exactly_the_budget(slow_trials,
     assert all(second[n] == first[n] for n in first)
 
     assert main(cmd[3:]) == 0  # the rerun: the same command, to the end
+    out = capsys.readouterr().out
+    assert "Pareto front" in out and "mlflow ui --backend-store-uri" in out  # as a user reads it
     after = complete()
     assert len(after) == 6 and all(after[n] == second[n] for n in second)
     failed = {t.number: t for t in _trials(storage, "resume", FAIL)}

@@ -13,7 +13,7 @@ from ray.cluster_utils import Cluster
 from search.config import SearchConfig
 from search.errors import ConfigError, SearchError
 from search.study import run_search
-from tests.conftest import QUICK_SPACE, warm_ray_address
+from tests.conftest import QUICK_SPACE
 
 pytestmark = pytest.mark.slow
 
@@ -110,37 +110,6 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path, fast_profil
 
     trials = pd.read_csv(tmp_path / "diverge" / "trials.csv")
     assert (trials["state"] == "FAIL").sum() == len(failed)
-
-
-def test_a_second_driver_on_the_same_study_refuses(tmp_path, fast_profile_path, monkeypatch,
-                                                   capsys):
-    """While one driver (a separate process) holds the study, a second one (the command in
-    this process) exits 2 and changes nothing. Trials are quick but slowed by 1.5 s each, so
-    that the first driver still runs; it joins the session's warm Ray."""
-    from search.cli import main
-
-    monkeypatch.setenv("SEARCH_FAULTS", "prune@*+1.5")
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "quick.yaml").write_text(QUICK_SPACE)
-    args = ["--profile", str(fast_profile_path), "--budget", "3", "--study-name", "shared",
-            "--space", "quick.yaml", "--refine", "0", "--quiet"]
-    first = subprocess.Popen([sys.executable, "-m", "search.cli", *args, "--ray-address",
-                              warm_ray_address()], cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    storage = f"sqlite:///{tmp_path / 'search-runs' / 'optuna.db'}"
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "search-runs" / "shared" / ".driver.lock").exists() \
-            and time.monotonic() < deadline:
-        time.sleep(0.2)
-    capsys.readouterr()
-    assert main(args) == 2
-    assert "already being run by another driver" in capsys.readouterr().err
-    assert first.poll() is None  # refused because the first one held it, not after it ended
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-2000:]
-    assert "Pareto front" in out and "mlflow ui --backend-store-uri" in out  # as a user reads it
-    study = optuna.load_study(study_name="shared", storage=storage)
-    assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
 
 
 # the stages of a trial without fine-tune (the quick space's); a failing fine-tune ("train")
