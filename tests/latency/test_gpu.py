@@ -55,9 +55,10 @@ def test_measure_is_refused_for_a_gpu_profile_this_machine_cannot_run(tmp_path):
         run_search(SearchConfig(profile="t4-gpu", budget=1, latency="measure", runs_root=tmp_path))
 
 
-def test_a_batch_size_setting_reaches_the_predicted_latency(tmp_path, task):
+def test_a_batch_size_setting_reaches_the_predicted_latency(tmp_path, task, quick_space):
     result = run_search(SearchConfig(profile="t4-gpu", budget=2, latency="predict", batch_size=8,
-                                     runs_root=tmp_path, refine=0), show_progress=False)
+                                     runs_root=tmp_path, refine=0, space=quick_space),
+                        show_progress=False)
     study = result.load_study()
     assert {t.user_attrs["latency_batch_size"] for t in study.trials
             if t.state.is_finished()} == {8}
