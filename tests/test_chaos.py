@@ -223,9 +223,9 @@ def _kill_driver(proc: subprocess.Popen) -> None:
 
 def test_ctrl_c_then_kill_9_then_rerun_ends_with_exactly_the_budget(slow_trials,
                                                                      fast_profile_path, capsys):
-    """The same command three times: stopped with Ctrl-C (SIGINT: exit 130, saying how to
-    resume), then with kill -9 while a trial runs (a fourth copy, started while that one
-    holds the study, exits 2 and changes nothing), then to the end. The killed driver is a
+    """The same command, again and again: stopped with Ctrl-C (SIGINT: exit 130, saying how
+    to resume), then with kill -9 while a trial runs (a copy started while that one holds
+    the study exits 2 and changes nothing), then run to the end. The killed driver is a
     separate process that starts a Ray of its own (which the kill must take down with it);
     the first and last run in this process on the session's warm Ray (Ctrl-C is delivered
     to this process's main thread, where the driver runs). Nothing completed is lost,
