@@ -58,11 +58,8 @@ from search.record import Choices
 def _gpu_profile() -> str:
     names = local_gpu_names()
     for name in available_profiles():
-        if name == "host":
-            continue
         profile = load_profile(name)
-        wanted = profile.requires.gpu_names
-        if wanted and any(w.lower() in g.lower() for g in names for w in wanted):
+        if profile.requires.gpu_names and gpu_matches(profile, names)[0]:
             return name
     sys.exit(f"no built-in profile describes this machine's GPU ({', '.join(names) or 'none'}); "
              "pass --profile, or --dry-run on a CPU machine")

@@ -13,10 +13,8 @@ import optuna
 import pandas as pd
 
 __all__ = ["COLUMNS", "best_speedup", "front_markdown", "hypervolume", "hypervolume_2d",
-           "mark_front", "pareto_mask",
-           "plot_front",
-           "readable_front",
-           "trials_frame", "within_drop", "write_html"]
+           "mark_front", "pareto_mask", "plot_front", "readable_front", "trials_frame",
+           "within_drop", "write_html"]
 
 COLUMNS = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "latency_cv",
            "latency_noisy", "latency_source", "device", "speedup", "size_mb", "macs", "params",

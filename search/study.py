@@ -107,17 +107,20 @@ def _create_or_load_study(storage: str | optuna.storages.BaseStorage,
     losers fail ("table studies already exists"; seen with 5 of 6 threads). By
     then the tables exist, so a loser tries again, a few times.
     """
-    for attempt in range(4):
+    def create() -> optuna.Study:
+        return optuna.create_study(storage=storage, sampler=sampler, study_name=study_name,
+                                   directions=["maximize", "minimize"], load_if_exists=True)
+
+    for attempt in range(3):
         try:
-            return optuna.create_study(storage=storage, sampler=sampler, study_name=study_name,
-                                       directions=["maximize", "minimize"], load_if_exists=True)
+            return create()
         except Exception as exc:  # sqlalchemy's errors, without importing sqlalchemy
             racing = type(exc).__name__ in ("OperationalError", "IntegrityError") and (
                 "already exists" in str(exc) or "UNIQUE constraint" in str(exc))
-            if not racing or attempt == 3:
+            if not racing:
                 raise
             time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
+    return create()  # the last try raises what it meets
 
 
 @contextmanager
