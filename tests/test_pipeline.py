@@ -70,3 +70,22 @@ def test_channel_ratios_per_segment_with_a_block_dropped(task, layers):
     assert after["fc"] == 10
     assert thinned(torch.zeros(2, *task.input_shape)).shape == (2, 10)
     assert record.choices.applied()["structured_ratio.late"] == 0.5
+
+
+def test_blocks_are_ranked_once_per_starting_model_and_drop_alike_in_every_trial(task):
+    """The block ranking depends on the starting model only (a fixed training sample), so
+    trials of any seed drop the same blocks, the ranking is computed once per process, and
+    the least-changing blocks go first."""
+    from search import pipeline
+    from search.compress.prune import rank_blocks
+    from search.profiles import load_profile
+
+    profile = load_profile("cpu-avx2")
+    pipeline._RANKINGS.clear()
+    records = [TrialRecord(n, Choices(drop_blocks=1), seed=seed) for n, seed in enumerate((0, 5, 11))]
+    for record in records:
+        pipeline.prune_student(record, task, profile)
+    assert len(pipeline._RANKINGS) == 1
+    ranking = next(iter(pipeline._RANKINGS.values()))
+    assert all(r.dropped_blocks == ranking[:1] for r in records) and ranking
+    assert set(rank_blocks(task.teacher(), task.train.x[:256])) == set(ranking)

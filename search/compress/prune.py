@@ -33,7 +33,9 @@ __all__ = [
     "droppable_blocks",
     "prune_structured",
     "prune_unstructured",
+    "rank_blocks",
     "recalibrate_batchnorm",
+    "remove_blocks",
 ]
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -261,16 +263,12 @@ def _encoder_firsts(model: nn.Module) -> set[str]:
 
 
 @torch.no_grad()
-def drop_blocks(model: nn.Module, n: int, inputs: torch.Tensor) -> list[str]:
-    """Replace the ``n`` residual blocks that change their input least by
-    :class:`DroppedBlock` identities.
+def rank_blocks(model: nn.Module, inputs: torch.Tensor) -> list[str]:
+    """The droppable residual blocks, the one that changes its input least first.
 
     Importance of a block: ``||f(x) - x||^2 / ||x||^2`` on ``inputs`` (a
-    block that barely changes its input is the cheapest to lose). Returns the
-    dropped blocks' names.
+    block that barely changes its input is the cheapest to lose).
     """
-    if n <= 0:
-        return []
     modules = dict(model.named_modules())
     change: dict[str, float] = {}
 
@@ -279,11 +277,25 @@ def drop_blocks(model: nn.Module, n: int, inputs: torch.Tensor) -> list[str]:
 
     names = droppable_blocks(model, inputs[:1])
     _observe(model, {name: modules[name] for name in names}, relative_change, inputs)
-    dropped = sorted(change, key=change.get)[:n]
-    for name in dropped:
+    return sorted(change, key=change.get)
+
+
+def remove_blocks(model: nn.Module, names: list[str]) -> list[str]:
+    """Replace the named blocks by :class:`DroppedBlock` identities; returns the names."""
+    modules = dict(model.named_modules())
+    for name in names:
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, DroppedBlock())
-    return dropped
+    return list(names)
+
+
+@torch.no_grad()
+def drop_blocks(model: nn.Module, n: int, inputs: torch.Tensor) -> list[str]:
+    """Drop the ``n`` least important residual blocks (:func:`rank_blocks` on ``inputs``);
+    returns the dropped blocks' names."""
+    if n <= 0:
+        return []
+    return remove_blocks(model, rank_blocks(model, inputs)[:n])
 
 
 def prune_unstructured(model: nn.Module, sparsity: float, criterion: str = "magnitude",

@@ -119,10 +119,16 @@ def test_calibration_refit_recovers_known_factors(pruned_models):
         for p in ("fp32", "int8"):
             costs = [type(c)(**{**c.__dict__, "precision": p}) for c in costs_from_onnx(model)]
             samples.append((costs, predict_ms(costs, profile, truth)))
-    fitted = fit_calibration(samples, profile)
+    fitted = fit_calibration(samples, profile, prior=0.0)
     errors = [abs(predict_ms(c, profile, fitted) / ms - 1) for c, ms in samples]
     assert np.max(errors) < 0.02
     assert fitted.fitted_on == len(samples)
+    # pulled towards the profile's numbers (the default), six measurements still move the
+    # fit most of the way from them, but not all the way
+    pulled = fit_calibration(samples, profile)
+    profile_errors = [abs(predict_ms(c, profile) / ms - 1) for c, ms in samples]
+    pulled_errors = [abs(predict_ms(c, profile, pulled) / ms - 1) for c, ms in samples]
+    assert 0.02 < np.max(pulled_errors) < 0.25 * np.max(profile_errors)
 
 
 def test_tensor_core_fill_makes_int8_pay_more_at_batch_8_than_at_batch_1():
@@ -239,7 +245,7 @@ def test_a_refit_on_executed_graphs_fits_the_node_overhead(task):
     models += [_pruned(task, 0.5), _pruned(task, 0.25)]
     samples = [(costs_for(m, profile), 0.0) for m in models]
     samples = [(c, predict_ms(c, profile, truth)) for c, _ in samples]
-    fitted = fit_calibration(samples, profile)
+    fitted = fit_calibration(samples, profile, prior=0.0)  # what the data alone say
     assert fitted.node_overhead_us == pytest.approx(6.0, rel=0.15)
     assert max(abs(predict_ms(c, profile, fitted) / ms - 1) for c, ms in samples) < 0.03
     plain = fit_calibration([(costs_from_onnx(m), ms) for m, (_, ms) in zip(models, samples,
