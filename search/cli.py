@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="front members given a longer distillation after the budget, then re-measured "
              "side by side with the baselines (default 4; 0: none)")
     add("--refine-epochs", type=_whole_number,
-        help="distillation epochs of a refinement (default: twice the space's longest, >= 6)")
+        help="distillation epochs of a refinement (default: twice the space's longest, >= 12)")
     add("--no-early-stopping", dest="early_stopping", action="store_false", default=None,
         help="fine-tune every trial to the end, even one that cannot reach the front")
     add("--max-failures", type=_whole_number,

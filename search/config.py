@@ -81,7 +81,7 @@ class SearchConfig:
     # multi-fidelity and refinement (search.driver, search.refine)
     early_stopping: bool = True  # stop trials that cannot reach the front (state PRUNED)
     refine: int = 4  # front members given a longer distillation after the budget (0: none)
-    refine_epochs: int | None = None  # None: twice the space's longest fine-tune, at least 6
+    refine_epochs: int | None = None  # None: twice the space's longest fine-tune, at least 12
     refine_timeout_s: float = 600.0  # no refinement starts later than this after the budget
     batch_size: int | None = None  # inputs per inference latency is for (None: the profile's)
     max_failures: int | None = None  # failed trials before the study stops (None: max(10, budget))
