@@ -38,7 +38,7 @@ _DONE_ATTR = "refined"  # study user attr: {source trial: refined accuracy}, ado
 @dataclass(frozen=True)
 class RefineSettings:
     members: int = 4  # front members refined at most (0: no refinement)
-    epochs: int = 8  # distillation epochs of a refinement
+    epochs: int = 12  # distillation epochs of a refinement (a study: max(12, 2 x longest))
     timeout_s: float = 600.0  # no refinement starts after this
     parallel: int = 1
     seed: int = 0
