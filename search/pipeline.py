@@ -129,8 +129,8 @@ def _prune(record: TrialRecord, task: Task, profile: HardwareProfile) -> tuple[n
     probe = task.train.x[torch.randperm(len(task.train))[:256]]
     # depth segments of the whole model: "early" names the same layers whichever blocks go
     segments = depth_segments(student, example) if c.segment_ratios else None
-    record.dropped_blocks = remove_blocks(
-        student, _block_ranking(task, student, c.init)[:c.drop_blocks] if c.drop_blocks > 0 else [])
+    ranking = _block_ranking(task, student, c.init) if c.drop_blocks > 0 else []
+    record.dropped_blocks = remove_blocks(student, ranking[:c.drop_blocks])
     prune_structured(student, example, c.segment_ratios or c.structured_ratio,
                      profile.channel_multiple, importance=c.structured_importance,
                      head_ratio=c.head_ratio, data=task.train, segments=segments)

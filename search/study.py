@@ -39,6 +39,7 @@ from search.pareto import (
 from search.pipeline import model_facts, student_layers
 from search.probe import preflight
 from search.profiles import HardwareProfile
+from search.refine import MIN_EPOCHS as MIN_REFINE_EPOCHS
 from search.refine import RefineSettings, refine_front, remeasure_front
 from search.resolve import ResolvedSpace, resolve_space
 from search.sampling import make_sampler
@@ -175,11 +176,8 @@ def _refine(cfg: SearchConfig, study: optuna.Study, resolved: ResolvedSpace, exe
             parallel: int) -> None:
     """Refine the front's members, then re-measure the front with the baselines."""
     longest = resolved.space.distillation.epochs.high
-    # at least 12 epochs: the three fastest members of a budget-50 study of the default task,
-    # refined with 6 / 12 / 18 epochs, reached 97.21 / 98.61 / 98.61 % and 97.77 / 99.16 /
-    # 98.89 % on validation, the third 98.61 / 98.89 % with 6 / 12: 6 left them short of
-    # fp32's 99.16 % by more than the point a user allows, 18 bought nothing more
-    settings = RefineSettings(members=cfg.refine, epochs=cfg.refine_epochs or max(12, 2 * longest),
+    epochs = cfg.refine_epochs or max(MIN_REFINE_EPOCHS, 2 * longest)
+    settings = RefineSettings(members=cfg.refine, epochs=epochs,
                               timeout_s=cfg.refine_timeout_s, parallel=parallel, seed=cfg.seed)
     if cfg.refine > 0 and longest > 0:
         refine_front(study, executor, settings, Path(cfg.output_dir))
