@@ -118,12 +118,14 @@ def pytest_xdist_make_scheduler(config, log):  # noqa: ANN001, ANN201
 
 def pytest_collection_modifyitems(items):
     """The order the test processes take work in (``--no-loadscope-reorder``): tests with a
-    Ray of their own last, since each stops the session's warm Ray and the next test that
-    needs it would start it again (seconds, and cold workers that import torch); before them
-    the modules with end-to-end studies, so that the longest work starts first. Whole modules
+    Ray of their own first, before any test has started the session's warm Ray (each stops
+    it, and the next test that needs it would start it again: seconds, and cold workers that
+    import torch), and among them the minute-long ones; then the modules with end-to-end
+    studies, so that the longest work starts first and the two test processes end together
+    (own-Ray tests last left one process running a minute after the other). Whole modules
     move together, so that a module's shared study is set up once."""
     slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: (item.get_closest_marker("own_ray") is not None,
+    items.sort(key=lambda item: (item.get_closest_marker("own_ray") is None,
                                  item.module.__name__ not in slow))
 
 

@@ -379,7 +379,8 @@ def test_tracking_server_restarted_mid_study(slow_trials, fast_profile_path, mon
     tracking = f"http://127.0.0.1:{port}"
     storage = f"sqlite:///{slow_trials / 'search-runs' / 'optuna.db'}"
     gate = slow_trials / "gate"
-    monkeypatch.setenv("SEARCH_FAULTS", f"prune@*+1.5,prune@*?{gate}")
+    # slowed a little, so that the outage thread sees each trial logged before the next
+    monkeypatch.setenv("SEARCH_FAULTS", f"prune@*+0.8,prune@*?{gate}")
     errors: list[BaseException] = []
 
     def logged() -> int:

@@ -41,9 +41,9 @@ def test_losing_the_device_node_mid_study_keeps_the_full_budget(tmp_path, fast_p
                                                                  fast_profile_path, monkeypatch):
     """The study runs as a separate driver (the CLI) joined to a local multi-node cluster;
     the node that holds the device is killed after two trials and a new one joins. Trials
-    are quick (no fine-tune) but slowed by 1.5 s (the fault hook, which the driver sends
+    are quick (no fine-tune) but slowed by 1 s (the fault hook, which the driver sends
     with each task), so that the loss lands mid-study."""
-    monkeypatch.setenv("SEARCH_FAULTS", "prune@*+1.5")
+    monkeypatch.setenv("SEARCH_FAULTS", "prune@*+1")
     (tmp_path / "quick.yaml").write_text(QUICK_SPACE)
     cluster = Cluster(initialize_head=True,  # no dashboard: a dozen processes it never uses
                       # a lost node is declared dead after 1.5 s, not Ray's default 15 s or so

@@ -1,6 +1,8 @@
 """A scheduled cluster run for real: a Ray head on loopback with token authentication, the
-study submitted twice through the Ray Jobs API with journal-file storage; the second
-submission resumes the first."""
+study submitted through the Ray Jobs API with journal-file storage, as experiments/ holds
+for nightly runs. (That a rerun of the command resumes the journal's study is tested in
+tests/test_study.py: a second submission here would run the same code again, at 20 s of
+job and driver start-up.)"""
 
 from __future__ import annotations
 
@@ -108,15 +110,15 @@ def _submit(env: dict[str, str], address: str, *args: str) -> subprocess.Complet
         time.sleep(3)
 
 
-def test_a_nightly_style_job_runs_and_a_second_submission_resumes_it(head, tmp_path,
-                                                                      fast_profile_path):
+def test_a_nightly_style_job_runs_on_a_token_protected_cluster(head, tmp_path,
+                                                              fast_profile_path):
     env, address = head
     space = tmp_path / "quick.yaml"
     space.write_text(QUICK_SPACE)
     journal = tmp_path / "nightly.journal"
     config = tmp_path / "nightly.yaml"
     config.write_text(yaml.safe_dump({
-        "profile": str(fast_profile_path), "budget": 2, "study_name": "nightly",
+        "profile": str(fast_profile_path), "budget": 3, "study_name": "nightly",
         "ray_address": "auto", "storage": f"journal:///{journal}", "latency": "measure",
         "output_dir": str(tmp_path / "out"), "space": str(space), "refine": 0,
         "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
@@ -131,12 +133,9 @@ def test_a_nightly_style_job_runs_and_a_second_submission_resumes_it(head, tmp_p
     assert any(w in refused.stderr.lower() for w in ("401", "unauthori", "token")), \
         refused.stderr[-2000:]
 
-    second = _submit(env, address, "--config", str(config), "--budget", "3")
-    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
-
     study = optuna.load_study(study_name="nightly", storage=open_storage(f"journal:///{journal}"))
     done = [t for t in study.trials if t.state.is_finished()]
-    assert [t.number for t in done] == [0, 1, 2]  # the budget met exactly, nothing repeated
+    assert [t.number for t in done] == [0, 1, 2]  # the budget met exactly
     assert {t.user_attrs.get("latency_source") for t in done if t.values} == {"measured"}
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(EXPERIMENT)
