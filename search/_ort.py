@@ -7,9 +7,21 @@ import functools
 import io
 import warnings
 
+import numpy as np
 import onnxruntime as ort
 
-__all__ = ["make_session", "provider_loads"]
+__all__ = ["example_input", "make_session", "provider_loads"]
+
+
+def example_input(session: ort.InferenceSession, shape: tuple[int, ...]) -> np.ndarray:
+    """An input of ``shape`` in the type the model declares: standard-normal floats for
+    float inputs; zeros for integer ones (token ids: 0 is a valid index into any
+    embedding, and the time a model takes does not depend on which ids it reads)."""
+    kind = session.get_inputs()[0].type  # e.g. "tensor(float)", "tensor(int64)"
+    if "int" in kind:
+        return np.zeros(shape, dtype=np.int32 if kind == "tensor(int32)" else np.int64)
+    dtype = np.float16 if kind == "tensor(float16)" else np.float32
+    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32).astype(dtype)
 
 
 def make_session(model: bytes, *, threads: int, provider: str = "CPUExecutionProvider",

@@ -19,7 +19,9 @@ def onnx_score(model: bytes, split: Split, metric: Metric = top1_accuracy, *, th
         session = make_session(model, threads=threads, spinning=False)
     except Exception as exc:
         raise TrialError("evaluate", f"ONNX Runtime cannot load the model: {exc}") from exc
-    x = split.x.numpy().astype(np.float32)
+    x = split.x.numpy()  # float32 inputs, or int64 token ids as the model takes them
+    if x.dtype != np.int64:
+        x = x.astype(np.float32)
     outputs = []
     for start in range(0, len(x), batch_size):
         logits = session.run(None, {"input": x[start : start + batch_size]})[0]

@@ -83,7 +83,7 @@ def student_layers(task: Task) -> list[Layer]:
 def model_facts(task: Task) -> ModelFacts:
     """What the task's model offers the space: droppable blocks, attention, sparse init."""
     teacher = task.teacher()
-    example = torch.zeros(1, *task.input_shape)
+    example = task.example()
     return ModelFacts(droppable_blocks=len(droppable_blocks(teacher, example)),
                       attention=bool(attention_modules(teacher)),
                       sparse_init=task.sparse_state is not None)
@@ -125,7 +125,7 @@ def _prune(record: TrialRecord, task: Task, profile: HardwareProfile) -> tuple[n
     c = record.choices
     torch.manual_seed(record.seed)
     student = task.sparse_student() if c.init == "sparse" else task.teacher()
-    example = torch.zeros(1, *task.input_shape)
+    example = task.example()
     probe = task.train.x[torch.randperm(len(task.train))[:256]]
     # depth segments of the whole model: "early" names the same layers whichever blocks go
     segments = depth_segments(student, example) if c.segment_ratios else None
@@ -171,7 +171,7 @@ def _export_and_quantize(record: TrialRecord, task: Task, profile: HardwareProfi
     c = record.choices
     plan = {layer.name: c.precisions.get(layer.name, "fp32") for layer in layers}
     with _stage(record, "export"):
-        fp32 = export_onnx(student, task.input_shape)
+        fp32 = export_onnx(student, task.input_shape, task.example().dtype)
         names = onnx_node_names(onnx.load_from_string(fp32), layers)
     with _stage(record, "quantize"):
         if calibration_samples is not None:

@@ -69,7 +69,7 @@ def _structural(task: Task, resolved: ResolvedSpace) -> list[str]:
     p, out = resolved.space.pruning, []
     asked = {"drop_blocks": ("layer dropping", p.drop_blocks.high > 0),
              "heads": ("head pruning", p.head_ratio.high > 0)}
-    model, example = task.teacher(), torch.zeros(1, *task.input_shape)
+    model, example = task.teacher(), task.example()
     for technique, (name, wanted) in asked.items():
         ok, why = applicable(model, technique, example) if wanted else (True, "")
         if not ok:
@@ -175,7 +175,7 @@ def _try(task: Task, profile: HardwareProfile, choices: Choices) -> str:
         x = task.val.x[:_SAMPLES]
         with torch.no_grad():
             student(x)
-        fp32 = export_onnx(student, task.input_shape)
+        fp32 = export_onnx(student, task.input_shape, task.example().dtype)
         layers = compressible_layers(student)
         names = onnx_node_names(onnx.load_from_string(fp32), layers)
         plan = {layer.name: choices.precisions.get(layer.name, "fp32") for layer in layers}

@@ -200,12 +200,12 @@ class Tracker:
                    providers: list[str] | None = None) -> None:
         """Log each front model as an MLflow ONNX model (signature, input example) in the
         parent run, ready to register from the UI; its child run gets the model URI."""
-        import numpy as np
         import onnx
         import onnxruntime as ort
         from mlflow.models import infer_signature
 
-        example = np.zeros((1, *input_shape), dtype=np.float32)
+        from search._ort import example_input
+
         declared = providers or ["CPUExecutionProvider"]
         missing = [p for p in declared if p not in ort.get_available_providers()]
         if missing and models:
@@ -216,6 +216,7 @@ class Tracker:
               _quiet_provider_check()):
             for number, path in sorted(models.items()):
                 session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                example = example_input(session, (1, *input_shape))  # float or token ids
                 output = session.run(None, {"input": example})[0]
                 info = mlflow.onnx.log_model(
                     onnx.load(str(path)), name=f"trial-{number}", input_example=example,

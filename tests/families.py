@@ -106,6 +106,40 @@ def conv1d() -> nn.Module:
                          nn.Linear(32, CLASSES))
 
 
+class TextClassifier(nn.Module):
+    """A text classifier the standard PyTorch way: it takes int64 token ids (``nn.Embedding``),
+    then ``nn.TransformerEncoder``, mean pooling and an ``nn.Linear`` head."""
+
+    def __init__(self, vocab: int = 100, dim: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def make_token_task(seed: int, options):  # noqa: ANN001, ANN201 - a --task plugin
+    """Sequences of 16 token ids whose class is written in their first three tokens."""
+    from search.tasks import Split, Task, TrainSettings, cached_teacher, train_classifier
+
+    def split(n: int, gen: torch.Generator) -> Split:
+        y = torch.randint(0, 4, (n,), generator=gen)
+        x = torch.randint(4, 100, (n, 16), generator=gen)
+        x[:, :3] = y[:, None]
+        return Split(x, y)
+
+    gen = torch.Generator().manual_seed(1234)
+    train, val, test = (split(n, gen) for n in (256, 128, 128))
+    recipe = TrainSettings(epochs=options.teacher_epochs or 3)  # its image shift: not applied
+    state, info = cached_teacher("tokens", {"version": 1, "seed": seed, **recipe.as_dict()},
+                                 lambda: train_classifier(TextClassifier, train, recipe, seed))
+    return Task(name="tokens", make_model=TextClassifier, teacher_state=state, train=train,
+                val=val, test=test, input_shape=(16,), num_classes=4, teacher_info=info)
+
+
 FAMILIES: dict[str, tuple] = {
     "resnet-basic": (resnet_basic, IMAGE),
     "resnet-bottleneck": (resnet_bottleneck, IMAGE),

@@ -47,6 +47,29 @@ def test_a_transformer_runs_every_stage_with_heads_removed(task, fast_profile):
     assert pruned.dropped_blocks and pruned.accuracy is not None
 
 
+def test_a_model_that_takes_token_ids_runs_every_stage(fast_profile):
+    """A text classifier (``nn.Embedding`` of int64 token ids, ``nn.TransformerEncoder``)
+    as a ``--task`` plugin: its teacher trains, it is pruned, exported with an int64 input,
+    quantized and calibrated on token ids, scored and measured."""
+    from search.latency.measure import measure_latency
+    from search.pipeline import compress, student_layers
+    from search.tasks import load_task
+
+    task = load_task("tests.families:make_token_task")
+    assert task.train.x.dtype == torch.long and task.teacher_info["test_accuracy"] > 90
+    plan = {layer.name: "int8" for layer in student_layers(task)}
+    full = compress(TrialRecord(0, Choices(precisions=plan)), task, fast_profile)
+    pruned = compress(TrialRecord(1, Choices(structured_ratio=0.5, head_ratio=0.5,
+                                             precisions=plan)), task, fast_profile)
+    assert pruned.params < full.params and full.accuracy > 90
+    import onnx
+
+    graph = onnx.load_from_string(pruned.onnx_model).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)
+    assert measure_latency(pruned.onnx_model, fast_profile, task.input_shape).median_ms > 0
+
+
 def test_channel_ratios_per_segment_with_a_block_dropped(task, layers):
     """Segments are those of the whole model, so a dropped block does not shift them: the
     early layers keep their widths when only the late third is thinned."""

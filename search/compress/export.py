@@ -37,10 +37,12 @@ def compressible_layers(model: nn.Module) -> list[Layer]:
     return layers
 
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
-    """Export ``model`` (eval mode, BatchNorm folded into Conv) with a dynamic batch axis."""
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...],
+                dtype: torch.dtype = torch.float32) -> bytes:
+    """Export ``model`` (eval mode, BatchNorm folded into Conv) with a dynamic batch axis;
+    its input is ``dtype`` (float32, or int64 for a model that takes token ids)."""
     model = model.eval()
-    example = torch.zeros(1, *input_shape)
+    example = torch.zeros(1, *input_shape, dtype=dtype)
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():

@@ -45,7 +45,8 @@ class _Calibration:
             return None
         batch = self._inputs[self._start : self._start + self._batch_size]
         self._start += self._batch_size
-        return {"input": batch.numpy().astype(np.float32)}
+        batch = batch.numpy()  # token ids stay integers
+        return {"input": batch if batch.dtype == np.int64 else batch.astype(np.float32)}
 
     def rewind(self) -> None:
         self._start = 0

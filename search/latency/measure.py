@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from search._ort import make_session
+from search._ort import example_input, make_session
 from search.errors import TrialError
 from search.profiles import HardwareProfile
 from search.record import LatencyStats
@@ -105,8 +105,7 @@ def measure_latency(model: bytes, profile: HardwareProfile,
     if session.get_providers()[0] != provider:
         raise TrialError("measure", f"session fell back to {session.get_providers()}; "
                                     f"refusing to report it as {provider}")
-    rng = np.random.default_rng(0)
-    feed = {"input": rng.standard_normal((settings.batch_size, *input_shape), dtype=np.float32)}
+    feed = {"input": example_input(session, (settings.batch_size, *input_shape))}
     run = _runner(session, feed, provider)
     stats = replace(summarize(_timed_runs(run, settings), device=_device_name(provider),
                               provider=provider), batch_size=settings.batch_size)

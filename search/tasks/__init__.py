@@ -118,8 +118,10 @@ def _validate(name: str, task: Task) -> None:
         if tuple(split.x.shape[1:]) != tuple(task.input_shape):
             raise ConfigError(f"task {name!r}: {label}.x has samples of shape "
                               f"{tuple(split.x.shape[1:])} but input_shape is {task.input_shape}")
-        if split.x.dtype != torch.float32 or split.y.dtype != torch.long or len(split.x) != len(split.y):
-            raise ConfigError(f"task {name!r}: {label} needs float32 x and int64 y of equal length "
+        if split.x.dtype not in (torch.float32, torch.long) or split.y.dtype != torch.long \
+                or len(split.x) != len(split.y):
+            raise ConfigError(f"task {name!r}: {label} needs float32 x (or int64 token ids) and "
+                              f"int64 y of equal length "
                               f"(got {split.x.dtype} x{len(split.x)}, {split.y.dtype} x{len(split.y)})")
 
 

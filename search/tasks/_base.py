@@ -82,6 +82,11 @@ class Task:
     # are kept while the student is fine-tuned on this task
     sparse_state: dict[str, torch.Tensor] | None = None
 
+    def example(self) -> torch.Tensor:
+        """One all-zero input of the task's shape and type (float32 features, or int64
+        token ids, for which 0 is a valid index): what export and pruning trace with."""
+        return torch.zeros(1, *self.input_shape, dtype=self.train.x.dtype)
+
     def teacher(self) -> nn.Module:
         """A fresh copy of the trained teacher in eval mode."""
         model = self.make_model()

@@ -49,7 +49,7 @@ class TrainSettings:
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    shift: int = 2  # pixels; 0 disables
+    shift: int = 2  # pixels along the spatial axes; 0 disables; inputs without any (token ids) keep still
 
     def as_dict(self) -> dict[str, float | int]:
         return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
@@ -81,7 +81,7 @@ def train_classifier(make_model: Callable[[], nn.Module], train: Split, settings
         for start in range(0, len(train), s.batch_size):
             batch = order[start : start + s.batch_size].to(device)
             shift = gen.integers(-s.shift, s.shift + 1, size=2)
-            xb = torch.roll(x_all[batch], shifts=(int(shift[0]), int(shift[1])), dims=(2, 3))
+            xb = _shifted(x_all[batch], shift) if s.shift else x_all[batch]
             with autocast(device):
                 loss = F.cross_entropy(model(xb), y_all[batch])
             opt.zero_grad()
@@ -90,6 +90,15 @@ def train_classifier(make_model: Callable[[], nn.Module], train: Split, settings
             scaler.update()
             sched.step()
     return model.cpu().eval()
+
+
+def _shifted(x: torch.Tensor, shift: np.ndarray) -> torch.Tensor:
+    """``x`` rolled by ``shift`` along its spatial axes (images: the last two; signals
+    ``(N, C, L)``: the last); inputs without them (features, token ids) are left alone."""
+    dims = tuple(range(2, x.dim()))[-2:]
+    if not dims:
+        return x
+    return torch.roll(x, shifts=tuple(int(v) for v in shift[-len(dims):]), dims=dims)
 
 
 def _cache_key(key: Mapping[str, Any]) -> str:
