@@ -77,7 +77,7 @@ def student_layers(task: Task) -> list[Layer]:
     """The layers a trial's student has before pruning (attention split into projections)."""
     teacher = task.teacher()
     prune_heads(teacher, 0.0, always=True)
-    return compressible_layers(teacher)
+    return compressible_layers(teacher, task.example())
 
 
 def model_facts(task: Task) -> ModelFacts:
@@ -204,7 +204,7 @@ def screen(record: TrialRecord, task: Task, profile: HardwareProfile,
         student, sparsifier = _prune(record, task, profile)
         if record.choices.epochs == 0:  # a gradual (movement) schedule has not started yet
             sparsifier.finish()
-        layers = compressible_layers(student)
+        layers = compressible_layers(student, task.example())
         record.sparsity = count_zero_fraction(student)
     if record.choices.epochs > 0:
         record.onnx_model = _export_and_quantize(record, task, profile, student, layers,
@@ -226,7 +226,7 @@ def finetune(record: TrialRecord, task: Task, profile: HardwareProfile,
     c = record.choices
     with _stage(record, "prune"):
         student, sparsifier = _prune(record, task, profile)
-        layers = compressible_layers(student)
+        layers = compressible_layers(student, task.example())
     with _stage(record, "train"):
         hooks: list = [sparsifier]
         fake = None

@@ -176,7 +176,7 @@ def _try(task: Task, profile: HardwareProfile, choices: Choices) -> str:
         with torch.no_grad():
             student(x)
         fp32 = export_onnx(student, task.input_shape, task.example().dtype)
-        layers = compressible_layers(student)
+        layers = compressible_layers(student, task.example())
         names = onnx_node_names(onnx.load_from_string(fp32), layers)
         plan = {layer.name: choices.precisions.get(layer.name, "fp32") for layer in layers}
         model = apply_precision_plan(fp32, plan, names, choices, task.calibration[:_SAMPLES],

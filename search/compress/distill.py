@@ -27,7 +27,7 @@ from torch import nn
 
 from search.devices import autocast, grad_scaler, train_device
 from search.errors import TrialError
-from search.tasks import Split
+from search.tasks import Split, logits_of
 
 __all__ = ["LOSSES", "TrainingHook", "distill", "distillation_loss", "feature_taps",
            "relation_loss"]
@@ -215,9 +215,9 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
                 xb, yb = train.x[batch].to(device), train.y[batch].to(device)
                 with autocast(device):
                     with torch.no_grad():
-                        teacher_logits = teacher(xb)
-                    value = distillation_loss(student(xb), teacher_logits, yb, temperature,
-                                              alpha)
+                        teacher_logits = logits_of(teacher(xb))
+                    value = distillation_loss(logits_of(student(xb)), teacher_logits, yb,
+                                              temperature, alpha)
                     sums["response"] += float(value.detach())
                     if loss != "response":
                         extra = aux.term()

@@ -27,14 +27,32 @@ _OP_TYPES: tuple[tuple[type[nn.Module], str], ...] = ((nn.Conv1d, "Conv"), (nn.C
                                                      (nn.Linear, "Gemm"))
 
 
-def compressible_layers(model: nn.Module) -> list[Layer]:
-    """The layers that get a precision each: Conv1d/Conv2d as ``Conv``, Linear as ``Gemm``."""
+def compressible_layers(model: nn.Module, example: torch.Tensor | None = None) -> list[Layer]:
+    """The layers that get a precision each: Conv1d/Conv2d as ``Conv``, Linear as ``Gemm``.
+
+    With ``example``, only those that run in an eval-mode forward pass of it: the
+    auxiliary classifiers of torchvision's GoogLeNet and Inception v3 serve training
+    only, are not in the exported model, and have no precision to choose.
+    """
     layers = []
     for name, module in model.named_modules():
         for cls, op_type in _OP_TYPES:
             if isinstance(module, cls):
                 layers.append(Layer(name, op_type))
-    return layers
+    if example is None:
+        return layers
+    modules, ran = dict(model.named_modules()), set()
+    handles = [modules[layer.name].register_forward_hook(
+        lambda *_, name=layer.name: ran.add(name)) for layer in layers]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return [layer for layer in layers if layer.name in ran]
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...],

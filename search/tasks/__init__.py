@@ -22,7 +22,15 @@ import torch
 
 from search.errors import ConfigError
 from search.tasks._arch import build_arch, known_archs
-from search.tasks._base import CALIBRATION_CAP, Metric, Split, Task, TaskOptions, top1_accuracy
+from search.tasks._base import (
+    CALIBRATION_CAP,
+    Metric,
+    Split,
+    Task,
+    TaskOptions,
+    logits_of,
+    top1_accuracy,
+)
 from search.tasks._teacher import (
     TrainSettings,
     cached_teacher,
@@ -36,6 +44,7 @@ from search.tasks._teacher import (
 __all__ = [
     "CALIBRATION_CAP", "Metric", "Split", "TASKS", "Task", "TaskOptions", "TrainSettings",
     "build_arch", "cached_teacher", "check_task", "known_archs", "load_task", "load_teacher_state",
+    "logits_of",
     "near_chance", "top1_accuracy", "train_classifier",
 ]
 

@@ -80,6 +80,10 @@ def _adapt_stem(model: nn.Module, in_channels: int, small: bool) -> None:
             break
 
 
+# architectures whose torchvision builders add auxiliary classifiers by default
+_AUXILIARY = ("googlenet", "inception_v3")
+
+
 def build_arch(name: str, num_classes: int, in_channels: int = 3, image_side: int = 224) -> nn.Module:
     """An untrained ``torchvision.models.get_model(name, weights=None, num_classes=...)``."""
     import torchvision
@@ -87,6 +91,8 @@ def build_arch(name: str, num_classes: int, in_channels: int = 3, image_side: in
     check_arch(name)
     sized = _sized_by_image(name)
     extra = {"image_size": image_side} if sized else {}
+    if name in _AUXILIARY:  # training-only side classifiers: nothing a deployment runs
+        extra["aux_logits"] = False
     try:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
     except Exception as exc:

@@ -28,6 +28,21 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * int((logits.argmax(1) == labels).sum()) / max(1, len(labels))
 
 
+def logits_of(output: object) -> torch.Tensor:
+    """The main logits of a classifier's output. In training mode torchvision's GoogLeNet
+    and Inception v3 return named tuples with auxiliary logits, Hugging Face models an
+    object with ``.logits``; training losses take the main head's."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"the model returned {type(output).__name__}; a classifier must return "
+                    "its logits (a tensor, or an output with .logits)")
+
+
 @dataclass(frozen=True)
 class Split:
     """Inputs and integer labels of one data split, held in memory."""

@@ -28,7 +28,7 @@ from torch import nn
 from search._paths import cache_dir, write_atomic
 from search.devices import autocast, grad_scaler, train_device
 from search.errors import ConfigError
-from search.tasks._base import Split, Task
+from search.tasks._base import Split, Task, logits_of
 
 __all__ = ["TEACHER_SEED", "TrainSettings", "cached_teacher", "load_teacher_state", "near_chance",
            "read_teacher", "resolve_teacher", "teacher_scores", "train_classifier"]
@@ -83,7 +83,7 @@ def train_classifier(make_model: Callable[[], nn.Module], train: Split, settings
             shift = gen.integers(-s.shift, s.shift + 1, size=2)
             xb = _shifted(x_all[batch], shift) if s.shift else x_all[batch]
             with autocast(device):
-                loss = F.cross_entropy(model(xb), y_all[batch])
+                loss = F.cross_entropy(logits_of(model(xb)), y_all[batch])
             opt.zero_grad()
             scaler.scale(loss).backward()
             scaler.step(opt)

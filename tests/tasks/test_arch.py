@@ -20,6 +20,14 @@ def test_resnet_gets_a_cifar_stem_for_small_images():
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 
 
+def test_auxiliary_classifiers_are_left_out():
+    """GoogLeNet and Inception v3 are built without their training-only side classifiers."""
+    model = build_arch("googlenet", 10, 1, 8)
+    assert model.aux1 is None and model.aux2 is None
+    model.train()
+    assert isinstance(model(torch.zeros(2, 1, 8, 8)), torch.Tensor)
+
+
 def test_large_images_keep_the_imagenet_stem():
     model = build_arch("resnet18", 5, image_side=224)
     assert model.conv1.kernel_size == (7, 7) and model.conv1.stride == (2, 2)
