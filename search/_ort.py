@@ -13,14 +13,20 @@ import onnxruntime as ort
 __all__ = ["example_input", "make_session", "provider_loads"]
 
 
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                "tensor(double)": np.float64, "tensor(int64)": np.int64,
+                "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+                "tensor(bool)": np.bool_}
+
+
 def example_input(session: ort.InferenceSession, shape: tuple[int, ...]) -> np.ndarray:
     """An input of ``shape`` in the type the model declares: standard-normal floats for
     float inputs; zeros for integer ones (token ids: 0 is a valid index into any
     embedding, and the time a model takes does not depend on which ids it reads)."""
     kind = session.get_inputs()[0].type  # e.g. "tensor(float)", "tensor(int64)"
-    if "int" in kind:
-        return np.zeros(shape, dtype=np.int32 if kind == "tensor(int32)" else np.int64)
-    dtype = np.float16 if kind == "tensor(float16)" else np.float32
+    dtype = np.dtype(_NUMPY_TYPES.get(kind, np.float32))
+    if dtype.kind in "iub":
+        return np.zeros(shape, dtype=dtype)
     return np.random.default_rng(0).standard_normal(shape, dtype=np.float32).astype(dtype)
 
 
