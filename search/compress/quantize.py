@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
@@ -101,6 +102,40 @@ def _to_fp16(model: bytes, precisions: dict[str, str], node_names: dict[str, str
     return converted.SerializeToString()
 
 
+def _pre_process(src: Path, pre: Path) -> None:
+    """ONNX Runtime's ``quant_pre_process``; where its symbolic shape inference cannot
+    follow the graph (Swin's shifted-window reshapes: "Incomplete symbolic shape
+    inference"), again with ONNX's own shape inference, which is what static quantization
+    needs (the optimizer's Conv+BN folding still runs)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    started = time.time()
+    try:
+        quant_pre_process(str(src), str(pre))
+    except Exception as exc:  # ONNX Runtime raises a bare Exception here
+        if "symbolic shape inference" not in str(exc).lower():
+            raise
+        _remove_shape_dump(started)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+
+
+def _remove_shape_dump(since: float) -> None:
+    """Delete what ONNX Runtime's failed symbolic shape inference saves in the working
+    directory (``sym_shape_infer_temp.onnx`` and its external-data file): a user's
+    directory, or every Ray worker's, would collect one per trial."""
+    dump = Path("sym_shape_infer_temp.onnx")
+    try:
+        if dump.stat().st_mtime < since - 1:  # not ours
+            return
+        graph = onnx.load(str(dump), load_external_data=False).graph
+        for location in {e.value for t in graph.initializer for e in t.external_data
+                         if e.key == "location"}:
+            Path(location).unlink(missing_ok=True)
+        dump.unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - best effort: another process's cleanup came first
+        pass
+
+
 def _quantize_integer(model: bytes, precisions: dict[str, str], node_names: dict[str, str],
                       choices: Choices, calibration: torch.Tensor, *, reduce_range: bool,
                       seed: int) -> bytes:
@@ -111,7 +146,6 @@ def _quantize_integer(model: bytes, precisions: dict[str, str], node_names: dict
     int16 weights with int16 activations).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     exclude = [node_names[layer] for layer, p in precisions.items() if p not in _INTEGER]
     wide = {node_names[layer] for layer, p in precisions.items() if p == "int16"}
@@ -120,7 +154,7 @@ def _quantize_integer(model: bytes, precisions: dict[str, str], node_names: dict
         src, pre, out = (Path(tmp) / n for n in ("model.onnx", "pre.onnx", "int8.onnx"))
         src.write_bytes(model)
         try:
-            quant_pre_process(str(src), str(pre))
+            _pre_process(src, pre)
             overrides = {}
             if wide:
                 weights = {n.name: n.input[1] for n in onnx.load(str(pre)).graph.node
