@@ -112,3 +112,35 @@ def test_blocks_are_ranked_once_per_starting_model_and_drop_alike_in_every_trial
     ranking = next(iter(pipeline._RANKINGS.values()))
     assert all(r.dropped_blocks == ranking[:1] for r in records) and ranking
     assert set(rank_blocks(task.teacher(), task.train.x[:256])) == set(ranking)
+
+
+def test_a_model_that_also_returns_its_features_runs_every_stage(task, fast_profile):
+    """A classifier returning ``(logits, embedding)`` in every mode (as metric-learning and
+    multi-head models do): scored, pruned with gradient importance, fine-tuned, exported
+    and quantized on its logits, the ONNX model's first output."""
+    from dataclasses import replace
+
+    from torch import nn
+
+    from search.pipeline import finetune, student_layers
+
+    class WithFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16),
+                                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = self.body(x)
+            return self.head(features), features
+
+    torch.manual_seed(0)
+    model = replace(task, name="with-features", make_model=WithFeatures,
+                    teacher_state=WithFeatures().state_dict())
+    assert 0 <= model.score(model.teacher(), model.val) <= 100
+    plan = {layer.name: "int8" for layer in student_layers(model)}
+    record = finetune(TrialRecord(0, Choices(structured_ratio=0.5, structured_importance="taylor",
+                                             epochs=1, precisions=plan)), model, fast_profile)
+    full = sum(p.numel() for p in model.teacher().parameters())
+    assert record.accuracy is not None and record.params < full

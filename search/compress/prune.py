@@ -20,7 +20,7 @@ from torch import nn
 
 from search.compress.heads import PrunedAttention, prune_heads
 from search.record import SEGMENTS
-from search.tasks import Split
+from search.tasks import Split, logits_of
 
 __all__ = [
     "IMPORTANCES",
@@ -161,7 +161,7 @@ def _taylor_gradients(model: nn.Module, data: Split, samples: int = 128) -> None
     model.zero_grad(set_to_none=True)
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:samples]
     for chunk in idx.split(_TAYLOR_CHUNK):
-        loss = F.cross_entropy(model(data.x[chunk]), data.y[chunk], reduction="sum")
+        loss = F.cross_entropy(logits_of(model(data.x[chunk])), data.y[chunk], reduction="sum")
         (loss / len(idx)).backward()
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search.tasks import Split
+from search.tasks import Split, logits_of
 
 __all__ = ["CRITERIA", "Sparsifier", "fisher_scores", "nm_mask", "one_shot_scores", "taylor_scores"]
 
@@ -90,7 +90,7 @@ def _gradient_pass(model: nn.Module, data: Split, samples: int, batch: int, seed
     n = 0
     for xb, yb in _batches(data, samples, batch, seed):
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xb), yb).backward()
+        F.cross_entropy(logits_of(model(xb)), yb).backward()
         for name, w in weights.items():
             if w.grad is not None:
                 accumulate(name, w.detach(), w.grad.detach())

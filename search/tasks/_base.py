@@ -130,6 +130,6 @@ class Task:
         """``metric`` of a PyTorch model on ``split`` (on the CPU, in eval mode)."""
         model.eval()
         with torch.no_grad():
-            logits = torch.cat([model(split.x[i : i + batch_size])
+            logits = torch.cat([logits_of(model(split.x[i : i + batch_size]))
                                 for i in range(0, len(split), batch_size)])
         return self.metric(logits, split.y)
