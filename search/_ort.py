@@ -10,13 +10,18 @@ import warnings
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["example_input", "make_session", "provider_loads"]
+__all__ = ["as_input", "example_input", "make_session", "provider_loads"]
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                 "tensor(double)": np.float64, "tensor(int64)": np.int64,
                 "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
                 "tensor(bool)": np.bool_}
+
+
+def as_input(x: np.ndarray) -> np.ndarray:
+    """Data as the exported model takes it: int64 token ids as they are, features float32."""
+    return x if x.dtype == np.int64 else x.astype(np.float32)
 
 
 def example_input(session: ort.InferenceSession, shape: tuple[int, ...]) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from search._ort import make_session
+from search._ort import as_input, make_session
 from search.errors import TrialError
 from search.tasks import Metric, Split, top1_accuracy
 
@@ -19,9 +19,7 @@ def onnx_score(model: bytes, split: Split, metric: Metric = top1_accuracy, *, th
         session = make_session(model, threads=threads, spinning=False)
     except Exception as exc:
         raise TrialError("evaluate", f"ONNX Runtime cannot load the model: {exc}") from exc
-    x = split.x.numpy()  # float32 inputs, or int64 token ids as the model takes them
-    if x.dtype != np.int64:
-        x = x.astype(np.float32)
+    x = as_input(split.x.numpy())
     outputs = []
     for start in range(0, len(x), batch_size):
         logits = session.run(None, {"input": x[start : start + batch_size]})[0]

@@ -175,7 +175,7 @@ def _try(task: Task, profile: HardwareProfile, choices: Choices) -> str:
         x = task.val.x[:_SAMPLES]
         with torch.no_grad():
             student(x)
-        fp32 = export_onnx(student, task.input_shape, task.example().dtype)
+        fp32 = export_onnx(student, task.input_shape, task.input_dtype)
         layers = compressible_layers(student, task.example())
         names = onnx_node_names(onnx.load_from_string(fp32), layers)
         plan = {layer.name: choices.precisions.get(layer.name, "fp32") for layer in layers}

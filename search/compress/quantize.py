@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import torch
 
+from search._ort import as_input
 from search.compress._entropy import kl_threshold
 from search.errors import TrialError
 from search.record import RUNNABLE_PRECISIONS, Choices
@@ -46,8 +47,7 @@ class _Calibration:
             return None
         batch = self._inputs[self._start : self._start + self._batch_size]
         self._start += self._batch_size
-        batch = batch.numpy()  # token ids stay integers
-        return {"input": batch if batch.dtype == np.int64 else batch.astype(np.float32)}
+        return {"input": as_input(batch.numpy())}
 
     def rewind(self) -> None:
         self._start = 0

@@ -97,10 +97,15 @@ class Task:
     # are kept while the student is fine-tuned on this task
     sparse_state: dict[str, torch.Tensor] | None = None
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """float32, or int64 for a model that takes token ids."""
+        return self.train.x.dtype
+
     def example(self) -> torch.Tensor:
-        """One all-zero input of the task's shape and type (float32 features, or int64
-        token ids, for which 0 is a valid index): what export and pruning trace with."""
-        return torch.zeros(1, *self.input_shape, dtype=self.train.x.dtype)
+        """One all-zero input of the task's shape and type (0 is a valid token id too):
+        what export and pruning trace with."""
+        return torch.zeros(1, *self.input_shape, dtype=self.input_dtype)
 
     def teacher(self) -> nn.Module:
         """A fresh copy of the trained teacher in eval mode."""
