@@ -133,7 +133,8 @@ def _prune(record: TrialRecord, task: Task, profile: HardwareProfile) -> tuple[n
     record.dropped_blocks = remove_blocks(student, ranking[:c.drop_blocks])
     prune_structured(student, example, c.segment_ratios or c.structured_ratio,
                      profile.channel_multiple, importance=c.structured_importance,
-                     head_ratio=c.head_ratio, data=task.train, segments=segments)
+                     head_ratio=c.head_ratio, data=task.train, loss=task.training_loss,
+                     segments=segments)
     prune_heads(student, 0.0, always=True)  # attention as separate q/k/v/out projections
     macs, params = tp.utils.count_ops_and_params(student, example)
     record.macs, record.params = int(macs), int(params)
@@ -147,7 +148,7 @@ def _prune(record: TrialRecord, task: Task, profile: HardwareProfile) -> tuple[n
         scores = None
         if sparsifier.active and not gradual:
             scores = one_shot_scores(student, c.unstructured_criterion, task.train,
-                                     seed=record.seed)
+                                     seed=record.seed, loss=task.training_loss)
         sparsifier.start(scores, gradual=gradual)
     if record.dropped_blocks or c.structured_ratio > 0 or c.head_ratio > 0 or sparsifier.active:
         # one pass: the statistics are a cumulative average over batches, so a second pass
@@ -239,7 +240,7 @@ def finetune(record: TrialRecord, task: Task, profile: HardwareProfile,
         after_epoch.start(student)
         distill(student, task.teacher(), task.train, epochs=c.epochs, lr=c.lr,
                 temperature=c.temperature, alpha=c.alpha, seed=record.seed,
-                loss=c.distill_loss, loss_weight=c.distill_weight, hooks=hooks,
+                loss=c.distill_loss, loss_weight=c.distill_weight, task_loss=task.loss, hooks=hooks,
                 after_epoch=after_epoch)
         if record.stopped:
             record.onnx_model = None

@@ -140,6 +140,68 @@ def make_token_task(seed: int, options):  # noqa: ANN001, ANN201 - a --task plug
                 val=val, test=test, input_shape=(16,), num_classes=4, teacher_info=info)
 
 
+def _regressor() -> nn.Module:
+    return nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Linear(64, 1))
+
+
+def mse_of_first_output(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A regression loss for a model with one output column and labels of shape (N,)."""
+    return nn.functional.mse_loss(output[:, 0], target)
+
+
+def r2_percent(output: torch.Tensor, target: torch.Tensor) -> float:
+    """The coefficient of determination in percent: higher is better, 0 = the mean."""
+    residual = ((output[:, 0] - target) ** 2).sum()
+    return 100.0 * float(1 - residual / ((target - target.mean()) ** 2).sum())
+
+
+def make_regression_task(seed: int, options):  # noqa: ANN001, ANN201 - a --task plugin
+    """Regression on scikit-learn's diabetes data (442 patients, 10 features): float labels,
+    an MSE loss and R^2 as the metric."""
+    from sklearn.datasets import load_diabetes
+
+    from search.tasks import Split, Task, TrainSettings, cached_teacher, train_classifier
+
+    features, target = load_diabetes(return_X_y=True)
+    x = torch.tensor(features, dtype=torch.float32) * 20  # columns scaled to about unit variance
+    y = torch.tensor((target - target.mean()) / target.std(), dtype=torch.float32)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, val, test = (Split(x[i], y[i]) for i in order.split([300, 71, 71]))
+    recipe = TrainSettings(epochs=options.teacher_epochs or 30, batch_size=32, lr=3e-3, shift=0)
+    state, info = cached_teacher(
+        "diabetes", {"version": 1, "seed": seed, **recipe.as_dict()},
+        lambda: train_classifier(_regressor, train, recipe, seed, loss=mse_of_first_output))
+    return Task(name="diabetes", make_model=_regressor, teacher_state=state, train=train,
+                val=val, test=test, input_shape=(10,), num_classes=1, teacher_info=info,
+                metric=r2_percent, loss=mse_of_first_output)
+
+
+def _segmenter() -> nn.Module:
+    """A fully convolutional net: per-pixel logits from a final 1x1 convolution, no Linear."""
+    def conv(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*conv(1, 16), *conv(16, 16), nn.Conv2d(16, 11, 1))
+
+
+def make_segmentation_task(seed: int, options):  # noqa: ANN001, ANN201 - a --task plugin
+    """Dense prediction on scikit-learn's 8x8 digits: every pixel is labelled background (0)
+    or, where the stroke is, its digit plus one; logits are (N, 11, 8, 8)."""
+    from sklearn.datasets import load_digits
+
+    from search.tasks import Split, Task, TrainSettings, cached_teacher, train_classifier
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    y = torch.where(x[:, 0] > 0.3, torch.tensor(digits.target)[:, None, None] + 1, 0)
+    train, val, test = (Split(x[i], y[i]) for i in torch.arange(len(y)).split([1200, 300, 297]))
+    recipe = TrainSettings(epochs=options.teacher_epochs or 12, shift=0)
+    state, info = cached_teacher("segdigits", {"version": 1, "seed": seed, **recipe.as_dict()},
+                                 lambda: train_classifier(_segmenter, train, recipe, seed))
+    return Task(name="segdigits", make_model=_segmenter, teacher_state=state, train=train,
+                val=val, test=test, input_shape=(1, 8, 8), num_classes=11, teacher_info=info)
+
+
 FAMILIES: dict[str, tuple] = {
     "resnet-basic": (resnet_basic, IMAGE),
     "resnet-bottleneck": (resnet_bottleneck, IMAGE),

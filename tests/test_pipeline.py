@@ -144,3 +144,44 @@ def test_a_model_that_also_returns_its_features_runs_every_stage(task, fast_prof
                                              epochs=1, precisions=plan)), model, fast_profile)
     full = sum(p.numel() for p in model.teacher().parameters())
     assert record.accuracy is not None and record.params < full
+
+
+def test_a_regression_task_runs_every_stage(fast_profile):
+    """A ``--task`` plugin that is not classification (float labels, an MSE loss, R^2 as the
+    metric): the teacher trains on its loss, Taylor channel importance and Fisher sparsity take
+    its gradients, distillation matches the teacher's outputs, and the int8 ONNX model scores
+    what the PyTorch student scores."""
+    from search.pipeline import compress, finetune, student_layers
+    from search.tasks import load_task
+
+    task = load_task("tests.families:make_regression_task")
+    assert task.train.y.dtype == torch.float32 and task.teacher_info["val_accuracy"] > 20
+    fp32 = {layer.name: "fp32" for layer in student_layers(task)}
+    one_shot = compress(TrialRecord(0, Choices(precisions=fp32)), task, fast_profile)
+    assert one_shot.accuracy == pytest.approx(task.teacher_info["val_accuracy"], abs=1e-3)
+    int8 = {name: "int8" for name in fp32}
+    choices = Choices(structured_ratio=0.5, structured_importance="taylor",
+                      unstructured_sparsity=0.3, unstructured_criterion="fisher", epochs=3,
+                      alpha=0.5, distill_loss="relation", precisions=int8)
+    record = finetune(TrialRecord(1, choices), task, fast_profile)
+    assert record.params < one_shot.params and record.sparsity >= 0.25
+    # fine-tuned on the task's loss, not cross-entropy on one output column: still fits
+    assert record.accuracy > task.teacher_info["val_accuracy"] - 30
+
+
+def test_a_dense_prediction_task_runs_every_stage(fast_profile):
+    """A segmentation net (per-pixel logits from a final 1x1 convolution, no Linear): the
+    default metric is pixel accuracy, channels are pruned with the output convolution kept
+    at the number of classes, and relation distillation compares the embeddings that feed
+    that convolution."""
+    from search.pipeline import finetune, student_layers
+    from search.tasks import load_task
+
+    task = load_task("tests.families:make_segmentation_task")
+    background = 100.0 * float((task.test.y == 0).float().mean())
+    assert background < task.teacher_info["test_accuracy"] <= 100.0
+    plan = {layer.name: "int8" for layer in student_layers(task)}
+    choices = Choices(structured_ratio=0.5, epochs=1, distill_loss="relation", precisions=plan)
+    record = finetune(TrialRecord(0, choices), task, fast_profile)
+    assert 0.0 <= record.accuracy <= 100.0
+    assert record.params < sum(p.numel() for p in task.teacher().parameters())

@@ -8,7 +8,9 @@ Three kinds of knowledge, each one choice of the search space:
   of the network, through a 1x1 adapter where pruning left the student with
   fewer channels. Adapters are trained with the student and thrown away.
 - ``relation`` (RKD, Park et al. 2019): the pairwise distances and angles
-  between the samples' penultimate embeddings should match the teacher's.
+  between the samples' penultimate embeddings (the input of the output layer: a
+  classifier's Linear, or a dense head's final convolution) should match the
+  teacher's.
 
 The feature and relation losses are added to the response loss with weight
 ``loss_weight``. Training hooks (sparsity masks, fake quantization) are called
@@ -25,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search.compress.prune import output_layer
 from search.devices import autocast, grad_scaler, train_device
 from search.errors import TrialError
-from search.tasks import Split, logits_of
+from search.tasks import Loss, Split, logits_of
 
 __all__ = ["LOSSES", "TrainingHook", "distill", "distillation_loss", "feature_taps",
            "relation_loss"]
@@ -44,11 +47,18 @@ class TrainingHook(Protocol):
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      labels: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
-    """``alpha`` * T^2 * KL(teacher_T || student_T) + (1 - ``alpha``) * cross-entropy."""
-    hard = F.cross_entropy(student_logits, labels)
+                      labels: torch.Tensor, temperature: float, alpha: float,
+                      task_loss: Loss | None = None) -> torch.Tensor:
+    """``alpha`` * T^2 * KL(teacher_T || student_T) + (1 - ``alpha``) * cross-entropy.
+
+    With a ``task_loss`` (a task that is not classification, e.g. regression) the hard
+    term is that loss and the soft term the mean squared error to the teacher's outputs
+    (softened class probabilities have no meaning there; the temperature is unused)."""
+    hard = (task_loss or F.cross_entropy)(student_logits, labels)
     if alpha <= 0:
         return hard
+    if task_loss is not None:
+        return alpha * F.mse_loss(student_logits, teacher_logits) + (1 - alpha) * hard
     t = temperature
     soft = F.kl_div(
         F.log_softmax(student_logits / t, dim=1),
@@ -126,11 +136,6 @@ def _hint(adapters: nn.ModuleDict, s: dict[str, torch.Tensor],
     return total / max(len(t), 1)
 
 
-def _last_linear(model: nn.Module) -> str | None:
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return names[-1] if names else None
-
-
 class _Auxiliary:
     """The feature or relation term of a distillation loss: activations captured from both
     models on every forward pass, and for features the adapters matching their widths."""
@@ -151,9 +156,10 @@ class _Auxiliary:
                 self.adapters[name.replace(".", "_")] = _adapter(s.values[name], t.values[name])
             self.adapters.to(device)
         elif loss == "relation":
-            head = _last_linear(teacher)
+            head = output_layer(teacher, probe[:1])
             if head is None:
-                raise TrialError("fine-tune", "relation distillation needs a final Linear layer")
+                raise TrialError("fine-tune", "relation distillation needs a final Conv or "
+                                 "Linear layer (its input is the embedding it compares)")
             self.caps = (_Capture(student, [head], inputs=True),
                          _Capture(teacher, [head], inputs=True))
 
@@ -174,12 +180,14 @@ class _Auxiliary:
 def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int, lr: float,
             temperature: float, alpha: float, seed: int, batch_size: int = 64,
             loss: str = "response", loss_weight: float = 1.0,
-            hooks: Sequence[TrainingHook] = (),
+            task_loss: Loss | None = None, hooks: Sequence[TrainingHook] = (),
             history: dict[str, list[float]] | None = None,
             after_epoch: Callable[[int, nn.Module], bool] | None = None) -> nn.Module:
     """Fine-tune ``student`` in place; zero epochs returns it untouched (one-shot).
 
-    ``history``, when given, receives each epoch's mean ``response`` loss and,
+    ``task_loss``: the task's loss when it is not classification (see
+    :func:`distillation_loss`). ``history``, when given, receives each epoch's mean
+    ``response`` loss and,
     for feature or relation distillation, the mean of that term.
     ``after_epoch(epoch, student)`` is called after every epoch but the last
     (the student on the CPU, in eval mode); returning True stops the fine-tune
@@ -217,7 +225,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
                     with torch.no_grad():
                         teacher_logits = logits_of(teacher(xb))
                     value = distillation_loss(logits_of(student(xb)), teacher_logits, yb,
-                                              temperature, alpha)
+                                              temperature, alpha, task_loss)
                     sums["response"] += float(value.detach())
                     if loss != "response":
                         extra = aux.term()

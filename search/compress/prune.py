@@ -20,7 +20,7 @@ from torch import nn
 
 from search.compress.heads import PrunedAttention, prune_heads
 from search.record import SEGMENTS
-from search.tasks import Split, logits_of
+from search.tasks import Loss, Split, logits_of
 
 __all__ = [
     "IMPORTANCES",
@@ -31,6 +31,7 @@ __all__ = [
     "depth_segments",
     "drop_blocks",
     "droppable_blocks",
+    "output_layer",
     "prune_structured",
     "prune_unstructured",
     "rank_blocks",
@@ -96,7 +97,7 @@ def depth_segments(model: nn.Module, example: torch.Tensor) -> dict[str, list[st
 def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Mapping[str, float],
                      round_to: int, keep: tuple[nn.Module, ...] = (), *,
                      importance: str = "magnitude", head_ratio: float = 0.0,
-                     data: Split | None = None,
+                     data: Split | None = None, loss: Loss = F.cross_entropy,
                      segments: Mapping[str, list[str]] | None = None) -> nn.Module:
     """Remove channels and attention heads (``head_ratio``), in place.
 
@@ -109,8 +110,8 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
     layer it starts at); channel counts are rounded to ``round_to``. ``keep``
     layers keep their output width; by default the classifier (the last layer to
     run) and the projections of already split attention, so hidden and
-    feed-forward Linear widths are thinned. ``taylor`` scores need gradients,
-    taken from one batch of ``data``. Heads are removed whole, with their
+    feed-forward Linear widths are thinned. ``taylor`` scores need gradients of
+    ``loss`` (the task's), taken from one batch of ``data``. Heads are removed whole, with their
     projections (:mod:`search.compress.heads`).
     """
     ratios: dict[tuple[nn.Module, ...], float] = {}  # torch-pruning's pruning_ratio_dict
@@ -146,7 +147,7 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
         if importance == "taylor":
             if data is None:
                 raise ValueError("taylor importance needs training data for its gradients")
-            _taylor_gradients(model, data)
+            _taylor_gradients(model, data, loss)
         pruner.step()
         model.zero_grad(set_to_none=True)
         _check_runs(model, example)
@@ -154,15 +155,16 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
     return model
 
 
-def _taylor_gradients(model: nn.Module, data: Split, samples: int = 128) -> None:
+def _taylor_gradients(model: nn.Module, data: Split, loss: Loss = F.cross_entropy,
+                      samples: int = 128) -> None:
     """Leave in each parameter's ``.grad`` the gradient of the mean loss over ``samples``
     training inputs, taken a chunk at a time: a DenseNet at 32 px holds gigabytes of
     activations for 128 inputs at once (the same gradient in eval mode, as trials prune)."""
     model.zero_grad(set_to_none=True)
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:samples]
     for chunk in idx.split(_TAYLOR_CHUNK):
-        loss = F.cross_entropy(logits_of(model(data.x[chunk])), data.y[chunk], reduction="sum")
-        (loss / len(idx)).backward()
+        value = loss(logits_of(model(data.x[chunk])), data.y[chunk])
+        (value * (len(chunk) / len(idx))).backward()
 
 
 @torch.no_grad()
@@ -185,7 +187,9 @@ def _default_keep(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, .
     ``nn.MultiheadAttention`` itself is handled by torch-pruning)."""
     split = [sub for m in model.modules() if isinstance(m, PrunedAttention)
              for sub in m.modules() if isinstance(sub, nn.Linear)]
-    return (*_output_layers(model, example), *split, *_hardcoded_widths(model))
+    head = output_layer(model, example)
+    output = [model.get_submodule(head)] if head is not None else []
+    return (*output, *split, *_hardcoded_widths(model))
 
 
 def _hardcoded_widths(model: nn.Module) -> list[nn.Module]:
@@ -199,12 +203,13 @@ def _hardcoded_widths(model: nn.Module) -> list[nn.Module]:
     return [m.conv_proj for m in model.modules() if isinstance(m, vit.VisionTransformer)]
 
 
-def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """The last Conv/Linear layer to run in a forward pass: the classifier."""
-    ran: list[nn.Module] = []
+def output_layer(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The name of the last Conv/Linear layer to run in a forward pass: the classifier, or
+    a dense head's final convolution (None when there is none)."""
+    ran: list[str] = []
     modules = {name: m for name, m in model.named_modules() if isinstance(m, _WEIGHTED)}
-    _observe(model, modules, lambda name, x, out: ran.append(modules[name]), example)
-    return ran[-1:]
+    _observe(model, modules, lambda name, x, out: ran.append(name), example)
+    return ran[-1] if ran else None
 
 
 class DroppedBlock(nn.Identity):
@@ -299,12 +304,13 @@ def drop_blocks(model: nn.Module, n: int, inputs: torch.Tensor) -> list[str]:
 
 
 def prune_unstructured(model: nn.Module, sparsity: float, criterion: str = "magnitude",
-                       scope: str = "global", data: Split | None = None) -> nn.Module:
+                       scope: str = "global", data: Split | None = None,
+                       loss: Loss = F.cross_entropy) -> nn.Module:
     """One-shot: zero the ``sparsity`` share of Conv/Linear weights with the lowest score."""
     from search.compress.sparsity import Sparsifier, one_shot_scores
 
     sparsifier = Sparsifier(model, sparsity=sparsity, criterion=criterion, scope=scope)
-    sparsifier.start(one_shot_scores(model, criterion, data), gradual=False)
+    sparsifier.start(one_shot_scores(model, criterion, data, loss=loss), gradual=False)
     return model
 
 

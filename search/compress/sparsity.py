@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search.tasks import Split, logits_of
+from search.tasks import Loss, Split, logits_of
 
 __all__ = ["CRITERIA", "Sparsifier", "fisher_scores", "nm_mask", "one_shot_scores", "taylor_scores"]
 
@@ -81,16 +81,18 @@ def _batches(split: Split, samples: int, batch: int, seed: int):  # noqa: ANN202
 
 
 def _gradient_pass(model: nn.Module, data: Split, samples: int, batch: int, seed: int,
-                   accumulate: Callable[[str, torch.Tensor, torch.Tensor], None]) -> int:
-    """Cross-entropy gradients over ``samples`` training inputs in eval mode, handing each
-    batch's (name, weight, grad) to ``accumulate``; returns the number of batches."""
+                   accumulate: Callable[[str, torch.Tensor, torch.Tensor], None],
+                   loss: Loss = F.cross_entropy) -> int:
+    """Gradients of ``loss`` (the task's; cross-entropy for a classifier) over ``samples``
+    training inputs in eval mode, handing each batch's (name, weight, grad) to
+    ``accumulate``; returns the number of batches."""
     weights = _weights(model)
     was_training = model.training
     model.eval()
     n = 0
     for xb, yb in _batches(data, samples, batch, seed):
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(logits_of(model(xb)), yb).backward()
+        loss(logits_of(model(xb)), yb).backward()
         for name, w in weights.items():
             if w.grad is not None:
                 accumulate(name, w.detach(), w.grad.detach())
@@ -101,26 +103,26 @@ def _gradient_pass(model: nn.Module, data: Split, samples: int, batch: int, seed
 
 
 def fisher_scores(model: nn.Module, data: Split, *, samples: int = 512, batch: int = 16,
-                  seed: int = 0) -> dict[str, torch.Tensor]:
+                  seed: int = 0, loss: Loss = F.cross_entropy) -> dict[str, torch.Tensor]:
     """OBD saliency ``w^2 * F_ii / 2`` with the empirical Fisher's diagonal from mini-batches."""
     weights = _weights(model)
     fisher = {name: torch.zeros_like(w) for name, w in weights.items()}
     n = _gradient_pass(model, data, samples, batch, seed,
-                       lambda name, w, g: fisher[name].add_(g**2))
+                       lambda name, w, g: fisher[name].add_(g**2), loss)
     return {name: w.detach() ** 2 * fisher[name] / (2 * max(n, 1)) for name, w in weights.items()}
 
 
 def taylor_scores(model: nn.Module, data: Split, *, samples: int = 512, batch: int = 64,
-                  seed: int = 0) -> dict[str, torch.Tensor]:
+                  seed: int = 0, loss: Loss = F.cross_entropy) -> dict[str, torch.Tensor]:
     """First-order ``-w * dL/dw`` summed over one pass: movement pruning without a fine-tune."""
     scores = {name: torch.zeros_like(w) for name, w in _weights(model).items()}
     _gradient_pass(model, data, samples, batch, seed,
-                   lambda name, w, g: scores[name].sub_(w * g))
+                   lambda name, w, g: scores[name].sub_(w * g), loss)
     return scores
 
 
-def one_shot_scores(model: nn.Module, criterion: str, data: Split | None,
-                    seed: int = 0) -> dict[str, torch.Tensor] | None:
+def one_shot_scores(model: nn.Module, criterion: str, data: Split | None, seed: int = 0,
+                    loss: Loss = F.cross_entropy) -> dict[str, torch.Tensor] | None:
     """Scores to prune by now: the diagonal Fisher for ``fisher``, first-order movement
     (Taylor) for ``movement`` without a fine-tune, None for ``magnitude`` (the
     Sparsifier's own ``|w|``, and the fallback without data)."""
@@ -129,8 +131,8 @@ def one_shot_scores(model: nn.Module, criterion: str, data: Split | None,
     if data is None or criterion == "magnitude":
         return None
     if criterion == "fisher":
-        return fisher_scores(model, data, seed=seed)
-    return taylor_scores(model, data, seed=seed)
+        return fisher_scores(model, data, seed=seed, loss=loss)
+    return taylor_scores(model, data, seed=seed, loss=loss)
 
 
 class Sparsifier:

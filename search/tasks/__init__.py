@@ -14,6 +14,7 @@ import functools
 import importlib
 import inspect
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +25,7 @@ from search.errors import ConfigError
 from search.tasks._arch import build_arch, known_archs
 from search.tasks._base import (
     CALIBRATION_CAP,
+    Loss,
     Metric,
     Split,
     Task,
@@ -42,7 +44,7 @@ from search.tasks._teacher import (
 )
 
 __all__ = [
-    "CALIBRATION_CAP", "Metric", "Split", "TASKS", "Task", "TaskOptions", "TrainSettings",
+    "CALIBRATION_CAP", "Loss", "Metric", "Split", "TASKS", "Task", "TaskOptions", "TrainSettings",
     "build_arch", "cached_teacher", "check_task", "known_archs", "load_task", "load_teacher_state",
     "logits_of",
     "near_chance", "top1_accuracy", "train_classifier",
@@ -127,11 +129,37 @@ def _validate(name: str, task: Task) -> None:
         if tuple(split.x.shape[1:]) != tuple(task.input_shape):
             raise ConfigError(f"task {name!r}: {label}.x has samples of shape "
                               f"{tuple(split.x.shape[1:])} but input_shape is {task.input_shape}")
-        if split.x.dtype not in (torch.float32, torch.long) or split.y.dtype != torch.long \
+        labels_ok = split.y.dtype == torch.long or (task.loss is not None
+                                                    and split.y.dtype.is_floating_point)
+        if split.x.dtype not in (torch.float32, torch.long) or not labels_ok \
                 or len(split.x) != len(split.y):
             raise ConfigError(f"task {name!r}: {label} needs float32 x (or int64 token ids) and "
-                              f"int64 y of equal length "
+                              f"int64 class labels (float labels with a task loss, e.g. "
+                              f"regression) of equal length "
                               f"(got {split.x.dtype} x{len(split.x)}, {split.y.dtype} x{len(split.y)})")
+    if task.train.y.dtype.is_floating_point and task.metric is top1_accuracy:
+        raise ConfigError(f"task {name!r}: float labels need a metric (Task(metric=...), higher "
+                          "is better, e.g. R^2 in percent); top-1 accuracy is for class labels")
+    _check_loss(name, task)
+
+
+def _check_loss(name: str, task: Task) -> None:
+    """The task's loss on two training samples: a loss that broadcasts an output of shape
+    (N, 1) against labels of shape (N,) would train every trial on the wrong target."""
+    if task.loss is None:
+        return
+    with torch.no_grad():
+        output = logits_of(task.teacher()(task.train.x[:2]))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch warns where it broadcasts
+        try:
+            value = task.loss(output, task.train.y[:2])
+        except Exception as exc:
+            raise ConfigError(f"task {name!r}: its loss failed on the model's output for two "
+                              f"training samples: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise ConfigError(f"task {name!r}: its loss must return a scalar tensor (got "
+                          f"{type(value).__name__} of shape {tuple(getattr(value, 'shape', ()))})")
 
 
 def _sparse_state(path: Path, task: Task) -> dict:

@@ -13,19 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CALIBRATION_CAP", "Metric", "Split", "Task", "TaskOptions", "top1_accuracy"]
+__all__ = ["CALIBRATION_CAP", "Loss", "Metric", "Split", "Task", "TaskOptions", "top1_accuracy"]
 
 # int8 calibration needs a few hundred samples; more only costs memory
 CALIBRATION_CAP = 1024
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Percent of rows whose largest logit is the label."""
-    return 100.0 * int((logits.argmax(1) == labels).sum()) / max(1, len(labels))
+    """Percent of labels whose class has the largest logit (classes on dim 1): one label
+    per sample, or one per pixel or position for dense outputs (``(N, C, H, W)`` logits,
+    ``(N, H, W)`` labels: pixel accuracy)."""
+    return 100.0 * int((logits.argmax(1) == labels).sum()) / max(1, labels.numel())
 
 
 def logits_of(output: object) -> torch.Tensor:
@@ -80,6 +84,12 @@ class Task:
     task is shipped to Ray workers), so a student can be created and the
     teacher's weights loaded into it. ``metric(logits, labels)`` scores a
     model, higher is better (default: top-1 accuracy in percent).
+
+    ``loss(output, y)``, for a task that is not classification (regression: float
+    labels and, say, an MSE), is what fine-tuning and gradient saliencies minimise,
+    and distillation then matches the teacher's outputs by mean squared error; None
+    (the default) is classification: cross-entropy on int64 class indices, and
+    distillation from the teacher's softened logits.
     """
 
     name: str
@@ -96,6 +106,12 @@ class Task:
     # a pre-sparsified checkpoint of the same architecture, for sparse transfer: its zeros
     # are kept while the student is fine-tuned on this task
     sparse_state: dict[str, torch.Tensor] | None = None
+    loss: Loss | None = None
+
+    @property
+    def training_loss(self) -> Loss:
+        """The task's ``loss``, or cross-entropy for a classifier."""
+        return self.loss or F.cross_entropy
 
     @property
     def input_dtype(self) -> torch.dtype:

@@ -28,7 +28,7 @@ from torch import nn
 from search._paths import cache_dir, write_atomic
 from search.devices import autocast, grad_scaler, train_device
 from search.errors import ConfigError
-from search.tasks._base import Split, Task, logits_of
+from search.tasks._base import Loss, Split, Task, logits_of
 
 __all__ = ["TEACHER_SEED", "TrainSettings", "cached_teacher", "load_teacher_state", "near_chance",
            "read_teacher", "resolve_teacher", "teacher_scores", "train_classifier"]
@@ -57,9 +57,10 @@ class TrainSettings:
 
 
 def train_classifier(make_model: Callable[[], nn.Module], train: Split, settings: TrainSettings,
-                     seed: int) -> nn.Module:
+                     seed: int, loss: Loss | None = None) -> nn.Module:
     """Build (after seeding) and train a model on :func:`search.devices.train_device`;
-    returns it on the CPU in eval mode.
+    returns it on the CPU in eval mode. ``loss(output, y)``: the task's loss when it is not
+    classification (cross-entropy when None), e.g. regression.
 
     On the CPU this is bit-for-bit the loop the digits teacher has always used,
     so existing cached teachers stay valid.
@@ -75,6 +76,7 @@ def train_classifier(make_model: Callable[[], nn.Module], train: Split, settings
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, s.lr, total_steps=steps)
     scaler = grad_scaler(device)
     x_all, y_all = train.x.to(device), train.y.to(device)
+    loss_of = loss or F.cross_entropy
     for _ in range(s.epochs):
         model.train()
         order = torch.randperm(len(train))
@@ -83,9 +85,9 @@ def train_classifier(make_model: Callable[[], nn.Module], train: Split, settings
             shift = gen.integers(-s.shift, s.shift + 1, size=2)
             xb = _shifted(x_all[batch], shift) if s.shift else x_all[batch]
             with autocast(device):
-                loss = F.cross_entropy(logits_of(model(xb)), y_all[batch])
+                value = loss_of(logits_of(model(xb)), y_all[batch])
             opt.zero_grad()
-            scaler.scale(loss).backward()
+            scaler.scale(value).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -269,7 +271,9 @@ def teacher_scores(task: Task) -> dict[str, float]:
     """
     cache = task.teacher_info.get("cache")
     path = Path(f"{cache}.scores.json") if cache else None
-    digest = hashlib.sha256(repr(getattr(task.metric, "__qualname__", task.metric)).encode())
+    # version 2: top-1 accuracy counts every label of dense outputs (it divided by samples)
+    digest = hashlib.sha256(b"2" + repr(getattr(task.metric, "__qualname__",
+                                               task.metric)).encode())
     if cache:  # the weights file itself: retrained after a loss, it is scored again
         try:
             stat = os.stat(cache)

@@ -58,6 +58,27 @@ def no_options(seed):
 
 
 NUMBER = 3
+
+
+def _float_labels(**fields):
+    import dataclasses
+
+    task = make_task(0, TaskOptions(teacher_epochs=1))
+    splits = {k: Split(getattr(task, k).x, getattr(task, k).y.float())
+              for k in ("train", "val", "test")}
+    return dataclasses.replace(task, **splits, **fields)
+
+
+def float_labels(seed, options):
+    return _float_labels()
+
+
+def float_labels_no_metric(seed, options):
+    return _float_labels(loss=lambda out, y: ((out[:, 0] - y) ** 2).mean())
+
+
+def broadcasting_loss(seed, options):
+    return _float_labels(loss=torch.nn.functional.mse_loss, metric=lambda out, y: 0.0)
 '''
 
 
@@ -95,6 +116,21 @@ def test_bad_task_specs_name_what_is_wrong(on_path, spec, words):
 def test_a_plugin_returning_the_wrong_type_is_refused(on_path):
     with pytest.raises(ConfigError, match="returned dict; it must return a search.tasks.Task"):
         load_task("blobs_task:not_a_task", 0, TaskOptions())
+
+
+@pytest.mark.parametrize("factory, words", [
+    ("float_labels", ["int64 class labels (float labels with a task loss", "torch.float32 x512"]),
+    ("float_labels_no_metric", ["float labels need a metric", "top-1 accuracy is for class"]),
+    ("broadcasting_loss", ["its loss failed on the model's output", "target size"]),
+])
+def test_a_task_that_is_not_classification_needs_its_loss_and_metric(on_path, factory, words):
+    """Float labels are regression: refused without the task's loss (cross-entropy cannot
+    take them) or without a metric, and a loss that broadcasts an (N, 4) output against (N,)
+    labels is refused before any trial trains on the wrong target."""
+    with pytest.raises(ConfigError) as err:
+        load_task(f"blobs_task:{factory}", 0, TaskOptions())
+    for word in words:
+        assert word in str(err.value)
 
 
 def test_plugin_task_gets_scored_and_takes_a_teacher_file(on_path, tmp_path):
