@@ -106,6 +106,14 @@ def conv1d() -> nn.Module:
                          nn.Linear(32, CLASSES))
 
 
+def conv3d() -> nn.Module:
+    """A video / volumetric classifier: 3-D convolutions over (frames, height, width)."""
+    def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv3d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm3d(cout), nn.ReLU()]
+    return nn.Sequential(*block(3, 16, 1), *block(16, 32, 2), *block(32, 32, 1),
+                         nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(32, CLASSES))
+
+
 class TextClassifier(nn.Module):
     """A text classifier the standard PyTorch way: it takes int64 token ids (``nn.Embedding``),
     then ``nn.TransformerEncoder``, mean pooling and an ``nn.Linear`` head."""
@@ -215,4 +223,5 @@ FAMILIES: dict[str, tuple] = {
     "transformer-encoder": (EncoderClassifier, IMAGE),
     "mlp": (mlp, (64,)),
     "conv1d": (conv1d, (4, 64)),
+    "conv3d": (conv3d, (3, 4, 16, 16)),
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from search.compress._layers import WEIGHTED
 from search.compress.prune import attention_modules, droppable_blocks
 
 __all__ = ["TECHNIQUES", "applicable"]
@@ -18,14 +19,13 @@ __all__ = ["TECHNIQUES", "applicable"]
 TECHNIQUES = ("structured", "drop_blocks", "heads", "sparsity", "int8_static", "int8_dynamic",
               "fp32")
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 def applicable(model: nn.Module, technique: str, example: torch.Tensor) -> tuple[bool, str]:
     """``(True, "")`` when ``technique`` applies to ``model``, else ``(False, reason)``."""
     if technique not in TECHNIQUES:
         raise ValueError(f"unknown technique {technique!r}; known: {', '.join(TECHNIQUES)}")
-    weighted = sum(isinstance(m, _WEIGHTED) for m in model.modules())
+    weighted = sum(isinstance(m, WEIGHTED) for m in model.modules())
     if technique == "drop_blocks" and not droppable_blocks(model, example):
         return False, "no residual block keeps its input's shape (nothing to drop to)"
     if technique == "heads" and not attention_modules(model):

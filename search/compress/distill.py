@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search.compress._layers import CONV
 from search.compress.prune import output_layer
 from search.devices import autocast, grad_scaler, train_device
 from search.errors import TrialError
@@ -119,10 +120,13 @@ class _Capture:
 
 
 def _adapter(student: torch.Tensor, teacher: torch.Tensor) -> nn.Module:
+    """Maps the student's pruned width to the teacher's: a 1x1 convolution over channels
+    for (N, C, ...) feature maps of 1, 2 or 3 spatial dimensions, a Linear over the last
+    axis for token sequences (N, L, D)."""
     if student.shape[1:] == teacher.shape[1:]:
         return nn.Identity()
-    if student.dim() == 4:
-        return nn.Conv2d(student.shape[1], teacher.shape[1], 1, bias=False)
+    if 3 <= student.dim() <= 5 and student.shape[2:] == teacher.shape[2:]:
+        return CONV[student.dim() - 3](student.shape[1], teacher.shape[1], 1, bias=False)
     return nn.Linear(student.shape[-1], teacher.shape[-1], bias=False)
 
 

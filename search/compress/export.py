@@ -15,6 +15,7 @@ import onnx
 import torch
 from torch import nn
 
+from search.compress._layers import CONV
 from search.errors import TrialError
 from search.record import Layer
 
@@ -23,12 +24,12 @@ __all__ = ["OPSET", "compressible_layers", "export_onnx", "onnx_node_names"]
 OPSET = 17
 # a Linear on a batch of vectors exports as Gemm, on a sequence (3-D input) as MatMul + Add
 _NODE_TYPES = {"Conv": ("Conv",), "Gemm": ("Gemm", "MatMul")}
-_OP_TYPES: tuple[tuple[type[nn.Module], str], ...] = ((nn.Conv1d, "Conv"), (nn.Conv2d, "Conv"),
+_OP_TYPES: tuple[tuple[type[nn.Module], str], ...] = (*((conv, "Conv") for conv in CONV),
                                                      (nn.Linear, "Gemm"))
 
 
 def compressible_layers(model: nn.Module, example: torch.Tensor | None = None) -> list[Layer]:
-    """The layers that get a precision each: Conv1d/Conv2d as ``Conv``, Linear as ``Gemm``.
+    """The layers that get a precision each: Conv1d/2d/3d as ``Conv``, Linear as ``Gemm``.
 
     With ``example``, only those that run in an eval-mode forward pass of it: the
     auxiliary classifiers of torchvision's GoogLeNet and Inception v3 serve training

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from search.compress._layers import WEIGHTED
 from search.compress.heads import PrunedAttention, prune_heads
 from search.record import SEGMENTS
 from search.tasks import Loss, Split, logits_of
@@ -39,7 +40,6 @@ __all__ = [
     "remove_blocks",
 ]
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _TAYLOR_CHUNK = 32  # inputs per backward pass when taylor importance takes its gradient
 
 
@@ -73,7 +73,7 @@ def depth_segments(model: nn.Module, example: torch.Tensor) -> dict[str, list[st
     transformer's is its first encoder layers. Channel pruning with a ratio
     per segment can thin where the compute is and spare what accuracy needs.
     """
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, _WEIGHTED)}
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, WEIGHTED)}
     macs: dict[str, float] = {}
 
     def see(name: str, x: torch.Tensor | None, out: object) -> None:
@@ -207,7 +207,7 @@ def output_layer(model: nn.Module, example: torch.Tensor) -> str | None:
     """The name of the last Conv/Linear layer to run in a forward pass: the classifier, or
     a dense head's final convolution (None when there is none)."""
     ran: list[str] = []
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, _WEIGHTED)}
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, WEIGHTED)}
     _observe(model, modules, lambda name, x, out: ran.append(name), example)
     return ran[-1] if ran else None
 
@@ -318,7 +318,7 @@ def count_zero_fraction(model: nn.Module) -> float:
     """Share of exactly-zero weights over all Conv/Linear layers."""
     zeros = total = 0
     for module in model.modules():
-        if isinstance(module, _WEIGHTED):
+        if isinstance(module, WEIGHTED):
             w = module.weight.detach()
             zeros += int((w == 0).sum())
             total += w.numel()

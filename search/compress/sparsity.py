@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search.compress._layers import WEIGHTED
 from search.tasks import Loss, Split, logits_of
 
 __all__ = ["CRITERIA", "Sparsifier", "fisher_scores", "nm_mask", "one_shot_scores", "taylor_scores"]
 
 CRITERIA = ("magnitude", "movement", "fisher")
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _WARMUP = 0.25  # share of the fine-tune that only accumulates movement scores
 
 
@@ -42,7 +42,7 @@ def _weights(model: nn.Module) -> dict[str, nn.Parameter]:
     when fake-quantization later parametrizes the module)."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, _WEIGHTED):
+        if isinstance(module, WEIGHTED):
             params = getattr(module, "parametrizations", None)
             out[name] = params.weight.original if params is not None and "weight" in params \
                 else module.weight

@@ -318,14 +318,15 @@ def costs_from_torch(model, input_shape: tuple[int, ...], batch: int,  # noqa: A
     ``device="meta"`` sizes a large model without allocating or computing anything.
     """
     import torch
-    from torch import nn
+
+    from search.compress._layers import CONV, WEIGHTED
 
     costs: list[LayerCost] = []
 
     def hook(module, inputs, output):  # noqa: ANN001, ANN202
         x = inputs[0]
         w = module.weight
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, CONV):
             macs = output.numel() // output.shape[1] * w.numel()
             op = "Conv"
         else:
@@ -337,7 +338,7 @@ def costs_from_torch(model, input_shape: tuple[int, ...], batch: int,  # noqa: A
 
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d | nn.Linear):
+        if isinstance(module, WEIGHTED):
             module._cost_name = name
             handles.append(module.register_forward_hook(hook))
     try:

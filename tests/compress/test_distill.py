@@ -58,3 +58,28 @@ def test_unknown_loss_is_refused(task):
     with pytest.raises(ValueError, match="response, feature, relation"):
         distill(task.teacher(), task.teacher(), task.train, epochs=1, lr=1e-3, temperature=4.0,
                 alpha=0.5, seed=0, loss="attention")
+
+
+@pytest.mark.parametrize("family", ["conv1d", "conv3d"])
+def test_feature_hints_adapt_the_pruned_width_of_every_layout(family):
+    """Channels-first maps of 1 and 3 spatial dimensions (signals, video) get a 1x1 Conv1d /
+    Conv3d over channels, token sequences (N, L, D) a Linear over D; a Conv1d net's hints
+    once went through a Linear over its length and failed on the channel mismatch."""
+    from search.compress.prune import prune_structured
+    from tests.families import FAMILIES
+
+    build, shape = FAMILIES[family]
+    torch.manual_seed(0)
+    teacher = build().eval()
+    student = build()
+    student.load_state_dict(teacher.state_dict())
+    prune_structured(student, torch.zeros(1, *shape), 0.5, 8)
+    data = Split(torch.randn(32, *shape), torch.randint(0, 10, (32,)))
+    history: dict[str, list[float]] = {}
+    distill(student, teacher, data, epochs=1, lr=1e-3, temperature=4.0, alpha=0.5, seed=0,
+            loss="feature", history=history)
+    assert history["feature"][0] > 0
+    s = torch.zeros(2, 8, *shape[1:])
+    t = torch.zeros(2, 16, *shape[1:])
+    assert isinstance(_adapter(s, t), {2: torch.nn.Conv1d, 4: torch.nn.Conv3d}[len(shape)])
+    assert isinstance(_adapter(torch.zeros(2, 10, 16), torch.zeros(2, 10, 32)), torch.nn.Linear)

@@ -42,3 +42,30 @@ def test_training_only_auxiliary_classifiers_get_no_precision():
                                                      init_weights=False),
                                data, TrainSettings(epochs=1, batch_size=16), seed=0)
     assert trained(example).shape == (1, 4)
+
+
+def test_every_convolution_layout_gets_a_precision_and_a_width():
+    """1-D (signals) and 3-D (video, volumes) convolutions are layers like 2-D ones: each
+    gets a precision mapped to its ONNX node, and structured pruning is offered and thins
+    them (3-D ones were once left out of every stage: no precision, no pruning)."""
+    import torch
+    from torch import nn
+
+    from search.compress import compressible_layers
+    from search.compress.applicable import applicable
+    from search.compress.prune import prune_structured
+    from tests.families import FAMILIES
+
+    for family in ("conv1d", "conv3d"):
+        build, shape = FAMILIES[family]
+        model = build().eval()
+        example = torch.zeros(1, *shape)
+        convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv3d)}
+        layers = compressible_layers(model, example)
+        assert convs <= {layer.name for layer in layers}
+        names = onnx_node_names(onnx.load_from_string(export_onnx(model, shape)), layers)
+        assert set(names) == {layer.name for layer in layers}
+        assert applicable(model, "structured", example) == (True, "")
+        full = sum(p.numel() for p in model.parameters())
+        prune_structured(model, example, 0.5, 8)
+        assert sum(p.numel() for p in model.parameters()) < 0.6 * full
