@@ -148,6 +148,34 @@ def make_token_task(seed: int, options):  # noqa: ANN001, ANN201 - a --task plug
                 val=val, test=test, input_shape=(16,), num_classes=4, teacher_info=info)
 
 
+class TokenTagger(TextClassifier):
+    """A sequence tagger (named entities, parts of speech): one label per token, logits
+    ``(N, L, C)`` with the classes on the last axis, as ``nn.Linear`` leaves them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)))
+
+
+def make_tagging_task(seed: int, options):  # noqa: ANN001, ANN201 - a --task plugin
+    """Sequences of 16 token ids; each token's label is its id modulo 3, flipped to 3 after
+    token 99 (context matters)."""
+    from search.tasks import Split, Task, TrainSettings, cached_teacher, train_classifier
+
+    def split(n: int, gen: torch.Generator) -> Split:
+        x = torch.randint(4, 100, (n, 16), generator=gen)
+        y = x % 3
+        y[:, 1:] = torch.where(x[:, :-1] == 99, 3, y[:, 1:])
+        return Split(x, y)
+
+    gen = torch.Generator().manual_seed(1234)
+    train, val, test = (split(n, gen) for n in (256, 128, 128))
+    recipe = TrainSettings(epochs=options.teacher_epochs or 4, lr=1e-2)
+    state, info = cached_teacher("tagger", {"version": 1, "seed": seed, **recipe.as_dict()},
+                                 lambda: train_classifier(TokenTagger, train, recipe, seed))
+    return Task(name="tagger", make_model=TokenTagger, teacher_state=state, train=train,
+                val=val, test=test, input_shape=(16,), num_classes=4, teacher_info=info)
+
+
 def _regressor() -> nn.Module:
     return nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                          nn.Linear(64, 1))

@@ -185,3 +185,27 @@ def test_a_dense_prediction_task_runs_every_stage(fast_profile):
     record = finetune(TrialRecord(0, choices), task, fast_profile)
     assert 0.0 <= record.accuracy <= 100.0
     assert record.params < sum(p.numel() for p in task.teacher().parameters())
+
+
+def test_a_sequence_tagger_runs_every_stage(fast_profile):
+    """One label per token, logits (N, L, C) with the classes last: the teacher trains, the
+    default metric is token accuracy, and distillation softens over the classes' axis (the
+    sequence axis was once taken for the classes)."""
+    from search.compress.distill import distillation_loss
+    from search.pipeline import finetune, student_layers
+    from search.tasks import load_task, top1_accuracy
+
+    task = load_task("tests.families:make_tagging_task")
+    assert 60 < task.teacher_info["val_accuracy"] <= 100
+    with torch.no_grad():
+        logits = task.teacher()(task.val.x[:8])
+    assert logits.shape == (8, 16, 4)
+    labels = task.val.y[:8]
+    assert top1_accuracy(logits, labels) == pytest.approx(
+        100 * float((logits.argmax(-1) == labels).float().mean()))
+    assert float(distillation_loss(logits, logits, labels, 4.0, 1.0)) == pytest.approx(0, abs=1e-5)
+    plan = {layer.name: "int8" for layer in student_layers(task)}
+    choices = Choices(structured_ratio=0.5, head_ratio=0.5, epochs=1, alpha=0.9, precisions=plan)
+    record = finetune(TrialRecord(0, choices), task, fast_profile)
+    assert 0.0 <= record.accuracy <= 100.0
+    assert record.params < sum(p.numel() for p in task.teacher().parameters())

@@ -31,7 +31,7 @@ from search.compress._layers import CONV
 from search.compress.prune import output_layer
 from search.devices import autocast, grad_scaler, train_device
 from search.errors import TrialError
-from search.tasks import Loss, Split, logits_of
+from search.tasks import Loss, Split, class_dim, classification_loss, logits_of
 
 __all__ = ["LOSSES", "TrainingHook", "distill", "distillation_loss", "feature_taps",
            "relation_loss"]
@@ -55,18 +55,20 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     With a ``task_loss`` (a task that is not classification, e.g. regression) the hard
     term is that loss and the soft term the mean squared error to the teacher's outputs
     (softened class probabilities have no meaning there; the temperature is unused)."""
-    hard = (task_loss or F.cross_entropy)(student_logits, labels)
+    hard = (task_loss or classification_loss)(student_logits, labels)
     if alpha <= 0:
         return hard
     if task_loss is not None:
         return alpha * F.mse_loss(student_logits, teacher_logits) + (1 - alpha) * hard
     t = temperature
+    dim = class_dim(student_logits, labels)
+    # KL per label (per sample, pixel or token), as the cross-entropy is a mean per label
     soft = F.kl_div(
-        F.log_softmax(student_logits / t, dim=1),
-        F.log_softmax(teacher_logits / t, dim=1),
-        reduction="batchmean",
+        F.log_softmax(student_logits / t, dim=dim),
+        F.log_softmax(teacher_logits / t, dim=dim),
+        reduction="sum",
         log_target=True,
-    ) * (t * t)
+    ) * (t * t) / max(1, labels.numel())
     return alpha * soft + (1 - alpha) * hard
 
 

@@ -14,14 +14,13 @@ import warnings
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
 from search.compress._layers import WEIGHTED
 from search.compress.heads import PrunedAttention, prune_heads
 from search.record import SEGMENTS
-from search.tasks import Loss, Split, logits_of
+from search.tasks import Loss, Split, classification_loss, logits_of
 
 __all__ = [
     "IMPORTANCES",
@@ -97,7 +96,7 @@ def depth_segments(model: nn.Module, example: torch.Tensor) -> dict[str, list[st
 def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Mapping[str, float],
                      round_to: int, keep: tuple[nn.Module, ...] = (), *,
                      importance: str = "magnitude", head_ratio: float = 0.0,
-                     data: Split | None = None, loss: Loss = F.cross_entropy,
+                     data: Split | None = None, loss: Loss = classification_loss,
                      segments: Mapping[str, list[str]] | None = None) -> nn.Module:
     """Remove channels and attention heads (``head_ratio``), in place.
 
@@ -155,7 +154,7 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
     return model
 
 
-def _taylor_gradients(model: nn.Module, data: Split, loss: Loss = F.cross_entropy,
+def _taylor_gradients(model: nn.Module, data: Split, loss: Loss = classification_loss,
                       samples: int = 128) -> None:
     """Leave in each parameter's ``.grad`` the gradient of the mean loss over ``samples``
     training inputs, taken a chunk at a time: a DenseNet at 32 px holds gigabytes of
@@ -305,7 +304,7 @@ def drop_blocks(model: nn.Module, n: int, inputs: torch.Tensor) -> list[str]:
 
 def prune_unstructured(model: nn.Module, sparsity: float, criterion: str = "magnitude",
                        scope: str = "global", data: Split | None = None,
-                       loss: Loss = F.cross_entropy) -> nn.Module:
+                       loss: Loss = classification_loss) -> nn.Module:
     """One-shot: zero the ``sparsity`` share of Conv/Linear weights with the lowest score."""
     from search.compress.sparsity import Sparsifier, one_shot_scores
 

@@ -25,11 +25,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from search.compress._layers import WEIGHTED
-from search.tasks import Loss, Split, logits_of
+from search.tasks import Loss, Split, classification_loss, logits_of
 
 __all__ = ["CRITERIA", "Sparsifier", "fisher_scores", "nm_mask", "one_shot_scores", "taylor_scores"]
 
@@ -82,7 +81,7 @@ def _batches(split: Split, samples: int, batch: int, seed: int):  # noqa: ANN202
 
 def _gradient_pass(model: nn.Module, data: Split, samples: int, batch: int, seed: int,
                    accumulate: Callable[[str, torch.Tensor, torch.Tensor], None],
-                   loss: Loss = F.cross_entropy) -> int:
+                   loss: Loss = classification_loss) -> int:
     """Gradients of ``loss`` (the task's; cross-entropy for a classifier) over ``samples``
     training inputs in eval mode, handing each batch's (name, weight, grad) to
     ``accumulate``; returns the number of batches."""
@@ -103,7 +102,7 @@ def _gradient_pass(model: nn.Module, data: Split, samples: int, batch: int, seed
 
 
 def fisher_scores(model: nn.Module, data: Split, *, samples: int = 512, batch: int = 16,
-                  seed: int = 0, loss: Loss = F.cross_entropy) -> dict[str, torch.Tensor]:
+                  seed: int = 0, loss: Loss = classification_loss) -> dict[str, torch.Tensor]:
     """OBD saliency ``w^2 * F_ii / 2`` with the empirical Fisher's diagonal from mini-batches."""
     weights = _weights(model)
     fisher = {name: torch.zeros_like(w) for name, w in weights.items()}
@@ -113,7 +112,7 @@ def fisher_scores(model: nn.Module, data: Split, *, samples: int = 512, batch: i
 
 
 def taylor_scores(model: nn.Module, data: Split, *, samples: int = 512, batch: int = 64,
-                  seed: int = 0, loss: Loss = F.cross_entropy) -> dict[str, torch.Tensor]:
+                  seed: int = 0, loss: Loss = classification_loss) -> dict[str, torch.Tensor]:
     """First-order ``-w * dL/dw`` summed over one pass: movement pruning without a fine-tune."""
     scores = {name: torch.zeros_like(w) for name, w in _weights(model).items()}
     _gradient_pass(model, data, samples, batch, seed,
@@ -122,7 +121,7 @@ def taylor_scores(model: nn.Module, data: Split, *, samples: int = 512, batch: i
 
 
 def one_shot_scores(model: nn.Module, criterion: str, data: Split | None, seed: int = 0,
-                    loss: Loss = F.cross_entropy) -> dict[str, torch.Tensor] | None:
+                    loss: Loss = classification_loss) -> dict[str, torch.Tensor] | None:
     """Scores to prune by now: the diagonal Fisher for ``fisher``, first-order movement
     (Taylor) for ``movement`` without a fine-tune, None for ``magnitude`` (the
     Sparsifier's own ``|w|``, and the fallback without data)."""

@@ -30,6 +30,8 @@ from search.tasks._base import (
     Split,
     Task,
     TaskOptions,
+    class_dim,
+    classification_loss,
     logits_of,
     top1_accuracy,
 )
@@ -45,9 +47,9 @@ from search.tasks._teacher import (
 
 __all__ = [
     "CALIBRATION_CAP", "Loss", "Metric", "Split", "TASKS", "Task", "TaskOptions", "TrainSettings",
-    "build_arch", "cached_teacher", "check_task", "known_archs", "load_task", "load_teacher_state",
-    "logits_of",
-    "near_chance", "top1_accuracy", "train_classifier",
+    "build_arch", "cached_teacher", "check_task", "class_dim", "classification_loss",
+    "known_archs", "load_task", "load_teacher_state", "logits_of", "near_chance",
+    "top1_accuracy", "train_classifier",
 ]
 
 TASKS: dict[str, str] = {

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CALIBRATION_CAP", "Loss", "Metric", "Split", "Task", "TaskOptions", "top1_accuracy"]
+__all__ = ["CALIBRATION_CAP", "Loss", "Metric", "Split", "Task", "TaskOptions", "class_dim",
+           "classification_loss", "top1_accuracy"]
 
 # int8 calibration needs a few hundred samples; more only costs memory
 CALIBRATION_CAP = 1024
@@ -25,11 +26,27 @@ Metric = Callable[[torch.Tensor, torch.Tensor], float]
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def class_dim(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    """Where a classifier's classes are: dim 1 by PyTorch's convention (``(N, C)``, or
+    ``(N, C, H, W)`` against ``(N, H, W)`` labels), or the last for a sequence tagger's
+    ``(N, L, C)`` against ``(N, L)`` labels (one label per token)."""
+    if logits.dim() >= 3 and logits.dim() == labels.dim() + 1 \
+            and logits.shape[2:] != labels.shape[1:] and logits.shape[:-1] == labels.shape:
+        return logits.dim() - 1
+    return 1
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the classes where :func:`class_dim` finds them."""
+    return F.cross_entropy(logits.movedim(class_dim(logits, labels), 1), labels)
+
+
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Percent of labels whose class has the largest logit (classes on dim 1): one label
-    per sample, or one per pixel or position for dense outputs (``(N, C, H, W)`` logits,
-    ``(N, H, W)`` labels: pixel accuracy)."""
-    return 100.0 * int((logits.argmax(1) == labels).sum()) / max(1, labels.numel())
+    """Percent of labels whose class has the largest logit: one label per sample, or one
+    per pixel or token for dense outputs (``(N, C, H, W)`` logits against ``(N, H, W)``
+    labels: pixel accuracy; ``(N, L, C)`` against ``(N, L)``: token accuracy)."""
+    hits = logits.argmax(class_dim(logits, labels)) == labels
+    return 100.0 * int(hits.sum()) / max(1, labels.numel())
 
 
 def logits_of(output: object) -> torch.Tensor:
@@ -111,7 +128,7 @@ class Task:
     @property
     def training_loss(self) -> Loss:
         """The task's ``loss``, or cross-entropy for a classifier."""
-        return self.loss or F.cross_entropy
+        return self.loss or classification_loss
 
     @property
     def input_dtype(self) -> torch.dtype:

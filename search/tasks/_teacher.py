@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from filelock import FileLock
 from torch import nn
 
 from search._paths import cache_dir, write_atomic
 from search.devices import autocast, grad_scaler, train_device
 from search.errors import ConfigError
-from search.tasks._base import Loss, Split, Task, logits_of
+from search.tasks._base import Loss, Split, Task, classification_loss, logits_of
 
 __all__ = ["TEACHER_SEED", "TrainSettings", "cached_teacher", "load_teacher_state", "near_chance",
            "read_teacher", "resolve_teacher", "teacher_scores", "train_classifier"]
@@ -60,7 +59,7 @@ def train_classifier(make_model: Callable[[], nn.Module], train: Split, settings
                      seed: int, loss: Loss | None = None) -> nn.Module:
     """Build (after seeding) and train a model on :func:`search.devices.train_device`;
     returns it on the CPU in eval mode. ``loss(output, y)``: the task's loss when it is not
-    classification (cross-entropy when None), e.g. regression.
+    classification (cross-entropy over the classes' axis when None), e.g. regression.
 
     On the CPU this is bit-for-bit the loop the digits teacher has always used,
     so existing cached teachers stay valid.
@@ -76,7 +75,7 @@ def train_classifier(make_model: Callable[[], nn.Module], train: Split, settings
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, s.lr, total_steps=steps)
     scaler = grad_scaler(device)
     x_all, y_all = train.x.to(device), train.y.to(device)
-    loss_of = loss or F.cross_entropy
+    loss_of = loss or classification_loss
     for _ in range(s.epochs):
         model.train()
         order = torch.randperm(len(train))
