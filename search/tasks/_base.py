@@ -52,16 +52,23 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def logits_of(output: object) -> torch.Tensor:
     """The main logits of a classifier's output. In training mode torchvision's GoogLeNet
     and Inception v3 return named tuples with auxiliary logits, Hugging Face models an
-    object with ``.logits``; training losses take the main head's."""
+    object with ``.logits``; training losses take the main head's. A dict must hold them
+    under ``"logits"``, first: the exported model's first output is what gets scored."""
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, dict):
+        if next(iter(output), None) != "logits":
+            raise TypeError(f"the model returned a dict with keys {list(output)}; its first "
+                            "key must be 'logits' (the ONNX model's first output is scored)")
+        return output["logits"]
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
     if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise TypeError(f"the model returned {type(output).__name__}; a classifier must return "
-                    "its logits (a tensor, or an output with .logits)")
+                    "its logits (a tensor, a tuple whose first item they are, an output with "
+                    ".logits, or a dict whose first key is 'logits')")
 
 
 @dataclass(frozen=True)
