@@ -271,3 +271,31 @@ def test_a_graph_onnx_runtime_cannot_open_is_costed_as_exported(caplog):
     assert [c.op_type for c in costs] == ["Softmax", "Unknown"]
     assert not any(c.runtime_node for c in costs)
     assert "costing the exported graph instead" in caplog.text
+
+
+def test_memory_efficiency_is_refit_per_precision():
+    """ONNX Runtime's int8 kernels stream a weight-bound layer's weights (few output pixels,
+    or a Linear at batch 1) at about half the fp32 rate on the 2-core Xeon, while compute-bound
+    layers run int8 ~3x faster: one memory efficiency shared by every precision cannot fit
+    both, and held-out int8 CNNs were then predicted slower than their fp32 forms."""
+    from search.latency.predict import LayerCost
+
+    profile = load_profile("cpu-avx512-vnni")
+    truth = Calibration({"fp32": 0.7, "int8": 0.5}, op_overhead_us=2.0, session_overhead_us=40.0,
+                        memory_efficiency={"fp32": 2.0, "int8": 0.4})
+    samples = []
+    for width in (64, 128, 256, 512):
+        weight_bound = [LayerCost(f"fc{i}", "Gemm", "fp32", macs=width * width,
+                                  weight_elems=width * width, in_elems=width, out_elems=width)
+                        for i in range(4)]
+        compute_bound = [LayerCost(f"conv{i}", "Conv", "fp32", macs=width * 9 * 64 * 256,
+                                   weight_elems=width * 9 * 64, in_elems=64 * 256,
+                                   out_elems=width * 256) for i in range(4)]
+        for layers in (weight_bound, compute_bound, weight_bound + compute_bound):
+            for p in ("fp32", "int8"):
+                costs = [type(c)(**{**c.__dict__, "precision": p}) for c in layers]
+                samples.append((costs, predict_ms(costs, profile, truth)))
+    fitted = fit_calibration(samples, profile, prior=0.0)
+    errors = [abs(predict_ms(c, profile, fitted) / ms - 1) for c, ms in samples]
+    assert np.max(errors) < 0.03
+    assert fitted.memory_efficiency["int8"] < 0.5 * fitted.memory_efficiency["fp32"]
