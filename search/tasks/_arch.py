@@ -6,6 +6,12 @@ after it is removed, so a 32x32 input is not shrunk to 8x8 before the first
 block (for ResNets this is the usual CIFAR ResNet). Inputs with other than 3
 channels get a first convolution with that many input channels.
 
+VGG and AlexNet pool their last feature map to a fixed 7x7 / 6x6 before the
+classifier; on small images that map is smaller (1x1 for VGG at 32 px), and
+ONNX cannot export an adaptive pooling whose output is not a divisor of its
+input, so the pooling there keeps the map's own side and the first Linear takes
+that many features (the classifier is trained from scratch anyway).
+
 Vision transformers are built for the task's image side instead (torchvision's
 ``VisionTransformer`` takes ``image_size``; its position embedding has one
 entry per patch) and keep their patch embedding: a 32x32 image is four 16x16
@@ -80,6 +86,40 @@ def _adapt_stem(model: nn.Module, in_channels: int, small: bool) -> None:
             break
 
 
+def _fit_pooling(model: nn.Module, in_channels: int, image_side: int) -> None:
+    """Shrink a fixed-size adaptive pooling (VGG's 7x7) to a side that divides the feature
+    map it gets at ``image_side``, and its classifier's first Linear with it."""
+    import torch
+
+    pool = getattr(model, "avgpool", None)
+    if not isinstance(pool, nn.AdaptiveAvgPool2d):
+        return
+    out = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
+    seen: list[torch.Size] = []
+    handle = pool.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_channels, image_side, image_side))
+    except Exception:  # noqa: BLE001 - the model cannot run at this size: said elsewhere
+        return
+    finally:
+        handle.remove()
+    if not seen or None in out:
+        return
+    channels, height, width = seen[0][1:]
+    side = (max(d for d in range(1, out[0] + 1) if height % d == 0),
+            max(d for d in range(1, out[1] + 1) if width % d == 0))
+    first = next((n for n, m in model.named_modules() if isinstance(m, nn.Linear)), None)
+    if side == tuple(out) or first is None:
+        return
+    linear = model.get_submodule(first)
+    if linear.in_features != channels * out[0] * out[1]:
+        return
+    model.avgpool = nn.AdaptiveAvgPool2d(side)
+    _set(model, first, nn.Linear(channels * side[0] * side[1], linear.out_features,
+                                 bias=linear.bias is not None))
+
+
 # architectures whose torchvision builders add auxiliary classifiers by default
 _AUXILIARY = ("googlenet", "inception_v3")
 
@@ -100,6 +140,7 @@ def build_arch(name: str, num_classes: int, in_channels: int = 3, image_side: in
         raise ConfigError(f"--arch {name}: torchvision cannot build it for {num_classes} classes{size} "
                           f"({type(exc).__name__}: {exc})") from None
     _adapt_stem(model, in_channels, image_side <= SMALL_SIDE and not sized)
+    _fit_pooling(model, in_channels, image_side)
     return model
 
 

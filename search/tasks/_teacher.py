@@ -238,10 +238,20 @@ def load_teacher_state(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
 def resolve_teacher(name: str, make_model: Callable[[], nn.Module], teacher: Path | None,
                     key: Mapping[str, Any], train: Callable[[], nn.Module],
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The user's checkpoint when ``teacher`` is given, else the cached/trained built-in one."""
+    """The user's checkpoint when ``teacher`` is given, else the cached/trained built-in one.
+
+    A cached state that no longer fits ``make_model()`` (the model's construction changed
+    under the same key, as VGG's pooling on small images did) is trained again."""
     if teacher is not None:
         return load_teacher_state(teacher, make_model()), {"teacher": str(teacher), "trained_s": 0.0}
-    return cached_teacher(name, key, train)
+    state, info = cached_teacher(name, key, train)
+    expected = make_model().state_dict()
+    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+        log.warning("cached teacher %s does not fit the model built now; training it again",
+                    info["cache"])
+        Path(info["cache"]).unlink(missing_ok=True)
+        state, info = cached_teacher(name, key, train)
+    return state, info
 
 
 def near_chance(accuracy: float, num_classes: int) -> str:

@@ -63,3 +63,19 @@ def test_vision_transformer_is_built_for_the_image_side():
 def test_an_image_side_the_patches_do_not_divide_is_refused():
     with pytest.raises(ConfigError, match="vit_b_16: torchvision cannot build it for 10 classes and 40x40"):
         build_arch("vit_b_16", 10, image_side=40)
+
+
+@pytest.mark.parametrize("name, side, pooled", [("vgg11_bn", 32, (2, 2)), ("alexnet", 32, (1, 1))])
+def test_fixed_size_pooling_fits_small_images_and_exports(name, side, pooled):
+    """VGG pools to 7x7 and AlexNet to 6x6 before the classifier; on 32 px digits VGG's last
+    map is 2x2, and ONNX cannot export an adaptive pooling to a size that does not divide
+    its input (every trial of a vgg11_bn study failed at export). The pooling keeps a side
+    that divides the map, and the first Linear takes that many features."""
+    import onnx
+
+    from search.compress import export_onnx
+
+    model = build_arch(name, 10, in_channels=1, image_side=side).eval()
+    assert model.avgpool.output_size == pooled
+    assert model(torch.zeros(2, 1, side, side)).shape == (2, 10)
+    onnx.checker.check_model(onnx.load_from_string(export_onnx(model, (1, side, side))))

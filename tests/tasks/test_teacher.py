@@ -240,3 +240,15 @@ def test_the_search_seed_does_not_retrain_a_builtin_teacher(task):
     assert other.teacher_info["trained_s"] == 0.0  # from the cache, not trained for seed 7
     assert all(torch.equal(other.teacher_state[k], task.teacher_state[k])
                for k in task.teacher_state)
+
+
+def test_a_cached_teacher_that_no_longer_fits_the_model_is_trained_again(tmp_path, monkeypatch):
+    """The model's construction changed under the same key (VGG's pooling on small images
+    did): the stale weights are not handed to every trial, they are trained again."""
+    from search.tasks._teacher import resolve_teacher
+
+    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path))
+    resolve_teacher("tiny", lambda: nn.Linear(2, 2), None, {"v": 3}, lambda: nn.Linear(2, 2))
+    state, info = resolve_teacher("tiny", lambda: nn.Linear(4, 2), None, {"v": 3},
+                                  lambda: nn.Linear(4, 2))
+    assert info["trained_s"] > 0 and state["weight"].shape == (2, 4)
