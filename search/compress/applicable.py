@@ -20,7 +20,6 @@ TECHNIQUES = ("structured", "drop_blocks", "heads", "sparsity", "int8_static", "
               "fp32")
 
 
-
 def applicable(model: nn.Module, technique: str, example: torch.Tensor) -> tuple[bool, str]:
     """``(True, "")`` when ``technique`` applies to ``model``, else ``(False, reason)``."""
     if technique not in TECHNIQUES:

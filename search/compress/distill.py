@@ -193,8 +193,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
 
     ``task_loss``: the task's loss when it is not classification (see
     :func:`distillation_loss`). ``history``, when given, receives each epoch's mean
-    ``response`` loss and,
-    for feature or relation distillation, the mean of that term.
+    ``response`` loss and, for feature or relation distillation, the mean of that term.
     ``after_epoch(epoch, student)`` is called after every epoch but the last
     (the student on the CPU, in eval mode); returning True stops the fine-tune
     there (a multi-fidelity search stops what cannot reach the front).

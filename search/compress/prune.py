@@ -110,8 +110,8 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
     layers keep their output width; by default the classifier (the last layer to
     run) and the projections of already split attention, so hidden and
     feed-forward Linear widths are thinned. ``taylor`` scores need gradients of
-    ``loss`` (the task's), taken from one batch of ``data``. Heads are removed whole, with their
-    projections (:mod:`search.compress.heads`).
+    ``loss`` (the task's), taken from one batch of ``data``. Heads are removed
+    whole, with their projections (:mod:`search.compress.heads`).
     """
     ratios: dict[tuple[nn.Module, ...], float] = {}  # torch-pruning's pruning_ratio_dict
     if isinstance(ratio, Mapping):
