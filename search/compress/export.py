@@ -78,8 +78,17 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...],
                 dynamo=False,
             )
     except Exception as exc:  # the exporter raises many types
-        raise TrialError("export", f"{type(exc).__name__}: {exc}") from exc
+        raise TrialError("export", f"{type(exc).__name__}: {exc}{_hint(exc)}") from exc
     return _materialize_shared_weights(buffer.getvalue())
+
+
+def _hint(exc: Exception) -> str:
+    """What a user can change when the exporter's message names only the operator."""
+    if "adaptive_avg_pool2d" in str(exc) and "not factor" in str(exc):
+        return (" (an nn.AdaptiveAvgPool2d pools to a fixed size that does not divide the "
+                "feature map it gets at this input size, as VGG's 7x7 does on small images: "
+                "use larger inputs, or a pooling size that divides the map, e.g. 1)")
+    return ""
 
 
 def _materialize_shared_weights(model: bytes) -> bytes:

@@ -69,3 +69,19 @@ def test_every_convolution_layout_gets_a_precision_and_a_width():
         full = sum(p.numel() for p in model.parameters())
         prune_structured(model, example, 0.5, 8)
         assert sum(p.numel() for p in model.parameters()) < 0.6 * full
+
+
+def test_an_adaptive_pooling_onnx_cannot_export_is_named_with_the_fix():
+    """torchvision's VGG on 32 px inputs as a plugin would build it (the --arch builder adapts
+    it): the exporter names only the operator, the trial's error says what to change."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from search.errors import TrialError
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=8), nn.AdaptiveAvgPool2d(7), nn.Flatten(),
+                          nn.Linear(4 * 49, 10)).eval()
+    with pytest.raises(TrialError, match="pooling size that divides the map"):
+        export_onnx(model, (1, 32, 32))
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)  # PyTorch itself runs it
