@@ -95,6 +95,8 @@ def _fit_pooling(model: nn.Module, in_channels: int, image_side: int) -> None:
     if not isinstance(pool, nn.AdaptiveAvgPool2d):
         return
     out = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
+    if out == (1, 1):  # divides any map: nothing to fit, no forward pass to pay
+        return
     seen: list[torch.Size] = []
     handle = pool.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
     try:
@@ -145,6 +147,19 @@ def build_arch(name: str, num_classes: int, in_channels: int = 3, image_side: in
 
 
 def arch_builder(name: str, num_classes: int, in_channels: int, image_side: int):  # noqa: ANN201
-    """A picklable ``make_model`` for a Task (Ray ships it to the workers)."""
+    """A picklable ``make_model`` for a Task (Ray ships it to the workers), after one
+    forward pass at the task's image size: an architecture that cannot take it (MaxViT's
+    7x7 windows need sides that are multiples of 224) fails here, with its name and the
+    size, not in the middle of training the teacher."""
+    import torch
+
     check_arch(name)
-    return functools.partial(build_arch, name, num_classes, in_channels, image_side)
+    make = functools.partial(build_arch, name, num_classes, in_channels, image_side)
+    try:
+        with torch.no_grad():
+            make().eval()(torch.zeros(1, in_channels, image_side, image_side))
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, say which and why
+        raise ConfigError(f"--arch {name} cannot run on {image_side}x{image_side} images "
+                          f"({type(exc).__name__}: {exc}); pick another architecture, or a "
+                          "task and --image-size it is made for") from None
+    return make

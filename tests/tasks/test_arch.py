@@ -79,3 +79,12 @@ def test_fixed_size_pooling_fits_small_images_and_exports(name, side, pooled):
     assert model.avgpool.output_size == pooled
     assert model(torch.zeros(2, 1, side, side)).shape == (2, 10)
     onnx.checker.check_model(onnx.load_from_string(export_onnx(model, (1, side, side))))
+
+
+def test_an_architecture_that_cannot_take_the_image_size_is_refused_by_name():
+    """torchvision's MaxViT partitions maps into 7x7 windows: it cannot run on 32 px digits.
+    The task refuses it before training, naming the model and the size (it crashed with a
+    traceback from inside the teacher's training)."""
+    with pytest.raises(ConfigError, match=r"--arch maxvit_t cannot run on 32x32 images"):
+        arch_builder("maxvit_t", 10, 1, 32)
+    assert arch_builder("resnet18", 10, 1, 32)().fc.out_features == 10
