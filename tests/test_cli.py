@@ -255,3 +255,14 @@ def test_report_and_export_read_a_finished_study(tmp_path, monkeypatch, capsys, 
     shape = [1 if not isinstance(d, int) else d for d in feed.shape]
     outputs = session.run(None, {feed.name: np.zeros(shape, dtype=np.float32)})
     assert outputs[0].shape[-1] == 10  # the digits classes
+
+
+def test_an_architecture_that_cannot_run_on_the_task_is_refused_before_anything_is_written(
+        tmp_path):
+    """MaxViT's 7x7 windows cannot partition 32 px digits: exit 2, the model, the size and
+    torch's own words, and no study folder (it was a traceback from the teacher's training)."""
+    out = _run(["--profile", "host", "--arch", "maxvit_t", "--budget", "3"], tmp_path, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "--arch maxvit_t cannot run on 32x32 images" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []

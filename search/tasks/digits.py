@@ -18,7 +18,7 @@ from torch import nn
 
 from search._paths import cache_dir, write_atomic
 from search.errors import ConfigError
-from search.tasks._arch import arch_builder, check_arch
+from search.tasks._arch import arch_builder
 from search.tasks._base import Split, Task, TaskOptions
 from search.tasks._teacher import TEACHER_SEED, TrainSettings, resolve_teacher, train_classifier
 
@@ -126,8 +126,8 @@ def check(options: TaskOptions) -> None:
     if options.image_size not in (None, SIZE):
         raise ConfigError(f"--image-size {options.image_size}: the digits task is {SIZE}x{SIZE}; "
                           "--image-size applies to --task imagefolder")
-    if options.arch is not None:
-        check_arch(options.arch)
+    if options.arch is not None:  # known, and runs at 32x32: before the study writes anything
+        arch_builder(options.arch, 10, 1, SIZE)
     if options.teacher_epochs is not None and options.teacher_epochs < 1:
         raise ConfigError(f"--teacher-epochs must be at least 1, got {options.teacher_epochs}")
 
