@@ -49,7 +49,7 @@ from search.latency.predict import (
 )
 from search.profiles import load_profile, measurable_here
 from search.record import Choices
-from search.tasks import load_task
+from search.tasks import build_arch, load_task
 
 # shared/reference/published_numbers.md: b1 fp16, b1 int8, b8 fp16, b8 int8
 PUBLISHED = {
@@ -63,6 +63,9 @@ PUBLISHED = {
 NOT_IN_TORCHVISION = ["MobileNet v1", "Inception v4"]
 CELLS = [(1, "fp16"), (1, "int8"), (8, "fp16"), (8, "int8")]
 ARCHS = ("digits-resnet", "resnet18", "mobilenet_v2", "encoder")  # host table
+# --more-archs adds layers of other shapes: VGG's weight-bound 3x3 convolutions on a 2x2 map
+# (its pooling fitted to 32 px, as --arch builds it), an MLP's Gemms at batch 1
+MORE_ARCHS = ("vgg11_bn", "mlp")
 
 
 def _with_precision(costs: list[LayerCost], precision: str) -> list[LayerCost]:
@@ -133,6 +136,18 @@ def _variants(arch: str, quick: bool, reduce_range: bool):  # noqa: ANN202
             prune_heads(model, 0.0, always=True)  # q/k/v/out as their own MatMuls, as a trial
             return model
         shape = task.input_shape
+    elif arch == "mlp":
+        def make():  # noqa: ANN202
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 512),
+                                       torch.nn.ReLU(), torch.nn.Linear(512, 512),
+                                       torch.nn.ReLU(), torch.nn.Linear(512, 10)).eval()
+        shape = (1, 8, 8)
+    elif arch == "vgg11_bn":
+        def make():  # noqa: ANN202
+            torch.manual_seed(0)
+            return build_arch(arch, 10, 3, 32).eval()
+        shape = (3, 32, 32)
     else:
         def make():  # noqa: ANN202
             torch.manual_seed(0)
@@ -170,12 +185,12 @@ def host_profile():  # noqa: ANN201
     raise SystemExit("this CPU has neither AVX-512 VNNI nor AVX2: no host table")
 
 
-def host_rows(quick: bool, rounds: int = 3) -> list[tuple]:
+def host_rows(quick: bool, rounds: int = 3, archs: tuple[str, ...] = ARCHS) -> list[tuple]:
     """Every variant measured ``rounds`` times, round-robin, median of the rounds: on a shared
     machine a single measurement can be off by half, and interleaving spreads the
     disturbances over all variants alike."""
     profile = host_profile()
-    variants = [(arch, label, model, shape) for arch in ARCHS
+    variants = [(arch, label, model, shape) for arch in archs
                 for label, model, shape in _variants(arch, quick, profile.int8.reduce_range)]
     times: list[list[float]] = [[] for _ in variants]
     for _ in range(rounds):
@@ -186,7 +201,7 @@ def host_rows(quick: bool, rounds: int = 3) -> list[tuple]:
 
 
 def host_table(quick: bool, rounds: int = 3, save: str | None = None,
-               load: str | None = None) -> None:
+               load: str | None = None, archs: tuple[str, ...] = ARCHS) -> None:
     """Predicted against measured; ``save`` keeps the measurements (ONNX models and medians)
     so that ``load`` can refit and score another model of latency without measuring again."""
     import pickle
@@ -196,7 +211,7 @@ def host_table(quick: bool, rounds: int = 3, save: str | None = None,
         with open(load, "rb") as handle:
             rows = pickle.load(handle)  # noqa: S301 - a file this script wrote
     else:
-        rows = host_rows(quick, rounds)
+        rows = host_rows(quick, rounds, archs)
     if save:
         with open(save, "wb") as handle:
             pickle.dump(rows, handle)
@@ -239,12 +254,15 @@ def main() -> None:
                         help="host measurements per variant, interleaved (median)")
     parser.add_argument("--save", help="keep the host measurements in this file")
     parser.add_argument("--load", help="score the model on measurements kept with --save")
+    parser.add_argument("--more-archs", action="store_true",
+                        help=f"measure {', '.join(MORE_ARCHS)} too (6 architectures)")
     args = parser.parse_args()
     start = time.perf_counter()
     if not args.skip_t4:
         t4_table()
     if not args.skip_host:
-        host_table(args.quick, args.rounds, args.save, args.load)
+        host_table(args.quick, args.rounds, args.save, args.load,
+                   ARCHS + MORE_ARCHS if args.more_archs else ARCHS)
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 
