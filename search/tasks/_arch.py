@@ -151,15 +151,21 @@ def arch_builder(name: str, num_classes: int, in_channels: int, image_side: int)
     forward pass at the task's image size: an architecture that cannot take it (MaxViT's
     7x7 windows need sides that are multiples of 224) fails here, with its name and the
     size, not in the middle of training the teacher."""
+    check_arch(name)
+    _check_runs(name, num_classes, in_channels, image_side)
+    return functools.partial(build_arch, name, num_classes, in_channels, image_side)
+
+
+@functools.cache
+def _check_runs(name: str, num_classes: int, in_channels: int, image_side: int) -> None:
+    """Once per process: the flag checks, the task and every Ray worker's task ask again."""
     import torch
 
-    check_arch(name)
-    make = functools.partial(build_arch, name, num_classes, in_channels, image_side)
     try:
         with torch.no_grad():
-            make().eval()(torch.zeros(1, in_channels, image_side, image_side))
+            build_arch(name, num_classes, in_channels, image_side).eval()(
+                torch.zeros(1, in_channels, image_side, image_side))
     except Exception as exc:  # noqa: BLE001 - whatever the model raises, say which and why
         raise ConfigError(f"--arch {name} cannot run on {image_side}x{image_side} images "
                           f"({type(exc).__name__}: {exc}); pick another architecture, or a "
                           "task and --image-size it is made for") from None
-    return make
