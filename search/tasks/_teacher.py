@@ -212,23 +212,29 @@ def read_teacher(path: Path) -> dict[str, torch.Tensor]:
     return _state_of(_read_checkpoint(path), path)
 
 
-def load_teacher_state(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights in ``path``, checked against ``model``; ConfigError naming every mismatch."""
-    path = Path(path)
-    state = read_teacher(path)
-    expected = model.state_dict()
+def _mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                ) -> list[str]:
+    """Why ``state`` does not load into a model whose state is ``expected`` (none: it does)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = sorted(f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})"
                     for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_listed(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listed(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {_listed(shapes)}")
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {_listed(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_listed(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches: {_listed(shapes)}")
+    return parts
+
+
+def load_teacher_state(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights in ``path``, checked against ``model``; ConfigError naming every mismatch."""
+    path = Path(path)
+    state = read_teacher(path)
+    parts = _mismatches(state, model.state_dict())
+    if parts:
         raise ConfigError(f"teacher {path} does not fit the task's model "
                           f"({type(model).__name__}): " + "; ".join(parts))
     model.load_state_dict(state)
@@ -245,10 +251,10 @@ def resolve_teacher(name: str, make_model: Callable[[], nn.Module], teacher: Pat
     if teacher is not None:
         return load_teacher_state(teacher, make_model()), {"teacher": str(teacher), "trained_s": 0.0}
     state, info = cached_teacher(name, key, train)
-    expected = make_model().state_dict()
-    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
-        log.warning("cached teacher %s does not fit the model built now; training it again",
-                    info["cache"])
+    stale = _mismatches(state, make_model().state_dict())
+    if stale:
+        log.warning("cached teacher %s does not fit the model built now (%s); training it "
+                    "again", info["cache"], "; ".join(stale))
         Path(info["cache"]).unlink(missing_ok=True)
         state, info = cached_teacher(name, key, train)
     return state, info
