@@ -101,10 +101,25 @@ class LatencyModelSettings(Strict):
     # absent: a quarter of op_overhead_us
     node_overhead_us: float | None = Field(default=None, ge=0)
     session_overhead_us: float = Field(default=20.0, ge=0)
+    # a CPU's cache: a model whose weights fit in ``cache_mb`` reads them at memory_gbps
+    # every run; the more they exceed it, the closer the rate falls to ``dram_gbps``
+    cache_mb: float | None = Field(default=None, gt=0)
+    dram_gbps: float | None = Field(default=None, gt=0)
+    # precisions whose convolution kernels skip the taps that fall on zero padding (ONNX
+    # Runtime's fp32 NCHWc kernels on CPU; its int8 im2col kernels compute them all): on
+    # small maps a 3x3 convolution then does and reads a fraction of its MACs and weights
+    skips_padding: list[Precision] = []
     efficiency: dict[Precision, float] = {}
     memory_efficiency: dict[Precision, float] = {}
     fill_rows: dict[Precision, float] = {}
     sources: str = ""
+
+    @model_validator(mode="after")
+    def _cache_needs_dram(self) -> LatencyModelSettings:
+        if (self.cache_mb is None) != (self.dram_gbps is None):
+            raise ValueError("cache_mb and dram_gbps go together: give both (the cache and "
+                             "the DRAM bandwidth beyond it) or neither")
+        return self
 
     @field_validator("fill_rows")
     @classmethod

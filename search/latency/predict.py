@@ -80,6 +80,9 @@ class LayerCost:
     input_precision: str | None = None  # when it differs, a conversion pass is paid
     activations_only: bool = False  # a MatMul of two activations (attention), no weight
     runtime_node: bool = False  # a non-compute node of the graph the runtime executes
+    moved_bytes: float | None = None  # from each tensor's own type; None: elements x precision
+    on_input: float = 1.0  # share of a conv's MACs whose taps fall on the input, not padding
+    taps_used: float = 1.0  # share of a conv's weights some output reads off the input
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class Calibration:
     overhead_scale: dict[str, float] = field(default_factory=dict)  # per precision, default 1.0
     fill_rows: dict[str, float] = field(default_factory=dict)  # per precision, default 0
     node_overhead_us: float | None = None  # per runtime node; None: a quarter op overhead
+    dram_gbps: float | None = None  # with cache_mb: the rate for weights beyond the cache
+    cache_mb: float | None = None
 
     @staticmethod
     def of(settings: LatencyModelSettings) -> Calibration:
@@ -101,11 +106,28 @@ class Calibration:
         mem = {p: settings.memory_efficiency.get(p, 1.0) for p in settings.peak_tops}
         return Calibration(eff, settings.op_overhead_us, settings.session_overhead_us,
                            memory_efficiency=mem, fill_rows=dict(settings.fill_rows),
-                           node_overhead_us=settings.node_overhead_us)
+                           node_overhead_us=settings.node_overhead_us,
+                           dram_gbps=settings.dram_gbps, cache_mb=settings.cache_mb)
+
+    def bandwidth_gbps(self, settings: LatencyModelSettings, working_mb: float) -> float:
+        """Memory rate for data of which ``working_mb`` are touched between two reads of it:
+        the profile's rate where that fits the cache, falling towards DRAM's as it outgrows
+        it. Weights are read once per run, so for them it is the whole model's weights
+        (VGG-11's 67 MB fp32 4096x4096 Linear ran at 16 GB/s, 2.4 MB int8 layers of a
+        ResNet-18 at 23 GB/s on the 2-core Xeon's profiled nodes); an activation is read
+        right after it is written, so for it, its own size."""
+        if self.cache_mb is None or self.dram_gbps is None:
+            return settings.memory_gbps
+        return self.dram_gbps + (settings.memory_gbps - self.dram_gbps) / (
+            1.0 + working_mb / self.cache_mb)
 
     def node_us(self) -> float:
         return 0.25 * self.op_overhead_us if self.node_overhead_us is None \
             else self.node_overhead_us
+
+
+def _type_bytes(elem_type: int) -> float:
+    return BYTES.get(_ONNX_PRECISION.get(elem_type, "fp32"), 4.0)
 
 
 def _shape_elems(shape: onnx.TensorShapeProto) -> int | None:
@@ -143,16 +165,21 @@ class _Graph:
         graph = proto.graph
         self.inits = {t.name: t for t in graph.initializer}
         self.elems: dict[str, int] = {}
+        self.size: dict[str, float] = {}  # bytes per element, from the tensor's type
         self.last_dim: dict[str, int] = {}  # the reduced dimension of an activation MatMul
+        self.dims: dict[str, list[int]] = {}
         for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+            self.size[value.name] = _type_bytes(value.type.tensor_type.elem_type)
             n = _shape_elems(value.type.tensor_type.shape)
             if n is not None:
                 self.elems[value.name] = n
+                self.dims[value.name] = [d.dim_value for d in value.type.tensor_type.shape.dim]
                 dims = value.type.tensor_type.shape.dim
                 if dims and dims[-1].HasField("dim_value"):
                     self.last_dim[value.name] = dims[-1].dim_value
         for name, tensor in self.inits.items():
             self.elems[name] = int(np.prod(tensor.dims)) if tensor.dims else 1
+            self.size[name] = _type_bytes(tensor.data_type)
         self.producers = {out: node for node in graph.node for out in node.output}
 
     def weight_of(self, name: str) -> tuple[onnx.TensorProto | None, str]:
@@ -197,11 +224,42 @@ def _compute_cost(g: _Graph, node: onnx.NodeProto, op_type: str, ins: list[str],
     else:
         macs = 0
     density, nm = _sparsity(weight)
+    on_input, taps_used = 1.0, 1.0
+    if op_type == "Conv" and weight is not None and weight.ndim >= 3:
+        on_input, taps_used = _padding_shares(node, g.dims.get(ins[0]), weight.shape[2:])
     return LayerCost(name=node.name, op_type=op_type, precision=precision, macs=int(macs),
                      weight_elems=w_elems, in_elems=g.elems.get(ins[0], 0), out_elems=out,
                      density=density, nm_sparse=nm,
                      input_precision=incoming if incoming != precision else None,
-                     activations_only=activations_only)
+                     activations_only=activations_only, on_input=on_input, taps_used=taps_used)
+
+
+def _padding_shares(node: onnx.NodeProto, in_dims: list[int] | None,
+                    kernel: tuple[int, ...]) -> tuple[float, float]:
+    """Of a convolution's (output position, kernel tap) pairs, the share that reads the input
+    rather than its zero padding, and the share of kernel taps any output reads the input
+    with. A 3x3 convolution over a 1x1 map (ResNet-18's last stage at 32 px) uses only
+    its centre tap: 1/9 of its MACs and weights."""
+    if not in_dims or len(in_dims) != len(kernel) + 2:
+        return 1.0, 1.0
+    attrs = {a.name: list(a.ints) for a in node.attribute if a.type == onnx.AttributeProto.INTS}
+    auto = next((a.s for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
+    n = len(kernel)
+    strides = attrs.get("strides") or [1] * n
+    dilations = attrs.get("dilations") or [1] * n
+    pads = attrs.get("pads") or [0] * (2 * n)
+    if auto not in (b"NOTSET", b"VALID"):  # SAME_*: padding not written down, assume none skipped
+        return 1.0, 1.0
+    on, used = 1.0, 1.0
+    for d in range(n):
+        size, k, s, dil, begin = in_dims[2 + d], kernel[d], strides[d], dilations[d], pads[d]
+        out = (size + begin + pads[n + d] - dil * (k - 1) - 1) // s + 1
+        if out <= 0 or size <= 0:
+            return 1.0, 1.0
+        hits = [[0 <= o * s - begin + t * dil < size for t in range(k)] for o in range(out)]
+        on *= sum(map(sum, hits)) / (out * k)
+        used *= sum(any(h[t] for h in hits) for t in range(k)) / k
+    return on, used
 
 
 def _output_precision(g: _Graph, node: onnx.NodeProto, incoming: str) -> str:
@@ -231,19 +289,27 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1, *,
     if not runtime_graph:
         return costs
     try:
-        nodes = _runtime_nodes(proto, g)
+        nodes, dequantized = _runtime_nodes(proto, g)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors have no common base
         logging.getLogger(__name__).warning(
             "latency model: ONNX Runtime could not open the model to read the graph it "
             "executes (%s); costing the exported graph instead", str(exc).splitlines()[0])
         return costs
-    compute = [replace(c, input_precision=None) for c in costs if c.op_type in _COMPUTE]
+    # a weight ONNX Runtime dequantizes on every run (its DequantizeLinear was not fused into
+    # an integer kernel, as before an fp32 layer) feeds a float kernel: the layer runs fp32
+    weights = {node.name: tensor.name for node in proto.graph.node
+               if _INTEGER_OPS.get(node.op_type, node.op_type) in _COMPUTE and len(node.input) > 1
+               and (tensor := g.weight_of(node.input[1])[0]) is not None}
+    compute = [replace(c, input_precision=None,
+                       precision="fp32" if weights.get(c.name) in dequantized else c.precision)
+               for c in costs if c.op_type in _COMPUTE]
     return compute + nodes
 
 
-def _runtime_nodes(proto: onnx.ModelProto, g: _Graph) -> list[LayerCost]:
+def _runtime_nodes(proto: onnx.ModelProto, g: _Graph) -> tuple[list[LayerCost], set[str]]:
     """The non-compute nodes of the graph ONNX Runtime's CPU provider runs (its optimizer's
-    output at the default level), sized from the exported graph's shapes by tensor name."""
+    output at the default level), sized from the exported graph's shapes and types by tensor
+    name, and the weights it dequantizes on every run."""
     import tempfile
     from pathlib import Path
 
@@ -253,16 +319,20 @@ def _runtime_nodes(proto: onnx.ModelProto, g: _Graph) -> list[LayerCost]:
         path = str(Path(tmp) / "runtime.onnx")
         make_session(proto.SerializeToString(), threads=1, optimized_path=path)
         runtime = onnx.load(path, load_external_data=False)
-    nodes = []
+    nodes, dequantized = [], set()
     for node in runtime.graph.node:
         if node.op_type in _RUNTIME_COMPUTE or node.op_type in _RUNTIME_FREE:
             continue
         int8 = node.op_type.startswith("QLinear") or node.op_type == "DequantizeLinear"
+        if node.op_type == "DequantizeLinear" and node.input[0] in g.inits:
+            dequantized.add(node.input[0])
+        ins, outs = [i for i in node.input if i], list(node.output)
         nodes.append(LayerCost(
             name=node.name, op_type=node.op_type, precision="int8" if int8 else "fp32",
-            in_elems=sum(g.elems.get(i, 0) for i in node.input if i and i not in g.inits),
-            out_elems=sum(g.elems.get(o, 0) for o in node.output), runtime_node=True))
-    return nodes
+            in_elems=sum(g.elems.get(i, 0) for i in ins if i not in g.inits),
+            out_elems=sum(g.elems.get(o, 0) for o in outs), runtime_node=True,
+            moved_bytes=sum(g.elems.get(t, 0) * g.size.get(t, 4.0) for t in ins + outs)))
+    return nodes, dequantized
 
 
 def _graph_costs(proto: onnx.ModelProto, g: _Graph) -> list[LayerCost]:
@@ -358,12 +428,25 @@ def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
         raise ConfigError(f"profile {profile.name!r} has no latency_model, so latency cannot "
                           "be predicted for it; add one (see hardware_profiles/t4-gpu.yaml)")
     cal = calibration or Calibration.of(settings)
+    costs = list(costs)
+    weight_mb = sum(c.weight_elems * BYTES.get(c.precision, 4.0) for c in costs
+                    if c.op_type in _COMPUTE) / 1e6
+    weight_rate = cal.bandwidth_gbps(settings, weight_mb) * 1e9
     bandwidth = settings.memory_gbps * 1e9
+
+    def seconds(nbytes: float, rate: float | None = None) -> float:  # activations: own size
+        return nbytes / (rate or cal.bandwidth_gbps(settings, nbytes / 1e6) * 1e9)
+
     total_us = cal.session_overhead_us
     for c in costs:
         b = BYTES.get(c.precision, 4.0)
-        memory_s = (c.weight_elems + c.in_elems + c.out_elems) * b / (
-            bandwidth * cal.memory_efficiency.get(c.precision, 1.0))
+        skip = c.op_type == "Conv" and c.precision in settings.skips_padding
+        if c.moved_bytes is not None:
+            memory_s = seconds(c.moved_bytes)
+        else:
+            memory_s = seconds(c.weight_elems * (c.taps_used if skip else 1.0) * b, weight_rate) \
+                + seconds((c.in_elems + c.out_elems) * b)
+        memory_s /= cal.memory_efficiency.get(c.precision, 1.0)
         if c.op_type in _COMPUTE:
             precision = c.precision
             if c.activations_only and precision not in settings.peak_tops:
@@ -372,7 +455,7 @@ def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
             if peak is None:
                 raise ConfigError(f"profile {profile.name!r} cannot run {c.precision} "
                                   f"({c.op_type} {c.name}); it runs {sorted(settings.peak_tops)}")
-            work = 2.0 * c.macs
+            work = 2.0 * c.macs * (c.on_input if skip else 1.0)
             if profile.sparse_kernels == "unstructured":
                 work *= c.density
             elif profile.sparse_kernels == "2:4" and c.nm_sparse:
@@ -446,14 +529,15 @@ def fit_calibration(samples: Iterable[tuple[list[LayerCost], float]], profile: H
     nodes = any(c.runtime_node for costs, _ in data for c in costs)
     return _least_squares(start, keys, lambda cal: [math.log(predict_ms(costs, profile, cal) / ms)
                                                     for costs, ms in data], len(data),
-                          node_overhead=nodes, prior=prior)
+                          node_overhead=nodes, cache=start.cache_mb is not None, prior=prior)
 
 
 def _least_squares(start: Calibration, eff_keys: list[str],
                    residuals: Callable[[Calibration], list[float]], n: int, *,
                    per_precision_overheads: bool = True, memory: bool = True,
                    fill_keys: list[str] | None = None,
-                   node_overhead: bool = False, prior: float = 0.0) -> Calibration:
+                   node_overhead: bool = False, cache: bool = False,
+                   prior: float = 0.0) -> Calibration:
     """Fit compute and memory efficiency per precision, overheads.
 
     Parameters: efficiency of each precision in ``eff_keys``; with ``memory``, a
@@ -465,7 +549,10 @@ def _least_squares(start: Calibration, eff_keys: list[str],
     session overhead; with ``fill_keys``, the fill rows of those precisions
     (fitted where tables span batch sizes, kept from the profile otherwise); with
     ``node_overhead``, the overhead of a runtime node (samples costed from the executed
-    graph). All in log space, bounded; ``prior`` > 0 adds ``prior x (log parameter - log
+    graph); with ``cache``, the DRAM rate (``Calibration.bandwidth_gbps``; the cache's size is
+    the device's, from the profile: fitted too, it traded against the memory efficiencies and
+    put every activation of an unseen MobileNet in DRAM, 2.4-3.7x too slow).
+    All in log space, bounded; ``prior`` > 0 adds ``prior x (log parameter - log
     start)`` per parameter to the residuals.
     """
     from scipy.optimize import least_squares
@@ -476,6 +563,7 @@ def _least_squares(start: Calibration, eff_keys: list[str],
     fill_keys = fill_keys or []
     f0 = k + m + len(scaled_keys)
     n0 = f0 + len(fill_keys)  # where the node overhead sits, when fitted
+    c0 = n0 + (1 if node_overhead else 0)  # where the DRAM rate sits, when fitted
 
     def unpack(theta: np.ndarray) -> Calibration:
         eff = dict(start.efficiency)
@@ -488,21 +576,26 @@ def _least_squares(start: Calibration, eff_keys: list[str],
         fill.update({p: float(np.exp(v)) for p, v in
                      zip(fill_keys, theta[f0:f0 + len(fill_keys)], strict=True)})
         node = float(np.exp(theta[n0])) if node_overhead else start.node_overhead_us
+        dram = float(np.exp(theta[c0])) if cache else start.dram_gbps
         return Calibration(eff, float(np.exp(theta[-2])), float(np.exp(theta[-1])), n, mem, scale,
-                           fill, node)
+                           fill, node, dram, start.cache_mb)
 
     theta0 = np.log([start.efficiency[p] for p in eff_keys]
                     + [start.memory_efficiency.get(p, 1.0) for p in eff_keys[:m]]
                     + [start.overhead_scale.get(p, 1.0) for p in scaled_keys]
                     + [max(start.fill_rows.get(p, 1.0), 1e-2) for p in fill_keys]
                     + ([max(start.node_us(), 1e-2)] if node_overhead else [])
+                    + ([start.dram_gbps] if cache else [])
                     + [max(start.op_overhead_us, 1e-2), max(start.session_overhead_us, 1e-2)])
     mem_bounds = (0.1, 20.0)
     nodes = 1 if node_overhead else 0
+    caches = [(0.01, 1e4)] if cache else []  # GB/s
     bounds = (np.log([1e-4] * k + [mem_bounds[0]] * m + [0.2] * len(scaled_keys)
-                     + [1e-2] * len(fill_keys) + [1e-2] * nodes + [1e-2, 1e-2]),
+                     + [1e-2] * len(fill_keys) + [1e-2] * nodes + [lo for lo, _ in caches]
+                     + [1e-2, 1e-2]),
               np.log([1.0] * k + [mem_bounds[1]] * m + [20.0] * len(scaled_keys)
-                     + [1e5] * len(fill_keys) + [1e4] * nodes + [1e5, 1e5]))
+                     + [1e5] * len(fill_keys) + [1e4] * nodes + [hi for _, hi in caches]
+                     + [1e5, 1e5]))
     theta0 = np.clip(theta0, bounds[0] + 1e-9, bounds[1] - 1e-9)
     anchor = theta0.copy()
 

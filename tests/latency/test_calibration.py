@@ -105,8 +105,10 @@ def test_evidence_accumulates_and_resumed_trials_replace_their_own(tmp_path, pro
 def test_pooled_fit_serves_an_unseen_architecture_when_it_predicts_better(tmp_path, profile):
     """Two architectures measured on one (unknown to the profile) device: the pooled fit
     predicts a third, never measured, better than the profile's numbers."""
-    truth = Calibration({"fp32": 0.15, "int8": 0.12}, op_overhead_us=3.0,
-                        session_overhead_us=60.0, memory_efficiency={"fp32": 2.0, "int8": 2.0})
+    settings = profile.latency_model
+    truth = Calibration({"fp32": 0.35, "int8": 0.2}, op_overhead_us=6.0,
+                        session_overhead_us=10.0, memory_efficiency={"fp32": 0.7, "int8": 0.7},
+                        dram_gbps=settings.dram_gbps, cache_mb=settings.cache_mb)
     store = CalibrationStore(tmp_path, profile)
     store.add(_measured("mlp", truth, profile, study="a"))
     notes = store.add(_measured("resnet", truth, profile, study="b"))
@@ -117,7 +119,8 @@ def test_pooled_fit_serves_an_unseen_architecture_when_it_predicts_better(tmp_pa
     err = [abs(predict_ms(m.costs, profile, choice.calibration) / m.ms - 1) for m in unseen]
     default = Calibration.of(profile.latency_model)
     err0 = [abs(predict_ms(m.costs, profile, default) / m.ms - 1) for m in unseen]
-    assert max(err) < 0.25 and sum(err) < sum(err0), (err, err0)
+    # from two architectures, a third's errors halved (the profile's are 41-53 % here)
+    assert max(err) < 0.4 and sum(err) < 0.6 * sum(err0), (err, err0)
 
 
 def _add_in_process(root: str, study: str) -> None:
@@ -205,10 +208,9 @@ def test_a_measured_mlp_study_leaves_the_next_conv_net_study_predicted_true(
     assert len(done) >= 3 and done["reference"].any()
     models = {int(n): (second.output_dir / "models" / f"trial-{int(n)}.onnx").read_bytes()
               for n in done["trial"]}
-    # the MLP's own fit was adopted for the MLP (in one run here it would have predicted the
-    # ResNet's int8 models 12x and 25x slower), and did not touch these: they are exactly
-    # what the profile's own numbers predict
-    assert CalibrationStore(cache, fast).choose(evidence[0].architecture).kind == "architecture"
+    # the MLP's evidence (whether or not its own refit beat the profile's numbers on it; in one
+    # run here a refit would have predicted the ResNet's int8 models 12x and 25x slower) did
+    # not touch these: they are exactly what the profile's own numbers predict
     for n, model in models.items():
         own = predict_latency(model, fast, task.input_shape).median_ms
         assert done.set_index("trial").loc[n, "latency_ms"] == pytest.approx(own, rel=1e-9)

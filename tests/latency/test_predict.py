@@ -1,5 +1,7 @@
 """The latency model's basic sanity, on real exported models."""
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -237,12 +239,18 @@ def test_a_refit_on_executed_graphs_fits_the_node_overhead(task):
     from tests.families import EncoderClassifier
 
     profile = load_profile("cpu-avx512-vnni")
+    # without the cache term: its DRAM rate is one more unknown than six models pin down
+    profile = profile.model_copy(update={"latency_model": profile.latency_model.model_copy(
+        update={"cache_mb": None, "dram_gbps": None})})
     truth = Calibration({"fp32": 0.5, "int8": 0.3}, op_overhead_us=2.0, session_overhead_us=30.0,
                         node_overhead_us=6.0)
     models = [m for m in _int8(task.teacher(), task.input_shape)]
     torch.manual_seed(0)
     models += list(_int8(EncoderClassifier(), (3, 32, 32)))
-    models += [_pruned(task, 0.5), _pruned(task, 0.25)]
+    for ratio in (0.25, 0.5):  # as many models as the fit has unknowns, and a few more
+        model = task.teacher()
+        prune_structured(model, torch.zeros(1, *task.input_shape), ratio, round_to=8)
+        models += list(_int8(model, task.input_shape))
     samples = [(costs_for(m, profile), 0.0) for m in models]
     samples = [(c, predict_ms(c, profile, truth)) for c, _ in samples]
     fitted = fit_calibration(samples, profile, prior=0.0)  # what the data alone say
@@ -299,3 +307,94 @@ def test_memory_efficiency_is_refit_per_precision():
     errors = [abs(predict_ms(c, profile, fitted) / ms - 1) for c, ms in samples]
     assert np.max(errors) < 0.03
     assert fitted.memory_efficiency["int8"] < 0.5 * fitted.memory_efficiency["fp32"]
+
+
+def _conv_on(side: int) -> bytes:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(256, 256, 3, padding=1)).eval()
+    return export_onnx(model, (256, side, side))
+
+
+def test_convolution_taps_on_padding_are_skipped_only_where_the_kernels_skip_them():
+    """A 3x3 convolution over a 1x1 map reads the input with its centre tap alone; ONNX
+    Runtime's fp32 CPU kernels skip the other eight (ResNet-18's last stage at 32 px ran 9.4 MB
+    of fp32 weights in 61 us), its int8 im2col kernels and a GPU's do not."""
+    from search.latency.predict import _Graph, _padding_shares  # noqa: PLC2701
+
+    tiny = [c for c in costs_from_onnx(_conv_on(1)) if c.op_type == "Conv"][0]
+    assert (tiny.on_input, tiny.taps_used) == pytest.approx((1 / 9, 1 / 9))
+    small = [c for c in costs_from_onnx(_conv_on(2)) if c.op_type == "Conv"][0]
+    assert (small.on_input, small.taps_used) == pytest.approx((4 / 9, 1.0))
+    big = [c for c in costs_from_onnx(_conv_on(32)) if c.op_type == "Conv"][0]
+    assert big.on_input > 0.85 and big.taps_used == 1.0
+    assert _padding_shares(onnx.helper.make_node("Conv", ["x", "w"], ["y"]), None, (3, 3)) \
+        == (1.0, 1.0)  # shapes unknown: every tap counted
+    assert _Graph  # the class the shares are read with
+
+    cpu, gpu = load_profile("cpu-avx512-vnni"), load_profile("t4-gpu")
+    assert "fp32" in cpu.latency_model.skips_padding and not gpu.latency_model.skips_padding
+    full = replace(tiny, on_input=1.0, taps_used=1.0)
+    base = predict_ms([], cpu)  # the run's own overhead
+    assert predict_ms([tiny], cpu) - base < 0.5 * (predict_ms([full], cpu) - base)
+    assert predict_ms([tiny], gpu) == pytest.approx(predict_ms([full], gpu))
+    int8 = replace(tiny, precision="int8")
+    assert predict_ms([int8], cpu) == pytest.approx(predict_ms([replace(full, precision="int8")],
+                                                                cpu))
+
+
+def test_weights_beyond_the_cache_stream_at_the_dram_rate():
+    """Every run reads all of a model's weights: where they outgrow the cache, they come from
+    DRAM (a 67 MB fp32 Linear of VGG-11 ran at 16 GB/s on the 2-core Xeon, a 1 MB model's
+    layers several times faster)."""
+    from search.latency.predict import LayerCost
+
+    profile = load_profile("cpu-avx512-vnni")
+    settings = profile.latency_model
+    cal = Calibration.of(settings)
+    assert cal.bandwidth_gbps(settings, 0.0) == settings.memory_gbps
+    rates = [cal.bandwidth_gbps(settings, mb) for mb in (0.1, 1, 10, 100, 1000)]
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 1.1 * settings.dram_gbps
+
+    def linear(n: int) -> LayerCost:  # batch 1: memory-bound
+        return LayerCost("fc", "Gemm", "fp32", macs=n * n, weight_elems=n * n, in_elems=n,
+                         out_elems=n)
+
+    per_byte = [(predict_ms([linear(n)], profile) - predict_ms([], profile)) / (4 * n * n)
+                for n in (256, 4096)]
+    assert per_byte[1] > 2 * per_byte[0]
+    no_cache = profile.model_copy(update={"latency_model": settings.model_copy(
+        update={"cache_mb": None, "dram_gbps": None})})
+    assert predict_ms([linear(4096)], no_cache) < predict_ms([linear(4096)], profile)
+    with pytest.raises(ValueError, match="cache_mb and dram_gbps go together"):
+        settings.model_validate({**settings.model_dump(), "dram_gbps": None})
+
+
+def test_a_weight_dequantized_on_every_run_is_costed_as_fp32_work_and_a_pass():
+    """An int8 Linear before an fp32 one: ONNX Runtime fuses neither the second's input nor its
+    weight's DequantizeLinear into an integer kernel, so it turns 16.7 M int8 weights into
+    fp32 on every run and multiplies in fp32 (VGG-11 at 32 px: 13.3 ms against 3.5 ms for
+    uniform int8, the pass alone 6.2 ms); both are in the prediction."""
+    from search.compress import compressible_layers
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 10)).eval()
+    shape = (1, 8, 8)
+    layers = compressible_layers(model)
+    fp32 = export_onnx(model, shape)
+    names = onnx_node_names(onnx.load_from_string(fp32), layers)
+    plans = {"int8": {x.name: "int8" for x in layers}}
+    plans["mixed"] = {**plans["int8"], layers[-1].name: "fp32"}
+    costs = {k: costs_from_onnx(apply_precision_plan(fp32, plan, names, Choices(precisions=plan),
+                                                     torch.randn(16, *shape),
+                                                     reduce_range=host_reduce_range()),
+                                runtime_graph=True) for k, plan in plans.items()}
+    compute = {k: {c.name: c.precision for c in v if not c.runtime_node} for k, v in costs.items()}
+    assert set(compute["int8"].values()) == {"int8"}
+    assert compute["mixed"] == {"/1/Gemm": "int8", "/3/Gemm": "fp32", "/5/Gemm": "fp32"}
+    passes = [c for c in costs["mixed"] if c.op_type == "DequantizeLinear"
+              and c.moved_bytes >= 512 * 512 * 5]  # int8 read, fp32 written
+    assert len(passes) == 1
+    profile = load_profile("cpu-avx512-vnni")
+    assert predict_ms(costs["mixed"], profile) > 1.5 * predict_ms(costs["int8"], profile)
