@@ -16,10 +16,12 @@ from pathlib import Path
 
 import onnx
 import torch
+from torch import nn
 
 from search._ort import make_session
 from search._paths import cache_dir, write_atomic
 from search.compress import apply_precision_plan, compressible_layers, export_onnx, onnx_node_names
+from search.compress._layers import WEIGHTED
 from search.compress.applicable import applicable
 from search.pipeline import prune_student
 from search.profiles import HardwareProfile
@@ -74,7 +76,37 @@ def _structural(task: Task, resolved: ResolvedSpace) -> list[str]:
         ok, why = applicable(model, technique, example) if wanted else (True, "")
         if not ok:
             out.append(f"{name} is not offered for this model: {why}")
-    return out
+    return out + _uncovered(model)
+
+
+# whose weights the search reaches by other means (attention is split into Linear layers for
+# head pruning and precision), that do too little work to matter (norms), or whose weights are
+# looked up rather than multiplied (embeddings)
+_NOT_NOTED = (nn.MultiheadAttention, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+              nn.GroupNorm, nn.Embedding, nn.EmbeddingBag)
+_UNCOVERED_SHARE = 0.1  # a module type holding less of the model is not worth a line
+
+
+def _uncovered(model: nn.Module) -> list[str]:
+    """Module types that hold a large share of the weights and that no technique here
+    compresses (an LSTM or GRU: neither a precision nor a width is chosen for it, and it runs
+    in fp32 in every trial), so a user knows why the front's speedups are small."""
+    total = sum(p.numel() for p in model.parameters())
+    covered = {id(p) for m in model.modules() if isinstance(m, (*WEIGHTED, *_NOT_NOTED))
+               for p in m.parameters()}
+    held: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in covered]
+        if own:
+            kind = type(module).__name__
+            held.setdefault(kind, []).append(name)
+            counts[kind] = counts.get(kind, 0) + sum(p.numel() for p in own)
+    return [f"{kind} layers ({', '.join(held[kind][:3])}{', ...' if len(held[kind]) > 3 else ''}"
+            f"; {n / total:.0%} of the parameters) get no precision and no pruning here: they "
+            "run in fp32 in every trial, so they bound the speedup"
+            for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])
+            if total and n / total >= _UNCOVERED_SHARE]
 
 
 def _extremes(resolved: ResolvedSpace) -> dict[str, Choices]:

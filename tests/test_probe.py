@@ -138,3 +138,27 @@ def test_a_new_process_tries_again_only_what_failed(tried, monkeypatch, tmp_path
     again = preflight(task, profile, resolved)
     assert again == first
     assert len(tried) == len(set(tried)) + 1 and "structured_ratio=0.7" in tried[-1]
+
+
+class SeriesLSTM(nn.Module):
+    """A time-series classifier as users write one: most of its weights in an ``nn.LSTM``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 64, num_layers=2, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, 32, 32) read as 96 steps
+        out, _ = self.rnn(x.flatten(2).transpose(1, 2)[:, :96, :])
+        return self.head(out[:, -1])
+
+
+def test_weights_no_technique_reaches_are_named_with_their_share():
+    """An LSTM gets neither a precision nor a width: the user is told, with its share of the
+    weights, instead of wondering why the front stops at the speed of its two Linears."""
+    task = _task(SeriesLSTM)
+    profile, resolved = _resolved(task)
+    _, _, notes = preflight(task, profile, resolved)
+    assert any(n.startswith("LSTM layers (rnn; 99% of the parameters) get no precision")
+               for n in notes), notes
+    # (a transformer encoder's attention is split into Linears: no note, tested above)
