@@ -76,7 +76,9 @@ def _structural(task: Task, resolved: ResolvedSpace) -> list[str]:
         ok, why = applicable(model, technique, example) if wanted else (True, "")
         if not ok:
             out.append(f"{name} is not offered for this model: {why}")
-    return out + _uncovered(model)
+    quantized = {name for name, options in resolved.layer_precisions.items()
+                 if set(options) - {"fp32"}}
+    return out + _uncovered(model, quantized)
 
 
 # whose weights the search reaches by other means (attention is split into Linear layers for
@@ -87,12 +89,14 @@ _NOT_NOTED = (nn.MultiheadAttention, nn.modules.batchnorm._NormBase, nn.LayerNor
 _UNCOVERED_SHARE = 0.1  # a module type holding less of the model is not worth a line
 
 
-def _uncovered(model: nn.Module) -> list[str]:
+def _uncovered(model: nn.Module, quantized: set[str]) -> list[str]:
     """Module types that hold a large share of the weights and that no technique here
-    compresses (an LSTM or GRU: neither a precision nor a width is chosen for it, and it runs
-    in fp32 in every trial), so a user knows why the front's speedups are small."""
+    compresses (a GRU; an LSTM on a profile without int8 LSTM kernels: neither a precision
+    nor a width is chosen for it, and it runs in fp32 in every trial), so a user knows why
+    the front's speedups are small. ``quantized``: layers offered a precision besides fp32."""
     total = sum(p.numel() for p in model.parameters())
-    covered = {id(p) for m in model.modules() if isinstance(m, (*WEIGHTED, *_NOT_NOTED))
+    covered = {id(p) for name, m in model.named_modules()
+               if isinstance(m, (*WEIGHTED, *_NOT_NOTED)) or name in quantized
                for p in m.parameters()}
     held: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
@@ -103,8 +107,8 @@ def _uncovered(model: nn.Module) -> list[str]:
             held.setdefault(kind, []).append(name)
             counts[kind] = counts.get(kind, 0) + sum(p.numel() for p in own)
     return [f"{kind} layers ({', '.join(held[kind][:3])}{', ...' if len(held[kind]) > 3 else ''}"
-            f"; {n / total:.0%} of the parameters) get no precision and no pruning here: they "
-            "run in fp32 in every trial, so they bound the speedup"
+            f"; {n / total:.0%} of the parameters) get no precision and no width of their own "
+            "here: they run in fp32 in every trial, so they bound the speedup"
             for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])
             if total and n / total >= _UNCOVERED_SHARE]
 

@@ -33,7 +33,7 @@ __all__ = [
 PROFILES_DIR = builtin_dir("hardware_profiles")
 
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int16", "int4"]
-OpType = Literal["Conv", "Gemm", "MatMul"]
+OpType = Literal["Conv", "Gemm", "MatMul", "LSTM"]
 DeviceClass = Literal["cpu", "gpu", "fpga", "vpu", "gna", "npu"]
 
 

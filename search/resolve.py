@@ -308,6 +308,10 @@ def resolve_space(space: SearchSpace, profile: HardwareProfile,
         if quant.precisions == "auto":
             per_layer[layer.name] = tuple(allowed)
             continue
+        if layer.op_type not in profile.precisions:  # an op the profile says nothing of (an
+            # LSTM on a GPU profile): it runs fp32, whatever a space lists for the others
+            per_layer[layer.name] = tuple(p for p in quant.precisions if p in allowed) or ("fp32",)
+            continue
         bad = [p for p in quant.precisions if p not in allowed]
         if bad:
             raise ConfigError(

@@ -253,3 +253,37 @@ FAMILIES: dict[str, tuple] = {
     "conv1d": (conv1d, (4, 64)),
     "conv3d": (conv3d, (3, 4, 16, 16)),
 }
+
+
+class SeriesClassifier(nn.Module):
+    """A time-series classifier as users write one: a projection, a 2-layer ``nn.LSTM`` (or
+    ``nn.GRU``) over the steps, a Linear on the last step. Input ``(N, steps, 3)``."""
+
+    def __init__(self, cell: type[nn.Module] = nn.LSTM) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 32)
+        self.rnn = cell(32, 64, num_layers=2, batch_first=True)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.proj(x))
+        return self.head(out[:, -1])
+
+
+def make_series_task(seed: int, options):  # noqa: ANN001, ANN201 - a --task plugin
+    """32-step signals of 3 channels whose class is their frequency, under noise."""
+    from search.tasks import Split, Task, TrainSettings, cached_teacher, train_classifier
+
+    def split(n: int, gen: torch.Generator) -> Split:
+        y = torch.randint(0, 4, (n,), generator=gen)
+        phase = (y + 1).float()[:, None] * torch.linspace(0, 6.28, 32)
+        x = torch.stack([phase.sin(), phase.cos(), torch.zeros_like(phase)], -1)
+        return Split(x + 0.3 * torch.randn(n, 32, 3, generator=gen), y)
+
+    gen = torch.Generator().manual_seed(1234)
+    train, val, test = (split(n, gen) for n in (512, 256, 256))
+    recipe = TrainSettings(epochs=options.teacher_epochs or 5, lr=1e-2, shift=0)
+    state, info = cached_teacher("series", {"version": 1, "seed": seed, **recipe.as_dict()},
+                                 lambda: train_classifier(SeriesClassifier, train, recipe, seed))
+    return Task(name="series", make_model=SeriesClassifier, teacher_state=state, train=train,
+                val=val, test=test, input_shape=(32, 3), num_classes=4, teacher_info=info)

@@ -209,3 +209,27 @@ def test_a_sequence_tagger_runs_every_stage(fast_profile):
     record = finetune(TrialRecord(0, choices), task, fast_profile)
     assert 0.0 <= record.accuracy <= 100.0
     assert record.params < sum(p.numel() for p in task.teacher().parameters())
+
+
+def test_a_recurrent_model_runs_every_stage_with_an_int8_lstm(fast_profile):
+    """A time-series classifier with a 2-layer ``nn.LSTM`` as a ``--task`` plugin: its
+    teacher trains, channels are pruned around the LSTM, the LSTM runs int8 in ONNX Runtime
+    (DynamicQuantizeLSTM), scored and measured."""
+    import onnx
+
+    from search.latency.measure import measure_latency
+    from search.pipeline import compress, student_layers
+    from search.tasks import load_task
+
+    task = load_task("tests.families:make_series_task")
+    assert task.teacher_info["test_accuracy"] > 90
+    plan = {layer.name: "int8" for layer in student_layers(task)}
+    assert "rnn" in plan
+    runs = [compress(TrialRecord(i, Choices(structured_ratio=0.5, precisions=plan, epochs=1,
+                                            distill_loss=loss)), task, fast_profile)
+            for i, loss in enumerate(("response", "feature", "relation"))]
+    done = runs[0]
+    graph = onnx.load_from_string(done.onnx_model).graph
+    assert sum(n.op_type == "DynamicQuantizeLSTM" for n in graph.node) == 2
+    assert done.accuracy > 80
+    assert measure_latency(done.onnx_model, fast_profile, task.input_shape).median_ms > 0

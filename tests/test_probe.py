@@ -15,7 +15,7 @@ from search.profiles import load_profile
 from search.resolve import resolve_space
 from search.spaces import load_space
 from search.tasks import Split, Task
-from tests.families import EncoderClassifier
+from tests.families import EncoderClassifier, SeriesClassifier
 
 
 class HardcodedWidth(nn.Module):
@@ -140,25 +140,36 @@ def test_a_new_process_tries_again_only_what_failed(tried, monkeypatch, tmp_path
     assert len(tried) == len(set(tried)) + 1 and "structured_ratio=0.7" in tried[-1]
 
 
-class SeriesLSTM(nn.Module):
-    """A time-series classifier as users write one: most of its weights in an ``nn.LSTM``."""
+def _series(cell: type[nn.Module]) -> Task:
+    """A 2-layer LSTM or GRU classifier (``tests.families.SeriesClassifier``) on random series."""
+    gen = torch.Generator().manual_seed(0)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.LSTM(3, 64, num_layers=2, batch_first=True)
-        self.head = nn.Linear(64, 10)
+    def split(n: int) -> Split:
+        return Split(torch.randn(n, 32, 3, generator=gen), torch.randint(0, 4, (n,), generator=gen))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, 32, 32) read as 96 steps
-        out, _ = self.rnn(x.flatten(2).transpose(1, 2)[:, :96, :])
-        return self.head(out[:, -1])
+    def build() -> nn.Module:
+        return SeriesClassifier(cell)
+
+    return Task(name=cell.__name__, make_model=build, teacher_state=build().state_dict(),
+                train=split(64), val=split(32), test=split(32), input_shape=(32, 3),
+                num_classes=4)
 
 
 def test_weights_no_technique_reaches_are_named_with_their_share():
-    """An LSTM gets neither a precision nor a width: the user is told, with its share of the
-    weights, instead of wondering why the front stops at the speed of its two Linears."""
-    task = _task(SeriesLSTM)
+    """A GRU gets neither a precision nor a width (ONNX Runtime has no int8 GRU): the user is
+    told, with its share of the weights, instead of wondering why the front stops at the speed
+    of one Linear. An LSTM gets int8 on a CPU profile, but nothing on a GPU one."""
+    task = _series(nn.GRU)
     profile, resolved = _resolved(task)
     _, _, notes = preflight(task, profile, resolved)
-    assert any(n.startswith("LSTM layers (rnn; 99% of the parameters) get no precision")
+    assert any(n.startswith("GRU layers (rnn; 99% of the parameters) get no precision")
                for n in notes), notes
-    # (a transformer encoder's attention is split into Linears: no note, tested above)
+    lstm = _series(nn.LSTM)
+    profile, resolved = _resolved(lstm)
+    assert resolved.layer_precisions["rnn"] == ("fp32", "int8")
+    assert not any("LSTM" in n for n in preflight(lstm, profile, resolved)[2])
+    gpu = load_profile("t4-gpu")
+    on_gpu = resolve_space(load_space("default"), gpu, student_layers(lstm), model_facts(lstm))
+    assert on_gpu.layer_precisions["rnn"] == ("fp32",)
+    assert any(n.startswith("LSTM layers (rnn; 99% of the parameters)")
+               for n in preflight(lstm, gpu, on_gpu)[2])

@@ -11,3 +11,5 @@ from torch import nn
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 WEIGHTED = (*CONV, nn.Linear)
+# get a precision (ONNX Runtime's dynamic int8 LSTM on CPUs); no width or zeros of their own
+RECURRENT = (nn.LSTM,)

@@ -15,21 +15,24 @@ import onnx
 import torch
 from torch import nn
 
-from search.compress._layers import CONV
+from search.compress._layers import CONV, RECURRENT
 from search.errors import TrialError
 from search.record import Layer
 
 __all__ = ["OPSET", "compressible_layers", "export_onnx", "onnx_node_names"]
 
 OPSET = 17
-# a Linear on a batch of vectors exports as Gemm, on a sequence (3-D input) as MatMul + Add
-_NODE_TYPES = {"Conv": ("Conv",), "Gemm": ("Gemm", "MatMul")}
+# a Linear on a batch of vectors exports as Gemm, on a sequence (3-D input) as MatMul + Add;
+# a stacked LSTM as one LSTM node per layer (the first is the layer's node name)
+_NODE_TYPES = {"Conv": ("Conv",), "Gemm": ("Gemm", "MatMul"), "LSTM": ("LSTM",)}
 _OP_TYPES: tuple[tuple[type[nn.Module], str], ...] = (*((conv, "Conv") for conv in CONV),
-                                                     (nn.Linear, "Gemm"))
+                                                     (nn.Linear, "Gemm"),
+                                                     *((rnn, "LSTM") for rnn in RECURRENT))
 
 
 def compressible_layers(model: nn.Module, example: torch.Tensor | None = None) -> list[Layer]:
-    """The layers that get a precision each: Conv1d/2d/3d as ``Conv``, Linear as ``Gemm``.
+    """The layers that get a precision each: Conv1d/2d/3d as ``Conv``, Linear as ``Gemm``,
+    LSTM as ``LSTM``.
 
     With ``example``, only those that run in an eval-mode forward pass of it: the
     auxiliary classifiers of torchvision's GoogLeNet and Inception v3 serve training
@@ -116,6 +119,17 @@ def _materialize_shared_weights(model: bytes) -> bytes:
     return proto.SerializeToString()
 
 
+def _layer_nodes(model: onnx.ModelProto, node_name: str) -> list[str]:
+    """Every node of the layer whose (first) node is ``node_name``: one, or a stacked LSTM's
+    one per layer (``/rnn/LSTM``, ``/rnn/LSTM_1``)."""
+    first = next((n for n in model.graph.node if n.name == node_name), None)
+    if first is None or first.op_type != "LSTM":
+        return [node_name]
+    module = _module_of(node_name)
+    return [n.name for n in model.graph.node
+            if n.op_type == "LSTM" and _module_of(n.name) == module]
+
+
 def _module_of(node_name: str) -> str:
     """The module name behind a TorchScript-exporter node name.
 
@@ -141,6 +155,8 @@ def onnx_node_names(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, st
     for node in model.graph.node:
         module = _module_of(node.name)
         if node.op_type in _NODE_TYPES.get(wanted.get(module, ""), ()):
+            if node.op_type == "LSTM" and module in found:
+                continue  # a stacked LSTM's later layers: found from the first by module
             found[module] = node.name
     missing = sorted(set(wanted) - set(found))
     if missing:

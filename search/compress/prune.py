@@ -134,6 +134,8 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
             # position embeddings, class tokens, layer scales: torch-pruning prunes their last
             # non-singleton dimension, the channel one in torchvision's and PyTorch's idioms
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            # its shape inference giving up inside a module it has no pruner for (a GRU)
+            warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
             pruner = tp.pruner.MetaPruner(
                 model,
                 example,
@@ -183,12 +185,15 @@ def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
 def _default_keep(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, ...]:
     """The layers whose width the model's contract fixes: the output layer (its width is the
     number of classes) and split attention's projections (their width is heads x head_dim;
-    ``nn.MultiheadAttention`` itself is handled by torch-pruning)."""
+    ``nn.MultiheadAttention`` itself is handled by torch-pruning); and recurrent layers'
+    hidden width (torch-pruning thins a one-layer LSTM's only, and asserts on a stacked one;
+    their input width is still thinned with the layer feeding them)."""
     split = [sub for m in model.modules() if isinstance(m, PrunedAttention)
              for sub in m.modules() if isinstance(sub, nn.Linear)]
     head = output_layer(model, example)
     output = [model.get_submodule(head)] if head is not None else []
-    return (*output, *split, *_hardcoded_widths(model))
+    recurrent = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    return (*output, *split, *recurrent, *_hardcoded_widths(model))
 
 
 def _hardcoded_widths(model: nn.Module) -> list[nn.Module]:

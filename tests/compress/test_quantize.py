@@ -217,3 +217,34 @@ def test_a_swin_transformer_is_quantized_where_symbolic_shapes_give_up():
     nodes = onnx.load_from_string(int8).graph.node
     assert sum(n.op_type == "QuantizeLinear" for n in nodes) >= len(layers)
     assert not list(Path.cwd().glob("sym_shape_infer_temp*"))  # ONNX Runtime's dump, removed
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_an_int8_lstm_runs_as_onnx_runtimes_dynamic_lstm_in_every_layer(mode):
+    """A stacked ``nn.LSTM`` is one layer with one ONNX node per stacked layer: int8 turns
+    each into a DynamicQuantizeLSTM (ONNX Runtime has no static QDQ LSTM), whatever mode the
+    Linear layers around it are quantized in; fp32 leaves every one in float."""
+    import numpy as np
+    import torch
+
+    from search.compress import compressible_layers
+    from tests.families import SeriesClassifier
+
+    torch.manual_seed(0)
+    model = SeriesClassifier().eval()
+    x = torch.randn(64, 32, 3)
+    layers = compressible_layers(model, x[:1])
+    assert [(layer.name, layer.op_type) for layer in layers] == [
+        ("proj", "Gemm"), ("rnn", "LSTM"), ("head", "Gemm")]
+    fp32 = export_onnx(model, (32, 3))
+    names = onnx_node_names(onnx.load_from_string(fp32), layers)
+    expected = model(x[:8]).detach().numpy()
+    for rnn, kernels in (("int8", {"DynamicQuantizeLSTM": 2}), ("fp32", {"LSTM": 2})):
+        plan = {"proj": "int8", "rnn": rnn, "head": "int8"}
+        out = apply_precision_plan(fp32, plan, names, Choices(precisions=plan, quant_mode=mode),
+                                   x, reduce_range=host_reduce_range())
+        ops = Counter(n.op_type for n in onnx.load_from_string(out).graph.node)
+        assert {k: ops[k] for k in ("LSTM", "DynamicQuantizeLSTM") if ops[k]} == kernels
+        session = make_session(out, threads=1)
+        got = session.run(None, {session.get_inputs()[0].name: x[:8].numpy()})[0]
+        assert np.abs(got - expected).max() < 0.05

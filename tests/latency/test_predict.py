@@ -398,3 +398,29 @@ def test_a_weight_dequantized_on_every_run_is_costed_as_fp32_work_and_a_pass():
     assert len(passes) == 1
     profile = load_profile("cpu-avx512-vnni")
     assert predict_ms(costs["mixed"], profile) > 1.5 * predict_ms(costs["int8"], profile)
+
+
+def test_an_lstm_costs_its_steps_and_reads_its_recurrent_weights_at_each():
+    """Per step and sample an LSTM multiplies W (4H x I) and R (4H x H) once, and at batch 1
+    reads R again at every step; int8 (DynamicQuantizeLSTM) is costed in int8."""
+    from search.compress import compressible_layers
+    from tests.families import SeriesClassifier
+
+    torch.manual_seed(0)
+    model = SeriesClassifier().eval()
+    layers = compressible_layers(model)
+    fp32 = export_onnx(model, (32, 3))
+    names = onnx_node_names(onnx.load_from_string(fp32), layers)
+    plan = {layer.name: "int8" for layer in layers}
+    int8 = apply_precision_plan(fp32, plan, names, Choices(precisions=plan),
+                                torch.randn(16, 32, 3), reduce_range=host_reduce_range())
+    for graph, precision in ((fp32, "fp32"), (int8, "int8")):
+        costs = [c for c in costs_from_onnx(graph, runtime_graph=True) if c.op_type == "LSTM"]
+        assert [c.precision for c in costs] == [precision] * 2
+        first, second = costs  # inputs 32 then 64 wide, hidden 64
+        assert first.macs == 32 * 4 * 64 * (32 + 64) and second.macs == 32 * 4 * 64 * (64 + 64)
+        size = 4 if precision == "fp32" else 1
+        assert second.moved_bytes >= 32 * 4 * 64 * 64 * size  # R read at each of 32 steps
+    profile = load_profile("cpu-avx512-vnni")
+    assert predict_ms(costs_from_onnx(int8, runtime_graph=True), profile) < predict_ms(
+        costs_from_onnx(fp32, runtime_graph=True), profile)
