@@ -226,7 +226,9 @@ def test_a_recurrent_model_runs_every_stage_with_an_int8_lstm(fast_profile):
     plan = {layer.name: "int8" for layer in student_layers(task)}
     assert "rnn" in plan
     runs = [compress(TrialRecord(i, Choices(structured_ratio=0.5, precisions=plan, epochs=1,
-                                            distill_loss=loss)), task, fast_profile)
+                                            distill_loss=loss, qat=i == 1,
+                                            structured_importance="taylor")),
+                     task, fast_profile)
             for i, loss in enumerate(("response", "feature", "relation"))]
     done = runs[0]
     graph = onnx.load_from_string(done.onnx_model).graph

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from search.compress._layers import WEIGHTED
+
 __all__ = ["FakeQuant"]
 
 
@@ -73,7 +75,10 @@ class FakeQuant:
     def __init__(self, model: nn.Module, layers: list[str], *, per_channel: bool,
                  activation_symmetric: bool) -> None:
         modules = dict(model.named_modules())
-        self.modules = [modules[name] for name in layers if name in modules]
+        # Conv/Linear only: an int8 LSTM is quantized per run (DynamicQuantizeLSTM), with no
+        # static ranges to learn, and has no single ``weight`` to fake-quantize
+        self.modules = [modules[name] for name in layers
+                        if name in modules and isinstance(modules[name], WEIGHTED)]
         self.handles = []
         for module in self.modules:
             parametrize.register_parametrization(module, "weight", _WeightQuant(per_channel))
