@@ -76,12 +76,14 @@ class ResolvedSpace:
         First the reference: every layer at the highest precision the profile
         allows it (fp32 where allowed; fp16 on a VPU, int16 on a GNA), nothing
         pruned, no fine-tune. Then uniform static U8S8 int8 (per-channel, min-max
-        calibration) when every layer may run int8 and that differs.
+        calibration) when a layer may run int8 and that differs: every layer that may, the
+        rest at the reference's precision, as a post-training quantizer leaves what it cannot
+        quantize (an LSTM on a GPU profile) in float.
         """
         top = {g: min(allowed, key=_RANK.index) for g, allowed in self.group_precisions.items()}
         label = next(iter(set(top.values()))) if len(set(top.values())) == 1 else "reference"
         out = [(label, {**_UNCOMPRESSED, **self._channels(0.0), **self._plan(top)})]
-        if self._all_int8() and label != "int8":
+        if self._any_int8() and label != "int8":
             out.append(("int8", {**_UNCOMPRESSED, **self._channels(0.0), **self._int8_params()}))
         return out
 
@@ -151,9 +153,15 @@ class ResolvedSpace:
     def _all_int8(self) -> bool:
         return all("int8" in p for p in self.group_precisions.values())
 
+    def _any_int8(self) -> bool:
+        return any("int8" in p for p in self.group_precisions.values())
+
     def _int8_params(self) -> dict[str, Any]:
+        """int8 for every group that may run it, the reference's precision for the rest."""
         q = self.space.quantization
-        int8: dict[str, Any] = self._plan({g: "int8" for g in self.group_precisions})
+        int8: dict[str, Any] = self._plan({
+            g: "int8" if "int8" in allowed else min(allowed, key=_RANK.index)
+            for g, allowed in self.group_precisions.items()})
         int8["quant_mode"] = "static"
         int8["qat"] = False
         int8["activation_type"] = (

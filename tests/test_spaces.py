@@ -1,5 +1,6 @@
 import optuna
 import pytest
+import torch
 import yaml
 
 from search.errors import ConfigError
@@ -244,3 +245,26 @@ def test_segment_granularity_samples_a_channel_ratio_per_depth_segment(profile, 
     uniform = load_space("default").model_copy(update={"pruning": load_space(
         "default").pruning.model_copy(update={"structured_granularity": "uniform"})})
     assert all(c.segment_ratios == {} for c in _draws(resolve_space(uniform, profile, layers)))
+
+
+def test_the_int8_baseline_leaves_in_float_what_the_profile_cannot_run_in_int8():
+    """An LSTM on a GPU profile runs fp32 only: uniform int8 still comes, with every other
+    layer int8, as a post-training quantizer would leave the LSTM in float."""
+    from search.pipeline import model_facts, student_layers
+    from search.profiles import load_profile
+    from search.resolve import resolve_space
+    from search.tasks import Split, Task
+    from tests.families import SeriesClassifier
+
+    gen = torch.Generator().manual_seed(0)
+    split = Split(torch.randn(16, 32, 3, generator=gen), torch.randint(0, 4, (16,), generator=gen))
+    task = Task(name="series", make_model=SeriesClassifier,
+                teacher_state=SeriesClassifier().state_dict(), train=split, val=split,
+                test=split, input_shape=(32, 3), num_classes=4)
+    profile = load_profile("t4-gpu")
+    resolved = resolve_space(load_space("default"), profile, student_layers(task),
+                             model_facts(task))
+    baselines = dict(resolved.baselines())
+    assert set(baselines) == {"fp32", "int8"}
+    plan = {k: v for k, v in baselines["int8"].items() if k.startswith("precision.")}
+    assert plan == {"precision.proj": "int8", "precision.rnn": "fp32", "precision.head": "int8"}
