@@ -80,7 +80,7 @@ class ResolvedSpace:
         rest at the reference's precision, as a post-training quantizer leaves what it cannot
         quantize (an LSTM on a GPU profile) in float.
         """
-        top = {g: min(allowed, key=_RANK.index) for g, allowed in self.group_precisions.items()}
+        top = self._reference_plan()
         label = next(iter(set(top.values()))) if len(set(top.values())) == 1 else "reference"
         out = [(label, {**_UNCOMPRESSED, **self._channels(0.0), **self._plan(top)})]
         if self._any_int8() and label != "int8":
@@ -150,6 +150,10 @@ class ResolvedSpace:
         ]
         return rows
 
+    def _reference_plan(self) -> dict[str, str]:
+        """Each group at the highest precision it may run (fp32 where allowed)."""
+        return {g: min(allowed, key=_RANK.index) for g, allowed in self.group_precisions.items()}
+
     def _all_int8(self) -> bool:
         return all("int8" in p for p in self.group_precisions.values())
 
@@ -159,9 +163,9 @@ class ResolvedSpace:
     def _int8_params(self) -> dict[str, Any]:
         """int8 for every group that may run it, the reference's precision for the rest."""
         q = self.space.quantization
-        int8: dict[str, Any] = self._plan({
-            g: "int8" if "int8" in allowed else min(allowed, key=_RANK.index)
-            for g, allowed in self.group_precisions.items()})
+        top = self._reference_plan()
+        int8: dict[str, Any] = self._plan({g: "int8" if "int8" in allowed else top[g]
+                                           for g, allowed in self.group_precisions.items()})
         int8["quant_mode"] = "static"
         int8["qat"] = False
         int8["activation_type"] = (

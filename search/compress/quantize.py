@@ -96,7 +96,7 @@ def _recurrent(model: bytes, precisions: dict[str, str],
     """The LSTM layers of the plan, each with its nodes (one per stacked layer)."""
     from search.compress.export import _layer_nodes
 
-    if not precisions:
+    if not precisions or b"LSTM" not in model:  # no LSTM op: no need to parse the model
         return {}
     proto = onnx.load_from_string(model)
     lstm = {n.name for n in proto.graph.node if n.op_type == "LSTM"}

@@ -625,13 +625,12 @@ def _least_squares(start: Calibration, eff_keys: list[str],
                     + [max(start.op_overhead_us, 1e-2), max(start.session_overhead_us, 1e-2)])
     mem_bounds = (0.1, 20.0)
     nodes = 1 if node_overhead else 0
-    caches = [(0.01, 1e4)] if cache else []  # GB/s
+    drams = 1 if cache else 0  # GB/s
     bounds = (np.log([1e-4] * k + [mem_bounds[0]] * m + [0.2] * len(scaled_keys)
-                     + [1e-2] * len(fill_keys) + [1e-2] * nodes + [lo for lo, _ in caches]
+                     + [1e-2] * len(fill_keys) + [1e-2] * nodes + [1e-2] * drams
                      + [1e-2, 1e-2]),
               np.log([1.0] * k + [mem_bounds[1]] * m + [20.0] * len(scaled_keys)
-                     + [1e5] * len(fill_keys) + [1e4] * nodes + [hi for _, hi in caches]
-                     + [1e5, 1e5]))
+                     + [1e5] * len(fill_keys) + [1e4] * nodes + [1e4] * drams + [1e5, 1e5]))
     theta0 = np.clip(theta0, bounds[0] + 1e-9, bounds[1] - 1e-9)
     anchor = theta0.copy()
 
