@@ -33,6 +33,7 @@ __all__ = ["RefineSettings", "refine_front", "remeasure_front"]
 
 log = logging.getLogger("search")
 _DONE_ATTR = "refined"  # study user attr: {source trial: refined accuracy}, adopted or not
+_SECONDS_ATTR = "refine_seconds"  # study user attr: {source trial: seconds its refinement took}
 
 
 # The shortest refinement a study gives: the three fastest members of a budget-50 study of
@@ -129,7 +130,7 @@ def _adopt(study: optuna.Study, source: optuna.trial.FrozenTrial, record: TrialR
     """Add the refinement as a trial when it beats its source; record it either way."""
     before = source.values[0]
     if record.accuracy is None or record.accuracy <= before:
-        _mark_refined(study, source.number, record.accuracy)
+        _mark_refined(study, source.number, record)
         log.info("trial %d refined to %.2f%% (was %.2f%%): kept as it was", source.number,
                  record.accuracy or float("nan"), before)
         return None
@@ -156,16 +157,18 @@ def _adopt(study: optuna.Study, source: optuna.trial.FrozenTrial, record: TrialR
     study.add_trial(optuna.trial.create_trial(
         params=params, distributions=distributions, values=[record.accuracy, source.values[1]],
         user_attrs=attrs))
-    _mark_refined(study, source.number, record.accuracy)
+    _mark_refined(study, source.number, record)
     log.info("trial %d refined to %.2f%% (was %.2f%%): added as trial %d", source.number,
              record.accuracy, before, number)
     return number
 
 
-def _mark_refined(study: optuna.Study, source: int, accuracy: float | None) -> None:
-    done = dict(study.user_attrs.get(_DONE_ATTR, {}))
-    done[str(source)] = accuracy
-    study.set_user_attr(_DONE_ATTR, done)
+def _mark_refined(study: optuna.Study, source: int, record: TrialRecord) -> None:
+    for attr, value in ((_DONE_ATTR, record.accuracy),
+                        (_SECONDS_ATTR, round(sum(record.timings.values()), 3))):
+        done = dict(study.user_attrs.get(attr, {}))
+        done[str(source)] = value
+        study.set_user_attr(attr, done)
 
 
 def _interleaved(models: dict[int, bytes], profile, input_shape, rounds: int  # noqa: ANN001

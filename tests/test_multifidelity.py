@@ -88,6 +88,9 @@ def test_refinement_never_lowers_a_front_member_and_is_not_repeated(tmp_path):
     study = optuna.load_study(study_name="refined", storage=config.resolved("x").storage)
     refined = study.user_attrs.get("refined", {})
     assert refined, "a pruned, one-epoch front member should have been refined"
+    # what each refinement cost, adopted or not, so a benchmark can charge it to its trial
+    assert set(study.user_attrs["refine_seconds"]) == set(refined)
+    assert all(seconds > 0 for seconds in study.user_attrs["refine_seconds"].values())
     by_number = {t.number: t for t in study.trials}
     for source, accuracy in refined.items():
         before = by_number[int(source)].values[0]
