@@ -100,6 +100,10 @@ class LatencyModelSettings(Strict):
     # per executed non-compute node (CPU provider profiles, whose executed graph is read);
     # absent: a quarter of op_overhead_us
     node_overhead_us: float | None = Field(default=None, ge=0)
+    # and what they spend per element (the larger of in and out), by the op type ONNX
+    # Runtime runs ("default" for the rest): a ReLU streams its tensor, an int8 softmax spends
+    # ~3 ns an element; measured with experiments/node_costs.py. Absent: memory traffic only
+    node_ns_per_element: dict[str, float] = {}
     session_overhead_us: float = Field(default=20.0, ge=0)
     # a CPU's cache: a model whose weights fit in ``cache_mb`` reads them at memory_gbps
     # every run; the more they exceed it, the closer the rate falls to ``dram_gbps``
@@ -110,6 +114,13 @@ class LatencyModelSettings(Strict):
     # small maps a 3x3 convolution then does and reads a fraction of its MACs and weights
     skips_padding: list[Precision] = []
     efficiency: dict[Precision, float] = {}
+    # the share of peak a depthwise convolution reaches, per precision (absent: ``efficiency``):
+    # nine MACs an output leave SIMD lanes idle, and ONNX Runtime's int8 depthwise kernel is
+    # ~3x slower than its fp32 one on one core (experiments/node_costs.py)
+    depthwise_efficiency: dict[Precision, float] = {}
+    # precisions whose dense convolutions copy their input into columns first (im2col: one
+    # byte per output pixel x input channel x tap), and what that costs per byte
+    im2col_ns_per_byte: dict[Precision, float] = {}
     memory_efficiency: dict[Precision, float] = {}
     fill_rows: dict[Precision, float] = {}
     sources: str = ""

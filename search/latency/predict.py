@@ -85,6 +85,8 @@ class LayerCost:
     moved_bytes: float | None = None  # from each tensor's own type; None: elements x precision
     on_input: float = 1.0  # share of a conv's MACs whose taps fall on the input, not padding
     taps_used: float = 1.0  # share of a conv's weights some output reads off the input
+    depthwise: bool = False  # a convolution with one input channel per group
+    columns: int = 0  # elements an im2col copy of its input has (0: a 1x1 or depthwise conv)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class Calibration:
     node_overhead_us: float | None = None  # per runtime node; None: a quarter op overhead
     dram_gbps: float | None = None  # with cache_mb: the rate for weights beyond the cache
     cache_mb: float | None = None
+    node_scale: float | None = None  # on the profile's node_ns_per_element (None: it has none)
 
     @staticmethod
     def of(settings: LatencyModelSettings) -> Calibration:
@@ -109,7 +112,8 @@ class Calibration:
         return Calibration(eff, settings.op_overhead_us, settings.session_overhead_us,
                            memory_efficiency=mem, fill_rows=dict(settings.fill_rows),
                            node_overhead_us=settings.node_overhead_us,
-                           dram_gbps=settings.dram_gbps, cache_mb=settings.cache_mb)
+                           dram_gbps=settings.dram_gbps, cache_mb=settings.cache_mb,
+                           node_scale=1.0 if settings.node_ns_per_element else None)
 
     def bandwidth_gbps(self, settings: LatencyModelSettings, working_mb: float) -> float:
         """Memory rate for data of which ``working_mb`` are touched between two reads of it:
@@ -229,9 +233,16 @@ def _compute_cost(g: _Graph, node: onnx.NodeProto, op_type: str, ins: list[str],
     on_input, taps_used = 1.0, 1.0
     if op_type == "Conv" and weight is not None and weight.ndim >= 3:
         on_input, taps_used = _padding_shares(node, g.dims.get(ins[0]), weight.shape[2:])
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    depthwise = op_type == "Conv" and group > 1 and weight is not None and weight.ndim >= 3 \
+        and weight.shape[1] == 1
+    columns = 0
+    if op_type == "Conv" and weight is not None and weight.ndim >= 3 and not depthwise \
+            and int(np.prod(weight.shape[2:])) > 1:  # output pixels x input channels x taps
+        columns = out // max(weight.shape[0], 1) * int(np.prod(weight.shape[1:])) * group
     return LayerCost(name=node.name, op_type=op_type, precision=precision, macs=int(macs),
                      weight_elems=w_elems, in_elems=g.elems.get(ins[0], 0), out_elems=out,
-                     density=density, nm_sparse=nm,
+                     density=density, nm_sparse=nm, depthwise=depthwise, columns=columns,
                      input_precision=incoming if incoming != precision else None,
                      activations_only=activations_only, on_input=on_input, taps_used=taps_used)
 
@@ -309,8 +320,12 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1, *,
     boundaries are those nodes rather than a conversion pass per layer.
     """
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
-    proto = shape_inference.infer_shapes(_fix_batch(proto, batch))
+    proto = shape_inference.infer_shapes(_fix_batch(proto, batch), data_prop=True)
     g = _Graph(proto)
+    missing = [o for node in proto.graph.node for o in node.output if o and o not in g.elems]
+    if missing:
+        proto = _probe_shapes(proto, missing)
+        g = _Graph(proto)
     costs = _graph_costs(proto, g)
     if not runtime_graph:
         return costs
@@ -332,10 +347,57 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1, *,
     return compute + nodes
 
 
+def _probe_shapes(proto: onnx.ModelProto, missing: list[str]) -> onnx.ModelProto:
+    """``proto`` with the shapes of ``missing`` tensors read off one run on zeros.
+
+    ONNX shape inference cannot follow every shape an exporter computes at run time
+    (``nn.MultiheadAttention``'s head split reshapes to a shape built from Shape, Sqrt and
+    Concat nodes): behind such a node every tensor was shapeless and its MatMuls costed at 0
+    MACs. A run at the model's fixed input shapes tells them exactly; left as it was when the
+    inputs' shapes are not all known or the run fails.
+    """
+    import onnxruntime as ort
+
+    inits = {t.name for t in proto.graph.initializer}
+    feeds = {}
+    for value in proto.graph.input:
+        if value.name in inits:
+            continue
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor.shape.dim]
+        if not all(dims):
+            return proto
+        feeds[value.name] = np.zeros(dims, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+    probe = onnx.ModelProto.FromString(proto.SerializeToString())
+    outputs = {v.name for v in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in missing if n not in outputs)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        arrays = session.run(None, feeds)
+    except Exception:  # noqa: BLE001 - ONNX Runtime's errors have no common base
+        return proto
+    wanted = set(missing)
+    kept = [v for v in proto.graph.value_info if v.name not in wanted]  # no name twice
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    for out, array in zip(session.get_outputs(), arrays, strict=True):
+        if out.name in wanted and isinstance(array, np.ndarray):
+            proto.graph.value_info.append(onnx.helper.make_tensor_value_info(
+                out.name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
+    return proto
+
+
 def _runtime_nodes(proto: onnx.ModelProto, g: _Graph) -> tuple[list[LayerCost], set[str]]:
     """The non-compute nodes of the graph ONNX Runtime's CPU provider runs (its optimizer's
     output at the default level), sized from the exported graph's shapes and types by tensor
-    name, and the weights it dequantizes on every run."""
+    name, and the weights it dequantizes on every run. Tensors the optimizer named anew (the
+    int8 convolutions' NHWC outputs that feed QLinearAdd) are sized by one run of that
+    graph: unsized, each residual add of an int8 CNN cost its node overhead alone."""
     import tempfile
     from pathlib import Path
 
@@ -345,11 +407,18 @@ def _runtime_nodes(proto: onnx.ModelProto, g: _Graph) -> tuple[list[LayerCost], 
         path = str(Path(tmp) / "runtime.onnx")
         make_session(proto.SerializeToString(), threads=1, optimized_path=path)
         runtime = onnx.load(path, load_external_data=False)
+    kept = [n for n in runtime.graph.node
+            if n.op_type not in _RUNTIME_COMPUTE and n.op_type not in _RUNTIME_FREE]
+    missing = sorted({t for n in kept for t in [*n.input, *n.output]
+                      if t and t not in g.elems and t not in g.inits})
+    if missing:
+        sized = _Graph(_probe_shapes(runtime, missing))
+        g.elems = {**sized.elems, **g.elems}
+        g.size = {**sized.size, **g.size}
     nodes, dequantized = [], set()
-    for node in runtime.graph.node:
-        if node.op_type in _RUNTIME_COMPUTE or node.op_type in _RUNTIME_FREE:
-            continue
-        int8 = node.op_type.startswith("QLinear") or node.op_type == "DequantizeLinear"
+    for node in kept:
+        int8 = node.op_type.startswith("QLinear") or node.op_type == "DequantizeLinear" or \
+            (bool(node.input) and g.size.get(node.input[0]) == 1.0)  # an NhwcMaxPool on uint8
         if node.op_type == "DequantizeLinear" and node.input[0] in g.inits:
             dequantized.add(node.input[0])
         ins, outs = [i for i in node.input if i], list(node.output)
@@ -489,16 +558,26 @@ def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
                 work *= c.density
             elif profile.sparse_kernels == "2:4" and c.nm_sparse:
                 work *= 0.5
-            compute_s = work / (peak * 1e12 * cal.efficiency.get(precision, 0.5))
+            efficiency = cal.efficiency.get(precision, 0.5)
+            if c.depthwise:
+                efficiency = settings.depthwise_efficiency.get(precision, efficiency)
+            compute_s = work / (peak * 1e12 * efficiency)
             fill = cal.fill_rows.get(precision, 0.0)
             if fill and c.macs and c.weight_elems:  # rows = MACs per weight: batch x pixels
                 compute_s *= 1.0 + fill * c.weight_elems / c.macs
             overhead = cal.op_overhead_us * cal.overhead_scale.get(c.precision, 1.0)
+            overhead += c.columns * BYTES.get(c.precision, 4.0) * \
+                settings.im2col_ns_per_byte.get(c.precision, 0.0) * 1e-3
             total_us += max(compute_s, memory_s) * 1e6 + overhead
             if c.input_precision is not None:  # a conversion pass at a precision boundary
                 conv_bytes = c.in_elems * (b + BYTES.get(c.input_precision, 4.0))
                 total_us += conv_bytes / bandwidth * 1e6 + cal.op_overhead_us
         elif c.runtime_node:
+            if cal.node_scale is not None:  # what its kernel spends per element
+                rates = settings.node_ns_per_element
+                rate = rates.get(c.op_type, rates.get("default", 0.0))
+                memory_s = max(memory_s, max(c.in_elems, c.out_elems) * rate * cal.node_scale
+                               * 1e-9)
             total_us += memory_s * 1e6 + cal.node_us()
         else:
             total_us += memory_s * 1e6 + 0.25 * cal.op_overhead_us * cal.overhead_scale.get(
@@ -506,18 +585,24 @@ def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
     return total_us / 1e3
 
 
+# bumped when layer costs change for the same model: evidence and fits read the old way are
+# set aside (2: shapes a run tells, kernel rates per op type, depthwise and im2col terms)
+_COSTING_VERSION = 2
+
+
 def costing(profile: HardwareProfile) -> str:
     """How ``profile``'s layer costs are read: ``executed`` (the graph ONNX Runtime's CPU
-    provider runs, present in every install) or ``exported``. Evidence and fits of the
-    other kind are not mixed with these (calibration.py)."""
-    return "executed" if profile.measure.execution_provider == "CPUExecutionProvider" \
+    provider runs, present in every install) or ``exported``, and by which version of this
+    module. Evidence and fits of another kind are not mixed with these (calibration.py)."""
+    kind = "executed" if profile.measure.execution_provider == "CPUExecutionProvider" \
         else "exported"
+    return f"{kind}-v{_COSTING_VERSION}"
 
 
 def costs_for(model: bytes, profile: HardwareProfile) -> list[LayerCost]:
     """Layer costs as ``profile``'s runtime sees them, at its batch size (``costing``)."""
     return costs_from_onnx(model, profile.measure.batch_size,
-                           runtime_graph=costing(profile) == "executed")
+                           runtime_graph=costing(profile).startswith("executed"))
 
 
 def predict_latency(model: bytes, profile: HardwareProfile, input_shape: tuple[int, ...],
@@ -599,7 +684,8 @@ def _least_squares(start: Calibration, eff_keys: list[str],
     fill_keys = fill_keys or []
     f0 = k + m + len(scaled_keys)
     n0 = f0 + len(fill_keys)  # where the node overhead sits, when fitted
-    c0 = n0 + (1 if node_overhead else 0)  # where the DRAM rate sits, when fitted
+    rate = node_overhead and start.node_scale is not None  # the nodes' per-element cost
+    c0 = n0 + (1 if node_overhead else 0) + (1 if rate else 0)  # the DRAM rate, when fitted
 
     def unpack(theta: np.ndarray) -> Calibration:
         eff = dict(start.efficiency)
@@ -612,25 +698,28 @@ def _least_squares(start: Calibration, eff_keys: list[str],
         fill.update({p: float(np.exp(v)) for p, v in
                      zip(fill_keys, theta[f0:f0 + len(fill_keys)], strict=True)})
         node = float(np.exp(theta[n0])) if node_overhead else start.node_overhead_us
+        node_rate = float(np.exp(theta[n0 + 1])) if rate else start.node_scale
         dram = float(np.exp(theta[c0])) if cache else start.dram_gbps
         return Calibration(eff, float(np.exp(theta[-2])), float(np.exp(theta[-1])), n, mem, scale,
-                           fill, node, dram, start.cache_mb)
+                           fill, node, dram, start.cache_mb, node_rate)
 
     theta0 = np.log([start.efficiency[p] for p in eff_keys]
                     + [start.memory_efficiency.get(p, 1.0) for p in eff_keys[:m]]
                     + [start.overhead_scale.get(p, 1.0) for p in scaled_keys]
                     + [max(start.fill_rows.get(p, 1.0), 1e-2) for p in fill_keys]
                     + ([max(start.node_us(), 1e-2)] if node_overhead else [])
+                    + ([start.node_scale] if rate else [])
                     + ([start.dram_gbps] if cache else [])
                     + [max(start.op_overhead_us, 1e-2), max(start.session_overhead_us, 1e-2)])
     mem_bounds = (0.1, 20.0)
     nodes = 1 if node_overhead else 0
+    rates = 1 if rate else 0
     drams = 1 if cache else 0  # GB/s
     bounds = (np.log([1e-4] * k + [mem_bounds[0]] * m + [0.2] * len(scaled_keys)
-                     + [1e-2] * len(fill_keys) + [1e-2] * nodes + [1e-2] * drams
+                     + [1e-2] * len(fill_keys) + [1e-2] * nodes + [0.05] * rates + [1e-2] * drams
                      + [1e-2, 1e-2]),
               np.log([1.0] * k + [mem_bounds[1]] * m + [20.0] * len(scaled_keys)
-                     + [1e5] * len(fill_keys) + [1e4] * nodes + [1e4] * drams + [1e5, 1e5]))
+                     + [1e5] * len(fill_keys) + [1e4] * nodes + [20.0] * rates + [1e4] * drams + [1e5, 1e5]))
     theta0 = np.clip(theta0, bounds[0] + 1e-9, bounds[1] - 1e-9)
     anchor = theta0.copy()
 

@@ -150,7 +150,7 @@ def test_evidence_and_fits_costed_another_way_are_not_used(tmp_path, profile):
     from dataclasses import replace
 
     store = CalibrationStore(tmp_path, profile)
-    assert store.costing == "executed"  # a CPU-provider profile
+    assert store.costing.startswith("executed-v")  # a CPU-provider profile
     stale = [replace(m, costing="exported") for m in _measured("resnet", NARROW, profile, "old")]
     store.add(stale)
     assert store.measurements() == [] and store.choose("x").kind == "profile"
@@ -162,7 +162,10 @@ def test_evidence_and_fits_costed_another_way_are_not_used(tmp_path, profile):
     fresh = _measured("resnet", NARROW, profile, "new")
     store.add(fresh)
     assert {m.source for m in store.measurements()} == {m.source for m in fresh}
-    assert json.loads(store.fits_path.read_text())["costing"] == "executed"
+    assert json.loads(store.fits_path.read_text())["costing"] == store.costing
+    old = [replace(m, costing="executed") for m in _measured("resnet", NARROW, profile, "v1")]
+    store.add(old)  # read by the version before shapes were probed and kernels rated
+    assert {m.source for m in store.measurements()} == {m.source for m in fresh}
 
 
 # a user's MLP: the README's plugin (tests/tasks/test_plugin.py) with its CNN swapped for one

@@ -424,3 +424,82 @@ def test_an_lstm_costs_its_steps_and_reads_its_recurrent_weights_at_each():
     profile = load_profile("cpu-avx512-vnni")
     assert predict_ms(costs_from_onnx(int8, runtime_graph=True), profile) < predict_ms(
         costs_from_onnx(fp32, runtime_graph=True), profile)
+
+
+def test_a_transformer_exported_with_computed_shapes_costs_its_matmuls():
+    """``nn.MultiheadAttention`` exports its head split as a Reshape to a shape computed by
+    Shape/Gather/Concat nodes: without propagating those values, every tensor behind it had
+    no shape and an fp32 encoder's MatMuls were costed at 0 MACs (predicted a third too fast
+    on the 2-core Xeon, whatever its width)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 2).eval()
+    costs = costs_from_onnx(export_onnx(model, (16, 64)))
+    matmuls = [c for c in costs if c.op_type == "MatMul"]
+    feed_forward = [c for c in matmuls if c.weight_elems == 64 * 128]
+    assert len(feed_forward) == 4 and all(c.macs == 16 * 64 * 128 for c in feed_forward)
+    attention = [c for c in matmuls if c.activations_only]
+    assert attention and all(c.macs > 0 for c in attention)
+
+
+def test_runtime_nodes_cost_what_their_kernel_spends_per_element():
+    """A ReLU streams its tensor; ONNX Runtime's int8 softmax spent ~3.3 ns an element on the
+    2-core Xeon, 4x its fp32 one and 30x a ReLU (experiments/node_costs.py): one overhead per
+    node cannot say both, and a fit of one made every node of a small CNN dear to pay for a
+    transformer's softmaxes."""
+    from search.latency.predict import LayerCost
+
+    profile = load_profile("cpu-avx512-vnni")
+    rates = profile.latency_model.node_ns_per_element
+    assert rates["QLinearSoftmax"] > 3 * rates["Softmax"] > 3 * rates["Relu"]
+
+    def node(op: str, elems: int) -> LayerCost:
+        return LayerCost(name=op, op_type=op, precision="int8", in_elems=elems, out_elems=elems,
+                         runtime_node=True, moved_bytes=2.0 * elems)
+
+    base = predict_ms([], profile)
+    small, big = (predict_ms([node("QLinearSoftmax", n)], profile) - base for n in (1024, 65536))
+    assert big - small == pytest.approx(64512 * rates["QLinearSoftmax"] * 1e-6, rel=1e-6)
+    relu = predict_ms([node("Relu", 65536)], profile) - base
+    unknown = predict_ms([node("SomeNewOp", 65536)], profile) - base
+    assert relu < unknown < big  # an op type not in the table: the default rate
+    # a fit scales the table as a whole, and keeps it without such a table (GPU profiles)
+    samples = [([node("QLinearSoftmax", n), node("Relu", n)],
+                predict_ms([node("QLinearSoftmax", n), node("Relu", n)], profile,
+                           replace(Calibration.of(profile.latency_model), node_scale=2.0)))
+               for n in (1024, 8192, 65536, 262144)]
+    assert fit_calibration(samples, profile, prior=0.0).node_scale == pytest.approx(2.0, rel=0.05)
+    assert Calibration.of(load_profile("t4-gpu").latency_model).node_scale is None
+
+
+def test_depthwise_and_few_channel_int8_convolutions_cost_what_their_kernels_do():
+    """ONNX Runtime's int8 depthwise kernel ran 3-4x slower than its fp32 one (16 channels at
+    32x32: 17.3 against 4.9 us a layer), and its int8 3x3 convolutions copy their input into
+    columns first (16 channels at 32x32: 23.5 us, 10 us from the MACs alone): a model of
+    depthwise layers is not 4x faster in int8, and a thin int8 network pays per pixel."""
+    torch.manual_seed(0)
+    depthwise = export_onnx(torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1,
+                                                                groups=16)).eval(), (16, 32, 32))
+    dense = export_onnx(torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1)).eval(),
+                        (16, 32, 32))
+    pointwise = export_onnx(torch.nn.Sequential(torch.nn.Conv2d(16, 16, 1)).eval(), (16, 32, 32))
+    (dw,) = [c for c in costs_from_onnx(depthwise) if c.op_type == "Conv"]
+    (d3,) = [c for c in costs_from_onnx(dense) if c.op_type == "Conv"]
+    (d1,) = [c for c in costs_from_onnx(pointwise) if c.op_type == "Conv"]
+    assert dw.depthwise and not d3.depthwise and dw.columns == 0 and d1.columns == 0
+    assert d3.columns == 32 * 32 * 16 * 9
+
+    cpu, gpu = load_profile("cpu-avx512-vnni"), load_profile("t4-gpu")
+    base = predict_ms([], cpu)
+
+    def ms(cost, precision, profile=cpu):  # noqa: ANN001, ANN202
+        return predict_ms([replace(cost, precision=precision)], profile) - \
+            predict_ms([], profile)
+
+    assert ms(dw, "int8") > 2 * ms(dw, "fp32")  # slower in int8 on this CPU
+    assert ms(replace(dw, depthwise=False), "int8") < ms(dw, "fp32")  # as a dense conv it was not
+    im2col = d3.columns * cpu.latency_model.im2col_ns_per_byte["int8"] * 1e-6
+    assert ms(d3, "int8") == pytest.approx(ms(replace(d3, columns=0), "int8") + im2col)
+    assert ms(d3, "fp32") == pytest.approx(ms(replace(d3, columns=0), "fp32"))  # direct conv
+    assert ms(dw, "int8", gpu) < ms(dw, "fp32", gpu)  # a profile without the terms: unchanged
+    assert base > 0
