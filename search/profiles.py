@@ -118,9 +118,9 @@ class LatencyModelSettings(Strict):
     # nine MACs an output leave SIMD lanes idle, and ONNX Runtime's int8 depthwise kernel is
     # ~3x slower than its fp32 one on one core (experiments/node_costs.py)
     depthwise_efficiency: dict[Precision, float] = {}
-    # precisions whose dense convolutions copy their input into columns first (im2col: one
-    # byte per output pixel x input channel x tap), and what that costs per byte
-    im2col_ns_per_byte: dict[Precision, float] = {}
+    # precisions whose dense convolutions copy their input into columns first (im2col: the
+    # input channels once per output pixel and kernel tap), and what one such copy costs
+    im2col_ns_per_copy: dict[Precision, float] = {}
     memory_efficiency: dict[Precision, float] = {}
     fill_rows: dict[Precision, float] = {}
     sources: str = ""

@@ -86,7 +86,7 @@ class LayerCost:
     on_input: float = 1.0  # share of a conv's MACs whose taps fall on the input, not padding
     taps_used: float = 1.0  # share of a conv's weights some output reads off the input
     depthwise: bool = False  # a convolution with one input channel per group
-    columns: int = 0  # elements an im2col copy of its input has (0: a 1x1 or depthwise conv)
+    im2col_copies: int = 0  # output pixels x taps an im2col copies (0: a 1x1 or depthwise conv)
 
 
 @dataclass(frozen=True)
@@ -236,13 +236,13 @@ def _compute_cost(g: _Graph, node: onnx.NodeProto, op_type: str, ins: list[str],
     group = next((a.i for a in node.attribute if a.name == "group"), 1)
     depthwise = op_type == "Conv" and group > 1 and weight is not None and weight.ndim >= 3 \
         and weight.shape[1] == 1
-    columns = 0
+    copies = 0
     if op_type == "Conv" and weight is not None and weight.ndim >= 3 and not depthwise \
-            and int(np.prod(weight.shape[2:])) > 1:  # output pixels x input channels x taps
-        columns = out // max(weight.shape[0], 1) * int(np.prod(weight.shape[1:])) * group
+            and int(np.prod(weight.shape[2:])) > 1:  # one copy of the channels per pixel and tap
+        copies = out // max(weight.shape[0], 1) * int(np.prod(weight.shape[2:]))
     return LayerCost(name=node.name, op_type=op_type, precision=precision, macs=int(macs),
                      weight_elems=w_elems, in_elems=g.elems.get(ins[0], 0), out_elems=out,
-                     density=density, nm_sparse=nm, depthwise=depthwise, columns=columns,
+                     density=density, nm_sparse=nm, depthwise=depthwise, im2col_copies=copies,
                      input_precision=incoming if incoming != precision else None,
                      activations_only=activations_only, on_input=on_input, taps_used=taps_used)
 
@@ -566,8 +566,7 @@ def predict_ms(costs: Iterable[LayerCost], profile: HardwareProfile,
             if fill and c.macs and c.weight_elems:  # rows = MACs per weight: batch x pixels
                 compute_s *= 1.0 + fill * c.weight_elems / c.macs
             overhead = cal.op_overhead_us * cal.overhead_scale.get(c.precision, 1.0)
-            overhead += c.columns * BYTES.get(c.precision, 4.0) * \
-                settings.im2col_ns_per_byte.get(c.precision, 0.0) * 1e-3
+            overhead += c.im2col_copies * settings.im2col_ns_per_copy.get(c.precision, 0.0) * 1e-3
             total_us += max(compute_s, memory_s) * 1e6 + overhead
             if c.input_precision is not None:  # a conversion pass at a precision boundary
                 conv_bytes = c.in_elems * (b + BYTES.get(c.input_precision, 4.0))

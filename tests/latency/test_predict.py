@@ -486,8 +486,8 @@ def test_depthwise_and_few_channel_int8_convolutions_cost_what_their_kernels_do(
     (dw,) = [c for c in costs_from_onnx(depthwise) if c.op_type == "Conv"]
     (d3,) = [c for c in costs_from_onnx(dense) if c.op_type == "Conv"]
     (d1,) = [c for c in costs_from_onnx(pointwise) if c.op_type == "Conv"]
-    assert dw.depthwise and not d3.depthwise and dw.columns == 0 and d1.columns == 0
-    assert d3.columns == 32 * 32 * 16 * 9
+    assert dw.depthwise and not d3.depthwise and dw.im2col_copies == 0 == d1.im2col_copies
+    assert d3.im2col_copies == 32 * 32 * 9
 
     cpu, gpu = load_profile("cpu-avx512-vnni"), load_profile("t4-gpu")
     base = predict_ms([], cpu)
@@ -498,8 +498,8 @@ def test_depthwise_and_few_channel_int8_convolutions_cost_what_their_kernels_do(
 
     assert ms(dw, "int8") > 2 * ms(dw, "fp32")  # slower in int8 on this CPU
     assert ms(replace(dw, depthwise=False), "int8") < ms(dw, "fp32")  # as a dense conv it was not
-    im2col = d3.columns * cpu.latency_model.im2col_ns_per_byte["int8"] * 1e-6
-    assert ms(d3, "int8") == pytest.approx(ms(replace(d3, columns=0), "int8") + im2col)
-    assert ms(d3, "fp32") == pytest.approx(ms(replace(d3, columns=0), "fp32"))  # direct conv
+    im2col = d3.im2col_copies * cpu.latency_model.im2col_ns_per_copy["int8"] * 1e-6
+    assert ms(d3, "int8") == pytest.approx(ms(replace(d3, im2col_copies=0), "int8") + im2col)
+    assert ms(d3, "fp32") == pytest.approx(ms(replace(d3, im2col_copies=0), "fp32"))  # direct
     assert ms(dw, "int8", gpu) < ms(dw, "fp32", gpu)  # a profile without the terms: unchanged
     assert base > 0
