@@ -319,12 +319,13 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1, *,
     provider executes after its graph optimizations (``runtime_node``), and precision
     boundaries are those nodes rather than a conversion pass per layer.
     """
-    proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
-    proto = shape_inference.infer_shapes(_fix_batch(proto, batch), data_prop=True)
+    exported = onnx.load_from_string(model) if isinstance(model, bytes) else model
+    proto = shape_inference.infer_shapes(_fix_batch(exported, batch), data_prop=True)
     g = _Graph(proto)
     missing = [o for node in proto.graph.node for o in node.output if o and o not in g.elems]
-    if missing:
-        proto = _probe_shapes(proto, missing)
+    if missing:  # run at batch 1 (a GPU profile's batch 128 of a large model would not fit)
+        proto = _probe_shapes(proto, missing, _fix_batch(exported, 1) if batch > 1 else None,
+                              batch)
         g = _Graph(proto)
     costs = _graph_costs(proto, g)
     if not runtime_graph:
@@ -347,20 +348,27 @@ def costs_from_onnx(model: bytes | onnx.ModelProto, batch: int = 1, *,
     return compute + nodes
 
 
-def _probe_shapes(proto: onnx.ModelProto, missing: list[str]) -> onnx.ModelProto:
+_PROBE_INPUT_ELEMS = 1 << 22  # no probe run on inputs larger than this (16 MB of fp32)
+
+
+def _probe_shapes(proto: onnx.ModelProto, missing: list[str], run: onnx.ModelProto | None = None,
+                  batch: int = 1) -> onnx.ModelProto:
     """``proto`` with the shapes of ``missing`` tensors read off one run on zeros.
 
     ONNX shape inference cannot follow every shape an exporter computes at run time
     (``nn.MultiheadAttention``'s head split reshapes to a shape built from Shape, Sqrt and
     Concat nodes): behind such a node every tensor was shapeless and its MatMuls costed at 0
-    MACs. A run at the model's fixed input shapes tells them exactly; left as it was when the
-    inputs' shapes are not all known or the run fails.
+    MACs. A run at the model's fixed input shapes tells them exactly. ``run``, when given, is
+    the same model at batch 1, whose shapes are scaled to ``batch`` on their first axis (the
+    elements an activation has grow with the batch whichever axis holds it). Left as it was
+    when the inputs' shapes are not all known, are too large, or the run fails.
     """
     import onnxruntime as ort
 
-    inits = {t.name for t in proto.graph.initializer}
+    run = run or proto
+    inits = {t.name for t in run.graph.initializer}
     feeds = {}
-    for value in proto.graph.input:
+    for value in run.graph.input:
         if value.name in inits:
             continue
         tensor = value.type.tensor_type
@@ -368,7 +376,9 @@ def _probe_shapes(proto: onnx.ModelProto, missing: list[str]) -> onnx.ModelProto
         if not all(dims):
             return proto
         feeds[value.name] = np.zeros(dims, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-    probe = onnx.ModelProto.FromString(proto.SerializeToString())
+    if sum(a.size for a in feeds.values()) > _PROBE_INPUT_ELEMS:
+        return proto
+    probe = onnx.ModelProto.FromString(run.SerializeToString())
     outputs = {v.name for v in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in missing if n not in outputs)
     options = ort.SessionOptions()
@@ -387,8 +397,11 @@ def _probe_shapes(proto: onnx.ModelProto, missing: list[str]) -> onnx.ModelProto
     proto.graph.value_info.extend(kept)
     for out, array in zip(session.get_outputs(), arrays, strict=True):
         if out.name in wanted and isinstance(array, np.ndarray):
+            dims = list(array.shape)
+            if dims and batch > 1 and run is not proto:
+                dims[0] *= batch
             proto.graph.value_info.append(onnx.helper.make_tensor_value_info(
-                out.name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
+                out.name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims))
     return proto
 
 

@@ -503,3 +503,17 @@ def test_depthwise_and_few_channel_int8_convolutions_cost_what_their_kernels_do(
     assert ms(d3, "fp32") == pytest.approx(ms(replace(d3, im2col_copies=0), "fp32"))  # direct
     assert ms(dw, "int8", gpu) < ms(dw, "fp32", gpu)  # a profile without the terms: unchanged
     assert base > 0
+
+
+def test_shapes_read_off_a_run_scale_with_the_batch():
+    """A GPU profile costs at its batch (8 to 128): the run that tells the shapes behind a
+    computed reshape is made at batch 1 and its activations scaled, so the MACs grow with the
+    batch like everything else (and a large model is never run at batch 128 on the CPU)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    model = export_onnx(torch.nn.TransformerEncoder(layer, 1).eval(), (16, 64))
+
+    def attention_macs(batch: int) -> int:
+        return sum(c.macs for c in costs_from_onnx(model, batch) if c.activations_only)
+
+    assert attention_macs(1) > 0 and attention_macs(8) == 8 * attention_macs(1)
