@@ -461,6 +461,10 @@ def test_runtime_nodes_cost_what_their_kernel_spends_per_element():
     small, big = (predict_ms([node("QLinearSoftmax", n)], profile) - base for n in (1024, 65536))
     assert big - small == pytest.approx(64512 * rates["QLinearSoftmax"] * 1e-6, rel=1e-6)
     relu = predict_ms([node("Relu", 65536)], profile) - base
+    # a transpose of uint8 data moves a quarter of the bytes the table's fp32 one did
+    moved = {p: predict_ms([replace(node("Transpose", 65536), precision=p)], profile) - base
+             for p in ("int8", "fp32")}
+    assert moved["int8"] < 0.5 * moved["fp32"]
     unknown = predict_ms([node("SomeNewOp", 65536)], profile) - base
     assert relu < unknown < big  # an op type not in the table: the default rate
     # a fit scales the table as a whole, and keeps it without such a table (GPU profiles)
