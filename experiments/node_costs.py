@@ -13,9 +13,12 @@ QuantizeLinear / DequantizeLinear pair that ONNX Runtime fuses into its QLinear
 kernel) against the same model without it, at three sizes, 1 thread, medians of
 many runs; a line through the three gives the rate (and a per-node constant,
 printed for comparison with ``node_overhead_us``). Prints the YAML for a
-hardware profile's ``latency_model``:
+hardware profile's ``latency_model``. With ``--convolutions``, also what a
+depthwise convolution spends per MAC and what an int8 3x3 one spends on its
+im2col copy (the profile's ``depthwise_efficiency`` and ``im2col_ns_per_copy``):
 
-    python experiments/node_costs.py            # about a minute
+    python experiments/node_costs.py                  # about 10 s
+    python experiments/node_costs.py --convolutions   # about a minute more
 """
 
 from __future__ import annotations
@@ -146,10 +149,94 @@ FLOAT_OPS = ("QuantizeLinear", "DequantizeLinear", "Relu", "Clip", "Add", "Mul",
 INT8_OPS = ("Add", "Mul", "Softmax", "Sigmoid", "AveragePool", "GlobalAveragePool", "Concat")
 
 
+def _conv_chain(channels: int, side: int, kernel: int, depthwise: bool, n: int,
+                int8: bool) -> bytes:
+    """``n`` x (Conv, ReLU), exported as the search exports (and quantized as its static
+    U8S8 mode does: QDQ, per-channel int8 weights), so ONNX Runtime fuses them as it fuses a
+    searched model's layers; a chain pays the layout conversions at its ends once."""
+    import torch
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from search.compress import export_onnx
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(n):
+        layers += [torch.nn.Conv2d(channels, channels, kernel, padding=kernel // 2,
+                                   groups=channels if depthwise else 1), torch.nn.ReLU()]
+    model = export_onnx(torch.nn.Sequential(*layers), (channels, side, side))
+    if not int8:
+        return model
+    name = onnx.load_from_string(model).graph.input[0].name
+    rng = np.random.default_rng(0)
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{name: rng.standard_normal((1, channels, side, side))
+                                  .astype(np.float32)} for _ in range(4)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(model)
+        quantize_static(str(src), str(dst), _Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True)
+        return dst.read_bytes()
+
+
+def _per_conv_us(channels: int, side: int, kernel: int, depthwise: bool, int8: bool,
+                 runs: int) -> float:
+    shape = (1, channels, side, side)
+    one, nine = (_conv_chain(channels, side, kernel, depthwise, n, int8) for n in (1, 9))
+    name = onnx.load_from_string(one).graph.input[0].name
+    return _extra_us(_rename_input(nine, name), _rename_input(one, name), shape, runs) / 8
+
+
+def _rename_input(model: bytes, name: str) -> bytes:
+    """The timing helpers feed ``x``."""
+    proto = onnx.load_from_string(model)
+    for node in proto.graph.node:
+        node.input[:] = ["x" if i == name else i for i in node.input]
+    proto.graph.input[0].name = "x"
+    return proto.SerializeToString()
+
+
+def _convolutions(runs: int) -> None:
+    """Per layer, in chains of 9 against 1: 3x3 depthwise convolutions (ns per MAC; a
+    profile's depthwise_efficiency is 2 / (ns per MAC x peak operations per ns)), and int8
+    3x3 dense ones against a 1x1 doing the same MACs (three times the channels, in and out):
+    what is left is the im2col copy, per output pixel and tap (im2col_ns_per_copy)."""
+    for int8 in (False, True):
+        for channels, side in ((16, 32), (32, 16), (64, 8)):
+            us = _per_conv_us(channels, side, 3, True, int8, runs)
+            print(f"depthwise 3x3 {'int8' if int8 else 'fp32'} {channels} channels at "
+                  f"{side}x{side}: {us:6.2f} us a layer, "
+                  f"{us * 1e3 / (channels * side * side * 9):.3f} ns/MAC", flush=True)
+    for channels, side in ((16, 32), (32, 16), (32, 32)):
+        dense = _per_conv_us(channels, side, 3, False, True, runs)
+        pointwise = _per_conv_us(3 * channels, side, 1, False, True, runs)
+        print(f"dense 3x3 int8 {channels} channels at {side}x{side}: {dense:6.2f} us a layer, "
+              f"a 1x1 of the same MACs {pointwise:6.2f} us: "
+              f"{(dense - pointwise) * 1e3 / (side * side * 9):.2f} ns per pixel and tap",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2000, help="runs per model and size")
+    parser.add_argument("--convolutions", action="store_true",
+                        help="also time depthwise and im2col convolutions (about a minute)")
     args = parser.parse_args()
+    if args.convolutions:
+        _convolutions(args.runs)
     rates: dict[str, tuple[float, float]] = {}
     for int8, ops in ((False, FLOAT_OPS), (True, INT8_OPS)):
         for op in ops:
