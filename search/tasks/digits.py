@@ -1,8 +1,8 @@
 """The bundled default task: scikit-learn's handwritten digits, upsampled to 32x32.
 
 The 8x8 digits are upsampled so that a compact ResNet takes ~1 ms per image on
-one core: at 8x8 latency is runtime overhead and compression shows nothing
-(shared/reference/cpu_onnxruntime.md, "A tiny model says nothing").
+one core: at 8x8 latency is runtime overhead (a session's run costs a few
+microseconds whatever the model), and compression shows nothing.
 """
 
 from __future__ import annotations
