@@ -87,8 +87,8 @@ def _model(op: str | None, shape: tuple[int, ...], int8: bool) -> bytes:
         nodes.append(helper.make_node("Identity", [src], [body]))
     elif op in ("QuantizeLinear", "DequantizeLinear"):  # standalone: an fp32/int8 boundary
         scale, zero = const("s", np.array(0.05, np.float32)), const("z", np.array(128, np.uint8))
-        nodes.append(helper.make_node("QuantizeLinear", [src, scale, zero], ["q"]))
-        nodes[-1].output[0] = "q" if op == "DequantizeLinear" else body
+        quantized = "q" if op == "DequantizeLinear" else body
+        nodes.append(helper.make_node("QuantizeLinear", [src, scale, zero], [quantized]))
         if op == "DequantizeLinear":
             nodes.append(helper.make_node("DequantizeLinear", ["q", scale, zero], [body]))
     elif op in ("Add", "Div", "Mul"):

@@ -224,8 +224,10 @@ def _compute_cost(g: _Graph, node: onnx.NodeProto, op_type: str, ins: list[str],
     w_elems = int(weight.size) if weight is not None else g.elems.get(ins[1], 0)
     out = g.elems.get(node.output[0], 0)
     activations_only = False
-    if op_type == "Conv" and weight is not None and weight.ndim >= 3:
-        macs = out // max(weight.shape[0], 1) * w_elems
+    conv = op_type == "Conv" and weight is not None and weight.ndim >= 3
+    pixels = out // max(weight.shape[0], 1) if conv else 0  # output positions x batch
+    if conv:
+        macs = pixels * w_elems
     elif weight is not None and weight.ndim == 2:
         macs = g.elems.get(ins[0], 0) // max(_reduce_dim(node, weight), 1) * weight.size
     elif activations_only := (weight is None and op_type == "MatMul"):  # Q·Kᵀ, A·V
@@ -234,16 +236,14 @@ def _compute_cost(g: _Graph, node: onnx.NodeProto, op_type: str, ins: list[str],
     else:
         macs = 0
     density, nm = _sparsity(weight)
-    on_input, taps_used = 1.0, 1.0
-    if op_type == "Conv" and weight is not None and weight.ndim >= 3:
+    on_input, taps_used, depthwise, copies = 1.0, 1.0, False, 0
+    if conv:
         on_input, taps_used = _padding_shares(node, g.dims.get(ins[0]), weight.shape[2:])
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    depthwise = op_type == "Conv" and group > 1 and weight is not None and weight.ndim >= 3 \
-        and weight.shape[1] == 1
-    copies = 0
-    if op_type == "Conv" and weight is not None and weight.ndim >= 3 and not depthwise \
-            and int(np.prod(weight.shape[2:])) > 1:  # one copy of the channels per pixel and tap
-        copies = out // max(weight.shape[0], 1) * int(np.prod(weight.shape[2:]))
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        depthwise = group > 1 and weight.shape[1] == 1
+        taps = int(np.prod(weight.shape[2:]))
+        if not depthwise and taps > 1:  # im2col: the input channels once per pixel and tap
+            copies = pixels * taps
     return LayerCost(name=node.name, op_type=op_type, precision=precision, macs=int(macs),
                      weight_elems=w_elems, in_elems=g.elems.get(ins[0], 0), out_elems=out,
                      density=density, nm_sparse=nm, depthwise=depthwise, im2col_copies=copies,
@@ -428,22 +428,22 @@ def _runtime_nodes(proto: onnx.ModelProto, g: _Graph) -> tuple[list[LayerCost], 
             if n.op_type not in _RUNTIME_COMPUTE and n.op_type not in _RUNTIME_FREE]
     missing = sorted({t for n in kept for t in [*n.input, *n.output]
                       if t and t not in g.elems and t not in g.inits})
+    elems, size = g.elems, g.size
     if missing:
         sized = _Graph(_probe_shapes(runtime, missing))
-        g.elems = {**sized.elems, **g.elems}
-        g.size = {**sized.size, **g.size}
+        elems, size = {**sized.elems, **g.elems}, {**sized.size, **g.size}
     nodes, dequantized = [], set()
     for node in kept:
         int8 = node.op_type.startswith("QLinear") or node.op_type == "DequantizeLinear" or \
-            (bool(node.input) and g.size.get(node.input[0]) == 1.0)  # an NhwcMaxPool on uint8
+            (bool(node.input) and size.get(node.input[0]) == 1.0)  # an NhwcMaxPool on uint8
         if node.op_type == "DequantizeLinear" and node.input[0] in g.inits:
             dequantized.add(node.input[0])
         ins, outs = [i for i in node.input if i], list(node.output)
         nodes.append(LayerCost(
             name=node.name, op_type=node.op_type, precision="int8" if int8 else "fp32",
-            in_elems=sum(g.elems.get(i, 0) for i in ins if i not in g.inits),
-            out_elems=sum(g.elems.get(o, 0) for o in outs), runtime_node=True,
-            moved_bytes=sum(g.elems.get(t, 0) * g.size.get(t, 4.0) for t in ins + outs)))
+            in_elems=sum(elems.get(i, 0) for i in ins if i not in g.inits),
+            out_elems=sum(elems.get(o, 0) for o in outs), runtime_node=True,
+            moved_bytes=sum(elems.get(t, 0) * size.get(t, 4.0) for t in ins + outs)))
     return nodes, dequantized
 
 
@@ -737,7 +737,8 @@ def _least_squares(start: Calibration, eff_keys: list[str],
                      + [1e-2] * len(fill_keys) + [1e-2] * nodes + [0.05] * rates + [1e-2] * drams
                      + [1e-2, 1e-2]),
               np.log([1.0] * k + [mem_bounds[1]] * m + [20.0] * len(scaled_keys)
-                     + [1e5] * len(fill_keys) + [1e4] * nodes + [20.0] * rates + [1e4] * drams + [1e5, 1e5]))
+                     + [1e5] * len(fill_keys) + [1e4] * nodes + [20.0] * rates + [1e4] * drams
+                     + [1e5, 1e5]))
     theta0 = np.clip(theta0, bounds[0] + 1e-9, bounds[1] - 1e-9)
     anchor = theta0.copy()
 
