@@ -39,6 +39,7 @@ from search.compress.heads import prune_heads
 from search.compress.prune import prune_unstructured
 from search.latency import measure_latency
 from search.latency.predict import (
+    ARCHITECTURE_PRIOR,
     Calibration,
     LayerCost,
     _least_squares,
@@ -229,7 +230,8 @@ def host_table(quick: bool, rounds: int = 3, save: str | None = None,
     # variants of its architecture, as a study's self-calibration is (calibration.py fits per
     # architecture); and, for comparison, on the other variants of every architecture
     lovo = [predict_ms(costs, profile, fit_calibration(
-        [(c, ms) for j, (a, _, c, ms, _) in enumerate(rows) if j != i and a == arch], profile))
+        [(c, ms) for j, (a, _, c, ms, _) in enumerate(rows) if j != i and a == arch], profile,
+        prior=ARCHITECTURE_PRIOR))
         for i, (arch, _, costs, _, _) in enumerate(rows)]
     pooled = [predict_ms(costs, profile, fit_calibration(
         [(c, ms) for j, (_, _, c, ms, _) in enumerate(rows) if j != i], profile))

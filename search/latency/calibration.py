@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 
 from search._paths import write_atomic
-from search.latency.predict import Calibration, LayerCost, costing, fit_calibration, predict_ms
+from search.latency.predict import (
+    ARCHITECTURE_PRIOR,
+    FIT_PRIOR,
+    Calibration,
+    LayerCost,
+    costing,
+    fit_calibration,
+    predict_ms,
+)
 from search.profiles import HardwareProfile
 
 __all__ = [
@@ -96,7 +104,8 @@ def _error(cal: Calibration, data: Sequence[Measurement], profile: HardwareProfi
     return float(np.median([abs(predict_ms(m.costs, profile, cal) / m.ms - 1) for m in data]))
 
 
-def _fit(data: Sequence[Measurement], profile: HardwareProfile) -> Calibration:
+def _fit(data: Sequence[Measurement], profile: HardwareProfile,
+         prior: float = FIT_PRIOR) -> Calibration:
     """Fit over ``data``, each architecture weighing alike (the many samples of one would
     otherwise decide the shared factors), on at most ``_FIT_SAMPLES`` of each, spread over
     its latencies: evidence grows with every measuring study, and a refit over 177
@@ -108,7 +117,7 @@ def _fit(data: Sequence[Measurement], profile: HardwareProfile) -> Calibration:
     most = max(len(ms) for ms in chosen.values())
     samples = [(list(m.costs), m.ms) for ms in chosen.values() for m in ms]
     weights = [most / len(ms) for ms in chosen.values() for _ in ms]
-    fitted = fit_calibration(samples, profile, weights=weights)
+    fitted = fit_calibration(samples, profile, weights=weights, prior=prior)
     return Calibration(**{**asdict(fitted), "fitted_on": len(data)})
 
 
@@ -120,7 +129,8 @@ def _spread(data: Sequence[Measurement], most: int) -> list[Measurement]:
     return [ordered[round(i * (len(ordered) - 1) / (most - 1))] for i in range(most)]
 
 
-def _cross_validated_error(data: Sequence[Measurement], profile: HardwareProfile) -> float:
+def _cross_validated_error(data: Sequence[Measurement], profile: HardwareProfile,
+                           prior: float = FIT_PRIOR) -> float:
     """Two-fold error of refitting on ``data``: each half predicted by a fit on the other.
 
     The halves are stratified by the precisions a model runs and by latency, so
@@ -135,7 +145,7 @@ def _cross_validated_error(data: Sequence[Measurement], profile: HardwareProfile
     for train, test in (halves, halves[::-1]):
         if len(train) < 3 or not test:
             return math.inf
-        fit = _fit(train, profile)
+        fit = _fit(train, profile, prior)
         errors += [abs(predict_ms(m.costs, profile, fit) / m.ms - 1) for m in test]
     return float(np.median(errors))
 
@@ -248,11 +258,12 @@ class CalibrationStore:
                 continue
             current = self.choose(arch)
             before = _error(current.calibration, mine, self.profile)
-            after = _cross_validated_error(mine, self.profile)
+            after = _cross_validated_error(mine, self.profile, ARCHITECTURE_PRIOR)
             label = mine[-1].label
             if after <= before - _GAIN:
                 fits.setdefault("architectures", {})[arch] = {
-                    "label": label, "calibration": asdict(_fit(mine, self.profile)),
+                    "label": label,
+                    "calibration": asdict(_fit(mine, self.profile, ARCHITECTURE_PRIOR)),
                     "cross_validated_error": after, "previous_error": before,
                 }
                 notes.append(f"{label}: refit on {len(mine)} measurements adopted (held-out "
