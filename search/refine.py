@@ -53,8 +53,11 @@ class RefineSettings:
 
 
 def _candidates(study: optuna.Study, settings: RefineSettings) -> list[optuna.trial.FrozenTrial]:
-    """Front members worth refining: within the hypervolume box (at most 10 points below the
-    reference), not a baseline, not refined yet, fastest first (they lose the most)."""
+    """Front members worth refining: below the reference's accuracy but within the
+    hypervolume box (at most 10 points below it), not a baseline, not refined yet, fastest
+    first (they lose the most). A member already as accurate as fp32 has nothing to buy back:
+    a one-shot member of a budget-50 study at 99.44 % (fp32 99.16 %) refined with 12 epochs
+    ended at 99.16 %, and the attempt was 59 s of the study's 327."""
     df = trials_frame(study)
     if not len(df) or not df["reference"].any():
         return []
@@ -64,7 +67,7 @@ def _candidates(study: optuna.Study, settings: RefineSettings) -> list[optuna.tr
              if "refined_from" in t.user_attrs}
     rows = df[df["on_front"] & (df["baseline"] == "") & (df["accuracy"] >= reference - HV_ACCURACY_SPAN)
               & df["cached_from"].isna()]
-    rows = rows[~rows["trial"].isin(done) & (rows["accuracy"] < reference + 5)]
+    rows = rows[~rows["trial"].isin(done) & (rows["accuracy"] < reference)]
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     picked = [trials[int(n)] for n in rows.sort_values("latency_ms")["trial"]]
     return [t for t in picked if "refined_from" not in t.user_attrs][: settings.members]
