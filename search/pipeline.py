@@ -30,6 +30,7 @@ from search.compress import (
     export_onnx,
     onnx_node_names,
     prune_structured,
+    teacher_outputs,
 )
 from search.compress.heads import prune_heads
 from search.compress.prune import (
@@ -56,6 +57,8 @@ __all__ = ["compress", "finetune", "measure", "model_facts", "predict", "prune_s
 _SCREEN_CALIBRATION = 16  # int8 ranges of a model measured for latency only
 _RANKINGS: dict[str, list[str]] = {}  # this process's block rankings, per starting model
 _RANKING_SAMPLES = 256
+_TEACHER_OUTPUTS: dict[str, torch.Tensor | None] = {}  # this process's, per task (one at a time)
+_TEACHER_OUTPUTS_BYTES = 256 * 2**20  # the most kept; beyond, the teacher runs in every batch
 
 
 @contextmanager
@@ -117,6 +120,17 @@ def _block_ranking(task: Task, student: nn.Module, init: str) -> list[str]:
             _RANKINGS.clear()
         _RANKINGS[key] = rank_blocks(student, task.train.x[order[:_RANKING_SAMPLES]])
     return _RANKINGS[key]
+
+
+def _teacher_outputs(task: Task) -> torch.Tensor | None:
+    """The teacher's outputs on the training inputs, computed once per worker process and
+    task (as the block ranking is) instead of once per batch of every fine-tune."""
+    key = f"{task.name}:{_fingerprint(task.teacher_state)}:{_fingerprint({'x': task.train.x})}"
+    if key not in _TEACHER_OUTPUTS:
+        _TEACHER_OUTPUTS.clear()  # one task's at a time: they may be large
+        _TEACHER_OUTPUTS[key] = teacher_outputs(task.teacher(), task.train.x,
+                                                _TEACHER_OUTPUTS_BYTES)
+    return _TEACHER_OUTPUTS[key]
 
 
 def _prune(record: TrialRecord, task: Task, profile: HardwareProfile) -> tuple[nn.Module,
@@ -241,7 +255,8 @@ def finetune(record: TrialRecord, task: Task, profile: HardwareProfile,
         distill(student, task.teacher(), task.train, epochs=c.epochs, lr=c.lr,
                 temperature=c.temperature, alpha=c.alpha, seed=record.seed,
                 loss=c.distill_loss, loss_weight=c.distill_weight, task_loss=task.loss, hooks=hooks,
-                after_epoch=after_epoch)
+                after_epoch=after_epoch,
+                teacher_outputs=_teacher_outputs(task) if c.distill_loss == "response" else None)
         if record.stopped:
             record.onnx_model = None
             return record

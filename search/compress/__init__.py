@@ -1,6 +1,6 @@
 """The compression stages of a trial: prune, distil (with QAT), export, quantize."""
 
-from search.compress.distill import distill
+from search.compress.distill import distill, teacher_outputs
 from search.compress.export import compressible_layers, export_onnx, onnx_node_names
 from search.compress.prune import (
     count_zero_fraction,
@@ -24,4 +24,5 @@ __all__ = [
     "onnx_node_names",
     "prune_structured",
     "prune_unstructured",
+    "teacher_outputs",
 ]

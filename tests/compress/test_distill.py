@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from search.compress import export_onnx
-from search.compress.distill import _adapter, _Capture, distill, feature_taps, relation_loss
+from search.compress.distill import (
+    _adapter,
+    _Capture,
+    distill,
+    feature_taps,
+    relation_loss,
+    teacher_outputs,
+)
 from search.compress.prune import prune_structured
 from search.evaluate import onnx_accuracy
 from search.tasks import Split
@@ -30,6 +37,28 @@ def test_feature_distillation_lowers_the_hint_loss_of_a_pruned_student(task):
     assert len(history["feature"]) == 2
     assert history["feature"][1] < 0.8 * history["feature"][0]
     assert onnx_accuracy(export_onnx(student, task.input_shape), task.val) > 90
+
+
+class _Refuses(torch.nn.Module):
+    def forward(self, x):  # noqa: ANN001, ANN201
+        raise AssertionError("the teacher ran although its outputs were given")
+
+
+def test_response_distillation_from_the_teachers_kept_outputs_trains_the_same_student(task):
+    part = Split(task.train.x[:320], task.train.y[:320])
+    outputs = teacher_outputs(task.teacher(), part.x, max_bytes=2**20, batch_size=100)
+    assert outputs.shape == (320, 10)
+    students = []
+    for teacher, kept in ((task.teacher(), None), (_Refuses(), outputs)):
+        student = task.teacher()
+        prune_structured(student, torch.zeros(1, *task.input_shape), 0.5, 8)
+        distill(student, teacher, part, epochs=2, lr=3e-3, temperature=4.0, alpha=0.7, seed=0,
+                teacher_outputs=kept)
+        students.append(student.state_dict())
+    for name, value in students[0].items():
+        torch.testing.assert_close(students[1][name], value, rtol=1e-4, atol=1e-5)
+    # outputs beyond the bound are not kept: the teacher then runs in every batch
+    assert teacher_outputs(task.teacher(), part.x, max_bytes=320 * 10 * 4 - 1) is None
 
 
 def test_relation_loss_is_zero_for_the_same_embedding_and_scale_free():
