@@ -1,8 +1,9 @@
-"""How long a trial's fine-tune takes with the teacher's outputs kept, against the teacher run
+"""How long a trial's fine-tune takes with the teacher's values kept, against the teacher run
 in every batch, side by side in one run.
 
-Response distillation needs the teacher's outputs on each training batch; in eval mode they
-do not change between epochs or trials, so a worker computes them once per task
+Distillation reads the teacher's outputs (and, for feature or relation losses, some of its
+activations) on each training batch; in eval mode they do not change between epochs or
+trials, so a worker computes them once per task and loss
 (``search.pipeline._teacher_outputs``). This times ``search.pipeline.finetune`` (prune,
 distil, export, quantize, score) of the same trials both ways, interleaved round by round,
 and prints the medians and their ratio.
@@ -32,7 +33,7 @@ def _time(task, profile, choices: Choices, kept: bool) -> float:  # noqa: ANN001
     pipeline._TEACHER_OUTPUTS_BYTES = limit if kept else 0
     try:
         if kept:  # as in a worker that has fine-tuned a trial of this task before
-            pipeline._teacher_outputs(task)
+            pipeline._teacher_outputs(task, choices.distill_loss)
         start = time.perf_counter()
         record = pipeline.finetune(TrialRecord(0, choices), task, profile)
         if record.error:
@@ -49,20 +50,21 @@ def main() -> None:
     parser.add_argument("--profile", default="cpu-avx512-vnni")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--losses", nargs="+", default=["response", "feature", "relation"])
     args = parser.parse_args()
     task = load_task(args.task, 0, TaskOptions(arch=args.arch))
     profile = load_profile(args.profile)
-    for label, form in _FORMS.items():
-        choices = Choices(epochs=args.epochs, lr=3e-3, **form)
-        times: dict[bool, list[float]] = {True: [], False: []}
-        for _ in range(args.rounds):
-            for kept in (False, True):
-                times[kept].append(_time(task, profile, choices, kept))
-        run, kept = statistics.median(times[False]), statistics.median(times[True])
-        print(f"{label:<32} teacher in every batch {run:6.2f} s  outputs kept {kept:6.2f} s  "
-              f"{run / kept:.2f}x (spread {min(times[True]):.2f}-{max(times[True]):.2f} s)",
-              flush=True)
-
+    for loss in args.losses:
+        for label, form in _FORMS.items():
+            choices = Choices(epochs=args.epochs, lr=3e-3, distill_loss=loss, **form)
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(args.rounds):
+                for kept in (False, True):
+                    times[kept].append(_time(task, profile, choices, kept))
+            run, kept = statistics.median(times[False]), statistics.median(times[True])
+            print(f"{loss:<9}{label:<32} teacher in every batch {run:6.2f} s  kept {kept:6.2f} s"
+                  f"  {run / kept:.2f}x (spread {min(times[True]):.2f}-{max(times[True]):.2f} s)",
+                  flush=True)
 
 if __name__ == "__main__":
     main()

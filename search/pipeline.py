@@ -57,8 +57,9 @@ __all__ = ["compress", "finetune", "measure", "model_facts", "predict", "prune_s
 _SCREEN_CALIBRATION = 16  # int8 ranges of a model measured for latency only
 _RANKINGS: dict[str, list[str]] = {}  # this process's block rankings, per starting model
 _RANKING_SAMPLES = 256
-_TEACHER_OUTPUTS: dict[str, torch.Tensor | None] = {}  # this process's, per task (one at a time)
-_TEACHER_OUTPUTS_BYTES = 256 * 2**20  # the most kept; beyond, the teacher runs in every batch
+# this process's kept teacher values, per distillation loss, of one task at a time
+_TEACHER_OUTPUTS: dict[str, dict[str, torch.Tensor] | None] = {}
+_TEACHER_OUTPUTS_BYTES = 256 * 2**20  # the most kept per loss; beyond, the teacher runs
 
 
 @contextmanager
@@ -122,14 +123,17 @@ def _block_ranking(task: Task, student: nn.Module, init: str) -> list[str]:
     return _RANKINGS[key]
 
 
-def _teacher_outputs(task: Task) -> torch.Tensor | None:
-    """The teacher's outputs on the training inputs, computed once per worker process and
-    task (as the block ranking is) instead of once per batch of every fine-tune."""
-    key = f"{task.name}:{_fingerprint(task.teacher_state)}:{_fingerprint({'x': task.train.x})}"
+def _teacher_outputs(task: Task, loss: str) -> dict[str, torch.Tensor] | None:
+    """What distilling with ``loss`` reads of the teacher on the training inputs, computed
+    once per worker process, task and loss (as the block ranking is) instead of in every
+    batch of every fine-tune."""
+    task_key = f"{task.name}:{_fingerprint(task.teacher_state)}:{_fingerprint({'x': task.train.x})}"
+    if any(not key.startswith(task_key + ":") for key in _TEACHER_OUTPUTS):
+        _TEACHER_OUTPUTS.clear()  # another task's: they may be large
+    key = f"{task_key}:{loss}"
     if key not in _TEACHER_OUTPUTS:
-        _TEACHER_OUTPUTS.clear()  # one task's at a time: they may be large
         _TEACHER_OUTPUTS[key] = teacher_outputs(task.teacher(), task.train.x,
-                                                _TEACHER_OUTPUTS_BYTES)
+                                                _TEACHER_OUTPUTS_BYTES, loss)
     return _TEACHER_OUTPUTS[key]
 
 
@@ -256,7 +260,7 @@ def finetune(record: TrialRecord, task: Task, profile: HardwareProfile,
                 temperature=c.temperature, alpha=c.alpha, seed=record.seed,
                 loss=c.distill_loss, loss_weight=c.distill_weight, task_loss=task.loss, hooks=hooks,
                 after_epoch=after_epoch,
-                teacher_outputs=_teacher_outputs(task) if c.distill_loss == "response" else None)
+                teacher_outputs=_teacher_outputs(task, c.distill_loss))
         if record.stopped:
             record.onnx_model = None
             return record

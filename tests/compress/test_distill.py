@@ -5,6 +5,7 @@ import torch
 
 from search.compress import export_onnx
 from search.compress.distill import (
+    LOGITS,
     _adapter,
     _Capture,
     distill,
@@ -39,25 +40,30 @@ def test_feature_distillation_lowers_the_hint_loss_of_a_pruned_student(task):
     assert onnx_accuracy(export_onnx(student, task.input_shape), task.val) > 90
 
 
-class _Refuses(torch.nn.Module):
-    def forward(self, x):  # noqa: ANN001, ANN201
-        raise AssertionError("the teacher ran although its outputs were given")
+def _refusing_batches(teacher: torch.nn.Module) -> torch.nn.Module:
+    """The teacher may run on the probe of two inputs that sizes adapters, never on a batch."""
+    def refuse(module, args):  # noqa: ANN001, ANN202, ARG001
+        assert len(args[0]) <= 2, "the teacher ran on a batch although its values were kept"
+    teacher.register_forward_pre_hook(refuse)
+    return teacher
 
 
-def test_response_distillation_from_the_teachers_kept_outputs_trains_the_same_student(task):
+@pytest.mark.parametrize("loss", ["response", "feature", "relation"])
+def test_distillation_from_the_teachers_kept_values_trains_the_same_student(task, loss):
     part = Split(task.train.x[:320], task.train.y[:320])
-    outputs = teacher_outputs(task.teacher(), part.x, max_bytes=2**20, batch_size=100)
-    assert outputs.shape == (320, 10)
+    kept = teacher_outputs(task.teacher(), part.x, max_bytes=2**28, loss=loss, batch_size=100)
+    assert kept[LOGITS].shape == (320, 10)
+    assert len(kept) == {"response": 1, "feature": 4, "relation": 2}[loss]
     students = []
-    for teacher, kept in ((task.teacher(), None), (_Refuses(), outputs)):
+    for teacher, values in ((task.teacher(), None), (_refusing_batches(task.teacher()), kept)):
         student = task.teacher()
         prune_structured(student, torch.zeros(1, *task.input_shape), 0.5, 8)
         distill(student, teacher, part, epochs=2, lr=3e-3, temperature=4.0, alpha=0.7, seed=0,
-                teacher_outputs=kept)
+                loss=loss, teacher_outputs=values)
         students.append(student.state_dict())
     for name, value in students[0].items():
         torch.testing.assert_close(students[1][name], value, rtol=1e-4, atol=1e-5)
-    # outputs beyond the bound are not kept: the teacher then runs in every batch
+    # values beyond the bound are not kept: the teacher then runs in every batch
     assert teacher_outputs(task.teacher(), part.x, max_bytes=320 * 10 * 4 - 1) is None
 
 
