@@ -260,7 +260,7 @@ def finetune(record: TrialRecord, task: Task, profile: HardwareProfile,
                 temperature=c.temperature, alpha=c.alpha, seed=record.seed,
                 loss=c.distill_loss, loss_weight=c.distill_weight, task_loss=task.loss, hooks=hooks,
                 after_epoch=after_epoch,
-                teacher_outputs=_teacher_outputs(task, c.distill_loss))
+                teacher_values=_teacher_outputs(task, c.distill_loss))
         if record.stopped:
             record.onnx_model = None
             return record

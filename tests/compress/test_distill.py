@@ -59,7 +59,7 @@ def test_distillation_from_the_teachers_kept_values_trains_the_same_student(task
         student = task.teacher()
         prune_structured(student, torch.zeros(1, *task.input_shape), 0.5, 8)
         distill(student, teacher, part, epochs=2, lr=3e-3, temperature=4.0, alpha=0.7, seed=0,
-                loss=loss, teacher_outputs=values)
+                loss=loss, teacher_values=values)
         students.append(student.state_dict())
     for name, value in students[0].items():
         torch.testing.assert_close(students[1][name], value, rtol=1e-4, atol=1e-5)
