@@ -20,8 +20,10 @@ def test_only_members_with_accuracy_to_buy_back_are_refined():
     _add(study, 99.4, 0.5)  # on the front, already above fp32: nothing to buy back
     _add(study, 98.0, 0.2)  # on the front, a point below
     _add(study, 95.0, 0.1)  # on the front, four points below
-    _add(study, 85.0, 0.05)  # on the front, but no one would deploy it
+    _add(study, 85.0, 0.05)  # on the front, below the box: a longer fine-tune may lift it
+    _add(study, 20.0, 0.04)  # on the front, further below
     _add(study, 97.0, 0.3)  # dominated by trial 3
-    picked = [t.number for t in _candidates(study, RefineSettings(members=4))]
-    assert picked == [4, 3]  # fastest first
-    assert [t.number for t in _candidates(study, RefineSettings(members=1))] == [4]
+    _add(study, 96.0, 0.15, refined_from=2)  # on the front, but a refinement is not refined again
+    # in the box and below it take turns, each fastest first
+    assert [t.number for t in _candidates(study, RefineSettings(members=4))] == [4, 6, 3, 5]
+    assert [t.number for t in _candidates(study, RefineSettings(members=2))] == [4, 6]
