@@ -66,5 +66,6 @@ def main() -> None:
                   f"  {run / kept:.2f}x (spread {min(times[True]):.2f}-{max(times[True]):.2f} s)",
                   flush=True)
 
+
 if __name__ == "__main__":
     main()
