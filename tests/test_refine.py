@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import optuna
 
-from search.refine import RefineSettings, _candidates
+from search.record import TrialRecord
+from search.refine import RefineSettings, _candidates, _reached_reference, refine_front
 
 
 def _add(study: optuna.Study, accuracy: float, latency_ms: float, **attrs) -> None:
@@ -27,3 +30,59 @@ def test_only_members_with_accuracy_to_buy_back_are_refined():
     # in the box and below it take turns, each fastest first
     assert [t.number for t in _candidates(study, RefineSettings(members=4))] == [4, 6, 3, 5]
     assert [t.number for t in _candidates(study, RefineSettings(members=2))] == [4, 6]
+
+
+def test_members_slower_than_a_trial_as_accurate_as_fp32_are_not_refined():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    _add(study, 99.2, 1.0, baseline="fp32", reference=True)
+    _add(study, 97.0, 0.2)
+    _add(study, 98.0, 0.3)
+    assert _reached_reference(study, 0.3) is None  # nothing faster is as accurate as fp32
+    _add(study, 99.2, 0.2, refined_from=1)  # trial 1's refinement reached fp32's accuracy
+    assert _reached_reference(study, 0.3) == 3
+    assert _reached_reference(study, 0.2) == 3
+    assert _reached_reference(study, 0.1) is None
+
+
+class _Finetunes:
+    """Runs no model: answers each refinement with the accuracy given for its trial, so the
+    test sees which members :func:`refine_front` spends a fine-tune on, and in which order."""
+
+    predicts = True
+
+    def __init__(self, reached: dict[int, float]) -> None:
+        self.reached, self.submitted = reached, []
+
+    def submit_finetune(self, record: TrialRecord) -> int:
+        self.submitted.append(record.number)
+        self.done = replace(record, accuracy=self.reached[record.number], onnx_model=b"onnx")
+        return record.number
+
+    @staticmethod
+    def wait(handles: list, timeout: float | None) -> list:  # noqa: ARG004
+        return handles[:1]
+
+    def result(self, handle: int) -> TrialRecord:  # noqa: ARG002
+        return self.done
+
+
+def test_refinement_stops_at_members_a_refined_one_already_beats(tmp_path):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    _add(study, 99.2, 1.0, baseline="fp32", reference=True)
+    _add(study, 96.0, 0.2)  # the fastest: refined first, reaches fp32's accuracy
+    _add(study, 98.0, 0.3)  # slower: could at best tie trial 1's refinement
+    _add(study, 98.5, 0.4)
+    (tmp_path / "models").mkdir()
+    executor = _Finetunes({1: 99.2, 2: 99.2, 3: 99.2})
+    added = refine_front(study, executor, RefineSettings(members=4), tmp_path)
+    assert executor.submitted == [1] and added == [4]
+    assert study.trials[4].user_attrs["refined_from"] == 1
+
+    # had it stayed short of fp32, the slower members would be refined in turn
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    _add(study, 99.2, 1.0, baseline="fp32", reference=True)
+    _add(study, 96.0, 0.2)
+    _add(study, 98.0, 0.3)
+    executor = _Finetunes({1: 98.5, 2: 99.2})
+    refine_front(study, executor, RefineSettings(members=4), tmp_path)
+    assert executor.submitted == [1, 2]
