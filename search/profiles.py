@@ -121,6 +121,10 @@ class LatencyModelSettings(Strict):
     # precisions whose dense convolutions copy their input into columns first (im2col: the
     # input channels once per output pixel and kernel tap), and what one such copy costs
     im2col_ns_per_copy: dict[Precision, float] = {}
+    # precisions whose convolution kernels work on channels in blocks of this many, padding
+    # the rest with zeros (ONNX Runtime's fp32 NCHWc kernels: 16 channels with AVX-512, 8 with
+    # AVX2): a 40-channel layer costs what a 48-channel one does. Absent: no such padding
+    channel_block: dict[Precision, int] = {}
     memory_efficiency: dict[Precision, float] = {}
     fill_rows: dict[Precision, float] = {}
     sources: str = ""
