@@ -91,7 +91,9 @@ class LayerCost:
     taps_used: float = 1.0  # share of a conv's weights some output reads off the input
     depthwise: bool = False  # a convolution with one input channel per group
     im2col_copies: int = 0  # output pixels x taps an im2col copies (0: a 1x1 or depthwise conv)
-    in_channels: int = 0  # a conv's input channels per group (0: not a conv)
+    # a 2-D conv's input channels per group and output channels, where blocking kernels may
+    # pad them (0: not such a conv; grouped ones other than depthwise are left unblocked)
+    in_channels: int = 0
     out_channels: int = 0
 
 
@@ -238,7 +240,7 @@ def _compute_cost(g: _Graph, node: onnx.NodeProto, op_type: str, ins: list[str],
     else:
         macs = 0
     density, nm = _sparsity(weight)
-    on_input, taps_used, depthwise, copies = 1.0, 1.0, False, 0
+    on_input, taps_used, depthwise, copies, group = 1.0, 1.0, False, 0, 1
     if conv:
         on_input, taps_used = _padding_shares(node, g.dims.get(ins[0]), weight.shape[2:])
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
@@ -246,7 +248,9 @@ def _compute_cost(g: _Graph, node: onnx.NodeProto, op_type: str, ins: list[str],
         taps = int(np.prod(weight.shape[2:]))
         if not depthwise and taps > 1:  # im2col: the input channels once per pixel and tap
             copies = pixels * taps
-    channels = (int(weight.shape[1]), int(weight.shape[0])) if conv else (0, 0)
+    channels = (0, 0)  # the channels of a 2-D conv that channel-blocking kernels may pad
+    if conv and weight.ndim == 4 and (group == 1 or depthwise):
+        channels = (int(weight.shape[1]), int(weight.shape[0]))
     return LayerCost(name=node.name, op_type=op_type, precision=precision, macs=int(macs),
                      weight_elems=w_elems, in_elems=g.elems.get(ins[0], 0), out_elems=out,
                      density=density, nm_sparse=nm, depthwise=depthwise, im2col_copies=copies,

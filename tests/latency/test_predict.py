@@ -552,6 +552,14 @@ def test_fp32_convolutions_cost_their_channels_padded_to_the_kernels_blocks():
     # the first layer's single input channel is not padded; its 40 outputs are, to 48
     unpadded = replace(stem, out_channels=0)  # 0: a cost that says nothing of its channels
     assert ms(stem, "fp32") / ms(unpadded, "fp32") == pytest.approx(48 / 40, rel=0.05)
+    # blocking kernels take 2-D convolutions, dense or depthwise: a grouped one or a 1-D one
+    # is costed unpadded
+    grouped = export_onnx(torch.nn.Sequential(torch.nn.Conv2d(40, 40, 3, groups=2)).eval(),
+                          (40, 16, 16))
+    temporal = export_onnx(torch.nn.Sequential(torch.nn.Conv1d(40, 40, 3)).eval(), (40, 64))
+    for model in (grouped, temporal):
+        (cost,) = [c for c in costs_from_onnx(model) if c.op_type == "Conv"]
+        assert (cost.in_channels, cost.out_channels) == (0, 0)
 
 
 def test_a_device_faster_than_its_profiles_nominal_peak_is_fitted(pruned_models):
