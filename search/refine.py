@@ -134,8 +134,9 @@ def refine_front(study: optuna.Study, executor: Executor | LocalExecutor, settin
                                  seed=settings.seed * 100_003 + source.number)
             in_flight[executor.submit_finetune(record)] = source
         if not in_flight:
-            log.warning("refinement time bound (%.0f s) reached; %d member(s) not refined",
-                        settings.timeout_s, len(pending))
+            if pending:
+                log.warning("refinement time bound (%.0f s) reached; %d member(s) not refined",
+                            settings.timeout_s, len(pending))
             break
         ready = executor.wait(list(in_flight), timeout=None)
         source = in_flight.pop(ready[0])

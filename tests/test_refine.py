@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import optuna
@@ -66,7 +67,7 @@ class _Finetunes:
         return self.done
 
 
-def test_refinement_stops_at_members_a_refined_one_already_beats(tmp_path):
+def test_refinement_stops_at_members_a_refined_one_already_beats(tmp_path, caplog):
     study = optuna.create_study(directions=["maximize", "minimize"])
     _add(study, 99.2, 1.0, baseline="fp32", reference=True)
     _add(study, 96.0, 0.2)  # the fastest: refined first, reaches fp32's accuracy
@@ -74,8 +75,15 @@ def test_refinement_stops_at_members_a_refined_one_already_beats(tmp_path):
     _add(study, 98.5, 0.4)
     (tmp_path / "models").mkdir()
     executor = _Finetunes({1: 99.2, 2: 99.2, 3: 99.2})
-    added = refine_front(study, executor, RefineSettings(members=4), tmp_path)
+    logger = logging.getLogger("search")  # a CLI test may have stopped it propagating
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="search"):
+            added = refine_front(study, executor, RefineSettings(members=4), tmp_path)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert executor.submitted == [1] and added == [4]
+    assert "trial 2 not refined" in caplog.text and "time bound" not in caplog.text
     assert study.trials[4].user_attrs["refined_from"] == 1
 
     # had it stayed short of fp32, the slower members would be refined in turn
