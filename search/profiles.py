@@ -51,14 +51,17 @@ class Int8Settings(Strict):
     weight_types: list[Literal["int8", "uint8"]] = Field(default=["int8"], min_length=1)
     per_channel: list[bool] = Field(default=[True], min_length=1)
     activation_symmetric: list[bool] = Field(default=[False], min_length=1)
+    # likewise for symmetric activation ranges: the ones its kernels run fast (None: all)
+    fast_activation_symmetric: list[bool] | None = None
     reduce_range: bool = False
 
     @model_validator(mode="after")
     def _fast_within_runs(self) -> Int8Settings:
-        extra = sorted(set(self.fast_activation_types or []) - set(self.activation_types))
-        if extra:
-            raise ValueError(f"fast_activation_types lists {extra}, which activation_types "
-                             f"does not: {self.activation_types}")
+        for fast, runs in (("activation_types", self.activation_types),
+                           ("activation_symmetric", self.activation_symmetric)):
+            extra = sorted(set(getattr(self, f"fast_{fast}") or []) - set(runs))
+            if extra:
+                raise ValueError(f"fast_{fast} lists {extra}, which {fast} does not: {runs}")
         return self
 
 

@@ -89,7 +89,7 @@ def _distillation(draw: _Draw, resolved: ResolvedSpace, c: Choices) -> None:
 def _precisions(draw: _Draw, resolved: ResolvedSpace, c: Choices) -> None:
     """Per-group precisions, then the int8 knobs only where a layer is integer."""
     quant = resolved.space.quantization
-    if quant.granularity == "uniform":
+    if resolved.granularity == "uniform":
         pick = _categorical(draw, "precision", resolved._common_precisions())
         c.precisions = {layer.name: pick for layer in resolved.layers}
     else:

@@ -142,18 +142,20 @@ class QuantizationSpace(Strict):
     allows.
 
     ``granularity``: one precision per ``layer``, per residual ``block``
-    (``layer1.0``), per ``stage`` (``layer1``), or one for the whole model
-    (``uniform``). Grouping keeps the space small for large models.
+    (``layer1.0``), per ``stage`` (``layer1``), one for the whole model
+    (``uniform``), or ``ends``: the first two and last two compute layers one each
+    and the body between them one. ``auto`` is ``layer`` for a model of at most 12
+    compute layers and ``ends`` beyond. Grouping keeps the space small for large models.
     """
 
-    granularity: Literal["layer", "block", "stage", "uniform"] = "layer"
+    granularity: Literal["auto", "layer", "block", "stage", "ends", "uniform"] = "layer"
     precisions: list[Precision] | Auto = "auto"
     mode: list[Literal["static", "dynamic"]] | Auto | All = "auto"
     qat: list[bool] = [False, True]
     activation_types: list[Literal["uint8", "int8", "int16"]] | Auto | All = "auto"
     weight_types: list[Literal["int8", "uint8"]] | Auto = "auto"
     per_channel: list[bool] | Auto = "auto"
-    activation_symmetric: list[bool] | Auto = "auto"
+    activation_symmetric: list[bool] | Auto | All = "auto"
     calibration_method: list[Literal["minmax", "entropy", "percentile"]] = \
         ["minmax", "entropy", "percentile"]
     calibration_samples: IntRange = IntRange(low=64, high=512)
