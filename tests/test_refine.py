@@ -6,6 +6,7 @@ import logging
 from dataclasses import replace
 
 import optuna
+import pytest
 
 from search.record import TrialRecord
 from search.refine import RefineSettings, _candidates, _reached_reference, refine_front
@@ -94,3 +95,33 @@ def test_refinement_stops_at_members_a_refined_one_already_beats(tmp_path, caplo
     executor = _Finetunes({1: 98.5, 2: 99.2})
     refine_front(study, executor, RefineSettings(members=4), tmp_path)
     assert executor.submitted == [1, 2]
+
+
+def _add_stopped(study: optuna.Study, latency_ms: float) -> None:
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.PRUNED, distributions={}, params={},
+        user_attrs={"choices": {"epochs": 3}, "latency_ms": latency_ms}))
+
+
+def test_trials_stopped_early_faster_than_the_box_are_refined_too(tmp_path):
+    """A stopped fine-tune's accuracy after an epoch says little of what 12 epochs reach,
+    and its latency is final: one faster than every trial within 10 points of fp32 takes a
+    refinement turn after the box's and the fast members', and is added if it gets there."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    _add(study, 99.2, 1.0, baseline="fp32", reference=True)
+    _add(study, 98.0, 0.3)  # in the box
+    _add(study, 60.0, 0.25)  # below the box
+    _add_stopped(study, 0.1)  # faster than anything in the box
+    _add_stopped(study, 0.4)  # slower than the box's fastest: it would end dominated
+    study.set_user_attr("max_accuracy_drop", None)
+    study.set_user_attr("max_latency_ms", 0.5)
+    assert [t.number for t in _candidates(study, RefineSettings(members=4))] == [1, 2, 3]
+    (tmp_path / "models").mkdir()
+    executor = _Finetunes({1: 98.5, 2: 90.0, 3: 99.0})
+    added = refine_front(study, executor, RefineSettings(members=4), tmp_path)
+    assert executor.submitted == [1, 2, 3] and len(added) == 3
+    refined = study.trials[added[-1]]
+    assert refined.user_attrs["refined_from"] == 3
+    assert refined.values == [99.0, 0.1]
+    assert refined.user_attrs["screened_accuracy"] is None
+    assert refined.user_attrs["constraint_values"] == pytest.approx([0.1 - 0.5])
