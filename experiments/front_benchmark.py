@@ -89,20 +89,22 @@ def _time_shares(study: optuna.Study, df: pd.DataFrame, drop: float) -> dict[str
     return shares
 
 
-_SCREENING = ("prune", "export", "quantize", "measure")
+_SCREENING = ("prune", "export", "quantize", "measure", "predict")
 
 
 def _waste_floor(study: optuna.Study, off_front: set[int], useful_s: float) -> float:
     """The waste an oracle would leave: every trial that ends off the front stopped right
     after screening (its latency, and a one-shot trial's accuracy, are what any rule must pay
     to know where it lands), the front's trials and their refinements kept whole. A goal below
-    this floor cannot be met by any stopping rule at this budget."""
+    this floor cannot be met by any stopping rule at this budget. A trial answered from the
+    cache cost nothing."""
     floor = 0.0
     for t in study.get_trials(deepcopy=False):
-        if t.number in off_front:
+        if t.number in off_front and "cached_from" not in t.user_attrs:
             timings = t.user_attrs.get("timings", {})
-            keys = _SCREENING if "train" in timings else (*_SCREENING, "evaluate")
-            floor += sum(timings.get(k, 0.0) for k in keys)
+            floor += t.user_attrs.get("screen_seconds", sum(  # studies from before the attr
+                timings.get(k, 0.0) for k in _SCREENING + (() if "train" in timings
+                                                           else ("evaluate",))))
     return floor / (floor + useful_s) if floor + useful_s else float("nan")
 
 

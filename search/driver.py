@@ -278,6 +278,9 @@ class Driver:
     def _after_latency(self, trial: optuna.Trial, record: TrialRecord) -> optuna.trial.TrialState | None:
         """The latency is known: score a one-shot trial, or decide whether to fine-tune."""
         assert record.latency is not None
+        # what knowing where the trial lands cost, before any fine-tune (the stage timings
+        # go on adding up through the fine-tune's own prune, export and quantize)
+        trial.set_user_attr("screen_seconds", round(sum(record.timings.values()), 4))
         if record.choices.epochs == 0:
             return self._complete(trial, record)
         record.onnx_model = None  # the screened model only served to measure the latency

@@ -9,7 +9,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from search._paths import builtin_dir
 from search._schema import Strict, load_model, resolve_builtin
@@ -47,12 +47,13 @@ class Int8Settings(Strict):
     activation_types: list[Literal["uint8", "int8", "int16"]] = Field(default=["uint8"], min_length=1)
     # the activation types the device's int8 kernels fuse (fast); the others run but are slow.
     # None: all of them. A default space samples only these.
-    fast_activation_types: list[Literal["uint8", "int8", "int16"]] | None = None
+    fast_activation_types: list[Literal["uint8", "int8", "int16"]] | None = Field(
+        default=None, min_length=1)
     weight_types: list[Literal["int8", "uint8"]] = Field(default=["int8"], min_length=1)
     per_channel: list[bool] = Field(default=[True], min_length=1)
     activation_symmetric: list[bool] = Field(default=[False], min_length=1)
     # likewise for symmetric activation ranges: the ones its kernels run fast (None: all)
-    fast_activation_symmetric: list[bool] | None = None
+    fast_activation_symmetric: list[bool] | None = Field(default=None, min_length=1)
     reduce_range: bool = False
 
     @model_validator(mode="after")
@@ -127,7 +128,7 @@ class LatencyModelSettings(Strict):
     # precisions whose convolution kernels work on channels in blocks of this many, padding
     # the rest with zeros (ONNX Runtime's fp32 NCHWc kernels: 16 channels with AVX-512, 8 with
     # AVX2): a 40-channel layer costs what a 48-channel one does. Absent: no such padding
-    channel_block: dict[Precision, int] = {}
+    channel_block: dict[Precision, PositiveInt] = {}
     memory_efficiency: dict[Precision, float] = {}
     fill_rows: dict[Precision, float] = {}
     sources: str = ""

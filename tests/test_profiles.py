@@ -76,6 +76,18 @@ def test_value_out_of_range(tmp_path):
         load_profile(_write(tmp_path, data))
 
 
+@pytest.mark.parametrize(("section", "field", "value"), [
+    ("latency_model", "channel_block", {"fp32": 0}),  # a block of no channels
+    ("int8", "fast_activation_symmetric", []),  # none fast: the default space could offer none
+    ("int8", "fast_activation_types", []),
+])
+def test_values_no_device_has_are_refused(tmp_path, section, field, value):
+    data = _base()
+    data[section][field] = value
+    with pytest.raises(ConfigError, match=f"{section}.{field}"):
+        load_profile(_write(tmp_path, data))
+
+
 def _cpuinfo_flags() -> set[str]:
     """The first 'flags' line of /proc/cpuinfo, read here rather than through the product."""
     info = Path("/proc/cpuinfo")

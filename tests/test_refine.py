@@ -30,8 +30,7 @@ def test_only_members_with_accuracy_to_buy_back_are_refined():
     _add(study, 97.0, 0.3)  # dominated by trial 3
     _add(study, 96.0, 0.15, refined_from=2)  # on the front, but a refinement is not refined again
     # in the box and below it take turns, each fastest first
-    assert [t.number for t in _candidates(study, RefineSettings(members=4))] == [4, 6, 3, 5]
-    assert [t.number for t in _candidates(study, RefineSettings(members=2))] == [4, 6]
+    assert [t.number for t in _candidates(study)] == [4, 6, 3, 5]
 
 
 def test_members_slower_than_a_trial_as_accurate_as_fp32_are_not_refined():
@@ -115,7 +114,7 @@ def test_trials_stopped_early_faster_than_the_box_are_refined_too(tmp_path):
     _add_stopped(study, 0.4)  # slower than the box's fastest: it would end dominated
     study.set_user_attr("max_accuracy_drop", None)
     study.set_user_attr("max_latency_ms", 0.5)
-    assert [t.number for t in _candidates(study, RefineSettings(members=4))] == [1, 2, 3]
+    assert [t.number for t in _candidates(study)] == [1, 2, 3]
     (tmp_path / "models").mkdir()
     executor = _Finetunes({1: 98.5, 2: 90.0, 3: 99.0})
     added = refine_front(study, executor, RefineSettings(members=4), tmp_path)
@@ -125,3 +124,38 @@ def test_trials_stopped_early_faster_than_the_box_are_refined_too(tmp_path):
     assert refined.values == [99.0, 0.1]
     assert refined.user_attrs["screened_accuracy"] is None
     assert refined.user_attrs["constraint_values"] == pytest.approx([0.1 - 0.5])
+
+
+def test_a_member_skipped_as_beaten_leaves_its_slot_to_the_next(tmp_path):
+    """``members`` counts refinements, not candidates looked at: a member skipped because a
+    refined one already beats it does not keep a faster stopped trial from its turn (which
+    a rerun of the finished study would otherwise give it, changing the front)."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    _add(study, 99.2, 1.0, baseline="fp32", reference=True)
+    _add(study, 97.0, 0.2)  # in the box, fastest: refined first, reaches fp32's accuracy
+    _add(study, 98.0, 0.3)  # in the box, slower: then beaten, skipped
+    _add(study, 80.0, 0.1)  # below the box
+    _add_stopped(study, 0.05)
+    _add_stopped(study, 0.06)
+    study.set_user_attr("max_accuracy_drop", None)
+    study.set_user_attr("max_latency_ms", None)
+    assert [t.number for t in _candidates(study)] == [1, 3, 4, 2, 5]
+    (tmp_path / "models").mkdir()
+    executor = _Finetunes({1: 99.2, 3: 85.0, 4: 98.5, 5: 98.0})
+    refine_front(study, executor, RefineSettings(members=4), tmp_path)
+    assert executor.submitted == [1, 3, 4, 5]
+    executor = _Finetunes({})
+    assert refine_front(study, executor, RefineSettings(members=4), tmp_path) == []
+    assert executor.submitted == []  # a rerun has nothing left to refine
+
+
+def test_trials_stopped_beyond_the_latency_limit_are_not_refined():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    _add(study, 99.2, 1.0, baseline="fp32", reference=True)
+    _add(study, 98.0, 0.6)  # the only trial within 10 points: over the limit
+    _add_stopped(study, 0.45)  # faster than it, but over the limit too: a refinement keeps it
+    _add_stopped(study, 0.3)
+    study.set_user_attr("max_accuracy_drop", None)
+    study.set_user_attr("max_latency_ms", 0.4)
+    assert 2 not in [t.number for t in _candidates(study)]
+    assert 3 in [t.number for t in _candidates(study)]
