@@ -148,8 +148,8 @@ def refine_front(study: optuna.Study, executor: Executor | LocalExecutor, settin
     more = len(candidates) - settings.members
     log.info("refining %d front member(s) with %d epochs of distillation: trials %s%s",
              min(settings.members, len(candidates)), settings.epochs, shown,
-             f" (then, in place of any a refined one already beats, the next of {more} more)"
-             if more > 0 else "")
+             f" ({more} more candidate(s) take the place of any that a refined trial already "
+             "beats)" if more > 0 else "")
     deadline = time.monotonic() + settings.timeout_s
     pending = list(candidates)
     in_flight: dict[Any, optuna.trial.FrozenTrial] = {}
