@@ -58,6 +58,7 @@ def _time_shares(study: optuna.Study, df: pd.DataFrame, drop: float) -> dict[str
                if t.number in useful and "refined_from" in t.user_attrs}
     seconds = {"front": 0.0, "near": 0.0, "dominated": 0.0, "stopped": 0.0, "failed": 0.0}
     train = {"useful": 0.0, "wasted": 0.0}
+    screening = 0.0  # what trials that end off the front cost up to their screening
     kinds: dict[int, str] = {}
     for t in study.get_trials(deepcopy=False):
         if not t.state.is_finished() or "refined_from" in t.user_attrs:
@@ -70,6 +71,8 @@ def _time_shares(study: optuna.Study, df: pd.DataFrame, drop: float) -> dict[str
         seconds[kind] += _trial_seconds(t)
         train["useful" if kind == "front" else "wasted"] += \
             t.user_attrs.get("timings", {}).get("train", 0.0)
+        if kind != "front" and "cached_from" not in t.user_attrs:  # a cached trial cost nothing
+            screening += _screen_seconds(t)
     total = sum(seconds.values())
     shares = {k: v / total if total else float("nan") for k, v in seconds.items()}
     shares["dominated"] += shares["near"]
@@ -84,28 +87,26 @@ def _time_shares(study: optuna.Study, df: pd.DataFrame, drop: float) -> dict[str
         refined[kinds.get(int(source), "front")] += float(seconds_spent)
     shares["wasted_refined"] = 1.0 - refined["front"] / sum(refined.values()) if total \
         else float("nan")
-    off_front = {n for n, kind in kinds.items() if kind != "front"}
-    shares["floor"] = _waste_floor(study, off_front, refined["front"])
+    # the oracle floor: every trial that ends off the front stopped right after screening
+    # (its latency, and a one-shot trial's accuracy, are what any rule must pay to know where
+    # it lands), the front's trials and their refinements kept whole; a goal below it cannot
+    # be met by any stopping rule at this budget
+    kept = screening + refined["front"]
+    shares["floor"] = screening / kept if kept else float("nan")
     return shares
 
 
 _SCREENING = ("prune", "export", "quantize", "measure", "predict")
 
 
-def _waste_floor(study: optuna.Study, off_front: set[int], useful_s: float) -> float:
-    """The waste an oracle would leave: every trial that ends off the front stopped right
-    after screening (its latency, and a one-shot trial's accuracy, are what any rule must pay
-    to know where it lands), the front's trials and their refinements kept whole. A goal below
-    this floor cannot be met by any stopping rule at this budget. A trial answered from the
-    cache cost nothing."""
-    floor = 0.0
-    for t in study.get_trials(deepcopy=False):
-        if t.number in off_front and "cached_from" not in t.user_attrs:
-            timings = t.user_attrs.get("timings", {})
-            floor += t.user_attrs.get("screen_seconds", sum(  # studies from before the attr
-                timings.get(k, 0.0) for k in _SCREENING + (() if "train" in timings
-                                                           else ("evaluate",))))
-    return floor / (floor + useful_s) if floor + useful_s else float("nan")
+def _screen_seconds(t: optuna.trial.FrozenTrial) -> float:
+    """What a trial's screening took (``screen_seconds``; for studies from before that
+    attribute, its stage timings, which also hold a fine-tune's own prune / export / quantize)."""
+    if "screen_seconds" in t.user_attrs:
+        return float(t.user_attrs["screen_seconds"])
+    timings = t.user_attrs.get("timings", {})
+    return sum(timings.get(k, 0.0)
+               for k in _SCREENING + (() if "train" in timings else ("evaluate",)))
 
 
 def _front_gap(df: pd.DataFrame, t: optuna.trial.FrozenTrial) -> float:

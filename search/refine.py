@@ -95,13 +95,12 @@ def _stopped_faster(study: optuna.Study, latency_ms: float, done: set[int]) -> l
     31 % after one epoch, while the "pruned-0.5" seed went from 92.8 % after 3 epochs to
     98.9 % refined."""
     limit = study.user_attrs.get("max_latency_ms")
-    if limit is not None:
-        latency_ms = min(latency_ms, float(limit) * (1 + 1e-9))  # the limit itself is allowed
     stopped = [t for t in study.get_trials(deepcopy=False,
                                            states=(optuna.trial.TrialState.PRUNED,))
                if t.user_attrs.get("latency_ms") is not None and t.number not in done
                and "cached_from" not in t.user_attrs and "choices" in t.user_attrs
-               and t.user_attrs["latency_ms"] < latency_ms]
+               and t.user_attrs["latency_ms"] < latency_ms
+               and (limit is None or t.user_attrs["latency_ms"] <= limit)]
     return [t.number for t in sorted(stopped, key=lambda t: t.user_attrs["latency_ms"])]
 
 
