@@ -2,7 +2,7 @@
 
 They stay at the top of the repository (they are data users read and copy);
 at build time they are copied to ``search/_builtin/`` so a non-editable
-install finds them (``search._paths.builtin_dir``). Everything else is in
+install finds them (``search._base.paths.builtin_dir``). Everything else is in
 pyproject.toml.
 """
 

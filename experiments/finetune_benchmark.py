@@ -4,7 +4,7 @@ in every batch, side by side in one run.
 Distillation reads the teacher's outputs (and, for feature or relation losses, some of its
 activations) on each training batch; in eval mode they do not change between epochs or
 trials, so a worker computes them once per task and loss
-(``search.pipeline._teacher_outputs``). This times ``search.pipeline.finetune`` (prune,
+(``search.trial.pipeline._teacher_outputs``). This times ``search.trial.pipeline.finetune`` (prune,
 distil, export, quantize, score) of the same trials both ways, interleaved round by round,
 and prints the medians and their ratio.
 
@@ -18,10 +18,10 @@ import argparse
 import statistics
 import time
 
-from search import pipeline
+from search._base.records import Choices, TrialRecord
 from search.profiles import load_profile
-from search.record import Choices, TrialRecord
 from search.tasks import TaskOptions, load_task
+from search.trial import pipeline
 
 _FORMS = {"unpruned": {}, "channels -50%": {"structured_ratio": 0.5},
           "channels -50%, 1 block dropped": {"structured_ratio": 0.5, "drop_blocks": 1}}

@@ -31,8 +31,8 @@ import optuna
 import pandas as pd
 
 from search.config import SearchConfig
-from search.pareto import HV_ACCURACY_SPAN, hypervolume
-from search.study import run_search
+from search.results.pareto import HV_ACCURACY_SPAN, hypervolume
+from search.study.run import run_search
 
 
 def _trial_seconds(t: optuna.trial.FrozenTrial) -> float:

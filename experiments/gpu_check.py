@@ -38,9 +38,8 @@ import onnx
 import torch
 import torchvision
 
-from search._ort import provider_loads
-from search.compress import apply_precision_plan, compressible_layers, export_onnx, onnx_node_names
-from search.compress.heads import prune_heads
+from search._base.ort import provider_loads
+from search._base.records import Choices
 from search.latency import measure_latency
 from search.latency.predict import predict_latency
 from search.profiles import (
@@ -52,7 +51,8 @@ from search.profiles import (
     measurable_here,
     with_batch_size,
 )
-from search.record import Choices
+from search.trial.compress import apply_precision_plan, compressible_layers, export_onnx, onnx_node_names
+from search.trial.compress.heads import prune_heads
 
 
 def _gpu_profile() -> str:
@@ -161,7 +161,7 @@ def main() -> None:
         print(f"\nstudy skipped: {why}\ngpu_check done in {time.perf_counter() - start:.0f} s")
         return
     from search.config import SearchConfig
-    from search.study import run_search
+    from search.study.run import run_search
 
     root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     result = run_search(SearchConfig(profile=profile, budget=budget, latency=latency,

@@ -25,7 +25,7 @@ import optuna
 import torch
 
 from search.config import SearchConfig
-from search.study import run_search
+from search.study.run import run_search
 from search.tasks import TaskOptions, load_task
 
 _STAGES = ("prune", "train", "export", "quantize", "evaluate", "predict")
@@ -71,10 +71,10 @@ def main() -> int:
               "rest of the project already measures)")
         return 0
     logging.getLogger("search").setLevel(logging.WARNING)
-    from search.compress import distill
+    from search.trial.compress import distill
 
-    if "search.devices" not in inspect.getsource(distill):
-        print("note: search/compress/distill.py does not use search.devices yet, so trial "
+    if "search._base.devices" not in inspect.getsource(distill):
+        print("note: search/compress/distill.py does not use search._base.devices yet, so trial "
               "fine-tuning runs on the CPU either way; teacher training uses the GPU")
     print(f"GPU: {torch.cuda.get_device_name(0)}; CPU threads: {torch.get_num_threads()}")
     rows = {device: _one(device, args) for device in ("cuda", "cpu")}

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from search.config import SearchConfig
-from search.study import run_search
+from search.study.run import run_search
 
 SPACE = "distillation:\n  epochs: {low: 0, high: 0}\n"
 

@@ -12,7 +12,7 @@ holds: the budget-50 runs, and --reference-budget-trial studies with each of
 --reference-samplers (by default 200 trials each of TPE, NSGA-II and random
 search): the best front this benchmark knows, whatever sampler found each
 point (``--reference-samplers`` with no names: the budget runs alone).
-Hypervolume is :func:`search.pareto.hypervolume`: the share of the box
+Hypervolume is :func:`search.results.pareto.hypervolume`: the share of the box
 [reference accuracy - 10 pt, reference accuracy] x [0, reference latency] the
 front dominates. A budget-50 study is scored on all it returns: its first 50
 trials and the refinement of its front.
@@ -36,8 +36,8 @@ import optuna
 import pandas as pd
 
 from search.config import SearchConfig
-from search.pareto import best_speedup, hypervolume, mark_front, trials_frame
-from search.study import run_search
+from search.results.pareto import best_speedup, hypervolume, mark_front, trials_frame
+from search.study.run import run_search
 
 
 def _study(args: argparse.Namespace, sampler: str, seed: int, budget: int,

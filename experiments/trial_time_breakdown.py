@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 
 from search.config import SearchConfig
-from search.study import run_search
+from search.study.run import run_search
 
 
 def _one(args: argparse.Namespace, parallel: int) -> dict[str, float]:

@@ -28,15 +28,7 @@ import torch
 import torchvision
 from scipy.stats import spearmanr
 
-from search.compress import (
-    apply_precision_plan,
-    compressible_layers,
-    export_onnx,
-    onnx_node_names,
-    prune_structured,
-)
-from search.compress.heads import prune_heads
-from search.compress.prune import prune_unstructured
+from search._base.records import Choices
 from search.latency import measure_latency
 from search.latency.predict import (
     ARCHITECTURE_PRIOR,
@@ -49,8 +41,16 @@ from search.latency.predict import (
     predict_ms,
 )
 from search.profiles import load_profile, measurable_here
-from search.record import Choices
 from search.tasks import build_arch, load_task
+from search.trial.compress import (
+    apply_precision_plan,
+    compressible_layers,
+    export_onnx,
+    onnx_node_names,
+    prune_structured,
+)
+from search.trial.compress.heads import prune_heads
+from search.trial.compress.prune import prune_unstructured
 
 # shared/reference/published_numbers.md: b1 fp16, b1 int8, b8 fp16, b8 int8
 PUBLISHED = {

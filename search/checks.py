@@ -3,7 +3,7 @@
 A study refuses bad input before it writes anything; these checks read only
 the settings, the profile and space files, and the network, so the command
 line answers a typo in a fraction of a second instead of after the 5-10 s it
-takes to import the machinery. :func:`search.study.run_search` runs them too,
+takes to import the machinery. :func:`search.study.run.run_search` runs them too,
 for callers from Python.
 """
 
@@ -13,11 +13,11 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from search._redact import redact
+from search._base.errors import ConfigError
+from search._base.redact import redact
 from search.config import SearchConfig, ensure_writable
-from search.errors import ConfigError
 from search.profiles import HardwareProfile, load_profile, measurable_here, with_batch_size
-from search.spaces import SearchSpace, load_space
+from search.space.schema import SearchSpace, load_space
 
 __all__ = ["Checked", "check_address", "check_inputs", "check_latency_mode", "check_tracking_uri",
            "prepare_directories", "server_reachable"]

@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from search._base.errors import SearchError
 from search.config import LATENCY_MODES, SAMPLERS, SearchConfig
-from search.errors import SearchError
 
 __all__ = ["main"]
 
@@ -204,7 +204,7 @@ def _print_result(result) -> None:  # noqa: ANN001
     if result.best_speedup is not None:
         print(f"\nbest speedup within the allowed accuracy drop: {result.best_speedup:.2f}x")
     print(f"\nwrote {result.output_dir / 'pareto.csv'} and {result.output_dir / 'trials.csv'}")
-    from search._redact import redact
+    from search._base.redact import redact
 
     uri = redact(result.tracking_uri)
     if uri.startswith("sqlite:"):
@@ -263,11 +263,11 @@ def _profiles(args: argparse.Namespace) -> int:
 def _spaces(args: argparse.Namespace) -> int:
     """``search spaces --profile P``: what a space offers on a profile for a task's model, and
     why each dimension is there or not."""
-    from search.pipeline import model_facts, student_layers
     from search.profiles import load_profile
-    from search.resolve import resolve_space
-    from search.spaces import available_spaces, load_space
+    from search.space.resolve import resolve_space
+    from search.space.schema import available_spaces, load_space
     from search.tasks import TaskOptions, load_task
+    from search.trial.pipeline import model_facts, student_layers
 
     profile, space = load_profile(args.profile), load_space(args.space)
     task = load_task(args.task, 0, TaskOptions(arch=args.arch))
@@ -289,14 +289,14 @@ def _add_study_args(parser: argparse.ArgumentParser) -> None:
 def _load_study(args: argparse.Namespace):  # noqa: ANN202
     import optuna
 
-    from search.study import open_storage
+    from search.study.run import open_storage
 
     storage = args.storage or f"sqlite:///{Path('search-runs', 'optuna.db').resolve()}"
     _quiet_optuna(args.verbose)
     try:
         return optuna.load_study(study_name=args.study, storage=open_storage(storage))
     except Exception as exc:  # KeyError for an unknown study, DB errors
-        from search._redact import redact
+        from search._base.redact import redact
 
         raise SearchError(f"cannot load study {args.study!r} from {redact(storage)}: "
                           f"{type(exc).__name__}: {redact(str(exc))}") from None
@@ -305,7 +305,7 @@ def _load_study(args: argparse.Namespace):  # noqa: ANN202
 def _report(args: argparse.Namespace) -> int:
     """``search report --study S``: the front table, from the Optuna storage alone."""
     from search.config import REPORT_DROP
-    from search.pareto import readable_front, trials_frame
+    from search.results.pareto import readable_front, trials_frame
 
     study = _load_study(args)
     df = trials_frame(study)
@@ -360,7 +360,7 @@ def _study(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if key in values:
             values[key] = Path(str(values[key]))
     config = SearchConfig(**values)  # type: ignore[arg-type]
-    from search._redact import redact
+    from search._base.redact import redact
     from search.checks import check_inputs
 
     logging.getLogger("search").debug("settings (flags over %s): %s", args.config or "no config file",
@@ -368,7 +368,7 @@ def _study(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         check_inputs(config)  # bad input refused before torch, Ray and MLflow load (5-10 s)
         _quiet_optuna(args.verbose)
-        from search.study import run_search
+        from search.study.run import run_search
 
         result = run_search(config, show_progress=not args.quiet)
     except SearchError as exc:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 from pydantic import Field, StrictInt, ValidationError, field_validator
 
-from search._schema import Strict, load_model
-from search.errors import ConfigError
+from search._base.errors import ConfigError
+from search._base.schema import Strict, load_model
 
 if TYPE_CHECKING:  # search.tasks imports torch: keep `search --help` and bad flags fast
     from search.tasks import TaskOptions
@@ -78,7 +78,7 @@ class SearchConfig:
     image_size: int | None = None
     teacher_epochs: int | None = None
     sparse_init: Path | None = None
-    # multi-fidelity and refinement (search.driver, search.refine)
+    # multi-fidelity and refinement (search.study.driver, search.study.refine)
     early_stopping: bool = True  # stop trials that cannot reach the front (state PRUNED)
     refine: int = 4  # front members given a longer distillation after the budget (0: none)
     refine_epochs: int | None = None  # None: twice the space's longest fine-tune, at least 12
@@ -143,7 +143,7 @@ class SearchConfig:
 def _from_environment(config: SearchConfig) -> dict[str, str]:
     """The unset settings an environment variable gives, each logged: it decides where the
     results go, and a user may not remember having exported it."""
-    from search._redact import redact
+    from search._base.redact import redact
 
     found = {}
     for key, var in ENV_DEFAULTS.items():

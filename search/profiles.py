@@ -11,9 +11,9 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from search._paths import builtin_dir
-from search._schema import Strict, load_model, resolve_builtin
-from search.record import RUNNABLE_PRECISIONS
+from search._base.paths import builtin_dir
+from search._base.records import RUNNABLE_PRECISIONS
+from search._base.schema import Strict, load_model, resolve_builtin
 
 __all__ = [
     "HardwareProfile",
@@ -106,7 +106,7 @@ class LatencyModelSettings(Strict):
     node_overhead_us: float | None = Field(default=None, ge=0)
     # and what they spend per element (the larger of in and out), by the op type ONNX
     # Runtime runs ("default" for the rest): a ReLU streams its tensor, an int8 softmax spends
-    # ~3 ns an element; measured with experiments/node_costs.py. Absent: memory traffic only
+    # ~3 ns an element; measured with tools/node_costs.py. Absent: memory traffic only
     node_ns_per_element: dict[str, float] = {}
     session_overhead_us: float = Field(default=20.0, ge=0)
     # a CPU's cache: a model whose weights fit in ``cache_mb`` reads them at memory_gbps
@@ -120,7 +120,7 @@ class LatencyModelSettings(Strict):
     efficiency: dict[Precision, float] = {}
     # the share of peak a depthwise convolution reaches, per precision (absent: ``efficiency``):
     # nine MACs an output leave SIMD lanes idle, and ONNX Runtime's int8 depthwise kernel is
-    # ~3x slower than its fp32 one on one core (experiments/node_costs.py)
+    # ~3x slower than its fp32 one on one core (tools/node_costs.py)
     depthwise_efficiency: dict[Precision, float] = {}
     # precisions whose dense convolutions copy their input into columns first (im2col: the
     # input channels once per output pixel and kernel tap), and what one such copy costs
@@ -268,7 +268,7 @@ def measurable_here(profile: HardwareProfile) -> tuple[bool, str]:
         ok, why = gpu_matches(profile, local_gpu_names())
         if not ok:
             return ok, why
-        from search._ort import provider_loads
+        from search._base.ort import provider_loads
 
         loads, load_why = provider_loads(provider)
         if not loads:

@@ -22,10 +22,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from search._paths import cache_dir, write_atomic  # noqa: E402
-from search.compress import compressible_layers  # noqa: E402
+from search._base.paths import cache_dir, write_atomic  # noqa: E402
 from search.profiles import PROFILES_DIR, load_profile, measurable_here  # noqa: E402
 from search.tasks import load_task  # noqa: E402
+from search.trial.compress import compressible_layers  # noqa: E402
 
 
 def _hermetic_cache() -> Path:
@@ -297,7 +297,7 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
     runner (eight more Python processes that import MLflow, for jobs a study never runs)."""
     import os
 
-    from search._mlflow_store import seed_sqlite_store
+    from search.results._mlflow_store import seed_sqlite_store
 
     root.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{root / 'mlflow.db'}"

@@ -19,13 +19,13 @@ def _loaded_after(code: str) -> set[str]:
 
 
 def test_the_trial_pipeline_loads_without_optuna_mlflow_or_ray():
-    loaded = _loaded_after("import search.pipeline, search.spaces, search.resolve")
+    loaded = _loaded_after("import search.trial.pipeline, search.space.schema, search.space.resolve")
     assert "torch" in loaded  # it did load the pipeline
     assert not {"optuna", "mlflow", "ray"} & loaded
 
 
 def test_settings_load_without_torch():
-    loaded = _loaded_after("import search.config, search.profiles, search.spaces, search.resolve")
+    loaded = _loaded_after("import search.config, search.profiles, search.space.schema, search.space.resolve")
     assert not {"torch", "optuna", "mlflow", "ray"} & loaded
 
 

@@ -229,7 +229,7 @@ def test_report_and_export_read_a_finished_study(tmp_path, monkeypatch, capsys, 
 
     from search.cli import main
     from search.config import SearchConfig
-    from search.study import run_search
+    from search.study.run import run_search
 
     monkeypatch.chdir(tmp_path)
     result = run_search(SearchConfig(profile=str(fast_profile_path), budget=2,

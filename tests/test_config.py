@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from search._base.errors import ConfigError
 from search.cli import _NOT_SETTINGS, build_parser
 from search.config import _FLAGS, SearchConfig, Settings, default_study_name, load_config_file
-from search.errors import ConfigError
 
 BAD = [  # setting, a value its rule refuses, words of the error
     ("budget", 0, "greater than or equal to 1"),

@@ -19,11 +19,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from search.compress.applicable import TECHNIQUES, applicable
-from search.pipeline import compress, prune_student, student_layers
+from search._base.records import Choices, TrialRecord
 from search.profiles import load_profile
-from search.record import Choices, TrialRecord
 from search.tasks import Split, Task
+from search.trial.compress.applicable import TECHNIQUES, applicable
+from search.trial.pipeline import compress, prune_student, student_layers
 from tests.families import CLASSES, FAMILIES
 
 _FP32 = {"structured", "drop_blocks", "heads", "sparsity", "fp32"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from search.profiles import PROFILES_DIR, available_profiles
-from search.spaces import SPACES_DIR, available_spaces
+from search.space.schema import SPACES_DIR, available_spaces
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def test_the_wheel_lists_every_builtin_profile_and_space(installed, tmp_path):
     for name in builtins:
         assert name in out.stdout, (name, out.stdout)
     spaces = _run(installed, tmp_path, "-c",
-                  "from search.spaces import available_spaces, load_space; "
+                  "from search.space.schema import available_spaces, load_space; "
                   "print(*available_spaces()); [load_space(s) for s in available_spaces()]")
     assert spaces.returncode == 0, spaces.stderr[-2000:]
     assert spaces.stdout.split() == available_spaces() == sorted(

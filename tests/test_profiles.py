@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from search.errors import ConfigError
+from search._base.errors import ConfigError
 from search.profiles import (
     PROFILES_DIR,
     available_profiles,

@@ -9,11 +9,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from search.config import SAMPLERS, SearchConfig
-from search.pareto import hypervolume
-from search.resolve import resolve_space
-from search.sampling import make_sampler
-from search.spaces import load_space
-from search.study import run_search
+from search.results.pareto import hypervolume
+from search.space.resolve import resolve_space
+from search.space.schema import load_space
+from search.study.run import run_search
+from search.study.sampling import make_sampler
 from tests.conftest import host_builtin
 
 pytestmark = pytest.mark.slow
@@ -124,7 +124,7 @@ def test_sparse_transfer_from_a_checkpoint_given_on_the_command_line(tmp_path, t
     import torch
 
     from search.cli import main
-    from search.compress.sparsity import Sparsifier
+    from search.trial.compress.sparsity import Sparsifier
 
     sparse = task.teacher()
     Sparsifier(sparse, sparsity=0.6).start(None, gradual=False)

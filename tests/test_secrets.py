@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
-from search._redact import redact
-from search.tracking import EXPERIMENT
+from search._base.redact import redact
+from search.results.tracking import EXPERIMENT
 from tests.conftest import QUICK_SPACE, free_port, start_mlflow_server, stop_mlflow_server
 
 TRACKING_SECRET = "trk-s3cr3t-Pw"

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from search._paths import write_atomic
+from search._base.paths import write_atomic
 from search.latency.predict import (
     ARCHITECTURE_PRIOR,
     FIT_PRIOR,

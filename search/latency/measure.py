@@ -16,10 +16,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from search._ort import example_input, make_session
-from search.errors import TrialError
+from search._base.errors import TrialError
+from search._base.ort import example_input, make_session
+from search._base.records import LatencyStats
 from search.profiles import HardwareProfile
-from search.record import LatencyStats
 
 __all__ = ["measure_latency", "summarize"]
 

@@ -28,9 +28,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from search.errors import ConfigError
+from search._base.errors import ConfigError
+from search._base.records import LatencyStats
 from search.profiles import HardwareProfile, LatencyModelSettings
-from search.record import LatencyStats
 
 __all__ = [
     "Calibration",
@@ -426,7 +426,7 @@ def _runtime_nodes(proto: onnx.ModelProto, g: _Graph) -> tuple[list[LayerCost], 
     import tempfile
     from pathlib import Path
 
-    from search._ort import make_session  # the sessions scoring and measuring open
+    from search._base.ort import make_session  # the sessions scoring and measuring open
 
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "runtime.onnx")
@@ -512,7 +512,7 @@ def costs_from_torch(model, input_shape: tuple[int, ...], batch: int,  # noqa: A
     """
     import torch
 
-    from search.compress._layers import CONV, WEIGHTED
+    from search.trial.compress._layers import CONV, WEIGHTED
 
     costs: list[LayerCost] = []
 

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from search.errors import ConfigError
+from search._base.errors import ConfigError
 from search.tasks._arch import build_arch, known_archs
 from search.tasks._base import (
     CALIBRATION_CAP,

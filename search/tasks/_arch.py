@@ -24,7 +24,7 @@ import functools
 
 from torch import nn
 
-from search.errors import ConfigError
+from search._base.errors import ConfigError
 
 __all__ = ["SMALL_SIDE", "arch_builder", "build_arch", "check_arch", "known_archs"]
 

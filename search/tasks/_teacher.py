@@ -24,9 +24,9 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from search._paths import cache_dir, write_atomic
-from search.devices import autocast, grad_scaler, train_device
-from search.errors import ConfigError
+from search._base.devices import autocast, grad_scaler, train_device
+from search._base.errors import ConfigError
+from search._base.paths import cache_dir, write_atomic
 from search.tasks._base import Loss, Split, Task, classification_loss, logits_of
 
 __all__ = ["TEACHER_SEED", "TrainSettings", "cached_teacher", "load_teacher_state", "near_chance",
@@ -57,7 +57,7 @@ class TrainSettings:
 
 def train_classifier(make_model: Callable[[], nn.Module], train: Split, settings: TrainSettings,
                      seed: int, loss: Loss | None = None) -> nn.Module:
-    """Build (after seeding) and train a model on :func:`search.devices.train_device`;
+    """Build (after seeding) and train a model on :func:`search._base.devices.train_device`;
     returns it on the CPU in eval mode. ``loss(output, y)``: the task's loss when it is not
     classification (cross-entropy over the classes' axis when None), e.g. regression.
 

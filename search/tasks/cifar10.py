@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from search.errors import ConfigError
+from search._base.errors import ConfigError
 from search.tasks._arch import arch_builder, check_arch
 from search.tasks._base import Split, Task, TaskOptions
 from search.tasks._data import normalize, split_stratified

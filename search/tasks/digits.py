@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search._paths import cache_dir, write_atomic
-from search.errors import ConfigError
+from search._base.errors import ConfigError
+from search._base.paths import cache_dir, write_atomic
 from search.tasks._arch import arch_builder
 from search.tasks._base import Split, Task, TaskOptions
 from search.tasks._teacher import TEACHER_SEED, TrainSettings, resolve_teacher, train_classifier

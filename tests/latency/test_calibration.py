@@ -21,8 +21,8 @@ from search.latency.predict import (
     predict_ms,
 )
 from search.profiles import load_profile, measurable_here
-from search.refine import _interleaved
-from search.study import run_search
+from search.study.refine import _interleaved
+from search.study.run import run_search
 from tests.tasks.test_plugin import PLUGIN
 
 PROFILE = "cpu-avx512-vnni"

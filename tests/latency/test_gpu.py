@@ -8,11 +8,11 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from search._ort import make_session, provider_loads
+from search._base.errors import ConfigError
+from search._base.ort import make_session, provider_loads
 from search.config import SearchConfig
-from search.errors import ConfigError
 from search.profiles import gpu_matches, load_profile, local_gpu_names, measurable_here
-from search.study import run_search
+from search.study.run import run_search
 
 GPU_PROFILES = ["t4-gpu", "a100-gpu", "h100-gpu", "h200-gpu"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,8 +62,8 @@ def test_a_batch_size_setting_reaches_the_predicted_latency(tmp_path, task, quic
     study = result.load_study()
     assert {t.user_attrs["latency_batch_size"] for t in study.trials
             if t.state.is_finished()} == {8}
-    from search.compress import export_onnx
     from search.latency.predict import predict_latency
+    from search.trial.compress import export_onnx
 
     # the same model predicted at the profile's own batch size, 1
     fp32 = export_onnx(task.teacher(), task.input_shape)
@@ -74,7 +74,7 @@ def test_a_batch_size_setting_reaches_the_predicted_latency(tmp_path, task, quic
 
 @needs_tensorrt
 def test_tensorrt_options_reach_the_session(task):
-    from search.compress import export_onnx
+    from search.trial.compress import export_onnx
 
     model = export_onnx(task.teacher(), task.input_shape)
     profile = load_profile("t4-gpu")

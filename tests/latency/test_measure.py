@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from search.compress import export_onnx
 from search.latency import measure_latency, summarize
+from search.trial.compress import export_onnx
 
 
 def test_summary_statistics_are_sane():
@@ -51,9 +51,9 @@ def test_a_noisy_measurement_is_repeated_then_flagged(task, fast_profile, monkey
 
 def test_a_provider_missing_here_is_never_measured_on_the_cpu(task, fast_profile):
     """ONNX Runtime would run a CUDA session on the CPU (with a warning): refused instead."""
-    from search.errors import TrialError
-    from search.pipeline import measure
-    from search.record import Choices, TrialRecord
+    from search._base.errors import TrialError
+    from search._base.records import Choices, TrialRecord
+    from search.trial.pipeline import measure
 
     cuda = _with_measure(fast_profile, execution_provider="CUDAExecutionProvider")
     model = export_onnx(task.teacher(), task.input_shape)

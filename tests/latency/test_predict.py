@@ -7,9 +7,8 @@ import onnx
 import pytest
 import torch
 
-from search.compress import apply_precision_plan, export_onnx, onnx_node_names, prune_structured
-from search.compress.prune import prune_unstructured
-from search.errors import ConfigError
+from search._base.errors import ConfigError
+from search._base.records import Choices
 from search.latency.predict import (
     Calibration,
     LayerCost,
@@ -19,7 +18,8 @@ from search.latency.predict import (
     predict_ms,
 )
 from search.profiles import load_profile
-from search.record import Choices
+from search.trial.compress import apply_precision_plan, export_onnx, onnx_node_names, prune_structured
+from search.trial.compress.prune import prune_unstructured
 from tests.conftest import host_reduce_range
 
 PROFILES = ["t4-gpu", "a100-gpu", "vpu", "fpga", "npu", "cpu-avx512-vnni", "cpu-avx2"]
@@ -170,7 +170,7 @@ def test_negative_fill_rows_are_refused():
 def test_attention_matmuls_of_two_activations_cost_compute():
     """Q·Kᵀ and weights·V have no weight initializer; their MACs are rows x the shared
     dimension x columns all the same, so a longer sequence must predict slower."""
-    from search.compress import export_onnx
+    from search.trial.compress import export_onnx
 
     class Gram(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, tokens, dim)
@@ -188,8 +188,8 @@ def test_attention_matmuls_of_two_activations_cost_compute():
 
 def _int8(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[bytes, bytes]:
     """The model exported in fp32 and with every Conv/Linear in int8 (QDQ), as a trial does."""
-    from search.compress import compressible_layers
-    from search.compress.heads import prune_heads
+    from search.trial.compress import compressible_layers
+    from search.trial.compress.heads import prune_heads
 
     model.eval()
     prune_heads(model, 0.0, always=True)  # attention as its own MatMuls, as a trial has it
@@ -375,7 +375,7 @@ def test_a_weight_dequantized_on_every_run_is_costed_as_fp32_work_and_a_pass():
     weight's DequantizeLinear into an integer kernel, so it turns 16.7 M int8 weights into
     fp32 on every run and multiplies in fp32 (VGG-11 at 32 px: 13.3 ms against 3.5 ms for
     uniform int8, the pass alone 6.2 ms); both are in the prediction."""
-    from search.compress import compressible_layers
+    from search.trial.compress import compressible_layers
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 512), torch.nn.ReLU(),
@@ -404,7 +404,7 @@ def test_a_weight_dequantized_on_every_run_is_costed_as_fp32_work_and_a_pass():
 def test_an_lstm_costs_its_steps_and_reads_its_recurrent_weights_at_each():
     """Per step and sample an LSTM multiplies W (4H x I) and R (4H x H) once, and at batch 1
     reads R again at every step; int8 (DynamicQuantizeLSTM) is costed in int8."""
-    from search.compress import compressible_layers
+    from search.trial.compress import compressible_layers
     from tests.families import SeriesClassifier
 
     torch.manual_seed(0)
@@ -445,7 +445,7 @@ def test_a_transformer_exported_with_computed_shapes_costs_its_matmuls():
 
 def test_runtime_nodes_cost_what_their_kernel_spends_per_element():
     """A ReLU streams its tensor; ONNX Runtime's int8 softmax spent ~3.3 ns an element on the
-    2-core Xeon, 4x its fp32 one and 30x a ReLU (experiments/node_costs.py): one overhead per
+    2-core Xeon, 4x its fp32 one and 30x a ReLU (tools/node_costs.py): one overhead per
     node cannot say both, and a fit of one made every node of a small CNN dear to pay for a
     transformer's softmaxes."""
     from search.latency.predict import LayerCost

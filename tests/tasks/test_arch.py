@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from search.errors import ConfigError
+from search._base.errors import ConfigError
 from search.tasks import build_arch
 from search.tasks._arch import arch_builder, check_arch
 
@@ -73,7 +73,7 @@ def test_fixed_size_pooling_fits_small_images_and_exports(name, side, pooled):
     that divides the map, and the first Linear takes that many features."""
     import onnx
 
-    from search.compress import export_onnx
+    from search.trial.compress import export_onnx
 
     model = build_arch(name, 10, in_channels=1, image_side=side).eval()
     assert model.avgpool.output_size == pooled

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from search.errors import ConfigError
+from search._base.errors import ConfigError
 from search.tasks import TaskOptions, check_task, load_task
 
 REPO = Path(__file__).resolve().parents[2]

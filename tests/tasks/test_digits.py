@@ -12,7 +12,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from search._paths import cache_dir
+from search._base.paths import cache_dir
 from search.tasks import digits
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from search._paths import cache_dir
-from search.errors import ConfigError
+from search._base.errors import ConfigError
+from search._base.paths import cache_dir
 from search.tasks import TaskOptions, check_task
 from tests.conftest import done_rows
 from tests.tasks.conftest import write_digits_tree

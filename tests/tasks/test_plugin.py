@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from search.errors import ConfigError
+from search._base.errors import ConfigError
 from search.tasks import TaskOptions, check_task, load_task
 
 # the README's example, shape for shape: a plugin the project does not ship
@@ -185,7 +185,7 @@ def test_plugin_study_runs_on_ray_workers(plugin_dir, tmp_path, fast_profile_pat
     assert "teacher: test accuracy" in stderr
     from mlflow.tracking import MlflowClient
 
-    from search.tracking import EXPERIMENT
+    from search.results.tracking import EXPERIMENT
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'search-runs' / 'mlflow.db'}")
     exp = client.get_experiment_by_name(EXPERIMENT)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from search.errors import ConfigError
+from search._base.errors import ConfigError
 from search.tasks import TaskOptions, check_task, load_teacher_state
 
 
