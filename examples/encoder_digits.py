@@ -1,7 +1,7 @@
 """A vision transformer built the standard PyTorch way, as a ``--task`` plugin on the digits.
 
 Patch-embedding conv, ``nn.TransformerEncoder`` of ``nn.TransformerEncoderLayer``,
-mean pooling, ``nn.Linear`` head: the model issue 14's user brought. A study on
+mean pooling, ``nn.Linear`` head. A study on
 it exercises layer dropping, head pruning and feed-forward thinning on
 PyTorch's own encoder:
 

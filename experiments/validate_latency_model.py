@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -129,7 +131,8 @@ def _variants(arch: str, quick: bool, reduce_range: bool):  # noqa: ANN202
     if arch == "digits-resnet":
         make, shape = task.teacher, task.input_shape
     elif arch == "encoder":  # nn.TransformerEncoder: MatMul and attention, not Conv
-        from encoder_digits import EncoderDigits  # beside this script
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
+        from examples.encoder_digits import EncoderDigits
 
         def make():  # noqa: ANN202
             torch.manual_seed(0)

@@ -101,7 +101,8 @@ def test_experiment_configs_are_valid():
     from search.config import load_config_file
     from search.profiles import load_profile
 
-    paths = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
+    root = Path(__file__).resolve().parents[1]
+    paths = sorted([*(root / "experiments").glob("*.yaml"), *(root / "examples").glob("*.yaml")])
     assert paths
     for path in paths:
         values = load_config_file(path)
@@ -214,7 +215,7 @@ def test_task_options_come_from_flags_and_config_files(tmp_path):
 def test_experiment_files_are_valid():
     from search.config import load_config_file
 
-    root = Path(__file__).resolve().parents[1] / "experiments"
+    root = Path(__file__).resolve().parents[1] / "examples"
     values = load_config_file(root / "resnet18-digits.yaml")
     assert values["arch"] == "resnet18" and values["budget"] >= 30
 
