@@ -30,13 +30,14 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
+from search._base.attrs import StudyKey, TrialKey
 from search.config import SearchConfig
 from search.results.pareto import HV_ACCURACY_SPAN, hypervolume
 from search.study.run import run_search
 
 
 def _trial_seconds(t: optuna.trial.FrozenTrial) -> float:
-    return float(sum(t.user_attrs.get("timings", {}).values()))
+    return float(sum(t.user_attrs.get(TrialKey.TIMINGS, {}).values()))
 
 
 def _time_shares(study: optuna.Study, df: pd.DataFrame, drop: float) -> dict[str, float]:
@@ -54,14 +55,14 @@ def _time_shares(study: optuna.Study, df: pd.DataFrame, drop: float) -> dict[str
     useful = set(df.loc[df["on_front"].fillna(False).astype(bool)
                         & (df["accuracy"] >= reference - HV_ACCURACY_SPAN), "trial"].astype(int))
     # a refinement on the front makes the trial it refined useful: that trial found it
-    useful |= {int(t.user_attrs["refined_from"]) for t in study.get_trials(deepcopy=False)
-               if t.number in useful and "refined_from" in t.user_attrs}
+    useful |= {int(t.user_attrs[TrialKey.REFINED_FROM]) for t in study.get_trials(deepcopy=False)
+               if t.number in useful and TrialKey.REFINED_FROM in t.user_attrs}
     seconds = {"front": 0.0, "near": 0.0, "dominated": 0.0, "stopped": 0.0, "failed": 0.0}
     train = {"useful": 0.0, "wasted": 0.0}
     screening = 0.0  # what trials that end off the front cost up to their screening
     kinds: dict[int, str] = {}
     for t in study.get_trials(deepcopy=False):
-        if not t.state.is_finished() or "refined_from" in t.user_attrs:
+        if not t.state.is_finished() or TrialKey.REFINED_FROM in t.user_attrs:
             continue
         kind = ("front" if t.number in useful else
                 "stopped" if t.state == optuna.trial.TrialState.PRUNED else
@@ -70,8 +71,8 @@ def _time_shares(study: optuna.Study, df: pd.DataFrame, drop: float) -> dict[str
         kinds[t.number] = kind
         seconds[kind] += _trial_seconds(t)
         train["useful" if kind == "front" else "wasted"] += \
-            t.user_attrs.get("timings", {}).get("train", 0.0)
-        if kind != "front" and "cached_from" not in t.user_attrs:  # a cached trial cost nothing
+            t.user_attrs.get(TrialKey.TIMINGS, {}).get("train", 0.0)
+        if kind != "front" and TrialKey.CACHED_FROM not in t.user_attrs:  # a cached trial cost nothing
             screening += _screen_seconds(t)
     total = sum(seconds.values())
     shares = {k: v / total if total else float("nan") for k, v in seconds.items()}
@@ -83,7 +84,7 @@ def _time_shares(study: optuna.Study, df: pd.DataFrame, drop: float) -> dict[str
     shares["train_wasted"] = train["wasted"] / sum(train.values()) if sum(train.values()) \
         else float("nan")
     refined = dict(seconds)
-    for source, seconds_spent in study.user_attrs.get("refine_seconds", {}).items():
+    for source, seconds_spent in study.user_attrs.get(StudyKey.REFINE_SECONDS, {}).items():
         refined[kinds.get(int(source), "front")] += float(seconds_spent)
     shares["wasted_refined"] = 1.0 - refined["front"] / sum(refined.values()) if total \
         else float("nan")
@@ -102,9 +103,9 @@ _SCREENING = ("prune", "export", "quantize", "measure", "predict")
 def _screen_seconds(t: optuna.trial.FrozenTrial) -> float:
     """What a trial's screening took (``screen_seconds``; for studies from before that
     attribute, its stage timings, which also hold a fine-tune's own prune / export / quantize)."""
-    if "screen_seconds" in t.user_attrs:
-        return float(t.user_attrs["screen_seconds"])
-    timings = t.user_attrs.get("timings", {})
+    if TrialKey.SCREEN_SECONDS in t.user_attrs:
+        return float(t.user_attrs[TrialKey.SCREEN_SECONDS])
+    timings = t.user_attrs.get(TrialKey.TIMINGS, {})
     return sum(timings.get(k, 0.0)
                for k in _SCREENING + (() if "train" in timings else ("evaluate",)))
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from search._base.paths import model_path
 from search.latency import measure_latency
 from search.profiles import load_profile
 from search.tasks import load_task
@@ -47,7 +48,7 @@ def main() -> None:
     candidates = better.sort_values("latency_ms").head(args.top)
     rows = [("fp32", ref), ("int8", int8)] + [(f"#{int(r['trial'])}", r)
                                               for _, r in candidates.iterrows()]
-    models = {label: (args.output_dir / "models" / f"trial-{int(r['trial'])}.onnx").read_bytes()
+    models = {label: model_path(args.output_dir, int(r["trial"])).read_bytes()
               for label, r in rows}
     rounds: dict[str, list[float]] = {label: [] for label, _ in rows}
     for _ in range(args.rounds):

@@ -40,8 +40,7 @@ import torchvision
 
 from search._base.ort import provider_loads
 from search._base.records import Choices
-from search.latency import measure_latency
-from search.latency.predict import predict_latency
+from search.latency import measure_latency, predict_latency
 from search.profiles import (
     HardwareProfile,
     available_profiles,

@@ -24,6 +24,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from search._base.attrs import TrialKey
 from search.config import SearchConfig
 from search.study.run import run_search
 from search.tasks import TaskOptions, load_task
@@ -51,7 +52,7 @@ def _one(device: str, args: argparse.Namespace) -> dict[str, float]:
                "trial_s": result.phases["trials"] / n,
                "best_acc": float(result.trials["accuracy"].max())}
         for stage in _STAGES:
-            row[stage] = sum(t.user_attrs.get("timings", {}).get(stage, 0.0)
+            row[stage] = sum(t.user_attrs.get(TrialKey.TIMINGS, {}).get(stage, 0.0)
                              for t in study.trials) / n
         choices = [t.params for t in study.trials]
         row["choices"] = hash(repr(choices))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 
+from search._base.attrs import TrialKey
 from search.config import SearchConfig
 from search.study.run import run_search
 
@@ -33,7 +34,7 @@ def _one(args: argparse.Namespace, parallel: int) -> dict[str, float]:
                                   storage=config.resolved(args.profile).storage)
         totals: dict[str, float] = {}
         for trial in study.trials:
-            for stage, seconds in trial.user_attrs.get("timings", {}).items():
+            for stage, seconds in trial.user_attrs.get(TrialKey.TIMINGS, {}).items():
                 totals[stage] = totals.get(stage, 0.0) + seconds
     loop = result.phases["trials"]
     n = max(1, len(result.trials) + result.n_failed)

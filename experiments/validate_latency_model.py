@@ -1,11 +1,11 @@
-"""Validate the latency model (issue 3): published T4 speedups and this host's measurements.
+"""Validate the latency model: published T4 speedups and this host's measurements.
 
 Table 1: NVIDIA's published TensorRT speedups on a Tesla T4 (fp16 and int8 over
-fp32, batch 1 and 8; shared/reference/published_numbers.md) against the
-t4-gpu profile's prediction for the same torchvision architectures (random
-weights; only shapes matter). The calibration (efficiency per precision, op
-and session overheads) is fitted leave-one-model-out: each model's cells are
-predicted by a calibration fitted on the other models' cells only.
+fp32, batch 1 and 8: NVIDIA's TensorRT T4 speedup table, its numbers copied into
+``PUBLISHED`` below) against the t4-gpu profile's prediction for the same
+torchvision architectures (random weights; only shapes matter). The calibration
+(efficiency per precision, op and session overheads) is fitted leave-one-model-out:
+each model's cells are predicted by a calibration fitted on the other models' cells only.
 
 Table 2: on this host (cpu-avx512-vnni, or cpu-avx2 without VNNI), predicted
 against measured latency for compressed variants (structured ratio x precision
@@ -30,16 +30,16 @@ import torch
 import torchvision
 from scipy.stats import spearmanr
 
+from search._base.names import PRECISIONS
 from search._base.records import Choices
-from search.latency import measure_latency
-from search.latency.predict import (
+from search.latency import (
     ARCHITECTURE_PRIOR,
     Calibration,
     LayerCost,
-    _least_squares,
     costs_from_onnx,
-    costs_from_torch,
     fit_calibration,
+    fit_parameters,
+    measure_latency,
     predict_ms,
 )
 from search.profiles import load_profile, measurable_here
@@ -53,8 +53,9 @@ from search.trial.compress import (
 )
 from search.trial.compress.heads import prune_heads
 from search.trial.compress.prune import prune_unstructured
+from search.trial.costs import costs_from_torch
 
-# shared/reference/published_numbers.md: b1 fp16, b1 int8, b8 fp16, b8 int8
+# NVIDIA's published TensorRT speedups over fp32 on a Tesla T4: b1 fp16, b1 int8, b8 fp16, b8 int8
 PUBLISHED = {
     "mobilenet_v2": (1.50, 1.90, 2.34, 3.98),
     "resnet50": (2.07, 3.52, 4.09, 7.25),
@@ -65,6 +66,8 @@ PUBLISHED = {
 }
 NOT_IN_TORCHVISION = ["MobileNet v1", "Inception v4"]
 CELLS = [(1, "fp16"), (1, "int8"), (8, "fp16"), (8, "int8")]
+# the precisions fitted on the T4 table: fp32 and those the cells compare with it
+T4_PRECISIONS = [p for p in PRECISIONS if p == "fp32" or p in {q for _, q in CELLS}]
 ARCHS = ("digits-resnet", "resnet18", "mobilenet_v2", "encoder")  # host table
 # --more-archs adds layers of other shapes: VGG's weight-bound 3x3 convolutions on a 2x2 map
 # (its pooling fitted to 32 px, as --arch builds it), an MLP's Gemms at batch 1
@@ -92,13 +95,13 @@ def _speedups(costs: dict[int, list[LayerCost]], profile, cal) -> list[float]:  
 
 
 def _fit_speedups(models: list[str], costs, profile) -> Calibration:  # noqa: ANN001
-    return _least_squares(
-        Calibration.of(profile.latency_model), ["fp32", "fp16", "int8"],
+    return fit_parameters(
+        Calibration.of(profile.latency_model), T4_PRECISIONS,
         lambda cal: [math.log(pred / pub) for m in models
                      for pred, pub in zip(_speedups(costs[m], profile, cal), PUBLISHED[m],
                                           strict=True)],
         len(models) * 4, per_precision_overheads=False, memory=False,
-        fill_keys=["fp32", "fp16", "int8"],
+        fill_keys=T4_PRECISIONS,
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from search._base.errors import ConfigError
+from search._base.net import server_address, server_reachable
 from search._base.redact import redact
 from search.config import SearchConfig, ensure_writable
 from search.profiles import HardwareProfile, load_profile, measurable_here, with_batch_size
@@ -92,45 +93,15 @@ def check_address(address: str | None, timeout_s: float = 5.0) -> None:
                           ) from None
 
 
-def _server(uri: str) -> tuple[str, int] | None:
-    """(host, port) of an http(s) tracking server; None for a local store."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return None
-    try:
-        port = parts.port
-    except ValueError:
-        return None
-    return parts.hostname, port or (443 if parts.scheme == "https" else 80)
-
-
-def server_reachable(uri: str, timeout_s: float = 2.0) -> bool:
-    """Whether a tracking server accepts connections (True for a local store).
-
-    A plain TCP connect answers in at most ``timeout_s``; an MLflow call to a
-    server that is down retries for minutes.
-    """
-    server = _server(uri)
-    if server is None:
-        return True
-    try:
-        with socket.create_connection(server, timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
 def check_tracking_uri(uri: str | None, timeout_s: float = 5.0) -> None:
     """Fail within seconds, before any training, when a tracking server cannot be reached."""
     if uri is None:
         return
-    if "://" in uri and uri.split("://", 1)[0] in ("http", "https") and _server(uri) is None:
+    if "://" in uri and uri.split("://", 1)[0] in ("http", "https") and server_address(uri) is None:
         raise ConfigError(f"--tracking-uri {redact(uri)!r} is not a valid http(s) URL "
                           "(http://host:port)")
     if not server_reachable(uri, timeout_s):
-        host, port = _server(uri)  # type: ignore[misc]
+        host, port = server_address(uri)  # type: ignore[misc]
         raise ConfigError(
             f"cannot reach the MLflow tracking server at {redact(uri)} ({host}:{port} refused "
             f"or did not answer within {timeout_s:.0f} s); start it, fix --tracking-uri, or "

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from search._base.errors import SearchError
-from search.config import LATENCY_MODES, SAMPLERS, SearchConfig
+from search.config import SearchConfig
 
 __all__ = ["main"]
 
@@ -47,8 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Every flag defaults to None so that a flag the user typed can beat the config file.
 
     Without a subcommand ``search`` runs a study, so ``search --profile X --budget N``
-    stays the short form; the subcommands are listed in ``--help``. (Long: one flat
-    statement per flag, in ``--help`` order; splitting it would only scatter the list.)
+    stays the short form; the subcommands are listed in ``--help``.
     """
     parser = argparse.ArgumentParser(
         prog="search",
@@ -60,69 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
     add("--version", action="version", version=f"%(prog)s {_version()}")
     _add_verbose(parser, default=False)
     add("--config", type=Path, help="YAML file with any of these settings (flags beat it)")
-    add("--profile", help="hardware profile name (`search profiles`) or a YAML path")
-    add("--budget", type=_whole_number, help="number of COMPLETE trials the study ends with")
-    add("--task", help="digits (default), cifar10, imagefolder, or module:function returning a "
-                       "Task (your own model and data)")
-    add("--data-dir", type=Path, help="dataset directory for --task cifar10 / imagefolder "
-                                      "(read once into memory; nothing is downloaded)")
-    add("--arch", help="torchvision classification architecture for the built-in tasks, e.g. "
-                       "resnet18, mobilenet_v2 (untrained; CIFAR-style stem for images <= 64 px)")
-    add("--teacher", type=Path, help="trained weights to compress (torch.save of a state_dict "
-                                     "or model) instead of training the built-in teacher")
-    add("--image-size", type=_whole_number, help="--task imagefolder: resize and crop to this "
-                                                  "side (default: the first image's, at most 224)")
-    add("--sparse-init", type=Path,
-        help="a pre-sparsified checkpoint of the same model: trials may start from it and keep "
-             "its zeros while fine-tuning (sparse transfer)")
-    add("--teacher-epochs", type=_whole_number, help="epochs to train a built-in teacher "
-                                                      "(default per task; small for smoke runs)")
-    add("--space", help="search space name or YAML path (default: default)")
-    add("--study-name", help="default: <task>-<profile>; rerun the command to resume")
-    add("--storage", help="Optuna storage: an RDB URL or a journal file (journal:///path); "
-                          "default: SQLite in search-runs/")
-    add("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite "
-                               "in search-runs/)")
-    add("--experiment-name", help="MLflow experiment of the study's runs (default: "
-                                  "$MLFLOW_EXPERIMENT_NAME, else compression-search)")
-    add("--output-dir", type=Path, help="default: search-runs/<study-name>/")
-    add("--ray-address", help="join this Ray cluster: auto, host:port or ray://host:port "
-                              "(default: $RAY_ADDRESS, else start a private local Ray)")
-    add("--seed", type=_whole_number,
-        help="seed of the search: sampler and trials (default 0; a built-in task's teacher is "
-             "the same whatever the seed; a seed other than 0 adds -seed<N> to the default "
-             "study name, so that it starts a study of its own)")
-    add("--sampler", choices=SAMPLERS,
-        help="tpe (default: best hypervolume per trial in experiments/sampler_benchmark.py), "
-             "nsga2, gp or random")
-    add("--parallel", type=_whole_number,
-        help="trials in flight (default: what the cluster allows, one per node)")
-    add("--max-accuracy-drop", type=float,
-        help="constraint: trials losing more accuracy points than this against the reference "
-             "never reach the front (default: unconstrained; best speedup reported within 1)")
-    add("--max-latency-ms", type=float,
-        help="constraint: trials slower than this never reach the front")
-    add("--latency", choices=LATENCY_MODES,
-        help="measure on the device, predict with the profile's latency model, or auto: "
-             "measure where the device is reachable (default)")
-    add("--grace-period", dest="grace_period_s", type=float,
-        help="seconds running trials get to finish after Ctrl-C (default 30)")
-    add("--batch-size", type=_whole_number,
-        help="inputs per inference that latency is measured or predicted for (default: the "
-             "profile's, 1 on CPUs); GPUs pay off at deployment batch sizes")
-    add("--refine", type=_whole_number,
-        help="front members given a longer distillation after the budget, then re-measured "
-             "side by side with the baselines (default 4; 0: none)")
-    add("--refine-epochs", type=_whole_number,
-        help="distillation epochs of a refinement (default: twice the space's longest, >= 12)")
-    add("--no-early-stopping", dest="early_stopping", action="store_false", default=None,
-        help="fine-tune every trial to the end, even one that cannot reach the front")
-    add("--max-failures", type=_whole_number,
-        help="failed trials after which the study stops, keeping what completed (default: "
-             "the budget, at least 10)")
+    _add_settings(parser)
     add("--quiet", action="store_true", help="no progress bar")
     _add_subcommands(parser)
     return parser
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    """One flag per declared setting (``search.config.setting``), its type, choices and help
+    from the declaration; each defaults to None so that a flag the user typed beats the
+    config file."""
+    import typing
+
+    from search.config import settings_fields
+
+    for field, meta, hint in settings_fields():
+        flag = meta.flag_of(field.name)
+        if flag is None:
+            continue
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if typing.get_origin(hint) is not typing.Literal and len(args) == 1 else hint
+        kwargs: dict[str, object] = {"dest": field.name, "help": meta.help}
+        if base is bool:
+            kwargs.update(action="store_false" if field.default else "store_true", default=None)
+        elif typing.get_origin(base) is typing.Literal:
+            kwargs["choices"] = typing.get_args(base)
+        elif base in (int, float, Path):
+            kwargs["type"] = _whole_number if base is int else base
+        parser.add_argument(flag, **kwargs)
 
 
 def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
@@ -289,7 +253,7 @@ def _add_study_args(parser: argparse.ArgumentParser) -> None:
 def _load_study(args: argparse.Namespace):  # noqa: ANN202
     import optuna
 
-    from search.study.run import open_storage
+    from search.study.storage import open_storage
 
     storage = args.storage or f"sqlite:///{Path('search-runs', 'optuna.db').resolve()}"
     _quiet_optuna(args.verbose)
@@ -304,12 +268,13 @@ def _load_study(args: argparse.Namespace):  # noqa: ANN202
 
 def _report(args: argparse.Namespace) -> int:
     """``search report --study S``: the front table, from the Optuna storage alone."""
+    from search._base.attrs import StudyKey
     from search.config import REPORT_DROP
     from search.results.pareto import readable_front, trials_frame
 
     study = _load_study(args)
     df = trials_frame(study)
-    drop = study.user_attrs.get("max_accuracy_drop")
+    drop = study.user_attrs.get(StudyKey.MAX_ACCURACY_DROP)
     print(f"{args.study}: {len(df)} completed trials, front of {int(df['on_front'].sum())}")
     _print_front(readable_front(df, REPORT_DROP if drop is None else drop))
     return 0
@@ -317,8 +282,10 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """``search export --study S --trial N --to PATH``: write one trial's ONNX model."""
-    models = (args.output_dir or Path("search-runs") / args.study) / "models"
-    source = models / f"trial-{args.trial}.onnx"
+    from search._base.paths import model_path
+
+    source = model_path(args.output_dir or Path("search-runs") / args.study, args.trial)
+    models = source.parent
     if not source.is_file():
         import optuna
 

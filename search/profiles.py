@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from search._base.names import RUNNABLE_PRECISIONS, ActivationType, Precision, WeightType
 from search._base.paths import builtin_dir
-from search._base.records import RUNNABLE_PRECISIONS
 from search._base.schema import Strict, load_model, resolve_builtin
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
 
 PROFILES_DIR = builtin_dir("hardware_profiles")
 
-Precision = Literal["fp32", "fp16", "bf16", "int8", "int16", "int4"]
 OpType = Literal["Conv", "Gemm", "MatMul", "LSTM"]
 DeviceClass = Literal["cpu", "gpu", "fpga", "vpu", "gna", "npu"]
 
@@ -44,12 +43,12 @@ class Int8Settings(Strict):
     activations (U8S8); int8 activations (S8S8) can be slower than fp32.
     """
 
-    activation_types: list[Literal["uint8", "int8", "int16"]] = Field(default=["uint8"], min_length=1)
+    activation_types: list[ActivationType] = Field(default=["uint8"], min_length=1)
     # the activation types the device's int8 kernels fuse (fast); the others run but are slow.
     # None: all of them. A default space samples only these.
-    fast_activation_types: list[Literal["uint8", "int8", "int16"]] | None = Field(
+    fast_activation_types: list[ActivationType] | None = Field(
         default=None, min_length=1)
-    weight_types: list[Literal["int8", "uint8"]] = Field(default=["int8"], min_length=1)
+    weight_types: list[WeightType] = Field(default=["int8"], min_length=1)
     per_channel: list[bool] = Field(default=[True], min_length=1)
     activation_symmetric: list[bool] = Field(default=[False], min_length=1)
     # likewise for symmetric activation ranges: the ones its kernels run fast (None: all)
@@ -86,7 +85,7 @@ class MeasureSettings(Strict):
 
 
 class LatencyModelSettings(Strict):
-    """The numbers the latency model needs (search/latency/predict.py).
+    """The numbers the latency model needs (search/latency/model.py).
 
     ``peak_tops``: dense tera-operations per second per precision (one MAC = two
     operations); ``efficiency``: the share of that peak real kernels reach, the

@@ -34,3 +34,38 @@ def test_help_and_bad_flags_answer_before_heavy_imports(argv):
     loaded = _loaded_after("from search.cli import main\n"
                            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass")
     assert not {"torch", "mlflow", "ray"} & loaded
+
+
+def _stored_study(tmp_path) -> str:  # noqa: ANN001
+    """A finished two-trial study in a SQLite storage, written with Optuna alone."""
+    import optuna
+
+    from search._base.attrs import TrialKey
+    from search._base.paths import model_path
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="done", storage=storage,
+                                directions=["maximize", "minimize"])
+    for number, (accuracy, latency) in enumerate(((99.0, 1.0), (98.5, 0.3))):
+        study.add_trial(optuna.trial.create_trial(
+            values=[accuracy, latency],
+            user_attrs={TrialKey.REFERENCE: number == 0, TrialKey.CHOICES: {}}))
+        path = model_path(tmp_path / "out", number)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"onnx")
+    return storage
+
+
+@pytest.mark.parametrize("command", ["report", "export"])
+def test_report_and_export_load_neither_ray_nor_torch(tmp_path, command):
+    """Reading a stored study needs Optuna and pandas, not the machinery that ran it."""
+    storage = _stored_study(tmp_path)
+    argv = ["report", "--study", "done", "--storage", storage]
+    if command == "export":
+        argv = ["export", "--study", "done", "--storage", storage, "--trial", "1",
+                "--to", str(tmp_path / "m.onnx"), "--output-dir", str(tmp_path / "out")]
+    loaded = _loaded_after(f"from search.cli import main\nassert main({argv!r}) == 0")
+    assert "optuna" in loaded or command == "export"
+    assert not {"torch", "ray", "mlflow"} & loaded
+    if command == "export":
+        assert (tmp_path / "m.onnx").read_bytes() == b"onnx"

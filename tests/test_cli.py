@@ -178,7 +178,7 @@ def test_measuring_a_provider_missing_here_is_refused_before_any_work(tmp_path):
 
 
 def test_report_on_a_storage_with_a_password_never_prints_it(tmp_path):
-    from tests.conftest import free_port
+    from tests.support.servers import free_port
 
     port = free_port()
     out = subprocess.run(SEARCH + ["report", "--study", "s", "--storage",
@@ -192,6 +192,7 @@ def test_report_on_a_storage_with_a_password_never_prints_it(tmp_path):
 def test_task_options_come_from_flags_and_config_files(tmp_path):
     from search.cli import _settings, build_parser
     from search.config import SearchConfig, load_config_file
+    from search.tasks import TaskOptions
 
     config = tmp_path / "exp" / "c.yaml"
     config.parent.mkdir()
@@ -202,7 +203,7 @@ def test_task_options_come_from_flags_and_config_files(tmp_path):
     assert values["teacher"] == tmp_path / "exp" / "w" / "t.pt"
     args = build_parser().parse_args(["--config", str(config), "--arch", "resnet18",
                                       "--image-size", "32"])
-    options = SearchConfig(**_settings(args)).task_options()
+    options = TaskOptions.of(SearchConfig(**_settings(args)))
     assert options.arch == "resnet18" and options.image_size == 32 and options.teacher_epochs == 2
     assert SearchConfig(profile="p", budget=1, task="my.mod:make", arch="resnet18").resolved(
         "cpu").study_name == "my.mod.make-resnet18-cpu"

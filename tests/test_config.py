@@ -9,7 +9,7 @@ import pytest
 
 from search._base.errors import ConfigError
 from search.cli import _NOT_SETTINGS, build_parser
-from search.config import _FLAGS, SearchConfig, Settings, default_study_name, load_config_file
+from search.config import SearchConfig, Settings, default_study_name, load_config_file, settings_fields
 
 BAD = [  # setting, a value its rule refuses, words of the error
     ("budget", 0, "greater than or equal to 1"),
@@ -66,7 +66,25 @@ def test_every_setting_has_one_rule_a_flag_and_a_default():
     flags = {a.dest for a in build_parser()._actions if a.dest not in ("help", "version")}
     flags -= set(_NOT_SETTINGS)
     assert rules == defaults
-    assert flags == rules - {k for k, flag in _FLAGS.items() if flag is None}
+    assert flags == {f.name for f, meta, _ in settings_fields() if meta.flag_of(f.name)}
+
+
+def test_a_settings_flag_help_and_rule_come_from_its_one_declaration():
+    """What ``setting(...)`` declares is what the flag shows and what both a config file
+    and the library are held to."""
+    declared = {f.name: (f, meta) for f, meta, _ in settings_fields()}
+    actions = {a.dest: a for a in build_parser()._actions}
+    for name, (_, meta) in declared.items():
+        if meta.flag_of(name) is None:
+            assert name not in actions
+            continue
+        assert actions[name].help == meta.help and meta.flag_of(name) in actions[name].option_strings
+    field, meta = declared["grace_period_s"]
+    assert field.default == 30.0 and meta.rule == {"ge": 0} and meta.flag == "--grace-period"
+    with pytest.raises(ConfigError, match=r"grace_period_s \(--grace-period\)"):
+        SearchConfig(profile="host", budget=1, grace_period_s=-1).validate()
+    with pytest.raises(ConfigError, match="refine_timeout_s \\(config file\\)"):
+        SearchConfig(profile="host", budget=1, refine_timeout_s=-1).validate()
 
 
 def test_default_study_name():

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from search._base.records import Choices, TrialRecord
-from search.profiles import load_profile
 from search.tasks import Split, Task
 from search.trial.compress.applicable import TECHNIQUES, applicable
 from search.trial.pipeline import compress, prune_student, student_layers
@@ -77,11 +76,6 @@ def _assert_applied(technique: str, task: Task, record: TrialRecord) -> None:
 def _run_onnx(model: bytes, x: torch.Tensor) -> np.ndarray:
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     return session.run(None, {"input": x.numpy()})[0]
-
-
-@pytest.fixture(scope="module")
-def profile():
-    return load_profile("cpu-avx512-vnni")
 
 
 @pytest.fixture(scope="module", autouse=True)

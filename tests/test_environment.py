@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from search.config import DEFAULT_EXPERIMENT, SearchConfig
-from tests.conftest import free_port
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "RAY_ADDRESS")

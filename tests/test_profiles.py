@@ -103,7 +103,7 @@ def test_host_detection_matches_cpuinfo():
     """Which built-in CPU profile measures here, stated per host kind and checked against
     /proc/cpuinfo as read by the test: VNNI hosts get cpu-avx512-vnni and not cpu-avx2,
     AVX2 hosts without VNNI (this machine) get cpu-avx2 and are told what they lack."""
-    from tests.conftest import host_builtin
+    from tests.support.profiles import host_builtin
 
     flags = _cpuinfo_flags()
     assert host_cpu_flags() == flags

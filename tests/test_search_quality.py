@@ -5,7 +5,6 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from search.config import SAMPLERS, SearchConfig
@@ -13,16 +12,11 @@ from search.results.pareto import hypervolume
 from search.space.resolve import resolve_space
 from search.space.schema import load_space
 from search.study.run import run_search
-from search.study.sampling import make_sampler
-from tests.conftest import host_builtin
+from search.study.sampling import make_sampler, sample
+from tests.support.helpers import write_space
+from tests.support.profiles import host_builtin
 
 pytestmark = pytest.mark.slow
-
-
-def _space(tmp_path, name, **sections):
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, **sections}))
-    return str(path)
 
 
 ONE_SHOT = {  # no fine-tune: trials take a second or two
@@ -30,7 +24,7 @@ ONE_SHOT = {  # no fine-tune: trials take a second or two
     "pruning": {"drop_blocks": {"low": 0, "high": 0},
                 "unstructured_criterion": ["magnitude"],
                 "structured_importance": ["magnitude"]},
-    "quantization": {"calibration_method": ["minmax"], "mode": ["static"],
+    "quantization": {"calibration_method": ["minmax"], "quant_mode": ["static"],
                      "calibration_samples": {"low": 64, "high": 64}},
 }
 
@@ -38,7 +32,7 @@ ONE_SHOT = {  # no fine-tune: trials take a second or two
 def test_accuracy_constraint_keeps_infeasible_trials_off_the_front(tmp_path):
     config = SearchConfig(profile=host_builtin(), budget=6, runs_root=tmp_path, seed=3,
                           study_name="constrained", latency="predict", sampler="tpe",
-                          max_accuracy_drop=0.5, space=_space(tmp_path, "one-shot", **ONE_SHOT),
+                          max_accuracy_drop=0.5, space=write_space(tmp_path, "one-shot", **ONE_SHOT),
                           refine=0)
     result = run_search(config, show_progress=False)
     df = result.trials
@@ -69,14 +63,14 @@ def test_repeated_choices_are_answered_from_the_cache(tmp_path):
                     "structured_ratio": {"low": 0, "high": 0},
                     "drop_blocks": {"low": 0, "high": 0}},
         "quantization": {"granularity": "uniform", "precisions": ["fp32", "int8"],
-                         "mode": ["static"], "activation_types": ["uint8"],
+                         "quant_mode": ["static"], "activation_type": ["uint8"],
                          "per_channel": [True], "activation_symmetric": [False],
                          "calibration_method": ["minmax"],
                          "calibration_samples": {"low": 64, "high": 64}},
     }
     config = SearchConfig(profile=host_builtin(), budget=5, runs_root=tmp_path, seed=0,
                           study_name="cached", latency="predict", sampler="random",
-                          space=_space(tmp_path, "two-points", **fixed))
+                          space=write_space(tmp_path, "two-points", **fixed))
     result = run_search(config, show_progress=False)
     df = result.trials
     assert len(df) == 5
@@ -106,7 +100,7 @@ def test_every_sampler_explores_the_conditional_space(name, profile, layers):
     asked = []
     for i in range(8):
         trial = study.ask()
-        choices = resolved.sample(trial)
+        choices = sample(resolved, trial)
         params = set(trial.params)
         assert ({"lr", "alpha", "temperature"} <= params) == (choices.epochs > 0), params
         assert ({"lr", "alpha", "temperature"} & params == set()) == (choices.epochs == 0), params
@@ -130,7 +124,7 @@ def test_sparse_transfer_from_a_checkpoint_given_on_the_command_line(tmp_path, t
     Sparsifier(sparse, sparsity=0.6).start(None, gradual=False)
     torch.save(sparse.state_dict(), tmp_path / "sparse.pt")
     torch.save(task.teacher().state_dict(), tmp_path / "dense.pt")
-    space = _space(tmp_path, "transfer", **{**ONE_SHOT, "pruning": {
+    space = write_space(tmp_path, "transfer", **{**ONE_SHOT, "pruning": {
         **ONE_SHOT["pruning"], "init": ["sparse"],
         "structured_ratio": {"low": 0, "high": 0}}})
     monkeypatch.chdir(tmp_path)

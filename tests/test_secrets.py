@@ -19,7 +19,8 @@ from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
 from search._base.redact import redact
 from search.results.tracking import EXPERIMENT
-from tests.conftest import QUICK_SPACE, free_port, start_mlflow_server, stop_mlflow_server
+from tests.support.helpers import QUICK_SPACE
+from tests.support.servers import free_port, start_mlflow_server, stop_mlflow_server
 
 TRACKING_SECRET = "trk-s3cr3t-Pw"
 STORAGE_SECRET = "db-s3cr3t-Pw"

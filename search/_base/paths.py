@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["builtin_dir", "cache_dir", "write_atomic"]
+__all__ = ["builtin_dir", "cache_dir", "model_path", "write_atomic"]
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # search/
 
@@ -30,6 +30,11 @@ def builtin_dir(name: str) -> Path:
     if packaged.is_dir():
         return packaged
     return _PACKAGE.parent / name
+
+
+def model_path(output_dir: Path, trial: int) -> Path:
+    """Where a study keeps trial ``trial``'s ONNX model (``<output-dir>/models/trial-N.onnx``)."""
+    return Path(output_dir) / "models" / f"trial-{trial}.onnx"
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:

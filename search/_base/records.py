@@ -5,14 +5,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Choices", "Layer", "LatencyStats", "PRECISIONS", "RUNNABLE_PRECISIONS", "TrialRecord"]
+from search._base.names import (
+    INTEGER_PRECISIONS,
+    ActivationType,
+    CalibrationMethod,
+    ChannelImportance,
+    DistillLoss,
+    LatencySource,
+    QuantMode,
+    SparsityCriterion,
+    SparsityScope,
+    StudentInit,
+    WeightType,
+)
 
-# Precision names, least to most compressed: the one vocabulary profiles, spaces, the latency
-# model and the quantizer share.
-PRECISIONS = ("fp32", "bf16", "fp16", "int16", "int8", "int4")
-# what the trial pipeline can produce and score here (bf16 convolutions have no kernel in ONNX
-# Runtime's CPU provider, which scores every trial)
-RUNNABLE_PRECISIONS = ("fp32", "fp16", "int16", "int8", "int4")
+__all__ = ["Choices", "Layer", "LatencyStats", "TrialRecord"]
 
 
 @dataclass(frozen=True)
@@ -23,43 +30,39 @@ class Layer:
     op_type: str
 
 
-# thirds of a network's compute, in the order it runs (channel pruning per depth segment)
-SEGMENTS = ("early", "middle", "late")
-
-
 @dataclass
 class Choices:
     """Everything one trial decided; defaults are the uncompressed fp32 model."""
 
     # where the student starts: the teacher, or a pre-sparsified checkpoint (sparse transfer)
-    init: str = "teacher"
+    init: StudentInit = "teacher"
     # weight sparsity: unstructured share, or an N:M pattern ("2:4")
     sparsity_pattern: str = "unstructured"
     unstructured_sparsity: float = 0.0
-    unstructured_criterion: str = "magnitude"  # magnitude | movement | fisher
-    unstructured_scope: str = "global"  # global | layer
+    unstructured_criterion: SparsityCriterion = "magnitude"
+    unstructured_scope: SparsityScope = "global"
     # structure: residual blocks dropped, channels and attention heads removed
     drop_blocks: int = 0
     structured_ratio: float = 0.0  # with segment_ratios: the largest of them
     segment_ratios: dict[str, float] = field(default_factory=dict)  # per SEGMENTS; {}: uniform
-    structured_importance: str = "magnitude"  # magnitude | bn_scale | taylor | lamp
+    structured_importance: ChannelImportance = "magnitude"
     head_ratio: float = 0.0
     # fine-tune with distillation (0 epochs: one-shot post-training)
     epochs: int = 0
     lr: float = 1e-3
     temperature: float = 4.0
     alpha: float = 0.5
-    distill_loss: str = "response"  # response | feature | relation
+    distill_loss: DistillLoss = "response"
     distill_weight: float = 1.0
     # precision plan and integer quantization
     precisions: dict[str, str] = field(default_factory=dict)
-    quant_mode: str = "static"  # static | dynamic
+    quant_mode: QuantMode = "static"
     qat: bool = False
-    activation_type: str = "uint8"
-    weight_type: str = "int8"
+    activation_type: ActivationType = "uint8"
+    weight_type: WeightType = "int8"
     per_channel: bool = True
     activation_symmetric: bool = False
-    calibration_method: str = "minmax"  # minmax | entropy | percentile
+    calibration_method: CalibrationMethod = "minmax"
     calibration_samples: int = 128
 
     def flat(self) -> dict[str, Any]:
@@ -82,7 +85,7 @@ class Choices:
             idle |= {"lr", "temperature", "alpha", "distill_loss", "distill_weight", "qat"}
         elif self.distill_loss == "response":
             idle.add("distill_weight")
-        if not any(p in ("int8", "int16") for p in self.precisions.values()):
+        if not any(p in INTEGER_PRECISIONS for p in self.precisions.values()):
             idle |= {"quant_mode", "qat", "activation_type", "weight_type", "per_channel",
                      "activation_symmetric", "calibration_method", "calibration_samples"}
         elif self.quant_mode == "dynamic":
@@ -109,7 +112,7 @@ class LatencyStats:
     mean_ms: float
     cv: float
     runs: int
-    source: str  # "measured" or "predicted"
+    source: LatencySource
     device: str
     provider: str = ""
     noisy: bool = False  # cv stayed above the profile's max_cv after a repeat

@@ -35,15 +35,9 @@ from typing import Any
 import numpy as np
 
 from search._base.paths import write_atomic
-from search.latency.predict import (
-    ARCHITECTURE_PRIOR,
-    FIT_PRIOR,
-    Calibration,
-    LayerCost,
-    costing,
-    fit_calibration,
-    predict_ms,
-)
+from search.latency.costing import LayerCost, costing
+from search.latency.fit import ARCHITECTURE_PRIOR, FIT_PRIOR, fit_calibration
+from search.latency.model import Calibration, predict_ms
 from search.profiles import HardwareProfile
 
 __all__ = [
@@ -71,7 +65,7 @@ class Measurement:
     costs: tuple[LayerCost, ...]
     ms: float
     batch: int
-    costing: str = "exported"  # how ``costs`` were read (predict.costing); older lines: exported
+    costing: str = "exported"  # how ``costs`` were read (costing.costing); older lines: exported
 
 
 @dataclass(frozen=True)

@@ -18,20 +18,14 @@ import optuna
 import pandas as pd
 import yaml
 
-from search._base.attrs import failure_reason
+from search._base.attrs import StudyKey, TrialKey, failure_reason
+from search._base.net import server_reachable
+from search._base.paths import model_path
 from search._base.redact import redact
-from search.checks import server_reachable
 from search.config import SearchConfig
 from search.profiles import HardwareProfile
-from search.results.pareto import (
-    best_speedup,
-    front_markdown,
-    hypervolume,
-    plot_front,
-    readable_front,
-    trials_frame,
-    write_html,
-)
+from search.results.pareto import best_speedup, hypervolume, readable_front, trials_frame
+from search.results.render import front_markdown, plot_front, write_html
 from search.results.tracking import Tracker
 from search.results.trial_logging import MlflowTrialLogger
 
@@ -57,10 +51,11 @@ def _unfinished_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
     if t.state == optuna.trial.TrialState.FAIL:
         row["failure"] = failure_reason(t)
     else:
-        row["pruned_reason"] = a.get("pruned_reason", "")
-        row.update({k: a.get(k) for k in ("latency_ms", "latency_source", "macs", "params",
-                                          "cached_from") if k in a})
-    row.update({f"param.{k}": v for k, v in (a.get("choices") or t.params).items()})
+        row["pruned_reason"] = a.get(TrialKey.PRUNED_REASON, "")
+        row.update({k: a.get(k) for k in (TrialKey.LATENCY_MS, TrialKey.LATENCY_SOURCE,
+                                          TrialKey.MACS, TrialKey.PARAMS, TrialKey.CACHED_FROM)
+                    if k in a})
+    row.update({f"param.{k}": v for k, v in (a.get(TrialKey.CHOICES) or t.params).items()})
     return row
 
 
@@ -116,7 +111,7 @@ def write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, inte
     artifacts += _write_settings(out, cfg, profile)
     summary = out / "summary.md"
     summary.write_text(_summary(cfg, df, shown[shown["on_front"]], failed, best, len(pruned))
-                       + _warning_lines(study.user_attrs.get("warnings", [])))
+                       + _warning_lines(study.user_attrs.get(StudyKey.WARNINGS, [])))
     artifacts.append(summary)
     if not server_reachable(tracker.uri):
         log.warning("MLflow tracking server %s is unreachable; the CSVs are written, and "
@@ -148,7 +143,7 @@ def _copy_front_models(out: Path, front: pd.DataFrame) -> dict[int, Path]:
     front_models.mkdir(exist_ok=True)
     models: dict[int, Path] = {}
     for n in front["trial"]:
-        src = out / "models" / f"trial-{n}.onnx"
+        src = model_path(out, int(n))
         if src.exists():
             (front_models / src.name).write_bytes(src.read_bytes())
             models[int(n)] = front_models / src.name

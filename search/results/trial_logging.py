@@ -16,17 +16,18 @@ from collections.abc import Callable
 import optuna
 import pandas as pd
 
-from search._base.attrs import failure_reason, reference_accuracy
+from search._base.attrs import TrialKey, failure_reason, reference_accuracy
+from search._base.net import server_reachable
 from search._base.redact import redact
-from search.checks import server_reachable
 from search.results.pareto import hypervolume, trials_frame
 from search.results.tracking import Tracker
 
 __all__ = ["MlflowTrialLogger", "log_frozen"]
 
 log = logging.getLogger("search")
-_TRIAL_METRICS = ("accuracy", "test_accuracy", "latency_median_ms", "latency_p90_ms",
-                  "latency_cv", "size_mb", "sparsity", "macs", "params")
+# user attributes logged as metrics of the same name
+_TRIAL_METRICS = (TrialKey.TEST_ACCURACY, TrialKey.LATENCY_P90_MS, TrialKey.LATENCY_CV,
+                  TrialKey.SIZE_MB, TrialKey.SPARSITY, TrialKey.MACS, TrialKey.PARAMS)
 
 
 def log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial,
@@ -41,32 +42,32 @@ def log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial,
         if reference is not None:
             metrics["accuracy_drop"] = reference - trial.values[0]
         metrics.update({k: a.get(k) for k in _TRIAL_METRICS if k in a})
-        precisions = list(a.get("layer_precisions", {}).values())
+        precisions = list(a.get(TrialKey.LAYER_PRECISIONS, {}).values())
         for p in sorted(set(precisions)):
             metrics[f"share_{p}"] = precisions.count(p) / len(precisions)
     elif state == optuna.trial.TrialState.PRUNED:
-        metrics = {"latency_median_ms": a.get("latency_ms")}
-        metrics.update({k: a.get(k) for k in _TRIAL_METRICS if k in a and k != "accuracy"})
-        for i, acc in enumerate(a.get("epoch_accuracy", [])):
+        metrics = {"latency_median_ms": a.get(TrialKey.LATENCY_MS)}
+        metrics.update({k: a.get(k) for k in _TRIAL_METRICS if k in a})
+        for i, acc in enumerate(a.get(TrialKey.EPOCH_ACCURACY, [])):
             metrics[f"epoch_{i + 1}_accuracy"] = acc
-    metrics.update({f"time_{k}_s": v for k, v in a.get("timings", {}).items()})
+    metrics.update({f"time_{k}_s": v for k, v in a.get(TrialKey.TIMINGS, {}).items()})
     tags = {
         "state": state.name,
-        "latency_source": a.get("latency_source", ""),
-        "device": a.get("device", ""),
-        "baseline": a.get("baseline", ""),
+        "latency_source": a.get(TrialKey.LATENCY_SOURCE, ""),
+        "device": a.get(TrialKey.DEVICE, ""),
+        "baseline": a.get(TrialKey.BASELINE, ""),
     }
     if complete:
-        tags["latency_noisy"] = str(bool(a.get("latency_noisy", False))).lower()
+        tags["latency_noisy"] = str(bool(a.get(TrialKey.LATENCY_NOISY, False))).lower()
     if state == optuna.trial.TrialState.FAIL:
         tags["failure_reason"] = failure_reason(trial)
         tags["failure_stage"] = tags["failure_reason"].partition(":")[0]
-    if "pruned_reason" in a:
-        tags["pruned_reason"] = a["pruned_reason"]
-    for key in ("cached_from", "refined_from", "seed_config"):
+    if TrialKey.PRUNED_REASON in a:
+        tags["pruned_reason"] = a[TrialKey.PRUNED_REASON]
+    for key in (TrialKey.CACHED_FROM, TrialKey.REFINED_FROM, TrialKey.SEED_CONFIG):
         if key in a:
             tags[key] = str(a[key])
-    params = a.get("choices") or dict(trial.params)
+    params = a.get(TrialKey.CHOICES) or dict(trial.params)
     tracker.log_trial(trial.number, params, metrics, tags,
                       failed=state == optuna.trial.TrialState.FAIL)
 

@@ -1,21 +1,20 @@
 """A search space resolved against a profile and a model: what each trial may pick, and why.
 
-Resolving imports no Optuna; sampling the result is :mod:`search.study.sampling`.
+Resolving imports no Optuna; sampling the result is :mod:`search.study.sampling`, and the
+trials a study starts from are :mod:`search.space.starts`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from search._base.errors import ConfigError
-from search._base.records import PRECISIONS, SEGMENTS, Choices, Layer
+from search._base.names import PRECISIONS, SEGMENTS
+from search._base.records import Layer
 from search.profiles import HardwareProfile
-from search.space.schema import FloatRange, IntRange, SearchSpace
-
-if TYPE_CHECKING:  # the only Optuna calls are in search.study.sampling; resolving a space needs none
-    import optuna
+from search.space.schema import FloatRange, SearchSpace
 
 __all__ = ["ModelFacts", "ResolvedSpace", "layer_group", "resolve_space"]
 
@@ -29,7 +28,6 @@ class ModelFacts:
     droppable_blocks: int = 0  # residual blocks that can be replaced by the identity
     attention: bool = False  # has multi-head attention (heads can be removed)
     sparse_init: bool = False  # the task ships a pre-sparsified checkpoint
-
 
 
 # ``auto`` granularity: every compute layer its own precision up to this many layers, and
@@ -101,55 +99,6 @@ class ResolvedSpace:
     reasons: tuple[tuple[str, str], ...] = ()
     granularity: str = "layer"  # the precision granularity in effect (``auto`` decided)
 
-    def baselines(self) -> list[tuple[str, dict[str, Any]]]:
-        """The trials enqueued first, as (label, params).
-
-        First the reference: every layer at the highest precision the profile
-        allows it (fp32 where allowed; fp16 on a VPU, int16 on a GNA), nothing
-        pruned, no fine-tune. Then uniform static U8S8 int8 (per-channel, min-max
-        calibration) when a layer may run int8 and that differs: every layer that may, the
-        rest at the reference's precision, as a post-training quantizer leaves what it cannot
-        quantize (an LSTM on a GPU profile) in float.
-        """
-        top = self._reference_plan()
-        label = next(iter(set(top.values()))) if len(set(top.values())) == 1 else "reference"
-        out = [(label, {**_UNCOMPRESSED, **self._channels(0.0), **self._plan(top)})]
-        if self._any_int8() and label != "int8":
-            out.append(("int8", {**_UNCOMPRESSED, **self._channels(0.0), **self._int8_params()}))
-        return out
-
-    def seeds(self) -> list[tuple[str, dict[str, Any]]]:
-        """Known-good combinations enqueued after the baselines, so the sampler starts from a
-        strong front: channels pruned (and a block dropped) at the fastest precision every
-        layer may run, recovered by distillation. Only values the space offers are used."""
-        pruning, distil = self.space.pruning, self.space.distillation
-        if distil.epochs.high < 1 or pruning.structured_ratio.high <= 0:
-            return []
-        plan = (self._int8_params() if self._all_int8() else
-                self._plan({g: max(p, key=_RANK.index) for g, p in self.group_precisions.items()}))
-        tune = {"epochs": min(3, distil.epochs.high), "lr": _clip(3e-3, distil.lr),
-                "temperature": _clip(4.0, distil.temperature), "alpha": _clip(0.5, distil.alpha),
-                "distill_loss": "response" if "response" in distil.loss else distil.loss[0]}
-        if "qat" in plan:
-            plan = {**plan, "qat": False}
-        out = []
-        for label, ratio, drop in (("pruned-0.5", 0.5, 0), ("pruned-0.3-dropped-1", 0.3, 1),
-                                   ("pruned-0.65", 0.65, 0)):
-            if drop > min(pruning.drop_blocks.high, self.facts.droppable_blocks):
-                continue
-            params = {**_UNCOMPRESSED, **plan, **tune, "drop_blocks": drop,
-                      **self._channels(_clip(ratio, pruning.structured_ratio)),
-                      "structured_importance": pruning.structured_importance[0]}
-            if all(params != p for _, p in out):  # a narrow range clips two seeds alike
-                out.append((label, params))
-        return out
-
-    def _channels(self, ratio: float) -> dict[str, float]:
-        """The channel-pruning parameters for ``ratio`` everywhere, as the sampler names them."""
-        if self.space.pruning.structured_granularity == "segment":
-            return {f"structured_ratio.{s}": ratio for s in SEGMENTS}
-        return {"structured_ratio": ratio}
-
     def describe(self) -> list[tuple[str, str, str]]:
         """(dimension, what is offered, why) for every dimension, as `search spaces` shows."""
         p, d = self.space.pruning, self.space.distillation
@@ -183,49 +132,6 @@ class ResolvedSpace:
         ]
         return rows
 
-    def _reference_plan(self) -> dict[str, str]:
-        """Each group at the highest precision it may run (fp32 where allowed)."""
-        return {g: min(allowed, key=_RANK.index) for g, allowed in self.group_precisions.items()}
-
-    def _all_int8(self) -> bool:
-        return all("int8" in p for p in self.group_precisions.values())
-
-    def _any_int8(self) -> bool:
-        return any("int8" in p for p in self.group_precisions.values())
-
-    def _int8_params(self) -> dict[str, Any]:
-        """int8 for every group that may run it, the reference's precision for the rest."""
-        q = self.space.quantization
-        top = self._reference_plan()
-        int8: dict[str, Any] = self._plan({g: "int8" if "int8" in allowed else top[g]
-                                           for g, allowed in self.group_precisions.items()})
-        int8["quant_mode"] = "static"
-        int8["qat"] = False
-        int8["activation_type"] = (
-            "uint8" if "uint8" in self.activation_types else self.activation_types[0]
-        )
-        int8["weight_type"] = "int8" if "int8" in self.weight_types else self.weight_types[0]
-        int8["per_channel"] = True if True in self.per_channel else self.per_channel[0]
-        int8["activation_symmetric"] = (
-            False if False in self.activation_symmetric else self.activation_symmetric[0]
-        )
-        int8["calibration_method"] = ("minmax" if "minmax" in q.calibration_method
-                                      else q.calibration_method[0])
-        r = q.calibration_samples
-        int8["calibration_samples"] = min(max(256, r.low), r.high)
-        return int8
-
-    def _plan(self, plan: dict[str, str]) -> dict[str, str]:
-        if self.granularity == "uniform":
-            return {"precision": next(iter(plan.values()))}
-        return {f"precision.{group}": p for group, p in plan.items()}
-
-    def sample(self, trial: optuna.Trial, pinned: dict[str, Any] | None = None) -> Choices:
-        """Draw one trial's choices (see :func:`search.study.sampling.sample`)."""
-        from search.study.sampling import sample
-
-        return sample(self, trial, pinned)
-
     def _granularity_text(self) -> str:
         if self.granularity != "ends":
             return self.granularity
@@ -233,28 +139,13 @@ class ResolvedSpace:
         body = max(len(names) for names in self.groups.values())
         return f"layer at the ends ({', '.join(ends)}), one for the {body} layers between"
 
-    def _common_precisions(self) -> list[str]:
+    def common_precisions(self) -> list[str]:
         first, *rest = self.group_precisions.values()
         return [p for p in first if all(p in r for r in rest)]
 
 
 def _text(r: FloatRange) -> str:
     return f"{r.low:g}" if r.low == r.high else f"{r.low:g}-{r.high:g}"
-
-
-_UNCOMPRESSED: dict[str, Any] = {
-    "init": "teacher", "sparsity_pattern": "unstructured", "unstructured_sparsity": 0.0,
-    "drop_blocks": 0, "head_ratio": 0.0, "epochs": 0,
-}
-
-
-def _clip(value: float, r: FloatRange | IntRange) -> float:
-    """``value`` inside ``r`` (on its step grid when it has one)."""
-    value = min(max(value, r.low), r.high)
-    step = getattr(r, "step", None)
-    if step:
-        value = r.low + round((value - r.low) / step) * step
-    return round(value, 9)
 
 
 def _allowed(asked: Any, allowed: tuple[Any, ...], key: str, space: SearchSpace,
@@ -272,14 +163,20 @@ def _allowed(asked: Any, allowed: tuple[Any, ...], key: str, space: SearchSpace,
     return tuple(asked)
 
 
+# a space's choice -> the profile's list of what it runs, where the names differ
+_PROFILE_LISTS = {"activation_type": "activation_types", "weight_type": "weight_types"}
+
+
 def _quantization(what: str, space: SearchSpace, profile: HardwareProfile) -> tuple[Any, ...]:
-    return _allowed(getattr(space.quantization, what), tuple(getattr(profile.int8, what)),
+    """A space's ``quantization.<what>`` within what the profile's ``int8`` section runs."""
+    listed = tuple(getattr(profile.int8, _PROFILE_LISTS.get(what, what)))
+    return _allowed(getattr(space.quantization, what), listed,
                     f"quantization.{what}", space, f"profile {profile.name!r}")
 
 
 def _activation_types(space: SearchSpace, profile: HardwareProfile) -> tuple[tuple[str, ...], str]:
     """auto: the activation types the profile's int8 kernels fuse; all: every one it runs."""
-    return _fast("activation_types", space, profile, "the profile's int8 kernels do not fuse "
+    return _fast("activation_type", space, profile, "the profile's int8 kernels do not fuse "
                  "it, so it runs slower", "every type the profile runs fuses")
 
 
@@ -294,11 +191,12 @@ def _fast(what: str, space: SearchSpace, profile: HardwareProfile, slow_why: str
           all_fast_why: str) -> tuple[tuple[Any, ...], str]:
     """What a quantization setting offers: ``auto``, the values the profile lists as fast
     (``fast_<what>``); ``all``, every value it runs; a list, those values, checked."""
-    runs = tuple(getattr(profile.int8, what))
+    listed_as = _PROFILE_LISTS.get(what, what)
+    runs = tuple(getattr(profile.int8, listed_as))
     asked = getattr(space.quantization, what)
     if asked == "all":
         return runs, "every value the profile runs (space asks for all)"
-    listed = getattr(profile.int8, f"fast_{what}")
+    listed = getattr(profile.int8, f"fast_{listed_as}")
     fast = tuple(t for t in runs if t in (runs if listed is None else listed))
     if asked == "auto":
         slow = [str(t).lower() if isinstance(t, bool) else str(t) for t in runs if t not in fast]
@@ -342,7 +240,7 @@ def _modes(space: SearchSpace, profile: HardwareProfile,
     0.6 ms for the digits ResNet here) while MatMulInteger pays on Linear-only models."""
     dynamic_ok = "uint8" in profile.int8.activation_types and profile.device_class == "cpu"
     allowed = ("static", "dynamic") if dynamic_ok else ("static",)
-    asked = space.quantization.mode
+    asked = space.quantization.quant_mode
     if asked == "all":
         return allowed, "every mode the profile runs (space asks for all)"
     if asked == "auto":
@@ -352,7 +250,7 @@ def _modes(space: SearchSpace, profile: HardwareProfile,
             return ("static",), ("dynamic not sampled: the model has convolutions, and dynamic "
                                  "int8 convolutions (ConvInteger) run slower than fp32")
         return allowed, "dynamic int8 (MatMulInteger) pays on a model without convolutions"
-    return _allowed(asked, allowed, "quantization.mode", space, f"profile {profile.name!r}",
+    return _allowed(asked, allowed, "quantization.quant_mode", space, f"profile {profile.name!r}",
                     " (dynamic int8 runs as CPU kernels with uint8 activations)"), \
         "as the space lists"
 
@@ -419,7 +317,7 @@ def resolve_space(space: SearchSpace, profile: HardwareProfile,
         groups={g: tuple(names) for g, names in groups.items()},
         group_precisions=group_precisions,
         activation_types=activation_types,
-        weight_types=_quantization("weight_types", space, profile),
+        weight_types=_quantization("weight_type", space, profile),
         per_channel=_quantization("per_channel", space, profile),
         activation_symmetric=activation_symmetric,
         modes=modes,
@@ -431,7 +329,7 @@ def resolve_space(space: SearchSpace, profile: HardwareProfile,
                  ("quant_mode", modes_why), ("activation_type", activation_why),
                  ("activation_symmetric", symmetric_why)),
     )
-    if quant.granularity == "uniform" and not resolved._common_precisions():
+    if quant.granularity == "uniform" and not resolved.common_precisions():
         raise ConfigError(
             f"space {space.name!r}: granularity 'uniform' needs a precision every layer may "
             f"use, and profile {profile.name!r} has none in common: {per_layer}"

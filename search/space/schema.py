@@ -9,13 +9,26 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
+from search._base.names import (
+    ActivationType,
+    CalibrationMethod,
+    ChannelImportance,
+    DistillLoss,
+    Granularity,
+    Precision,
+    QuantMode,
+    SparsityCriterion,
+    SparsityScope,
+    StructuredGranularity,
+    StudentInit,
+    WeightType,
+)
 from search._base.paths import builtin_dir
 from search._base.schema import Strict, load_model, resolve_builtin
-from search.profiles import Precision
 
 __all__ = [
     "SPACES_DIR",
@@ -63,6 +76,17 @@ class IntRange(Strict):
         return self
 
 
+def _renamed(data: Any, renamed: dict[str, str]) -> Any:  # noqa: ANN401
+    """A key that was renamed is named with its new name (the one trials.csv, MLflow and
+    Optuna's parameters use), rather than refused as merely unknown."""
+    if isinstance(data, dict):
+        old = [k for k in renamed if k in data]
+        if old:
+            raise ValueError("; ".join(f"{k!r} is now called {renamed[k]!r} (the name trials.csv, "
+                                       "MLflow and the trial parameters use)" for k in old))
+    return data
+
+
 def _unit(low: float, high: float, step: float | None = 0.05) -> FloatRange:
     return FloatRange(low=low, high=high, step=step)
 
@@ -73,20 +97,18 @@ _PATTERN = re.compile(r"^(unstructured|(\d+):(\d+))$")
 class PruningSpace(Strict):
     """Where the student starts, weight sparsity, and what structure is removed."""
 
-    init: list[Literal["teacher", "sparse"]] | Auto = "auto"
+    init: list[StudentInit] | Auto = "auto"
     sparsity_pattern: list[str] | Auto | All = "auto"
     # auto: sampled only where the profile's runtime has sparse kernels
     unstructured_sparsity: FloatRange | Auto = "auto"
-    unstructured_criterion: list[Literal["magnitude", "movement", "fisher"]] = \
-        ["magnitude", "movement", "fisher"]
-    unstructured_scope: list[Literal["global", "layer"]] = ["global", "layer"]
+    unstructured_criterion: list[SparsityCriterion] = list(get_args(SparsityCriterion))
+    unstructured_scope: list[SparsityScope] = list(get_args(SparsityScope))
     drop_blocks: IntRange = IntRange(low=0, high=1)
     structured_ratio: FloatRange = _unit(0.0, 0.6)
     # uniform: one channel ratio for the whole model; segment: one per third of its compute
     # (early, middle, late in the order it runs), each from structured_ratio's range
-    structured_granularity: Literal["uniform", "segment"] = "uniform"
-    structured_importance: list[Literal["magnitude", "bn_scale", "taylor", "lamp"]] = \
-        ["magnitude", "bn_scale", "taylor", "lamp"]
+    structured_granularity: StructuredGranularity = "uniform"
+    structured_importance: list[ChannelImportance] = list(get_args(ChannelImportance))
     head_ratio: FloatRange = FloatRange(low=0.0, high=0.5, step=0.25)
 
     @model_validator(mode="after")
@@ -119,8 +141,13 @@ class DistillationSpace(Strict):
     lr: FloatRange = FloatRange(low=1e-4, high=1e-2, log=True)
     temperature: FloatRange = FloatRange(low=1.0, high=8.0)
     alpha: FloatRange = _unit(0.0, 1.0)
-    loss: list[Literal["response", "feature", "relation"]] = ["response", "feature", "relation"]
-    loss_weight: FloatRange = FloatRange(low=0.1, high=10.0, log=True)
+    distill_loss: list[DistillLoss] = list(get_args(DistillLoss))
+    distill_weight: FloatRange = FloatRange(low=0.1, high=10.0, log=True)  # feature, relation
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:  # noqa: ANN401
+        return _renamed(data, {"loss": "distill_loss", "loss_weight": "distill_weight"})
 
     @model_validator(mode="after")
     def _sane(self) -> DistillationSpace:
@@ -130,10 +157,10 @@ class DistillationSpace(Strict):
             raise ValueError("temperature must be > 0")
         if self.alpha.low < 0 or self.alpha.high > 1:
             raise ValueError("alpha must lie in [0, 1]")
-        if self.loss == []:
-            raise ValueError("loss must list at least one value")
-        if self.loss_weight.low < 0:
-            raise ValueError("loss_weight must be >= 0")
+        if self.distill_loss == []:
+            raise ValueError("distill_loss must list at least one value")
+        if self.distill_weight.low < 0:
+            raise ValueError("distill_weight must be >= 0")
         return self
 
 
@@ -148,21 +175,26 @@ class QuantizationSpace(Strict):
     compute layers and ``ends`` beyond. Grouping keeps the space small for large models.
     """
 
-    granularity: Literal["auto", "layer", "block", "stage", "ends", "uniform"] = "layer"
+    granularity: Granularity = "layer"
     precisions: list[Precision] | Auto = "auto"
-    mode: list[Literal["static", "dynamic"]] | Auto | All = "auto"
+    quant_mode: list[QuantMode] | Auto | All = "auto"
     qat: list[bool] = [False, True]
-    activation_types: list[Literal["uint8", "int8", "int16"]] | Auto | All = "auto"
-    weight_types: list[Literal["int8", "uint8"]] | Auto = "auto"
+    activation_type: list[ActivationType] | Auto | All = "auto"
+    weight_type: list[WeightType] | Auto = "auto"
     per_channel: list[bool] | Auto = "auto"
     activation_symmetric: list[bool] | Auto | All = "auto"
-    calibration_method: list[Literal["minmax", "entropy", "percentile"]] = \
-        ["minmax", "entropy", "percentile"]
+    calibration_method: list[CalibrationMethod] = list(get_args(CalibrationMethod))
     calibration_samples: IntRange = IntRange(low=64, high=512)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:  # noqa: ANN401
+        return _renamed(data, {"mode": "quant_mode", "activation_types": "activation_type",
+                               "weight_types": "weight_type"})
 
     @model_validator(mode="after")
     def _non_empty(self) -> QuantizationSpace:
-        for name in ("precisions", "mode", "qat", "activation_types", "weight_types",
+        for name in ("precisions", "quant_mode", "qat", "activation_type", "weight_type",
                      "per_channel", "activation_symmetric", "calibration_method"):
             if getattr(self, name) == []:
                 raise ValueError(f"{name} must list at least one value (or be 'auto')")

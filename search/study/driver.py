@@ -29,42 +29,37 @@ from typing import Any
 import optuna
 import pandas as pd
 
-from search._base.attrs import COUNTED, n_done, record_attrs, reference_accuracy
+from search._base.attrs import (
+    COUNTED,
+    StudyKey,
+    TrialKey,
+    constraint_values,
+    n_constraints,
+    n_done,
+    record_attrs,
+    reference_accuracy,
+)
 from search._base.errors import SearchError
+from search._base.paths import model_path
 from search._base.records import Choices, TrialRecord
+from search.config import SearchConfig
 from search.results.pareto import HV_ACCURACY_SPAN, best_speedup, trials_frame
 from search.space.resolve import ResolvedSpace
+from search.space.starts import baselines, seeds
 from search.study.execution import Executor, LocalExecutor
+from search.study.sampling import sample
 
-__all__ = ["Driver", "DriverSettings", "TrialCallback", "fine_tune_prospect"]
+__all__ = ["Driver", "TrialCallback", "fine_tune_prospect", "trial_seed"]
 
 log = logging.getLogger("search")
 _MIN_FINE_TUNES = 3  # completed fine-tunes before their median sets what a fine-tune can expect
 TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
 
-@dataclass(frozen=True)
-class DriverSettings:
-    """What the loop needs from the study's settings."""
-
-    budget: int
-    parallel: int
-    seed: int
-    output_dir: Path
-    study_name: str
-    grace_period_s: float = 30.0
-    max_accuracy_drop: float | None = None
-    max_latency_ms: float | None = None
-    report_drop: float = 1.0
-    show_progress: bool = True
-    early_stopping: bool = True
-    max_failures: int | None = None
-
-    @property
-    def failure_limit(self) -> int:
-        """Failed trials after which the study stops: a space or a model that fails most
-        trials should say so early, but a few failures in a long study are not a reason."""
-        return self.max_failures if self.max_failures is not None else max(10, self.budget)
+def trial_seed(study_seed: int, number: int) -> int:
+    """The seed of trial ``number``'s training (and of its refinement): another per trial,
+    the same on a resume."""
+    return study_seed * 100_003 + number
 
 
 def _choices_key(flat: dict[str, Any]) -> str:
@@ -116,18 +111,23 @@ class Driver:
     does is logged and skipped).
     """
 
-    def __init__(self, settings: DriverSettings, study: optuna.Study, resolved: ResolvedSpace,
-                 executor: Executor | LocalExecutor, callbacks: Sequence[TrialCallback] = ()) -> None:
-        self.settings, self.study, self.resolved = settings, study, resolved
+    def __init__(self, config: SearchConfig, study: optuna.Study, resolved: ResolvedSpace,
+                 executor: Executor | LocalExecutor, callbacks: Sequence[TrialCallback] = (), *,
+                 parallel: int = 1, show_progress: bool = True) -> None:
+        self.settings, self.study, self.resolved = config, study, resolved
         self.executor, self.callbacks = executor, list(callbacks)
-        self.models_dir = settings.output_dir / "models"
-        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.parallel, self.show_progress = parallel, show_progress
+        self.output_dir = Path(config.output_dir or config.runs_root / config.study_name)
+        model_path(self.output_dir, 0).parent.mkdir(parents=True, exist_ok=True)
+        # the constraints every trial is told against, and the front is read with
+        study.set_user_attr(StudyKey.MAX_ACCURACY_DROP, config.max_accuracy_drop)
+        study.set_user_attr(StudyKey.MAX_LATENCY_MS, config.max_latency_ms)
         self.in_flight: dict[Any, _InFlight] = {}  # an executor's handle -> its trial
         self.n_failed = 0
         self.frame = trials_frame(study)  # the study's table as of the last completed trial
         self.stage_time: dict[str, float] = {}  # wall seconds of each kind of task, summed
         # an enqueued baseline or seed is exactly what it says, whatever the space fixes
-        self._pinned = dict(resolved.baselines() + resolved.seeds())
+        self._pinned = dict(baselines(resolved) + seeds(resolved))
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -143,7 +143,7 @@ class Driver:
         s = self.settings
         done = n_done(self.study)
         bar = tqdm(total=s.budget, initial=min(done, s.budget), unit="trial", desc=s.study_name,
-                   disable=not s.show_progress, file=sys.stderr, dynamic_ncols=True)
+                   disable=not self.show_progress, file=sys.stderr, dynamic_ncols=True)
         stop = threading.Event()
         with self._first_sigint_sets(stop):
             try:
@@ -190,7 +190,7 @@ class Driver:
                 if not self.in_flight or time.monotonic() > deadline:
                     return
             else:
-                while len(self.in_flight) < s.parallel and done + len(self.in_flight) < s.budget:
+                while len(self.in_flight) < self.parallel and done + len(self.in_flight) < s.budget:
                     state = self._start_trial()
                     if state in COUNTED:  # answered from the cache
                         done += 1
@@ -212,17 +212,17 @@ class Driver:
     def _start_trial(self) -> optuna.trial.TrialState | None:
         """Ask for a trial and start screening it, or answer it from the cache."""
         trial = self.study.ask()
-        label = trial.user_attrs.get("baseline") or trial.user_attrs.get("seed_config")
+        label = trial.user_attrs.get(TrialKey.BASELINE) or trial.user_attrs.get(TrialKey.SEED_CONFIG)
         try:
-            choices = self.resolved.sample(trial, self._pinned.get(label))
+            choices = sample(self.resolved, trial, self._pinned.get(label))
         except Exception as exc:  # a space the checks let through: fatal, but leave no RUNNING
             self._fail(trial, f"sampling: {type(exc).__name__}: {exc}", None)
             raise SearchError(f"trial {trial.number} could not be sampled: {exc}") from exc
-        trial.set_user_attr("choices", choices.applied())
+        trial.set_user_attr(TrialKey.CHOICES, choices.applied())
         source = self._cached(choices)
         if source is not None:
             return self._answer_from_cache(trial, source)
-        record = TrialRecord(trial.number, choices, seed=self.settings.seed * 100_003 + trial.number)
+        record = TrialRecord(trial.number, choices, seed=trial_seed(self.settings.seed, trial.number))
         self._submit(self.executor.submit_screen(record), trial, "screen")
         return None
 
@@ -233,25 +233,25 @@ class Driver:
         """A done trial with exactly these choices (samplers do propose repeats)."""
         key = _choices_key(choices.applied())
         for t in self.study.get_trials(deepcopy=False, states=COUNTED):
-            if "refined_from" not in t.user_attrs and \
-                    _choices_key(t.user_attrs.get("choices", {})) == key:
+            if TrialKey.REFINED_FROM not in t.user_attrs and \
+                    _choices_key(t.user_attrs.get(TrialKey.CHOICES, {})) == key:
                 return t
         return None
 
     def _answer_from_cache(self, trial: optuna.Trial,
                            source: optuna.trial.FrozenTrial) -> optuna.trial.TrialState:
-        origin = source.user_attrs.get("cached_from", source.number)
+        origin = source.user_attrs.get(TrialKey.CACHED_FROM, source.number)
         for key, value in source.user_attrs.items():
-            if key not in ("baseline", "reference", "cached_from", "seed_config"):
+            if key not in TrialKey.ORIGIN:
                 trial.set_user_attr(key, value)
-        trial.set_user_attr("cached_from", origin)
+        trial.set_user_attr(TrialKey.CACHED_FROM, origin)
         log.info("trial %d repeats trial %d's choices: answered from the cache", trial.number,
                  origin)
         if source.state == optuna.trial.TrialState.PRUNED:
             return self._finish(trial, state=optuna.trial.TrialState.PRUNED)
-        model = self.models_dir / f"trial-{source.number}.onnx"
+        model = model_path(self.output_dir, source.number)
         if model.exists():
-            (self.models_dir / f"trial-{trial.number}.onnx").write_bytes(model.read_bytes())
+            model_path(self.output_dir, trial.number).write_bytes(model.read_bytes())
         return self._tell_complete(trial, list(source.values))
 
     def _advance(self, ref: Any) -> optuna.trial.TrialState | None:
@@ -280,7 +280,7 @@ class Driver:
         assert record.latency is not None
         # what knowing where the trial lands cost, before any fine-tune (the stage timings
         # go on adding up through the fine-tune's own prune, export and quantize)
-        trial.set_user_attr("screen_seconds", round(sum(record.timings.values()), 4))
+        trial.set_user_attr(TrialKey.SCREEN_SECONDS, round(sum(record.timings.values()), 4))
         if record.choices.epochs == 0:
             return self._complete(trial, record)
         record.onnx_model = None  # the screened model only served to measure the latency
@@ -325,9 +325,9 @@ class Driver:
 
     def _fail(self, trial: optuna.Trial, reason: str,
               record: TrialRecord | None) -> optuna.trial.TrialState:
-        trial.set_user_attr("failure", reason)
+        trial.set_user_attr(TrialKey.FAILURE, reason)
         if record is not None:
-            trial.set_user_attr("timings", record.timings)
+            trial.set_user_attr(TrialKey.TIMINGS, record.timings)
         log.warning("trial %d failed: %s", trial.number, reason)
         return self._finish(trial, state=optuna.trial.TrialState.FAIL)
 
@@ -335,17 +335,16 @@ class Driver:
                reason: str) -> optuna.trial.TrialState:
         for key, value in record_attrs(record).items():
             trial.set_user_attr(key, value)
-        trial.set_user_attr("pruned_reason", reason)
-        n_constraints = (self.settings.max_accuracy_drop is not None) + \
-            (self.settings.max_latency_ms is not None)
-        if n_constraints:  # a constrained sampler learns that this region does not pay
-            trial.set_user_attr("constraint_values", [1.0] * n_constraints)
+        trial.set_user_attr(TrialKey.PRUNED_REASON, reason)
+        n = n_constraints(self.study)
+        if n:  # a constrained sampler learns that this region does not pay
+            trial.set_user_attr(TrialKey.CONSTRAINT_VALUES, [1.0] * n)
         log.info("trial %d stopped early: %s", trial.number, reason)
         return self._finish(trial, state=optuna.trial.TrialState.PRUNED)
 
     def _complete(self, trial: optuna.Trial, record: TrialRecord) -> optuna.trial.TrialState:
         assert record.onnx_model is not None and record.latency is not None
-        path = self.models_dir / f"trial-{trial.number}.onnx"
+        path = model_path(self.output_dir, trial.number)
         try:
             path.write_bytes(record.onnx_model)
         except OSError as exc:  # a full disk: every later trial would fail the same way
@@ -366,21 +365,17 @@ class Driver:
         """Constraint values (Optuna's convention: <= 0 is feasible), then tell."""
         reference = reference_accuracy(self.study)
         drop = reference - values[0] if reference is not None else 0.0
-        trial.set_user_attr("accuracy_drop", drop)
-        constraints = []
-        if self.settings.max_accuracy_drop is not None:
-            constraints.append(drop - self.settings.max_accuracy_drop)
-        if self.settings.max_latency_ms is not None:
-            constraints.append(values[1] - self.settings.max_latency_ms)
+        trial.set_user_attr(TrialKey.ACCURACY_DROP, drop)
+        constraints = constraint_values(self.study, drop, values[1])
         if constraints:
-            trial.set_user_attr("constraint_values", constraints)
+            trial.set_user_attr(TrialKey.CONSTRAINT_VALUES, constraints)
         return self._finish(trial, values)
 
     def _abandon_in_flight(self, reason: str) -> None:
         for ref, flight in list(self.in_flight.items()):
             self.executor.cancel(ref)
             try:
-                flight.trial.set_user_attr("failure", reason)
+                flight.trial.set_user_attr(TrialKey.FAILURE, reason)
                 self.study.tell(flight.trial, state=optuna.trial.TrialState.FAIL)
             except Exception:  # the storage may be what failed; nothing else to do
                 pass

@@ -23,7 +23,7 @@ import ray
 from search._base import faults as _faults
 from search._base.errors import ConfigError, TrialError
 from search._base.records import TrialRecord
-from search.latency.predict import Calibration
+from search.latency import Calibration
 from search.profiles import HardwareProfile
 from search.tasks import Task
 from search.trial.pipeline import finetune, measure, predict, screen

@@ -9,15 +9,16 @@ from pathlib import Path
 import numpy as np
 import optuna
 
+from search._base.attrs import StudyKey
 from search._base.errors import ConfigError
-from search._base.paths import cache_dir
+from search._base.paths import cache_dir, model_path
 from search.config import SearchConfig
+from search.latency import costing, costs_for, predict_ms
 from search.latency.calibration import (
     CalibrationChoice,
     CalibrationStore,
     Measurement,
 )
-from search.latency.predict import costing, costs_for, predict_ms
 from search.profiles import HardwareProfile
 from search.results.tracking import Tracker
 from search.study.execution import device_reachable
@@ -35,14 +36,14 @@ def latency_source(cfg: SearchConfig, profile: HardwareProfile, study: optuna.St
         raise ConfigError(f"--latency measure: no node of the Ray cluster advertises "
                           f"{profile.resource!r} ({why})")
     source = "measured" if cfg.latency != "predict" and reachable else "predicted"
-    previous = study.user_attrs.get("latency_source")
+    previous = study.user_attrs.get(StudyKey.LATENCY_SOURCE)
     if previous and previous != source:
         raise ConfigError(
             f"study {cfg.study_name!r} has {previous} latencies; resuming it with {source} ones "
             f"would mix them. Pass --latency {'measure' if previous == 'measured' else 'predict'}"
             " or choose another --study-name"
         )
-    study.set_user_attr("latency_source", source)
+    study.set_user_attr(StudyKey.LATENCY_SOURCE, source)
     if source == "measured":
         return source, None
     if profile.latency_model is None:
@@ -59,7 +60,7 @@ def self_calibrate(study: optuna.Study, cfg: SearchConfig, profile: HardwareProf
     batch = profile.measure.batch_size
     samples = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        path = Path(cfg.output_dir) / "models" / f"trial-{t.number}.onnx"
+        path = model_path(Path(cfg.output_dir), t.number)
         if path.exists() and t.values[1] > 0:
             samples.append(Measurement(
                 architecture=architecture, label=label, source=f"{cfg.study_name}/{t.number}",

@@ -18,9 +18,10 @@ import onnx
 import torch
 from torch import nn
 
+from search._base.names import SEGMENTS
 from search._base.ort import make_session
 from search._base.paths import cache_dir, write_atomic
-from search._base.records import SEGMENTS, Choices, TrialRecord
+from search._base.records import Choices, TrialRecord
 from search.profiles import HardwareProfile
 from search.space.resolve import ResolvedSpace
 from search.space.schema import FloatRange, IntRange

@@ -18,23 +18,24 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from search._base.attrs import record_attrs, reference_accuracy
+from search._base.attrs import StudyKey, TrialKey, constraint_values, record_attrs, reference_accuracy
+from search._base.paths import model_path
 from search._base.records import Choices, LatencyStats, TrialRecord
+from search.config import SearchConfig
 from search.results.pareto import HV_ACCURACY_SPAN, trials_frame
+from search.study.driver import trial_seed
 from search.study.execution import Executor, LocalExecutor
 
-__all__ = ["RefineSettings", "refine_front", "remeasure_front"]
+__all__ = ["MIN_EPOCHS", "refine_epochs", "refine_front", "remeasure_front"]
 
 log = logging.getLogger("search")
-_DONE_ATTR = "refined"  # study user attr: {source trial: refined accuracy}, adopted or not
-_SECONDS_ATTR = "refine_seconds"  # study user attr: {source trial: seconds its refinement took}
 
 
 # The shortest refinement a study gives: the three fastest members of a budget-50 study of
@@ -42,15 +43,6 @@ _SECONDS_ATTR = "refine_seconds"  # study user attr: {source trial: seconds its 
 # 97.77 / 99.16 / 98.89 % on validation, the third 98.61 / 98.89 % with 6 / 12: 6 left them
 # short of fp32's 99.16 % by more than the point a user allows, 18 bought nothing more
 MIN_EPOCHS = 12
-
-
-@dataclass(frozen=True)
-class RefineSettings:
-    members: int = 4  # front members refined at most (0: no refinement)
-    epochs: int = MIN_EPOCHS  # distillation epochs of a refinement
-    timeout_s: float = 600.0  # no refinement starts after this
-    parallel: int = 1
-    seed: int = 0
 
 
 def _candidates(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -71,9 +63,9 @@ def _candidates(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     if not len(df) or not df["reference"].any():
         return []
     reference = float(df.loc[df["reference"], "accuracy"].iloc[0])
-    done = {int(k) for k in study.user_attrs.get(_DONE_ATTR, {})}
-    done |= {int(t.user_attrs["refined_from"]) for t in study.get_trials(deepcopy=False)
-             if "refined_from" in t.user_attrs}
+    done = {int(k) for k in study.user_attrs.get(StudyKey.REFINED, {})}
+    done |= {int(t.user_attrs[TrialKey.REFINED_FROM]) for t in study.get_trials(deepcopy=False)
+             if TrialKey.REFINED_FROM in t.user_attrs}
     rows = df[df["on_front"] & (df["baseline"] == "") & df["cached_from"].isna()
               & df["refined_from"].isna() & ~df["trial"].isin(done)
               & (df["accuracy"] < reference)].sort_values("latency_ms")
@@ -94,19 +86,19 @@ def _stopped_faster(study: optuna.Study, latency_ms: float, done: set[int]) -> l
     the fastest trial (0.114 ms against the best refined member's 0.143), was stopped at
     31 % after one epoch, while the "pruned-0.5" seed went from 92.8 % after 3 epochs to
     98.9 % refined."""
-    limit = study.user_attrs.get("max_latency_ms")
+    limit = study.user_attrs.get(StudyKey.MAX_LATENCY_MS)
     stopped = [t for t in study.get_trials(deepcopy=False,
                                            states=(optuna.trial.TrialState.PRUNED,))
-               if t.user_attrs.get("latency_ms") is not None and t.number not in done
-               and "cached_from" not in t.user_attrs and "choices" in t.user_attrs
-               and t.user_attrs["latency_ms"] < latency_ms
-               and (limit is None or t.user_attrs["latency_ms"] <= limit)]
-    return [t.number for t in sorted(stopped, key=lambda t: t.user_attrs["latency_ms"])]
+               if t.user_attrs.get(TrialKey.LATENCY_MS) is not None and t.number not in done
+               and TrialKey.CACHED_FROM not in t.user_attrs and TrialKey.CHOICES in t.user_attrs
+               and t.user_attrs[TrialKey.LATENCY_MS] < latency_ms
+               and (limit is None or t.user_attrs[TrialKey.LATENCY_MS] <= limit)]
+    return [t.number for t in sorted(stopped, key=lambda t: t.user_attrs[TrialKey.LATENCY_MS])]
 
 
 def _latency_ms(trial: optuna.trial.FrozenTrial) -> float:
     """A trial's latency: its objective, or what a stopped trial measured before stopping."""
-    return float(trial.values[1]) if trial.values else float(trial.user_attrs["latency_ms"])
+    return float(trial.values[1]) if trial.values else float(trial.user_attrs[TrialKey.LATENCY_MS])
 
 
 def _reached_reference(study: optuna.Study, latency_ms: float) -> int | None:
@@ -126,7 +118,7 @@ def _reached_reference(study: optuna.Study, latency_ms: float) -> int | None:
 
 
 def _refined_choices(trial: optuna.trial.FrozenTrial, epochs: int) -> Choices:
-    flat = dict(trial.user_attrs["choices"])
+    flat = dict(trial.user_attrs[TrialKey.CHOICES])
     precisions = {k.split(".", 1)[1]: flat.pop(k) for k in list(flat) if k.startswith("precision.")}
     segments = {k.split(".", 1)[1]: flat.pop(k) for k in list(flat)
                 if k.startswith("structured_ratio.")}
@@ -135,27 +127,35 @@ def _refined_choices(trial: optuna.trial.FrozenTrial, epochs: int) -> Choices:
     return replace(choices, epochs=max(epochs, choices.epochs), lr=lr)
 
 
-def refine_front(study: optuna.Study, executor: Executor | LocalExecutor, settings: RefineSettings,
-                 output_dir: Path) -> list[int]:
-    """Refine the front's members; returns the numbers of the trials added."""
-    if settings.members <= 0:
+def refine_epochs(config: SearchConfig, longest: int) -> int:
+    """A refinement's epochs: ``--refine-epochs``, else twice the space's ``longest``
+    fine-tune and at least :data:`MIN_EPOCHS`."""
+    return config.refine_epochs or max(MIN_EPOCHS, 2 * longest)
+
+
+def refine_front(study: optuna.Study, executor: Executor | LocalExecutor, config: SearchConfig,
+                 *, epochs: int = MIN_EPOCHS, parallel: int = 1) -> list[int]:
+    """Refine at most ``config.refine`` of the front's members with ``epochs`` of
+    distillation, ``parallel`` at a time; returns the numbers of the trials added."""
+    members, output_dir = config.refine, Path(config.output_dir)
+    if members <= 0:
         return []
     candidates = _candidates(study)
     if not candidates:
         return []
-    shown = ", ".join(str(t.number) for t in candidates[: settings.members])
-    more = len(candidates) - settings.members
+    shown = ", ".join(str(t.number) for t in candidates[:members])
+    more = len(candidates) - members
     log.info("refining %d front member(s) with %d epochs of distillation: trials %s%s",
-             min(settings.members, len(candidates)), settings.epochs, shown,
+             min(members, len(candidates)), epochs, shown,
              f" ({more} more candidate(s) take the place of any that a refined trial already "
              "beats)" if more > 0 else "")
-    deadline = time.monotonic() + settings.timeout_s
+    deadline = time.monotonic() + config.refine_timeout_s
     pending = list(candidates)
     in_flight: dict[Any, optuna.trial.FrozenTrial] = {}
     added: list[int] = []
-    slots = settings.members  # a member skipped because a refined one beats it takes none
+    slots = members  # a member skipped because a refined one beats it takes none
     while (pending and slots) or in_flight:
-        while pending and slots and len(in_flight) < settings.parallel \
+        while pending and slots and len(in_flight) < parallel \
                 and time.monotonic() < deadline:
             source = pending.pop(0)
             beaten = _reached_reference(study, _latency_ms(source))
@@ -163,14 +163,14 @@ def refine_front(study: optuna.Study, executor: Executor | LocalExecutor, settin
                 log.info("trial %d not refined: trial %d is as fast or faster and already as "
                          "accurate as fp32", source.number, beaten)
                 continue
-            record = TrialRecord(source.number, _refined_choices(source, settings.epochs),
-                                 seed=settings.seed * 100_003 + source.number)
+            record = TrialRecord(source.number, _refined_choices(source, epochs),
+                                 seed=trial_seed(config.seed, source.number))
             in_flight[executor.submit_finetune(record)] = source
             slots -= 1
         if not in_flight:
             if pending and slots:
                 log.warning("refinement time bound (%.0f s) reached; %d member(s) not refined",
-                            settings.timeout_s, min(slots, len(pending)))
+                            config.refine_timeout_s, min(slots, len(pending)))
             break
         ready = executor.wait(list(in_flight), timeout=None)
         source = in_flight.pop(ready[0])
@@ -204,25 +204,22 @@ def _adopt(study: optuna.Study, source: optuna.trial.FrozenTrial, record: TrialR
                  record.accuracy or float("nan"), was)
         return None
     number = len(study.get_trials(deepcopy=False))
-    path = output_dir / "models" / f"trial-{number}.onnx"
+    path = model_path(output_dir, number)
     try:
         path.write_bytes(record.onnx_model or b"")
     except OSError:
         path.unlink(missing_ok=True)
         raise
     attrs: dict[str, Any] = {k: v for k, v in source.user_attrs.items()
-                             if k.startswith("latency") or k in ("device", "provider", "node")}
+                             if k in TrialKey.MEASUREMENT}
     attrs.update(record_attrs(record))
     reference = reference_accuracy(study)
-    attrs.update(refined_from=source.number, screened_accuracy=before,
-                 accuracy_drop=reference - record.accuracy if reference is not None else 0.0)
-    constraints = []  # as the driver computes them (Optuna's convention: <= 0 feasible)
-    if study.user_attrs.get("max_accuracy_drop") is not None:
-        constraints.append(attrs["accuracy_drop"] - study.user_attrs["max_accuracy_drop"])
-    if study.user_attrs.get("max_latency_ms") is not None:
-        constraints.append(_latency_ms(source) - study.user_attrs["max_latency_ms"])
+    drop = reference - record.accuracy if reference is not None else 0.0
+    attrs.update({TrialKey.REFINED_FROM: source.number, TrialKey.SCREENED_ACCURACY: before,
+                  TrialKey.ACCURACY_DROP: drop})
+    constraints = constraint_values(study, drop, _latency_ms(source))
     if constraints:
-        attrs["constraint_values"] = constraints
+        attrs[TrialKey.CONSTRAINT_VALUES] = constraints
     params, distributions = dict(source.params), dict(source.distributions)
     if "epochs" in params:
         epochs = record.choices.epochs
@@ -239,8 +236,8 @@ def _adopt(study: optuna.Study, source: optuna.trial.FrozenTrial, record: TrialR
 
 
 def _mark_refined(study: optuna.Study, source: int, record: TrialRecord) -> None:
-    for attr, value in ((_DONE_ATTR, record.accuracy),
-                        (_SECONDS_ATTR, round(sum(record.timings.values()), 3))):
+    for attr, value in ((StudyKey.REFINED, record.accuracy),
+                        (StudyKey.REFINE_SECONDS, round(sum(record.timings.values()), 3))):
         done = dict(study.user_attrs.get(attr, {}))
         done[str(source)] = value
         study.set_user_attr(attr, done)
@@ -269,7 +266,7 @@ def remeasure_front(study: optuna.Study, executor: Executor | LocalExecutor, out
     rows = df[df["on_front"] | (df["baseline"] != "")]
     models = {}
     for n in rows["trial"]:
-        path = output_dir / "models" / f"trial-{int(n)}.onnx"
+        path = model_path(output_dir, int(n))
         if path.exists():
             models[int(n)] = path.read_bytes()
     if len(models) < 2:
@@ -278,5 +275,5 @@ def remeasure_front(study: optuna.Study, executor: Executor | LocalExecutor, out
                                       executor.task.input_shape, rounds))
     stats = {n: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v),
                  "rounds": len(v)} for n, v in samples.items()}
-    study.set_user_attr("remeasured", {str(n): s for n, s in stats.items()})
+    study.set_user_attr(StudyKey.REMEASURED, {str(n): s for n, s in stats.items()})
     return stats  # type: ignore[return-value]

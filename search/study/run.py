@@ -23,13 +23,13 @@ import optuna
 import pandas as pd
 import ray
 
-from search._base.attrs import fail_stale
+from search._base.attrs import StudyKey, TrialKey, fail_stale
 from search._base.errors import ConfigError, SearchError
 from search._base.redact import redact
 from search.checks import check_inputs, prepare_directories
 from search.config import SearchConfig
+from search.latency import Calibration
 from search.latency.calibration import CalibrationChoice, architecture_key
-from search.latency.predict import Calibration
 from search.profiles import HardwareProfile
 from search.results.outputs import write_outputs
 from search.results.pareto import (
@@ -39,14 +39,15 @@ from search.results.tracking import Tracker, default_tracking_uri
 from search.results.trial_logging import MlflowTrialLogger
 from search.space.resolve import ResolvedSpace, resolve_space
 from search.space.schema import SearchSpace
-from search.study.driver import Driver, DriverSettings
+from search.space.starts import baselines, seeds
+from search.study.driver import Driver
 from search.study.execution import Executor, connect, plan_parallel
 from search.study.latency_source import latency_source, self_calibrate
 from search.study.preflight import preflight
-from search.study.refine import MIN_EPOCHS as MIN_REFINE_EPOCHS
-from search.study.refine import RefineSettings, refine_front, remeasure_front
+from search.study.refine import refine_epochs, refine_front, remeasure_front
 from search.study.sampling import make_sampler
-from search.tasks import Task, check_task, load_task
+from search.study.storage import create_or_load_study, open_storage
+from search.tasks import Task, TaskOptions, check_task, load_task
 from search.trial.pipeline import model_facts, student_layers
 
 __all__ = ["StudyResult", "run_search"]
@@ -78,50 +79,6 @@ class StudyResult:
         ``optuna.visualization`` or to inspect trials; metric names and constraints as stored."""
         return optuna.load_study(study_name=self.study_name,
                                  storage=open_storage(self._storage_url or self.storage))
-
-
-def open_storage(url: str) -> str | optuna.storages.BaseStorage:
-    """An Optuna storage: any RDB URL, or a journal file (``journal:///path`` or ``*.journal``).
-
-    A journal file suits a shared filesystem where no database server runs.
-    """
-    path = None
-    if url.startswith("journal://"):
-        path = url[len("journal://"):]
-    elif url.endswith((".journal", ".jsonl")) and "://" not in url:
-        path = url
-    if path is None:
-        return url
-    from optuna.storages.journal import JournalFileBackend
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(path))
-
-
-def _create_or_load_study(storage: str | optuna.storages.BaseStorage,
-                          sampler: optuna.samplers.BaseSampler | None,
-                          study_name: str) -> optuna.Study:
-    """The two-objective study ``study_name`` in ``storage``, created if new.
-
-    Drivers that open a new SQLite file at the same moment (studies launched
-    together by a scheduler) race to create its tables, and Optuna lets the
-    losers fail ("table studies already exists"; seen with 5 of 6 threads). By
-    then the tables exist, so a loser tries again, a few times.
-    """
-    def create() -> optuna.Study:
-        return optuna.create_study(storage=storage, sampler=sampler, study_name=study_name,
-                                   directions=["maximize", "minimize"], load_if_exists=True)
-
-    for attempt in range(3):
-        try:
-            return create()
-        except Exception as exc:  # sqlalchemy's errors, without importing sqlalchemy
-            racing = type(exc).__name__ in ("OperationalError", "IntegrityError") and (
-                "already exists" in str(exc) or "UNIQUE constraint" in str(exc))
-            if not racing:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    return create()  # the last try raises what it meets
 
 
 @contextmanager
@@ -157,11 +114,11 @@ def _driver_lock(output_dir: Path, study_name: str) -> Iterator[None]:
 def _check_same_task(study: optuna.Study, cfg: SearchConfig) -> None:
     """A resumed study must compress the same task (same data, model, teacher): else its
     trials would mix results of two problems."""
-    task = {"task": cfg.task, **{k: str(v) for k, v in asdict(cfg.task_options()).items()
+    task = {"task": cfg.task, **{k: str(v) for k, v in asdict(TaskOptions.of(cfg)).items()
                                  if v is not None}}
     if cfg.batch_size is not None:  # latencies at another batch size are another problem
         task["batch_size"] = str(cfg.batch_size)
-    previous = study.user_attrs.get("task")
+    previous = study.user_attrs.get(StudyKey.TASK)
     if previous is not None and previous != task:
         changed = sorted(k for k in set(previous) | set(task) if previous.get(k) != task.get(k))
         raise ConfigError(
@@ -169,29 +126,16 @@ def _check_same_task(study: optuna.Study, cfg: SearchConfig) -> None:
             f"resuming it with {', '.join(f'{k}={task.get(k)}' for k in changed)} would mix two "
             "problems in one front. Use the original settings or another --study-name"
         )
-    study.set_user_attr("task", task)
+    study.set_user_attr(StudyKey.TASK, task)
 
 
 def _refine(cfg: SearchConfig, study: optuna.Study, resolved: ResolvedSpace, executor: Executor,
             parallel: int) -> None:
     """Refine the front's members, then re-measure the front with the baselines."""
     longest = resolved.space.distillation.epochs.high
-    epochs = cfg.refine_epochs or max(MIN_REFINE_EPOCHS, 2 * longest)
-    settings = RefineSettings(members=cfg.refine, epochs=epochs,
-                              timeout_s=cfg.refine_timeout_s, parallel=parallel, seed=cfg.seed)
     if cfg.refine > 0 and longest > 0:
-        refine_front(study, executor, settings, Path(cfg.output_dir))
+        refine_front(study, executor, cfg, epochs=refine_epochs(cfg, longest), parallel=parallel)
     remeasure_front(study, executor, Path(cfg.output_dir))
-
-
-def _driver_settings(cfg: SearchConfig, parallel: int, show_progress: bool) -> DriverSettings:
-    return DriverSettings(
-        budget=cfg.budget, parallel=parallel, seed=cfg.seed, output_dir=Path(cfg.output_dir),
-        study_name=cfg.study_name, grace_period_s=cfg.grace_period_s,
-        max_accuracy_drop=cfg.max_accuracy_drop, max_latency_ms=cfg.max_latency_ms,
-        report_drop=cfg.report_drop, show_progress=show_progress,
-        early_stopping=cfg.early_stopping, max_failures=cfg.max_failures,
-    )
 
 
 def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]:
@@ -201,7 +145,7 @@ def _study_params(cfg: SearchConfig, profile: HardwareProfile) -> dict[str, Any]
         "storage": redact(cfg.storage), "parallel": cfg.parallel or "auto",
         "max_accuracy_drop": cfg.max_accuracy_drop, "max_latency_ms": cfg.max_latency_ms,
         "batch_size": profile.measure.batch_size,
-        **{k: str(v) for k, v in asdict(cfg.task_options()).items() if v is not None},
+        **{k: str(v) for k, v in asdict(TaskOptions.of(cfg)).items() if v is not None},
     }
 
 
@@ -238,7 +182,7 @@ def _run_search(config: SearchConfig, show_progress: bool) -> StudyResult:
     start = time.perf_counter()
     checked = check_inputs(config)
     cfg = checked.config
-    check_task(cfg.task, cfg.task_options())
+    check_task(cfg.task, TaskOptions.of(cfg))
     prepare_directories(cfg)
     with _driver_lock(Path(cfg.output_dir), cfg.study_name), warnings.catch_warnings():
         # our samplers' experimental options and their independent-sampling notes are ours
@@ -332,7 +276,7 @@ def _log_latency_source(tracker: Tracker, profile: HardwareProfile, source: str,
 
 def _load_teacher(cfg: SearchConfig) -> Task:
     """The task, its teacher trained or read from the cache (said which, with its accuracy)."""
-    task = load_task(cfg.task, cfg.seed, cfg.task_options())
+    task = load_task(cfg.task, cfg.seed, TaskOptions.of(cfg))
     info = task.teacher_info
     origin = (f"from {info['teacher']}" if info.get("teacher") else
               f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
@@ -346,7 +290,7 @@ def _open_study(cfg: SearchConfig, task: Task, profile: HardwareProfile,
     baselines and seeds enqueued on a new one. Returns it with the space preflight left."""
     constrained = cfg.max_accuracy_drop is not None or cfg.max_latency_ms is not None
     try:
-        study = _create_or_load_study(open_storage(cfg.storage),
+        study = create_or_load_study(open_storage(cfg.storage),
                                       make_sampler(cfg.sampler, cfg.seed, cfg.budget, constrained),
                                       cfg.study_name)
     except Exception as exc:
@@ -354,27 +298,26 @@ def _open_study(cfg: SearchConfig, task: Task, profile: HardwareProfile,
                           f"{type(exc).__name__}: {redact(str(exc))}") from None
     _check_same_task(study, cfg)
     # preflight once per study: a resumed study keeps the space it started with
-    outcomes = dict(study.user_attrs.get("preflight", {}))
+    outcomes = dict(study.user_attrs.get(StudyKey.PREFLIGHT, {}))
     tried = len(outcomes)
     resolved, removed, notes = preflight(task, profile, resolved, outcomes)
     if len(outcomes) != tried:
-        study.set_user_attr("preflight", outcomes)
+        study.set_user_attr(StudyKey.PREFLIGHT, outcomes)
     for note in notes:
         log.info("preflight: %s", note)
     for note in removed:
         log.warning("preflight: %s", note)
     fail_stale(study)
     if not study.get_trials(deepcopy=False):
-        baselines = resolved.baselines()
-        for i, (label, params) in enumerate(baselines):
-            study.enqueue_trial(params, user_attrs={"baseline": label, "reference": i == 0})
-        for label, params in resolved.seeds()[: max(0, cfg.budget - len(baselines))]:
-            study.enqueue_trial(params, user_attrs={"seed_config": label})
+        anchors = baselines(resolved)
+        for i, (label, params) in enumerate(anchors):
+            study.enqueue_trial(params, user_attrs={TrialKey.BASELINE: label,
+                                                    TrialKey.REFERENCE: i == 0})
+        for label, params in seeds(resolved)[: max(0, cfg.budget - len(anchors))]:
+            study.enqueue_trial(params, user_attrs={TrialKey.SEED_CONFIG: label})
     study.set_metric_names(["accuracy", "latency_ms"])
-    study.set_user_attr("max_accuracy_drop", cfg.max_accuracy_drop)
-    study.set_user_attr("max_latency_ms", cfg.max_latency_ms)
     warning = task.teacher_info.get("warning")
-    study.set_user_attr("warnings", ([warning] if warning else []) + removed)
+    study.set_user_attr(StudyKey.WARNINGS, ([warning] if warning else []) + removed)
     return study, resolved
 
 
@@ -388,8 +331,8 @@ def _run_trials(cfg: SearchConfig, study: optuna.Study, resolved: ResolvedSpace,
     interrupted = False
     stopped: SearchError | None = None
     logger = MlflowTrialLogger(tracker)
-    driver = Driver(_driver_settings(cfg, parallel, show_progress), study, resolved, executor,
-                    callbacks=[logger])
+    driver = Driver(cfg, study, resolved, executor, callbacks=[logger], parallel=parallel,
+                    show_progress=show_progress)
     logger.frame = lambda _study: driver.frame  # refreshed by the driver before callbacks
     loop_start = time.perf_counter()
     try:

@@ -14,8 +14,10 @@ from typing import Any
 
 import optuna
 
+from search._base.attrs import TrialKey
 from search._base.errors import ConfigError
-from search._base.records import SEGMENTS, Choices
+from search._base.names import INTEGER_PRECISIONS, SEGMENTS
+from search._base.records import Choices
 from search.config import SAMPLERS
 from search.space.resolve import ResolvedSpace
 from search.space.schema import FloatRange, IntRange
@@ -81,22 +83,22 @@ def _distillation(draw: _Draw, resolved: ResolvedSpace, c: Choices) -> None:
         c.lr = _float(draw, "lr", distil.lr)
         c.temperature = _float(draw, "temperature", distil.temperature)
         c.alpha = _float(draw, "alpha", distil.alpha)
-        c.distill_loss = _categorical(draw, "distill_loss", distil.loss)
+        c.distill_loss = _categorical(draw, "distill_loss", distil.distill_loss)
         if c.distill_loss != "response":
-            c.distill_weight = _float(draw, "distill_weight", distil.loss_weight)
+            c.distill_weight = _float(draw, "distill_weight", distil.distill_weight)
 
 
 def _precisions(draw: _Draw, resolved: ResolvedSpace, c: Choices) -> None:
     """Per-group precisions, then the int8 knobs only where a layer is integer."""
     quant = resolved.space.quantization
     if resolved.granularity == "uniform":
-        pick = _categorical(draw, "precision", resolved._common_precisions())
+        pick = _categorical(draw, "precision", resolved.common_precisions())
         c.precisions = {layer.name: pick for layer in resolved.layers}
     else:
         chosen = {g: _categorical(draw, f"precision.{g}", resolved.group_precisions[g])
                   for g in resolved.groups}
         c.precisions = {name: chosen[g] for g, names in resolved.groups.items() for name in names}
-    if not any(p in ("int8", "int16") for p in c.precisions.values()):
+    if not any(p in INTEGER_PRECISIONS for p in c.precisions.values()):
         return
     wide = "int16" in c.precisions.values()
     c.quant_mode = "static" if wide else _categorical(draw, "quant_mode", resolved.modes)
@@ -150,7 +152,7 @@ def _categorical(draw: _Draw, name: str, options: tuple[Any, ...] | list[Any]) -
 
 def _constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
     """Optuna's constraint convention: <= 0 is feasible. Computed by the driver at tell time."""
-    return list(trial.user_attrs.get("constraint_values", [0.0]))
+    return list(trial.user_attrs.get(TrialKey.CONSTRAINT_VALUES, [0.0]))
 
 
 def make_sampler(name: str, seed: int, budget: int,

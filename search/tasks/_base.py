@@ -9,7 +9,7 @@ then slices tensors instead of re-reading files. Size the data accordingly
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -82,6 +82,9 @@ class Split:
         return len(self.y)
 
 
+_PATH_OPTIONS = ("data_dir", "teacher", "sparse_init")
+
+
 @dataclass(frozen=True)
 class TaskOptions:
     """What the command line says about the task; a task uses what applies to it.
@@ -97,6 +100,14 @@ class TaskOptions:
     image_size: int | None = None
     teacher_epochs: int | None = None
     sparse_init: Path | None = None  # a pre-sparsified checkpoint for sparse transfer
+
+    @classmethod
+    def of(cls, settings: object) -> TaskOptions:
+        """The task options among a study's settings (a ``SearchConfig``, or anything with
+        these attributes), paths as paths."""
+        values = {f.name: getattr(settings, f.name, None) for f in fields(cls)}
+        return cls(**{k: Path(v) if v is not None and k in _PATH_OPTIONS else v
+                      for k, v in values.items()})
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,7 @@ from torch import nn
 from search._base import faults as _faults
 from search._base.errors import TrialError
 from search._base.records import Layer, TrialRecord
-from search.latency import measure_latency
-from search.latency.predict import Calibration, predict_latency
+from search.latency import Calibration, measure_latency, predict_latency
 from search.profiles import HardwareProfile, measurable_here
 from search.space.resolve import ModelFacts
 from search.tasks import Task

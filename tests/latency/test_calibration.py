@@ -13,17 +13,13 @@ from torchvision.models import mobilenet_v2, resnet18, resnet34
 
 from search.config import SearchConfig
 from search.latency.calibration import CalibrationStore, Measurement, architecture_key
-from search.latency.predict import (
-    Calibration,
-    costing,
-    costs_from_torch,
-    predict_latency,
-    predict_ms,
-)
+from search.latency.costing import costing
+from search.latency.model import Calibration, predict_latency, predict_ms
 from search.profiles import load_profile, measurable_here
 from search.study.refine import _interleaved
 from search.study.run import run_search
-from tests.tasks.test_plugin import PLUGIN
+from search.trial.costs import costs_from_torch
+from tests.support.plugins import PLUGIN
 
 PROFILE = "cpu-avx512-vnni"
 
@@ -51,11 +47,6 @@ def _measured(kind: str, truth: Calibration, profile, study: str = "s") -> list[
     key, label, costs = _variants(kind)
     return [Measurement(key, label, f"{study}/{i}", tuple(c), predict_ms(c, profile, truth), 1,
                         costing(profile)) for i, c in enumerate(costs)]
-
-
-@pytest.fixture
-def profile():
-    return load_profile(PROFILE)
 
 
 # the narrow fit the issue saw on a small MLP: int8 at 3 % efficiency, overheads x6.4
@@ -185,7 +176,7 @@ def test_a_measured_mlp_study_leaves_the_next_conv_net_study_predicted_true(
     """The issue's sequence, end to end: a measured study of an MLP, then a predicted study
     of the digits ResNet on the same profile; the second's predictions are checked against
     what its models measure here."""
-    from tests.conftest import TEST_CACHE
+    from tests.support.session import TEST_CACHE
 
     fast = load_profile(fast_profile_path)
     if not measurable_here(fast)[0]:

@@ -62,7 +62,7 @@ def test_a_batch_size_setting_reaches_the_predicted_latency(tmp_path, task, quic
     study = result.load_study()
     assert {t.user_attrs["latency_batch_size"] for t in study.trials
             if t.state.is_finished()} == {8}
-    from search.latency.predict import predict_latency
+    from search.latency.model import predict_latency
     from search.trial.compress import export_onnx
 
     # the same model predicted at the profile's own batch size, 1

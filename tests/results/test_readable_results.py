@@ -13,7 +13,8 @@ import pandas as pd
 from search.cli import _print_result, main
 from search.config import SearchConfig
 from search.results.outputs import _summary
-from search.results.pareto import _draw_front, best_speedup, plot_front, readable_front, trials_frame
+from search.results.pareto import best_speedup, readable_front, trials_frame
+from search.results.render import _draw_front, plot_front
 from search.study.run import StudyResult
 
 # (accuracy, latency ms, baseline): fp32 reference, int8 baseline, a good point, a slow

@@ -13,7 +13,8 @@ from search.config import SearchConfig
 from search.results.tracking import EXPERIMENT, _fluent_tracking_uri
 from search.study.run import run_search
 from search.trial.evaluate import onnx_accuracy
-from tests.conftest import QUICK_SPACE, free_port, skip_unless_ci, start_mlflow_server, stop_mlflow_server
+from tests.support.helpers import QUICK_SPACE, skip_unless_ci
+from tests.support.servers import free_port, start_mlflow_server, stop_mlflow_server
 
 
 @pytest.mark.parametrize("before", [None, "http://user-choice.example:5000"])

@@ -7,7 +7,7 @@ import optuna
 
 from search.results.tracking import _TRIAL_TAG, Tracker
 from search.results.trial_logging import MlflowTrialLogger
-from tests.study.test_driver import ONE_SHOT_TWO_MODELS, _run
+from tests.support.driver import ONE_SHOT_TWO_MODELS, run_driver
 
 
 def _children(tracker: Tracker) -> dict[int, list[str]]:
@@ -20,7 +20,7 @@ def _children(tracker: Tracker) -> dict[int, list[str]]:
 
 
 def test_catch_up_logs_each_missed_trial_once_and_completes_a_cut_off_child(task, tmp_path):
-    study, _ = _run(task, tmp_path, ONE_SHOT_TWO_MODELS, budget=3)  # driver logged nothing
+    study, _ = run_driver(task, tmp_path, ONE_SHOT_TWO_MODELS, budget=3)  # driver logged nothing
     failed = study.ask()  # a trial that failed, as a dead driver's stale trial ends
     study.tell(failed, state=optuna.trial.TrialState.FAIL)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

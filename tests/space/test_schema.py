@@ -7,6 +7,8 @@ from search._base.errors import ConfigError
 from search._base.records import Layer
 from search.space.resolve import ModelFacts, resolve_space
 from search.space.schema import IntRange, load_space
+from search.space.starts import baselines, seeds
+from search.study.sampling import sample
 
 
 def test_default_space_resolves_to_profile_precisions(profile, layers):
@@ -46,7 +48,7 @@ def test_sampling_stays_inside_the_space(profile, layers):
                                 sampler=optuna.samplers.RandomSampler(seed=3))
     for _ in range(30):
         trial = study.ask()
-        choices = resolved.sample(trial)
+        choices = sample(resolved, trial)
         assert choices.unstructured_sparsity == 0.0  # no sparse kernels on this profile
         high = load_space("default").pruning.structured_ratio.high
         assert 0 <= choices.structured_ratio <= high
@@ -61,7 +63,7 @@ def test_sampling_stays_inside_the_space(profile, layers):
 
 def test_baselines_are_fp32_then_uniform_u8s8(profile, layers):
     resolved = resolve_space(load_space("default"), profile, layers)
-    (label_a, fp32), (label_b, int8) = resolved.baselines()
+    (label_a, fp32), (label_b, int8) = baselines(resolved)
     assert (label_a, label_b) == ("fp32", "int8")
     assert {v for k, v in fp32.items() if k.startswith("precision.")} == {"fp32"}
     assert {v for k, v in int8.items() if k.startswith("precision.")} == {"int8"}
@@ -83,14 +85,14 @@ def test_block_and_stage_granularity_group_layer_precisions(tmp_path, profile, l
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(10):
         trial = study.ask()
-        choices = resolved.sample(trial)
+        choices = sample(resolved, trial)
         precision_params = {k for k in trial.params if k.startswith("precision.")}
         assert precision_params <= {f"precision.{g}" for g in resolved.groups}
         for names in resolved.groups.values():  # one precision per stage
             assert len({choices.precisions[n] for n in names}) == 1
         study.tell(trial, [0.0, 1.0])
-    baselines = dict(resolved.baselines())
-    assert baselines["fp32"]["precision.layer2"] == "fp32"
+    anchors = dict(baselines(resolved))
+    assert anchors["fp32"]["precision.layer2"] == "fp32"
 
 
 def test_profile_decides_patterns_and_modes(layers):
@@ -113,7 +115,7 @@ def test_space_asking_what_profile_or_model_cannot_do_is_rejected(tmp_path, laye
     from search.space.resolve import ModelFacts
 
     dynamic = tmp_path / "dynamic.yaml"
-    dynamic.write_text(yaml.safe_dump({"quantization": {"mode": ["dynamic"]}}))
+    dynamic.write_text(yaml.safe_dump({"quantization": {"quant_mode": ["dynamic"]}}))
     with pytest.raises(ConfigError, match="dynamic.*allowed: \\[static\\]"):
         resolve_space(load_space(dynamic), load_profile("t4-gpu"), layers)
     sparse = tmp_path / "sparse.yaml"
@@ -137,7 +139,7 @@ def test_conditional_dimensions_appear_only_when_their_parent_allows(profile, la
                                 sampler=optuna.samplers.RandomSampler(seed=5))
     for _ in range(40):
         trial = study.ask()
-        c = resolved.sample(trial)
+        c = sample(resolved, trial)
         p = trial.params
         assert ("distill_loss" in p) == (c.epochs > 0)
         assert ("distill_weight" in p) == (c.epochs > 0 and c.distill_loss != "response")
@@ -157,7 +159,7 @@ def _draws(resolved, n=40, seed=0):
     out = []
     for _ in range(n):
         trial = study.ask()
-        out.append(resolved.sample(trial))
+        out.append(sample(resolved, trial))
         study.tell(trial, [0.0, 1.0])
     return out
 
@@ -206,19 +208,19 @@ def test_describe_says_why_each_dimension_is_or_is_not_sampled(profile, layers):
 def test_seeds_are_pruned_quantized_and_distilled_within_the_space(profile, layers):
     resolved = resolve_space(load_space("default"), profile, layers,
                              ModelFacts(droppable_blocks=1))
-    seeds = dict(resolved.seeds())
-    assert set(seeds) == {"pruned-0.5", "pruned-0.3-dropped-1", "pruned-0.65"}
-    for params in seeds.values():
+    starts = dict(seeds(resolved))
+    assert set(starts) == {"pruned-0.5", "pruned-0.3-dropped-1", "pruned-0.65"}
+    for params in starts.values():
         assert params["epochs"] >= 1 and params["structured_ratio.late"] > 0
         assert {v for k, v in params.items() if k.startswith("precision.")} == {"int8"}
     # a baseline is what it says even where the space fixes a dimension otherwise
     fixed = load_space("default").model_copy(update={"distillation": load_space(
         "default").distillation.model_copy(update={"epochs": IntRange(low=2, high=2)})})
     resolved = resolve_space(fixed, profile, layers)
-    label, params = resolved.baselines()[0]
+    label, params = baselines(resolved)[0]
     study = optuna.create_study(directions=["maximize", "minimize"])
-    assert resolved.sample(study.ask(), params).epochs == 0
-    assert resolved.sample(study.ask()).epochs == 2
+    assert sample(resolved, study.ask(), params).epochs == 0
+    assert sample(resolved, study.ask()).epochs == 2
 
 
 def test_segment_granularity_samples_a_channel_ratio_per_depth_segment(profile, layers):
@@ -233,11 +235,11 @@ def test_segment_granularity_samples_a_channel_ratio_per_depth_segment(profile, 
 
     def enqueued(params):  # as the study enqueues baselines and seeds
         study.enqueue_trial(params)
-        return resolved.sample(study.ask(), params)
+        return sample(resolved, study.ask(), params)
 
-    for _, params in resolved.baselines():  # nothing pruned, in every segment
+    for _, params in baselines(resolved):  # nothing pruned, in every segment
         assert enqueued(params).segment_ratios == {"early": 0.0, "middle": 0.0, "late": 0.0}
-    for _, params in resolved.seeds():  # one ratio everywhere, as the seed says
+    for _, params in seeds(resolved):  # one ratio everywhere, as the seed says
         ratios = enqueued(params).segment_ratios
         assert len(set(ratios.values())) == 1 and next(iter(ratios.values())) > 0
     rows = {dim: offered for dim, offered, _ in resolved.describe()}
@@ -264,9 +266,9 @@ def test_the_int8_baseline_leaves_in_float_what_the_profile_cannot_run_in_int8()
     profile = load_profile("t4-gpu")
     resolved = resolve_space(load_space("default"), profile, student_layers(task),
                              model_facts(task))
-    baselines = dict(resolved.baselines())
-    assert set(baselines) == {"fp32", "int8"}
-    plan = {k: v for k, v in baselines["int8"].items() if k.startswith("precision.")}
+    anchors = dict(baselines(resolved))
+    assert set(anchors) == {"fp32", "int8"}
+    plan = {k: v for k, v in anchors["int8"].items() if k.startswith("precision.")}
     assert plan == {"precision.proj": "int8", "precision.rnn": "fp32", "precision.head": "int8"}
 
 
@@ -293,14 +295,14 @@ def test_auto_granularity_keeps_a_deep_models_body_in_one_precision(profile, lay
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(5):
         trial = study.ask()
-        choices = deep.sample(trial)
+        choices = sample(deep, trial)
         assert len({choices.precisions[n] for n in names[2:-2]}) == 1
         assert {k for k in trial.params if k.startswith("precision.")} == \
             {f"precision.{g}" for g in deep.groups}
         study.tell(trial, [0.0, 1.0])
-    (_, fp32), (_, int8) = deep.baselines()
+    (_, fp32), (_, int8) = baselines(deep)
     assert fp32["precision.body"] == "fp32" and int8["precision.body"] == "int8"
-    assert "precision.body" in dict(deep.seeds())["pruned-0.5"]
+    assert "precision.body" in dict(seeds(deep))["pruned-0.5"]
     assert "one for the 49 layers between" in dict((d, w) for d, w, _ in deep.describe())[
         "precision"]
 

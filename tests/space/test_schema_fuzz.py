@@ -8,16 +8,17 @@ from hypothesis import strategies as st
 
 from search._base.errors import ConfigError
 from search._base.schema import load_model, validate_model
-from search.config import ConfigFile
+from search.config import Settings
 from search.profiles import PROFILES_DIR, HardwareProfile
 from search.space.schema import SearchSpace
 
-MODELS = (HardwareProfile, SearchSpace, ConfigFile)
+MODELS = (HardwareProfile, SearchSpace, Settings)
 KEYS = st.sampled_from([
     "name", "device_class", "precisions", "Conv", "Gemm", "int8", "measure", "threads",
     "latency_model", "peak_tops", "fp32", "int8", "pruning", "structured_ratio", "low", "high",
     "step", "log", "quantization", "precisions", "budget", "profile", "seed", "parallel",
-    "distillation", "epochs", "activation_types", "sparse_kernels", "channel_multiple",
+    "distillation", "epochs", "activation_types", "activation_type", "quant_mode",
+    "sparse_kernels", "channel_multiple",
 ]) | st.text(max_size=12)
 SCALARS = (st.none() | st.booleans() | st.integers(-10**6, 10**6)
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)

@@ -24,13 +24,8 @@ from search._base.attrs import failure_reason
 from search.config import SearchConfig
 from search.results.tracking import EXPERIMENT
 from search.study.run import run_search
-from tests.conftest import (
-    QUICK_SPACE,
-    free_port,
-    skip_unless_ci,
-    start_mlflow_server,
-    stop_mlflow_server,
-)
+from tests.support.helpers import QUICK_SPACE, skip_unless_ci
+from tests.support.servers import free_port, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
 

@@ -7,50 +7,12 @@ import pytest
 
 from search._base.attrs import fail_stale, failure_reason, n_done
 from search.config import SearchConfig
-from search.latency.predict import Calibration
-from search.profiles import load_profile
-from search.space.resolve import resolve_space
-from search.space.schema import SearchSpace
-from search.study.driver import Driver, DriverSettings
-from search.study.execution import LocalExecutor
 from search.study.run import run_search
-from search.trial.pipeline import model_facts, student_layers
-
-PROFILE = "cpu-avx512-vnni"  # predicted here: the latency model, no device needed
-
-
-def _space(**sections) -> SearchSpace:
-    return SearchSpace.model_validate({"name": "test", **sections})
-
-
-ONE_SHOT_TWO_MODELS = _space(
-    pruning={"structured_ratio": {"low": 0, "high": 0}, "drop_blocks": {"low": 0, "high": 0}},
-    distillation={"epochs": {"low": 0, "high": 0}},
-    quantization={"granularity": "uniform", "precisions": ["fp32", "int8"],
-                  "per_channel": [True], "activation_symmetric": [False],
-                  "calibration_method": ["minmax"], "calibration_samples": {"low": 64, "high": 64}},
-)
-
-
-def _run(task, tmp_path, space, budget, study=None, **settings):
-    profile = load_profile(PROFILE)
-    resolved = resolve_space(space, profile, student_layers(task), model_facts(task))
-    if study is None:
-        study = optuna.create_study(directions=["maximize", "minimize"],
-                                    sampler=optuna.samplers.RandomSampler(seed=0))
-        for i, (label, params) in enumerate(resolved.baselines()):
-            study.enqueue_trial(params, user_attrs={"baseline": label, "reference": i == 0})
-    executor = LocalExecutor(task, profile, calibration=Calibration.of(profile.latency_model))
-    seen = []
-    driver = Driver(DriverSettings(budget=budget, parallel=1, seed=0, output_dir=tmp_path,
-                                   study_name="t", show_progress=False, **settings),
-                    study, resolved, executor, callbacks=[lambda s, t: seen.append(t.number)])
-    driver.run()
-    return study, seen
+from tests.support.driver import ONE_SHOT_TWO_MODELS, run_driver, search_space
 
 
 def test_repeated_choices_are_answered_from_the_cache_and_count_once_each(task, tmp_path):
-    study, seen = _run(task, tmp_path, ONE_SHOT_TWO_MODELS, budget=5)
+    study, seen = run_driver(task, tmp_path, ONE_SHOT_TWO_MODELS, budget=5)
     assert n_done(study) == 5 and seen == [0, 1, 2, 3, 4]  # every trial reached the callbacks
     cached = [t for t in study.trials if "cached_from" in t.user_attrs]
     assert len(cached) == 3 and {t.user_attrs["cached_from"] for t in cached} <= {0, 1}
@@ -61,7 +23,7 @@ def test_repeated_choices_are_answered_from_the_cache_and_count_once_each(task, 
 
 
 def test_a_constraint_marks_lossy_trials_infeasible(task, tmp_path):
-    study, _ = _run(task, tmp_path, ONE_SHOT_TWO_MODELS, budget=2, max_accuracy_drop=0.0,
+    study, _ = run_driver(task, tmp_path, ONE_SHOT_TWO_MODELS, budget=2, max_accuracy_drop=0.0,
                     max_latency_ms=1e-6)
     for t in study.trials:
         drop, latency = t.user_attrs["constraint_values"]
@@ -69,7 +31,7 @@ def test_a_constraint_marks_lossy_trials_infeasible(task, tmp_path):
         assert latency > 0  # nothing is faster than a nanosecond
 
 
-HOPELESS = _space(
+HOPELESS = search_space(
     pruning={"structured_ratio": {"low": 0, "high": 0}, "drop_blocks": {"low": 0, "high": 0}},
     distillation={"epochs": {"low": 2, "high": 2}},
     quantization={"precisions": ["fp32"]},
@@ -77,7 +39,7 @@ HOPELESS = _space(
 
 
 def test_resume_counts_pruned_trials_and_fails_what_a_dead_driver_left_running(task, tmp_path):
-    study, _ = _run(task, tmp_path, HOPELESS, budget=2)
+    study, _ = run_driver(task, tmp_path, HOPELESS, budget=2)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
     assert "train" not in study.trials[1].user_attrs["timings"]
     assert n_done(study) == 2
@@ -85,7 +47,7 @@ def test_resume_counts_pruned_trials_and_fails_what_a_dead_driver_left_running(t
     fail_stale(study)
     assert study.trials[2].state.name == "FAIL"
     assert failure_reason(study.trials[2]) == "driver stopped mid-trial"
-    study, _ = _run(task, tmp_path, HOPELESS, budget=3, study=study)
+    study, _ = run_driver(task, tmp_path, HOPELESS, budget=3, study=study)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "FAIL", "PRUNED"]
     assert n_done(study) == 3
 
@@ -93,7 +55,7 @@ def test_resume_counts_pruned_trials_and_fails_what_a_dead_driver_left_running(t
 def test_without_early_stopping_every_trial_is_fine_tuned(task, tmp_path):
     space = HOPELESS.model_copy(update={"distillation": HOPELESS.distillation.model_copy(
         update={"epochs": HOPELESS.distillation.epochs.model_copy(update={"low": 1, "high": 1})})})
-    study, _ = _run(task, tmp_path, space, budget=2, early_stopping=False)
+    study, _ = run_driver(task, tmp_path, space, budget=2, early_stopping=False)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     assert "train" in study.trials[1].user_attrs["timings"]
 
@@ -123,13 +85,12 @@ def test_a_study_whose_trials_all_fail_stops_at_the_default_limit(task, tmp_path
     monkeypatch.setenv("SEARCH_FAULTS", "prune@*")
     study = optuna.create_study(directions=["maximize", "minimize"])
     with pytest.raises(SearchError, match="^10 trials failed; stopping"):
-        _run(task, tmp_path, ONE_SHOT_TWO_MODELS, budget=4, study=study)
+        run_driver(task, tmp_path, ONE_SHOT_TWO_MODELS, budget=4, study=study)
     failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     assert len(failed) == len(study.trials) == 10
     assert all(failure_reason(t).startswith("prune: InjectedFault") for t in failed)
-    limits = [DriverSettings(budget=b, parallel=1, seed=0, output_dir=tmp_path, study_name="t",
-                             max_failures=m).failure_limit for b, m in ((4, None), (30, None),
-                                                                        (30, 3))]
+    limits = [SearchConfig(profile="host", budget=b, max_failures=m).failure_limit
+              for b, m in ((4, None), (30, None), (30, 3))]
     assert limits == [10, 30, 3]
 
 

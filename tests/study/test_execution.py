@@ -11,7 +11,7 @@ from search.config import SearchConfig
 from search.study.execution import Executor, device_reachable
 from search.study.run import run_search
 from search.trial.pipeline import compress
-from tests.conftest import stop_warm_ray
+from tests.support.warm_ray import stop_warm_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 

@@ -13,7 +13,7 @@ from ray.cluster_utils import Cluster
 from search._base.errors import ConfigError, SearchError
 from search.config import SearchConfig
 from search.study.run import run_search
-from tests.conftest import QUICK_SPACE
+from tests.support.helpers import QUICK_SPACE
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,8 @@ from search._base.errors import ConfigError
 from search.config import SearchConfig
 from search.profiles import PROFILES_DIR
 from search.study.run import run_search
-from tests.conftest import QUICK_SPACE, stop_warm_ray
+from tests.support.helpers import QUICK_SPACE
+from tests.support.warm_ray import stop_warm_ray
 
 pytestmark = pytest.mark.own_ray
 

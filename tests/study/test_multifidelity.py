@@ -7,20 +7,14 @@ from dataclasses import replace
 import optuna
 import pandas as pd
 import pytest
-import yaml
 
 from search._base.records import Choices, TrialRecord
 from search.config import SearchConfig
 from search.study.run import run_search
 from search.trial.pipeline import finetune, student_layers
+from tests.support.helpers import write_space
 
 pytestmark = pytest.mark.slow
-
-
-def _space(tmp_path, name: str, **sections) -> str:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, **sections}))
-    return str(path)
 
 
 def test_a_fine_tune_that_falls_behind_stops_after_an_epoch(task, fast_profile):
@@ -50,7 +44,7 @@ HOPELESS = {
 def test_trials_that_cannot_reach_the_front_are_pruned_before_fine_tuning_and_resume(tmp_path):
     config = SearchConfig(profile="cpu-avx512-vnni", budget=3, runs_root=tmp_path, seed=0,
                           study_name="hopeless", latency="predict", refine=0,
-                          space=_space(tmp_path, "hopeless", **HOPELESS))
+                          space=write_space(tmp_path, "hopeless", **HOPELESS))
     result = run_search(config, show_progress=False)
     study = optuna.load_study(study_name="hopeless", storage=config.resolved("x").storage)
     states = [t.state.name for t in study.trials]
@@ -75,7 +69,7 @@ ONE_EPOCH = {
     "pruning": {"structured_ratio": {"low": 0.5, "high": 0.5},
                 "structured_importance": ["magnitude"],
                 "drop_blocks": {"low": 0, "high": 0}},
-    "distillation": {"epochs": {"low": 1, "high": 1}, "loss": ["response"]},
+    "distillation": {"epochs": {"low": 1, "high": 1}, "distill_loss": ["response"]},
     "quantization": {"precisions": ["fp32"]},
 }
 
@@ -83,7 +77,7 @@ ONE_EPOCH = {
 def test_refinement_never_lowers_a_front_member_and_is_not_repeated(tmp_path):
     config = SearchConfig(profile="cpu-avx512-vnni", budget=3, runs_root=tmp_path, seed=0,
                           study_name="refined", latency="predict", refine=1, refine_epochs=2,
-                          space=_space(tmp_path, "one-epoch", **ONE_EPOCH))
+                          space=write_space(tmp_path, "one-epoch", **ONE_EPOCH))
     result = run_search(config, show_progress=False)
     study = optuna.load_study(study_name="refined", storage=config.resolved("x").storage)
     refined = study.user_attrs.get("refined", {})

@@ -13,6 +13,7 @@ from search.profiles import load_profile
 from search.space.resolve import resolve_space
 from search.space.schema import load_space
 from search.study.preflight import preflight
+from search.study.sampling import sample
 from search.tasks import Split, Task
 from search.trial.pipeline import model_facts, student_layers
 from tests.families import EncoderClassifier, SeriesClassifier
@@ -62,7 +63,7 @@ def test_a_technique_that_breaks_is_removed_with_its_reason():
     assert narrowed.space.pruning.structured_ratio.high == 0.0
     assert narrowed.modes == resolved.modes  # the rest stays
     study = optuna.create_study(directions=["maximize", "minimize"])
-    assert all(narrowed.sample(study.ask()).structured_ratio == 0.0 for _ in range(5))
+    assert all(sample(narrowed, study.ask()).structured_ratio == 0.0 for _ in range(5))
 
 
 def test_a_transformer_encoder_keeps_every_technique():

@@ -24,8 +24,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from search.results.tracking import EXPERIMENT
-from search.study.run import open_storage
-from tests.conftest import QUICK_SPACE, free_port
+from search.study.storage import open_storage
+from tests.support.helpers import QUICK_SPACE
+from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.own_ray]  # a Ray of its own, started as a user would
 RAY = str(Path(sys.executable).parent / "ray")

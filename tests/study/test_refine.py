@@ -9,7 +9,12 @@ import optuna
 import pytest
 
 from search._base.records import TrialRecord
-from search.study.refine import RefineSettings, _candidates, _reached_reference, refine_front
+from search.config import SearchConfig
+from search.study.refine import _candidates, _reached_reference, refine_front
+
+
+def _config(output_dir) -> SearchConfig:  # noqa: ANN001
+    return SearchConfig(profile="cpu-avx512-vnni", budget=1, output_dir=output_dir, refine=4)
 
 
 def _add(study: optuna.Study, accuracy: float, latency_ms: float, **attrs) -> None:
@@ -79,7 +84,7 @@ def test_refinement_stops_at_members_a_refined_one_already_beats(tmp_path, caplo
     logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO, logger="search"):
-            added = refine_front(study, executor, RefineSettings(members=4), tmp_path)
+            added = refine_front(study, executor, _config(tmp_path))
     finally:
         logger.removeHandler(caplog.handler)
     assert executor.submitted == [1] and added == [4]
@@ -92,7 +97,7 @@ def test_refinement_stops_at_members_a_refined_one_already_beats(tmp_path, caplo
     _add(study, 96.0, 0.2)
     _add(study, 98.0, 0.3)
     executor = _Finetunes({1: 98.5, 2: 99.2})
-    refine_front(study, executor, RefineSettings(members=4), tmp_path)
+    refine_front(study, executor, _config(tmp_path))
     assert executor.submitted == [1, 2]
 
 
@@ -117,7 +122,7 @@ def test_trials_stopped_early_faster_than_the_box_are_refined_too(tmp_path):
     assert [t.number for t in _candidates(study)] == [1, 2, 3]
     (tmp_path / "models").mkdir()
     executor = _Finetunes({1: 98.5, 2: 90.0, 3: 99.0})
-    added = refine_front(study, executor, RefineSettings(members=4), tmp_path)
+    added = refine_front(study, executor, _config(tmp_path))
     assert executor.submitted == [1, 2, 3] and len(added) == 3
     refined = study.trials[added[-1]]
     assert refined.user_attrs["refined_from"] == 3
@@ -142,10 +147,10 @@ def test_a_member_skipped_as_beaten_leaves_its_slot_to_the_next(tmp_path):
     assert [t.number for t in _candidates(study)] == [1, 3, 4, 2, 5]
     (tmp_path / "models").mkdir()
     executor = _Finetunes({1: 99.2, 3: 85.0, 4: 98.5, 5: 98.0})
-    refine_front(study, executor, RefineSettings(members=4), tmp_path)
+    refine_front(study, executor, _config(tmp_path))
     assert executor.submitted == [1, 3, 4, 5]
     executor = _Finetunes({})
-    assert refine_front(study, executor, RefineSettings(members=4), tmp_path) == []
+    assert refine_front(study, executor, _config(tmp_path)) == []
     assert executor.submitted == []  # a rerun has nothing left to refine
 
 

@@ -12,7 +12,7 @@ from search._base.errors import ConfigError
 from search.config import SearchConfig
 from search.results.tracking import EXPERIMENT
 from search.study.run import run_search
-from tests.conftest import done_rows
+from tests.support.helpers import done_rows
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +142,7 @@ def test_vpu_study_produces_only_fp16_layers(tmp_path, quick_space):
     assert all(p.startswith("fp16:") and " " not in p for p in result.trials["precisions"])
     assert "fp16:10" in set(result.trials["precisions"])
     assert result.trials.loc[result.trials["reference"], "baseline"].tolist() == ["fp16"]
-    from search.latency.predict import costs_from_onnx
+    from search.latency import costs_from_onnx
 
     for path in (result.output_dir / "models").glob("*.onnx"):
         kinds = {c.precision for c in costs_from_onnx(path.read_bytes())
@@ -222,7 +222,7 @@ def test_studies_opened_at_once_on_a_new_sqlite_file_all_open(tmp_path):
     all but one fail creating its tables ("table studies already exists")."""
     import threading
 
-    from search.study.run import _create_or_load_study
+    from search.study.storage import create_or_load_study
 
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     start, errors = threading.Barrier(6), []
@@ -230,7 +230,7 @@ def test_studies_opened_at_once_on_a_new_sqlite_file_all_open(tmp_path):
     def open_one(i: int) -> None:
         start.wait()
         try:
-            _create_or_load_study(url, None, f"study-{i}")
+            create_or_load_study(url, None, f"study-{i}")
         except Exception as exc:  # noqa: BLE001 - collected for the assertion
             errors.append(f"{type(exc).__name__}: {exc}")
 

@@ -14,8 +14,8 @@ import pytest
 from search._base.errors import ConfigError
 from search._base.paths import cache_dir
 from search.tasks import TaskOptions, check_task
-from tests.conftest import done_rows
-from tests.tasks.conftest import write_digits_tree
+from tests.support.helpers import done_rows
+from tests.support.plugins import write_digits_tree
 
 REPO = Path(__file__).resolve().parents[2]
 SEARCH = [sys.executable, "-m", "search.cli"]

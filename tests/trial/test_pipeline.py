@@ -31,7 +31,7 @@ def test_a_transformer_runs_every_stage_with_heads_removed(task, fast_profile):
 
     from search._base.records import Choices, TrialRecord
     from search.trial.pipeline import compress, model_facts, student_layers
-    from tests.trial.compress.test_heads import TinyViT
+    from tests.support.models import TinyViT
 
     torch.manual_seed(0)
     vit = replace(task, name="tiny-vit", make_model=TinyViT, teacher_state=TinyViT().state_dict())

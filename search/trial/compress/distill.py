@@ -29,14 +29,14 @@ from torch import nn
 
 from search._base.devices import autocast, grad_scaler, train_device
 from search._base.errors import TrialError
+from search._base.names import DISTILL_LOSSES
 from search.tasks import Loss, Split, class_dim, classification_loss, logits_of
 from search.trial.compress._layers import CONV
 from search.trial.compress.prune import output_layer
 
-__all__ = ["LOGITS", "LOSSES", "TrainingHook", "distill", "distillation_loss", "feature_taps",
+__all__ = ["LOGITS", "TrainingHook", "distill", "distillation_loss", "feature_taps",
            "relation_loss", "teacher_outputs"]
 
-LOSSES = ("response", "feature", "relation")
 LOGITS = "<logits>"  # the teacher's outputs in teacher_outputs (no module is named so)
 
 
@@ -253,8 +253,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, *, epochs: int
     """
     if epochs <= 0:
         return student.eval()
-    if loss not in LOSSES:
-        raise ValueError(f"unknown distillation loss {loss!r}; known: {', '.join(LOSSES)}")
+    if loss not in DISTILL_LOSSES:
+        raise ValueError(f"unknown distillation loss {loss!r}; known: {', '.join(DISTILL_LOSSES)}")
     torch.manual_seed(seed)
     device = train_device()  # CUDA with mixed precision when present; the model returns on CPU
     student.to(device)

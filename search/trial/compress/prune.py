@@ -17,13 +17,12 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from search._base.records import SEGMENTS
+from search._base.names import CHANNEL_IMPORTANCES, SEGMENTS, ChannelImportance
 from search.tasks import Loss, Split, classification_loss, logits_of
 from search.trial.compress._layers import WEIGHTED
 from search.trial.compress.heads import PrunedAttention, prune_heads
 
 __all__ = [
-    "IMPORTANCES",
     "DroppedBlock",
     "attention_modules",
     "SEGMENTS",
@@ -42,10 +41,8 @@ __all__ = [
 _TAYLOR_CHUNK = 32  # inputs per backward pass when taylor importance takes its gradient
 
 
-IMPORTANCES = ("magnitude", "bn_scale", "taylor", "lamp")
-
-
-def _importance(name: str):  # noqa: ANN202
+def _importance(name: ChannelImportance):  # noqa: ANN202
+    """torch-pruning's importance for each name of ``CHANNEL_IMPORTANCES``."""
     if name == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=2)
     if name == "bn_scale":
@@ -54,7 +51,7 @@ def _importance(name: str):  # noqa: ANN202
         return tp.importance.GroupTaylorImportance()
     if name == "lamp":
         return tp.importance.LAMPImportance(p=2)
-    raise ValueError(f"unknown structured importance {name!r}; known: {', '.join(IMPORTANCES)}")
+    raise ValueError(f"unknown structured importance {name!r}; known: {', '.join(CHANNEL_IMPORTANCES)}")
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

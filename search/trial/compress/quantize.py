@@ -21,17 +21,18 @@ import onnx
 import torch
 
 from search._base.errors import TrialError
+from search._base.names import INTEGER_PRECISIONS, RUNNABLE_PRECISIONS
 from search._base.ort import as_input
-from search._base.records import RUNNABLE_PRECISIONS, Choices
+from search._base.records import Choices
 from search.trial.compress._entropy import kl_threshold
 
-__all__ = ["CALIBRATION_METHODS", "apply_precision_plan"]
+__all__ = ["apply_precision_plan"]
 
 _QTYPES = {"uint8": "QUInt8", "int8": "QInt8", "int16": "QInt16"}
 _SUPPORTED = set(RUNNABLE_PRECISIONS)
-_INTEGER = {"int8", "int16"}
+_INTEGER = set(INTEGER_PRECISIONS)
+# ONNX Runtime's name of each of CALIBRATION_METHODS
 _CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-CALIBRATION_METHODS = tuple(_CALIBRATION)
 
 
 class _Calibration:

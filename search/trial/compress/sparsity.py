@@ -27,12 +27,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from search._base.names import SPARSITY_CRITERIA, SPARSITY_SCOPES
 from search.tasks import Loss, Split, classification_loss, logits_of
 from search.trial.compress._layers import WEIGHTED
 
-__all__ = ["CRITERIA", "Sparsifier", "fisher_scores", "nm_mask", "one_shot_scores", "taylor_scores"]
+__all__ = ["Sparsifier", "fisher_scores", "nm_mask", "one_shot_scores", "taylor_scores"]
 
-CRITERIA = ("magnitude", "movement", "fisher")
 _WARMUP = 0.25  # share of the fine-tune that only accumulates movement scores
 
 
@@ -125,8 +125,8 @@ def one_shot_scores(model: nn.Module, criterion: str, data: Split | None, seed: 
     """Scores to prune by now: the diagonal Fisher for ``fisher``, first-order movement
     (Taylor) for ``movement`` without a fine-tune, None for ``magnitude`` (the
     Sparsifier's own ``|w|``, and the fallback without data)."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown sparsity criterion {criterion!r}; known: {CRITERIA}")
+    if criterion not in SPARSITY_CRITERIA:
+        raise ValueError(f"unknown sparsity criterion {criterion!r}; known: {SPARSITY_CRITERIA}")
     if data is None or criterion == "magnitude":
         return None
     if criterion == "fisher":
@@ -145,10 +145,11 @@ class Sparsifier:
 
     def __init__(self, model: nn.Module, *, sparsity: float = 0.0, criterion: str = "magnitude",
                  scope: str = "global", pattern: str = "unstructured") -> None:
-        if criterion not in CRITERIA:
-            raise ValueError(f"unknown sparsity criterion {criterion!r}; known: {CRITERIA}")
-        if scope not in ("global", "layer"):
-            raise ValueError(f"unknown sparsity scope {scope!r}; known: global, layer")
+        if criterion not in SPARSITY_CRITERIA:
+            raise ValueError(f"unknown sparsity criterion {criterion!r}; "
+                             f"known: {SPARSITY_CRITERIA}")
+        if scope not in SPARSITY_SCOPES:
+            raise ValueError(f"unknown sparsity scope {scope!r}; known: {SPARSITY_SCOPES}")
         self.sparsity, self.criterion, self.scope, self.pattern = sparsity, criterion, scope, pattern
         self.weights = _weights(model)
         self.masks: dict[str, torch.Tensor] = {}

@@ -10,7 +10,7 @@ from search.trial.compress import FakeQuant, apply_precision_plan, export_onnx, 
 from search.trial.compress.distill import distill
 from search.trial.compress.qat import _fake_weight
 from search.trial.evaluate import onnx_accuracy
-from tests.conftest import host_reduce_range
+from tests.support.profiles import host_reduce_range
 
 
 def test_fake_weight_is_on_the_int8_grid_with_a_straight_through_gradient():

@@ -9,7 +9,7 @@ from search._base.ort import make_session
 from search._base.records import Choices
 from search.trial.compress import apply_precision_plan, export_onnx, onnx_node_names
 from search.trial.evaluate import onnx_accuracy
-from tests.conftest import host_reduce_range
+from tests.support.profiles import host_reduce_range
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_fp32_islands_keep_accuracy(fp32, task, layers, symmetric):
 
 
 def test_fp16_and_int16_plans_score_like_the_teacher(fp32, task, layers):
-    from search.latency.predict import costs_from_onnx
+    from search.latency import costs_from_onnx
 
     for plan_of in (lambda i: "fp16", lambda i: ("int8", "fp16")[i % 2],
                     lambda i: ("int8", "int16")[i % 2]):
@@ -140,7 +140,7 @@ def test_int4_weight_only_classifier_runs_as_matmulnbits(fp32, task, layers):
     ops = Counter(n.op_type for n in graph.node)
     assert ops["MatMulNBits"] == 1 and "Gemm" not in ops
     assert onnx_accuracy(model, task.val) > 97
-    from search.latency.predict import costs_from_onnx
+    from search.latency import costs_from_onnx
 
     assert [c.precision for c in costs_from_onnx(model) if c.op_type == "MatMul"] == ["int4"]
 
