@@ -32,7 +32,7 @@ __all__ = [
 
 PROFILES_DIR = builtin_dir("hardware_profiles")
 
-OpType = Literal["Conv", "Gemm", "MatMul", "LSTM"]
+OpType = Literal["Conv", "Gemm", "MatMul", "LSTM", "GRU"]
 DeviceClass = Literal["cpu", "gpu", "fpga", "vpu", "gna", "npu"]
 
 

@@ -1,6 +1,6 @@
 """Graph costing: an ONNX model read into what each of its operations does.
 
-Each Conv/Gemm/MatMul/LSTM becomes a ``LayerCost``: its MACs, the elements it reads and
+Each Conv/Gemm/MatMul/LSTM/GRU becomes a ``LayerCost``: its MACs, the elements it reads and
 writes, the precision it runs in (read from how its weight is stored: int8 where it is
 QDQ int8), the share of zeros in its weight, and the shape facts kernels are sensitive to
 (taps falling on padding, depthwise, im2col copies, channels padded to blocks). The other
@@ -36,14 +36,14 @@ __all__ = [
 ]
 
 # the operations that do a model's MACs, each costed from its weight (as exported)
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "LSTM")
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "LSTM", "GRU")
 _INTEGER_OPS = {"ConvInteger": "Conv", "MatMulInteger": "MatMul",  # dynamic quantization
                 "DynamicQuantizeLSTM": "LSTM"}
 # ONNX Runtime CPU kernels that do a layer's MACs (costed from the exported graph instead)
 _RUNTIME_COMPUTE = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "MatMul", "FusedMatMul",
                     "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
                     "DynamicQuantizeMatMul", "MatMulNBits", "Gemm", "FusedGemm", "QGemm",
-                    "LSTM", "DynamicQuantizeLSTM"}
+                    "LSTM", "DynamicQuantizeLSTM", "GRU"}
 # views and constants: no kernel time
 _RUNTIME_FREE = {"Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant"}
 _FREE = {"QuantizeLinear", "DequantizeLinear", "Cast", "Reshape", "Flatten", "Squeeze",
@@ -128,12 +128,14 @@ def _compute_cost(g: Graph, node: onnx.NodeProto, op_type: str, ins: list[str],
                      activations_only=activations_only, on_input=on_input, taps_used=taps_used)
 
 
-def _recurrent_cost(g: Graph, node: onnx.NodeProto, ins: list[str],
+def _recurrent_cost(g: Graph, node: onnx.NodeProto, op_type: str, ins: list[str],
                     incoming: str) -> LayerCost:
-    """LSTM / DynamicQuantizeLSTM: per step and sample, the input weights W (4H x I per
-    direction) and the recurrent ones R (4H x H) multiply once; R is read again at every
-    step (at batch 1 each step is a matrix-vector product, bound by reading R: a 2-layer
-    LSTM of hidden 512 over 32 steps ran 13.7 ms fp32 here, 7x its MACs at fp32 peak)."""
+    """LSTM / DynamicQuantizeLSTM / GRU: per step and sample, the input weights W (4H x I
+    per direction for an LSTM's four gates, 3H x I for a GRU's three) and the recurrent ones
+    R (4H or 3H x H) multiply once; R is read again at every step (at batch 1 each step is a
+    matrix-vector product, bound by reading R: a 2-layer LSTM of hidden 512 over 32 steps
+    ran 13.7 ms fp32 here, 7x its MACs at fp32 peak). The gate count comes with the weights'
+    shapes. (A GRU planned int8 is exported unrolled: its MatMuls are costed as MatMuls.)"""
     w, precision = g.weight_of(ins[1])
     r, _ = g.weight_of(ins[2])
     w_elems = g.elems.get(w.name, 0) if w is not None else g.elems.get(ins[1], 0)
@@ -144,7 +146,7 @@ def _recurrent_cost(g: Graph, node: onnx.NodeProto, ins: list[str],
     positions = g.elems.get(ins[0], 0) // max(x_dims[-1] if x_dims else 1, 1)  # steps x batch
     out = g.elems.get(node.output[0], 0) if node.output and node.output[0] else 0
     size = BYTES.get(precision, 4.0)
-    return LayerCost(name=node.name, op_type="LSTM", precision=precision,
+    return LayerCost(name=node.name, op_type=op_type, precision=precision,
                      macs=int(positions * (w_elems + r_elems)), weight_elems=w_elems + r_elems,
                      in_elems=g.elems.get(ins[0], 0), out_elems=out,
                      moved_bytes=(w_elems + steps * r_elems) * size
@@ -278,8 +280,8 @@ def _graph_costs(proto: onnx.ModelProto, g: Graph) -> list[LayerCost]:
         if node.op_type == "MatMulNBits":
             costs.append(_nbits_cost(g, node, ins, incoming))
             precision = "fp32"
-        elif op_type == "LSTM" and len(ins) >= 3:
-            costs.append(_recurrent_cost(g, node, ins, incoming))
+        elif op_type in ("LSTM", "GRU") and len(ins) >= 3:
+            costs.append(_recurrent_cost(g, node, op_type, ins, incoming))
             precision = "fp32"  # its outputs are float either way
         elif op_type in COMPUTE_OPS and len(ins) >= 2:
             costs.append(_compute_cost(g, node, op_type, ins, incoming))

@@ -92,24 +92,29 @@ _UNCOVERED_SHARE = 0.1  # a module type holding less of the model is not worth a
 
 def _uncovered(model: nn.Module, quantized: set[str]) -> list[str]:
     """Module types that hold a large share of the weights and that no technique here
-    compresses (a GRU; an LSTM on a profile without int8 LSTM kernels: neither a precision
-    nor a width is chosen for it, and it runs in fp32 in every trial), so a user knows why
-    the front's speedups are small. ``quantized``: layers offered a precision besides fp32."""
+    compresses (an LSTM or GRU on a profile without int8 kernels for it, an ``nn.RNN``: no
+    precision is chosen for it, and it runs in fp32 in every trial; recurrent layers still
+    lose hidden units to structured pruning), so a user knows why the front's speedups are
+    small. ``quantized``: layers offered a precision besides fp32."""
     total = sum(p.numel() for p in model.parameters())
     covered = {id(p) for name, m in model.named_modules()
                if isinstance(m, (*WEIGHTED, *_NOT_NOTED)) or name in quantized
                for p in m.parameters()}
     held: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
+    recurrent = set()
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if id(p) not in covered]
         if own:
             kind = type(module).__name__
             held.setdefault(kind, []).append(name)
             counts[kind] = counts.get(kind, 0) + sum(p.numel() for p in own)
+            if isinstance(module, nn.RNNBase):
+                recurrent.add(kind)
+    width = {True: "here (their hidden width is pruned)", False: "and no width of their own here"}
     return [f"{kind} layers ({', '.join(held[kind][:3])}{', ...' if len(held[kind]) > 3 else ''}"
-            f"; {n / total:.0%} of the parameters) get no precision and no width of their own "
-            "here: they run in fp32 in every trial, so they bound the speedup"
+            f"; {n / total:.0%} of the parameters) get no precision {width[kind in recurrent]}"
+            ": they run in fp32 in every trial, so they bound the speedup"
             for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])
             if total and n / total >= _UNCOVERED_SHARE]
 
@@ -212,10 +217,10 @@ def _try(task: Task, profile: HardwareProfile, choices: Choices) -> str:
         x = task.val.x[:_SAMPLES]
         with torch.no_grad():
             student(x)
-        fp32 = export_onnx(student, task.input_shape, task.input_dtype)
         layers = compressible_layers(student, task.example())
-        names = onnx_node_names(onnx.load_from_string(fp32), layers)
         plan = {layer.name: choices.precisions.get(layer.name, "fp32") for layer in layers}
+        fp32 = export_onnx(student, task.input_shape, task.input_dtype, precisions=plan)
+        names = onnx_node_names(onnx.load_from_string(fp32), layers)
         model = apply_precision_plan(fp32, plan, names, choices, task.calibration[:_SAMPLES],
                                      reduce_range=profile.int8.reduce_range)
         make_session(model, threads=1).run(None, {"input": x.numpy()})

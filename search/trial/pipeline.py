@@ -189,7 +189,7 @@ def _export_and_quantize(record: TrialRecord, task: Task, profile: HardwareProfi
     c = record.choices
     plan = {layer.name: c.precisions.get(layer.name, "fp32") for layer in layers}
     with _stage(record, "export"):
-        fp32 = export_onnx(student, task.input_shape, task.input_dtype)
+        fp32 = export_onnx(student, task.input_shape, task.input_dtype, precisions=plan)
         names = onnx_node_names(onnx.load_from_string(fp32), layers)
     with _stage(record, "quantize"):
         if calibration_samples is not None:

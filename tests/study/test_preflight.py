@@ -157,20 +157,22 @@ def _series(cell: type[nn.Module]) -> Task:
 
 
 def test_weights_no_technique_reaches_are_named_with_their_share():
-    """A GRU gets neither a precision nor a width (ONNX Runtime has no int8 GRU): the user is
-    told, with its share of the weights, instead of wondering why the front stops at the speed
-    of one Linear. An LSTM gets int8 on a CPU profile, but nothing on a GPU one."""
-    task = _series(nn.GRU)
+    """Recurrent layers that get no precision are named with their share of the weights, so
+    a user does not wonder why the front stops at the speed of one Linear: an LSTM or a GRU
+    on a GPU profile, an ``nn.RNN`` anywhere (their hidden width is still pruned). On a CPU
+    profile an LSTM or a GRU gets int8 (a GRU's unrolled into MatMuls), and no note."""
+    for cell in (nn.GRU, nn.LSTM):
+        task = _series(cell)
+        profile, resolved = _resolved(task)
+        assert resolved.layer_precisions["rnn"] == ("fp32", "int8")
+        assert not any(cell.__name__ in n for n in preflight(task, profile, resolved)[2])
+        gpu = load_profile("t4-gpu")
+        on_gpu = resolve_space(load_space("default"), gpu, student_layers(task), model_facts(task))
+        assert on_gpu.layer_precisions["rnn"] == ("fp32",)
+        assert any(n.startswith(f"{cell.__name__} layers (rnn; 99% of the parameters) get no "
+                                "precision here (their hidden width is pruned)")
+                   for n in preflight(task, gpu, on_gpu)[2])
+    task = _series(nn.RNN)
     profile, resolved = _resolved(task)
-    _, _, notes = preflight(task, profile, resolved)
-    assert any(n.startswith("GRU layers (rnn; 99% of the parameters) get no precision")
-               for n in notes), notes
-    lstm = _series(nn.LSTM)
-    profile, resolved = _resolved(lstm)
-    assert resolved.layer_precisions["rnn"] == ("fp32", "int8")
-    assert not any("LSTM" in n for n in preflight(lstm, profile, resolved)[2])
-    gpu = load_profile("t4-gpu")
-    on_gpu = resolve_space(load_space("default"), gpu, student_layers(lstm), model_facts(lstm))
-    assert on_gpu.layer_precisions["rnn"] == ("fp32",)
-    assert any(n.startswith("LSTM layers (rnn; 99% of the parameters)")
-               for n in preflight(lstm, gpu, on_gpu)[2])
+    assert any(n.startswith("RNN layers (rnn; 97% of the parameters) get no precision here")
+               for n in preflight(task, profile, resolved)[2])

@@ -11,5 +11,6 @@ from torch import nn
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 WEIGHTED = (*CONV, nn.Linear)
-# get a precision (ONNX Runtime's dynamic int8 LSTM on CPUs); no width or zeros of their own
-RECURRENT = (nn.LSTM,)
+# get a precision (ONNX Runtime's dynamic int8 LSTM on CPUs; a GRU's int8 runs unrolled into
+# MatMuls) and a hidden width (recurrent.py); no zeros of their own. nn.RNN gets a width only
+RECURRENT = (nn.LSTM, nn.GRU)

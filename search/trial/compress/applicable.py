@@ -25,11 +25,12 @@ def applicable(model: nn.Module, technique: str, example: torch.Tensor) -> tuple
     if technique not in TECHNIQUES:
         raise ValueError(f"unknown technique {technique!r}; known: {', '.join(TECHNIQUES)}")
     weighted = sum(isinstance(m, WEIGHTED) for m in model.modules())
+    widths = weighted + sum(isinstance(m, nn.RNNBase) for m in model.modules())  # hidden widths
     if technique == "drop_blocks" and not droppable_blocks(model, example):
         return False, "no residual block keeps its input's shape (nothing to drop to)"
     if technique == "heads" and not attention_modules(model):
         return False, "no multi-head attention"
-    if technique == "structured" and weighted < 2:
+    if technique == "structured" and widths < 2:
         return False, "only the classifier has a width, and it keeps it"
     if technique != "fp32" and not weighted:
         return False, "no Conv or Linear layer"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping
 
 import onnx
 import torch
@@ -18,21 +19,24 @@ from torch import nn
 from search._base.errors import TrialError
 from search._base.records import Layer
 from search.trial.compress._layers import CONV, RECURRENT
+from search.trial.compress.unrolled import unrolled
 
 __all__ = ["OPSET", "compressible_layers", "export_onnx", "onnx_node_names"]
 
 OPSET = 17
 # a Linear on a batch of vectors exports as Gemm, on a sequence (3-D input) as MatMul + Add;
-# a stacked LSTM as one LSTM node per layer (the first is the layer's node name)
-_NODE_TYPES = {"Conv": ("Conv",), "Gemm": ("Gemm", "MatMul"), "LSTM": ("LSTM",)}
+# a stacked LSTM or GRU as one node per layer (the first is the layer's node name), a GRU
+# planned int8 as MatMuls (exported unrolled: the first is the layer's node name)
+_NODE_TYPES = {"Conv": ("Conv",), "Gemm": ("Gemm", "MatMul"), "LSTM": ("LSTM",),
+               "GRU": ("GRU", "MatMul")}
 _OP_TYPES: tuple[tuple[type[nn.Module], str], ...] = (*((conv, "Conv") for conv in CONV),
                                                      (nn.Linear, "Gemm"),
-                                                     *((rnn, "LSTM") for rnn in RECURRENT))
+                                                     *((rnn, rnn.__name__) for rnn in RECURRENT))
 
 
 def compressible_layers(model: nn.Module, example: torch.Tensor | None = None) -> list[Layer]:
     """The layers that get a precision each: Conv1d/2d/3d as ``Conv``, Linear as ``Gemm``,
-    LSTM as ``LSTM``.
+    LSTM as ``LSTM``, GRU as ``GRU``.
 
     With ``example``, only those that run in an eval-mode forward pass of it: the
     auxiliary classifiers of torchvision's GoogLeNet and Inception v3 serve training
@@ -60,14 +64,23 @@ def compressible_layers(model: nn.Module, example: torch.Tensor | None = None) -
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...],
-                dtype: torch.dtype = torch.float32) -> bytes:
+                dtype: torch.dtype = torch.float32,
+                precisions: Mapping[str, str] | None = None) -> bytes:
     """Export ``model`` (eval mode, BatchNorm folded into Conv) with a dynamic batch axis;
-    its input is ``dtype`` (float32, or int64 for a model that takes token ids)."""
+    its input is ``dtype`` (float32, or int64 for a model that takes token ids).
+
+    GRU layers that ``precisions`` (the trial's plan) puts in anything but fp32 export
+    unrolled into MatMuls (:mod:`search.trial.compress.unrolled`): ONNX Runtime has no
+    quantized GRU node.
+    """
     model = model.eval()
     example = torch.zeros(1, *input_shape, dtype=dtype)
     buffer = io.BytesIO()
+    modules = dict(model.named_modules())
+    unroll = [name for name, p in (precisions or {}).items()
+              if p != "fp32" and isinstance(modules.get(name), nn.GRU)]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), unrolled(model, unroll):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
@@ -120,14 +133,32 @@ def _materialize_shared_weights(model: bytes) -> bytes:
 
 
 def _layer_nodes(model: onnx.ModelProto, node_name: str) -> list[str]:
-    """Every node of the layer whose (first) node is ``node_name``: one, or a stacked LSTM's
-    one per layer (``/rnn/LSTM``, ``/rnn/LSTM_1``)."""
+    """Every node of the layer whose (first) node is ``node_name``, those of its module with
+    its op type: one, a stacked LSTM's or GRU's one per layer (``/rnn/LSTM``,
+    ``/rnn/LSTM_1``), an unrolled GRU's MatMuls (one per layer and direction for the inputs,
+    one per step for the recurrence)."""
     first = next((n for n in model.graph.node if n.name == node_name), None)
-    if first is None or first.op_type != "LSTM":
+    if first is None:
         return [node_name]
     module = _module_of(node_name)
     return [n.name for n in model.graph.node
-            if n.op_type == "LSTM" and _module_of(n.name) == module]
+            if n.op_type == first.op_type and _module_of(n.name) == module]
+
+
+def unrolled_layers(model: onnx.ModelProto, node_names: Mapping[str, str]) -> dict[str, list[str]]:
+    """The layers exported unrolled (:class:`~search.trial.compress.unrolled.UnrolledGRU`),
+    each with every node of its module: their first node is a MatMul, and their module holds
+    several (a Linear's holds one)."""
+    by_module: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        by_module.setdefault(_module_of(node.name), []).append(node)
+    out = {}
+    for layer, first in node_names.items():
+        nodes = by_module.get(_module_of(first), [])
+        if sum(n.op_type == "MatMul" for n in nodes) > 1 and any(
+                n.name == first and n.op_type == "MatMul" for n in nodes):
+            out[layer] = [n.name for n in nodes]
+    return out
 
 
 def _module_of(node_name: str) -> str:
@@ -155,8 +186,8 @@ def onnx_node_names(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, st
     for node in model.graph.node:
         module = _module_of(node.name)
         if node.op_type in _NODE_TYPES.get(wanted.get(module, ""), ()):
-            if node.op_type == "LSTM" and module in found:
-                continue  # a stacked LSTM's later layers: found from the first by module
+            if module in found:
+                continue  # a stacked LSTM's later layers, an unrolled GRU's later MatMuls
             found[module] = node.name
     missing = sorted(set(wanted) - set(found))
     if missing:

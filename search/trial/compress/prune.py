@@ -21,6 +21,12 @@ from search._base.names import CHANNEL_IMPORTANCES, SEGMENTS, ChannelImportance
 from search.tasks import Loss, Split, classification_loss, logits_of
 from search.trial.compress._layers import WEIGHTED
 from search.trial.compress.heads import PrunedAttention, prune_heads
+from search.trial.compress.recurrent import (
+    InputsPruner,
+    opaque_to_tracing,
+    prune_recurrent,
+    recurrent_ratios,
+)
 
 __all__ = [
     "DroppedBlock",
@@ -108,8 +114,12 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
     run) and the projections of already split attention, so hidden and
     feed-forward Linear widths are thinned. ``taylor`` scores need gradients of
     ``loss`` (the task's), taken from one batch of ``data``. Heads are removed
-    whole, with their projections (:mod:`search.trial.compress.heads`).
+    whole, with their projections (:mod:`search.trial.compress.heads`). Recurrent layers
+    lose the same share of their hidden units, by our own code
+    (:mod:`search.trial.compress.recurrent`; with a ratio per segment, that of the segment
+    of the first Conv/Linear to run after the layer), unless ``keep`` names them.
     """
+    asked = ratio
     ratios: dict[tuple[nn.Module, ...], float] = {}  # torch-pruning's pruning_ratio_dict
     if isinstance(ratio, Mapping):
         unknown = set(ratio) - set(SEGMENTS)
@@ -125,9 +135,13 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
                     ratios[present] = r
         ratio = 0.0
     if ratio > 0 or ratios:
+        kept = {id(m) for m in keep}
         if not keep:
             keep = _default_keep(model, example)
-        with warnings.catch_warnings():
+        recurrent = {name: r for name, r in recurrent_ratios(model, example, asked,
+                                                             segments or {}).items()
+                     if r > 0 and id(model.get_submodule(name)) not in kept}
+        with warnings.catch_warnings(), opaque_to_tracing(model):
             # position embeddings, class tokens, layer scales: torch-pruning prunes their last
             # non-singleton dimension, the channel one in torchvision's and PyTorch's idioms
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
@@ -141,6 +155,7 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
                 pruning_ratio_dict=ratios or None,
                 ignored_layers=list(keep),
                 round_to=round_to,
+                customized_pruners=dict.fromkeys((nn.RNN, nn.GRU, nn.LSTM), InputsPruner()),
             )
         if importance == "taylor":
             if data is None:
@@ -148,6 +163,7 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
             _taylor_gradients(model, data, loss)
         pruner.step()
         model.zero_grad(set_to_none=True)
+        prune_recurrent(model, example, recurrent, round_to)
         _check_runs(model, example)
     prune_heads(model, head_ratio)
     return model
@@ -183,8 +199,9 @@ def _default_keep(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, .
     """The layers whose width the model's contract fixes: the output layer (its width is the
     number of classes) and split attention's projections (their width is heads x head_dim;
     ``nn.MultiheadAttention`` itself is handled by torch-pruning); and recurrent layers'
-    hidden width (torch-pruning thins a one-layer LSTM's only, and asserts on a stacked one;
-    their input width is still thinned with the layer feeding them)."""
+    hidden width, from torch-pruning (it thins a one-layer LSTM's only, asserts on a stacked
+    one and raises on a GRU; :func:`prune_recurrent` thins them; their input width is thinned
+    with the layer feeding them)."""
     split = [sub for m in model.modules() if isinstance(m, PrunedAttention)
              for sub in m.modules() if isinstance(sub, nn.Linear)]
     head = output_layer(model, example)

@@ -25,6 +25,12 @@ from search._base.names import INTEGER_PRECISIONS, RUNNABLE_PRECISIONS
 from search._base.ort import as_input
 from search._base.records import Choices
 from search.trial.compress._entropy import kl_threshold
+from search.trial.compress.quantize_recurrent import (
+    bypass_qdq,
+    lstm_layers,
+    no_int8_gru_node,
+    unrolled_plan,
+)
 
 __all__ = ["apply_precision_plan"]
 
@@ -73,7 +79,9 @@ def apply_precision_plan(model: bytes, precisions: dict[str, str], node_names: d
     if unknown:
         raise TrialError("quantize", f"precisions {unknown} are not implemented yet "
                                      f"(supported: {sorted(_SUPPORTED)})")
-    recurrent = _recurrent(model, precisions, node_names)
+    no_int8_gru_node(model, precisions, node_names)
+    precisions, node_names, gates = unrolled_plan(model, precisions, node_names)
+    recurrent = lstm_layers(model, precisions, node_names)
     wanted = {layer: p for layer, p in precisions.items() if layer in recurrent}
     precisions = {layer: "fp32" if layer in recurrent else p for layer, p in precisions.items()}
     if any(p in _INTEGER for p in precisions.values()):
@@ -82,7 +90,7 @@ def apply_precision_plan(model: bytes, precisions: dict[str, str], node_names: d
                                       reduce_range=reduce_range)
         else:
             model = _quantize_integer(model, precisions, node_names, choices, calibration,
-                                      reduce_range=reduce_range, seed=seed)
+                                      reduce_range=reduce_range, seed=seed, float_nodes=gates)
     if any(p == "int4" for p in precisions.values()):
         model = _to_int4(model, precisions, node_names)
     if any(p == "fp16" for p in precisions.values()):
@@ -90,19 +98,6 @@ def apply_precision_plan(model: bytes, precisions: dict[str, str], node_names: d
     if any(p != "fp32" for p in wanted.values()):
         model = _quantize_recurrent(model, wanted, recurrent, reduce_range=reduce_range)
     return model
-
-
-def _recurrent(model: bytes, precisions: dict[str, str],
-               node_names: dict[str, str]) -> dict[str, list[str]]:
-    """The LSTM layers of the plan, each with its nodes (one per stacked layer)."""
-    from search.trial.compress.export import _layer_nodes
-
-    if not precisions or b"LSTM" not in model:  # no LSTM op: no need to parse the model
-        return {}
-    proto = onnx.load_from_string(model)
-    lstm = {n.name for n in proto.graph.node if n.op_type == "LSTM"}
-    return {layer: _layer_nodes(proto, node_names[layer]) for layer in precisions
-            if node_names.get(layer) in lstm}
 
 
 def _quantize_recurrent(model: bytes, precisions: dict[str, str], nodes: dict[str, list[str]],
@@ -140,7 +135,7 @@ def _to_fp16(model: bytes, precisions: dict[str, str], node_names: dict[str, str
     proto = onnx.load_from_string(model)
     keep = {node_names[layer] for layer, p in precisions.items() if p != "fp16"}
     keep |= {n.name for n in proto.graph.node  # LSTMs run fp32 or int8 (DynamicQuantizeLSTM)
-             if n.op_type in ("QuantizeLinear", "DequantizeLinear", "LSTM")}
+             if n.op_type in ("QuantizeLinear", "DequantizeLinear", "LSTM", "GRU", "RNN")}
     try:
         converted = convert_float_to_float16(proto, keep_io_types=True,
                                              node_block_list=sorted(keep))
@@ -185,8 +180,9 @@ def _remove_shape_dump(since: float) -> None:
 
 def _quantize_integer(model: bytes, precisions: dict[str, str], node_names: dict[str, str],
                       choices: Choices, calibration: torch.Tensor, *, reduce_range: bool,
-                      seed: int) -> bytes:
-    """Static QDQ for the int8/int16 layers; every other layer is excluded by node name.
+                      seed: int, float_nodes: frozenset[str] = frozenset()) -> bytes:
+    """Static QDQ for the int8/int16 layers; every other layer is excluded by node name
+    (``float_nodes``, an int8 unrolled GRU's gates, read their inputs in plain fp32).
 
     The precision of an integer layer is the precision of its weights; int16
     layers get int16 weights through per-tensor overrides (GNA runs int8 or
@@ -234,7 +230,8 @@ def _quantize_integer(model: bytes, precisions: dict[str, str], node_names: dict
             raise TrialError("quantize", f"{type(exc).__name__}: {exc}") from exc
         result = out.read_bytes()
     graph = onnx.load_from_string(result)
-    _feed_fp32_layers_fp32(graph, set(exclude))
+    bypass_qdq(graph, float_nodes)
+    _feed_fp32_layers_fp32(graph, set(exclude) - float_nodes)
     onnx.checker.check_model(graph)
     return graph.SerializeToString()
 
