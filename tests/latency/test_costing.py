@@ -241,3 +241,28 @@ def test_shapes_read_off_a_run_scale_with_the_batch():
         return sum(c.macs for c in costs_from_onnx(model, batch) if c.activations_only)
 
     assert attention_macs(1) > 0 and attention_macs(8) == 8 * attention_macs(1)
+
+
+def test_a_gru_costs_three_gates_and_unrolled_its_matmuls():
+    """A native GRU node is costed as an LSTM is, with three gates: per step and sample W
+    (3H x I) and R (3H x H), R read again at each step. Planned int8 it is exported unrolled,
+    and its MatMuls are costed in int8, one for the inputs and one per later step."""
+    from search.trial.compress import compressible_layers
+    from tests.support.recurrent_families import GRUClassifier
+
+    torch.manual_seed(0)
+    model = GRUClassifier(layers=2, hidden=32).eval()
+    layers = compressible_layers(model)
+    fp32 = export_onnx(model, (16, 3))
+    costs = [c for c in costs_from_onnx(fp32, runtime_graph=True) if c.op_type == "GRU"]
+    first, second = costs  # inputs 3 then 32 wide, hidden 32
+    assert first.macs == 16 * 3 * 32 * (3 + 32) and second.macs == 16 * 3 * 32 * (32 + 32)
+    assert second.moved_bytes >= 16 * 3 * 32 * 32 * 4 and first.precision == "fp32"
+    plan = {layer.name: "int8" for layer in layers}
+    flat = export_onnx(model, (16, 3), precisions=plan)
+    int8 = apply_precision_plan(flat, plan, onnx_node_names(onnx.load_from_string(flat), layers),
+                                Choices(precisions=plan, quant_mode="dynamic"),
+                                torch.randn(8, 16, 3), reduce_range=host_reduce_range())
+    matmuls = [c for c in costs_from_onnx(int8) if c.op_type == "MatMul" and "/rnn/" in c.name]
+    assert len(matmuls) == 2 * 16 and {c.precision for c in matmuls} == {"int8"}
+    assert sum(c.macs for c in matmuls) == sum(c.macs for c in costs) - 2 * 3 * 32 * 32

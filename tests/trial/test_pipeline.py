@@ -235,3 +235,26 @@ def test_a_recurrent_model_runs_every_stage_with_an_int8_lstm(fast_profile):
     assert sum(n.op_type == "DynamicQuantizeLSTM" for n in graph.node) == 2
     assert done.accuracy > 80
     assert measure_latency(done.onnx_model, fast_profile, task.input_shape).median_ms > 0
+
+
+def test_a_gru_model_is_pruned_and_runs_int8_unrolled(fast_profile):
+    """The GRU plugin task (2 layers, hidden 128, 40 steps; 99 % of the parameters in the
+    GRU): structured pruning halves the GRU's hidden width, and int8 runs it unrolled as
+    integer MatMuls (ONNX Runtime has no int8 GRU node), scored and measured."""
+    import onnx
+
+    from search.latency.measure import measure_latency
+    from search.tasks import load_task
+    from search.trial.pipeline import compress, student_layers
+
+    task = load_task("tests.support.recurrent_families:make_gru_task")
+    assert task.teacher_info["test_accuracy"] > 90
+    plan = {layer.name: "int8" for layer in student_layers(task)}
+    assert plan == {"rnn": "int8", "head": "int8"}
+    done = compress(TrialRecord(0, Choices(structured_ratio=0.5, precisions=plan,
+                                           quant_mode="dynamic")), task, fast_profile)
+    assert done.error is None and done.accuracy is not None
+    assert done.params < 0.3 * sum(p.numel() for p in task.teacher().parameters())
+    ops = {n.op_type for n in onnx.load_from_string(done.onnx_model).graph.node}
+    assert "MatMulInteger" in ops and "GRU" not in ops
+    assert measure_latency(done.onnx_model, fast_profile, task.input_shape).median_ms > 0

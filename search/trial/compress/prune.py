@@ -21,12 +21,8 @@ from search._base.names import CHANNEL_IMPORTANCES, SEGMENTS, ChannelImportance
 from search.tasks import Loss, Split, classification_loss, logits_of
 from search.trial.compress._layers import WEIGHTED
 from search.trial.compress.heads import PrunedAttention, prune_heads
-from search.trial.compress.recurrent import (
-    InputsPruner,
-    opaque_to_tracing,
-    prune_recurrent,
-    recurrent_ratios,
-)
+from search.trial.compress.recurrent import prune_recurrent, recurrent_ratios
+from search.trial.compress.recurrent_tracing import InputsPruner, opaque_to_tracing
 
 __all__ = [
     "DroppedBlock",
@@ -145,7 +141,7 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
             # position embeddings, class tokens, layer scales: torch-pruning prunes their last
             # non-singleton dimension, the channel one in torchvision's and PyTorch's idioms
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            # its shape inference giving up inside a module it has no pruner for (a GRU)
+            # its shape inference giving up inside a module it has no pruner for
             warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
             pruner = tp.pruner.MetaPruner(
                 model,
@@ -153,7 +149,8 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
                 importance=_importance(importance),
                 pruning_ratio=ratio,
                 pruning_ratio_dict=ratios or None,
-                ignored_layers=list(keep),
+                # recurrent hidden widths are ours (prune_recurrent), whatever ``keep`` says
+                ignored_layers=[*keep, *(m for m in model.modules() if isinstance(m, nn.RNNBase))],
                 round_to=round_to,
                 customized_pruners=dict.fromkeys((nn.RNN, nn.GRU, nn.LSTM), InputsPruner()),
             )

@@ -88,16 +88,22 @@ def bypass_qdq(model: onnx.ModelProto, nodes: frozenset[str]) -> None:
 
 
 def _drop_unread(model: onnx.ModelProto, op_types: tuple[str, ...]) -> None:
-    """Remove nodes of ``op_types`` whose outputs nothing reads, until none is left."""
+    """Remove nodes of ``op_types`` whose outputs nothing reads, until none is left, and the
+    initializers (scales, zero points) only they read."""
     outputs = {o.name for o in model.graph.output}
+    freed: set[str] = set()
     while True:
         read = {i for node in model.graph.node for i in node.input} | outputs
         dead = [n for n in model.graph.node
                 if n.op_type in op_types and not any(o in read for o in n.output)]
         if not dead:
-            return
+            break
         for node in dead:
+            freed |= set(node.input)
             model.graph.node.remove(node)
+    unread = freed - read
+    for tensor in [t for t in model.graph.initializer if t.name in unread]:
+        model.graph.initializer.remove(tensor)
 
 
 def lstm_layers(model: bytes, precisions: dict[str, str],

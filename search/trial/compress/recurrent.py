@@ -2,8 +2,8 @@
 
 torch-pruning raises on a GRU, thins only a one-layer LSTM and asserts on a
 stacked one, so it never prunes a recurrent layer's hidden width (the layers
-are among its ignored ones, and :func:`opaque_to_tracing` shows it each as one
-node whose input width it thins with the layer feeding it). Here the same
+are among its ignored ones, and :mod:`search.trial.compress.recurrent_tracing`
+shows it each as one node whose input width it thins with the layer feeding it). Here the same
 hidden units are removed from every gate's rows of ``weight_ih`` / ``weight_hh``
 and the biases, from the columns of ``weight_hh``, from the next stacked layer's
 input columns (both directions: its input is ``[forward H | backward H]``) and
@@ -17,18 +17,16 @@ not the hidden one: another coupling, not needed so far).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from search._base.names import SEGMENTS
 
-__all__ = ["InputsPruner", "hidden_units", "opaque_to_tracing", "prune_recurrent",
-           "readers", "rebuilt", "recurrent_ratios", "recurrent_widths"]
+__all__ = ["Reader", "hidden_units", "prune_recurrent", "readers", "rebuilt", "recurrent_ratios",
+           "recurrent_widths"]
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
 _READERS = (nn.Linear, nn.RNNBase)
@@ -371,72 +369,3 @@ def recurrent_ratios(model: nn.Module, example: torch.Tensor, ratio: float | Map
         segment = after[0] if after else before[-1] if before else None
         out[name] = ratio.get(segment, 0.0) if segment else max(ratio.values(), default=0.0)
     return out
-
-
-class InputsPruner(tp.pruner.BasePruningFunc):
-    """torch-pruning's pruner for a recurrent layer: thins its input width (the first stacked
-    layer's ``weight_ih`` columns, both directions) with the layer feeding it; its hidden
-    width is never pruned there (the layer is among the ignored ones)."""
-
-    def prune_out_channels(self, layer: nn.RNNBase, idxs: list[int]) -> nn.Module:
-        raise NotImplementedError("recurrent hidden widths are pruned by prune_recurrent")
-
-    def prune_in_channels(self, layer: nn.RNNBase, idxs: list[int]) -> nn.Module:
-        keep = sorted(set(range(layer.weight_ih_l0.shape[1])) - set(idxs))
-        for d in range(_directions(layer)):
-            name = f"weight_ih_{_suffix(0, d)}"
-            setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 1))
-        layer.input_size = len(keep)  # (RNNBase.__setattr__ updated its flat weight list)
-        return layer
-
-    def get_out_channels(self, layer: nn.RNNBase) -> int:
-        return layer.hidden_size * _directions(layer)
-
-    def get_in_channels(self, layer: nn.RNNBase) -> int:
-        return layer.weight_ih_l0.shape[1]
-
-
-class _Opaque(torch.autograd.Function):
-    """Runs a recurrent layer as one autograd node whose only input is the layer's input."""
-
-    @staticmethod
-    def forward(ctx, run, x):  # noqa: ANN001, ANN205 - autograd's signature
-        output, state = run(x)
-        return (output, *state) if isinstance(state, tuple) else (output, state)
-
-    @staticmethod
-    def backward(ctx, *grads):  # noqa: ANN001, ANN205
-        raise RuntimeError("only traced by torch-pruning, never differentiated")
-
-
-def _opaque_forward(module: nn.RNNBase):  # noqa: ANN202
-    """``module``'s forward as one :class:`_Opaque` node (an initial state is passed in
-    untraced: what produces it is no input width of the layer)."""
-    forward = type(module).forward
-
-    def run(x: object, hx: object = None) -> object:
-        if not isinstance(x, torch.Tensor):  # a PackedSequence
-            return forward(module, x, hx)
-        output, *state = _Opaque.apply(lambda inputs: forward(module, inputs, hx), x)
-        return output, tuple(state) if isinstance(module, nn.LSTM) else state[0]
-
-    return run
-
-
-@contextmanager
-def opaque_to_tracing(model: nn.Module) -> Iterator[None]:
-    """Recurrent layers run as one autograd node each while torch-pruning traces the model.
-
-    A GRU or RNN runs on the CPU as stacks, slices and splits of autograd nodes in which
-    torch-pruning's index mapping fails (IndexError), and it would see their weights as
-    unwrapped parameters to prune along their last dimension; as one node (with
-    :class:`InputsPruner`) it links the layer feeding the recurrent one to its input width.
-    """
-    patched = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
-    for module in patched:
-        module.forward = _opaque_forward(module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward
