@@ -1,10 +1,10 @@
 """Hidden-width pruning of recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``), our own code.
 
 torch-pruning raises on a GRU, thins only a one-layer LSTM and asserts on a
-stacked one, so it never prunes a recurrent layer's hidden width (the layers
-are among its ignored ones, and :mod:`search.trial.compress.recurrent_tracing`
-shows it each as one node whose input width it thins with the layer feeding it). Here the same
-hidden units are removed from every gate's rows of ``weight_ih`` / ``weight_hh``
+stacked one, so it never prunes a recurrent layer's hidden width (the layers are
+among its ignored ones, and :mod:`search.trial.compress.recurrent_tracing` shows
+it each as one node whose input width it thins with the layer feeding it). Here
+the same hidden units are removed from every gate's rows of ``weight_ih`` / ``weight_hh``
 and the biases, from the columns of ``weight_hh``, from the next stacked layer's
 input columns (both directions: its input is ``[forward H | backward H]``) and
 from whatever reads the layer's output (found by :func:`readers`). The layer is
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from search._base.names import SEGMENTS
+from search.trial.compress._layers import WEIGHTED
 
 __all__ = ["Reader", "hidden_units", "prune_recurrent", "readers", "rebuilt", "recurrent_ratios",
            "recurrent_widths"]
@@ -133,6 +134,8 @@ def _coded(rnn: nn.RNNBase, out: object, coding: tuple[float, float]) -> object:
     base, step = coding
     size, dirs, layers = rnn.hidden_size, _directions(rnn), rnn.num_layers
     output, state = out  # type: ignore[misc]
+    if not isinstance(output, torch.Tensor):  # a PackedSequence: its columns are not coded
+        raise TypeError("recurrent output is not a tensor")
     last = (layers - 1) * dirs * size
     columns = torch.arange(last, last + dirs * size, dtype=output.dtype, device=output.device)
     coded = (base + step * columns).expand_as(output).clone()
@@ -173,8 +176,10 @@ def _run(model: nn.Module, example: torch.Tensor, rnn: nn.RNNBase,
     modules = {name: m for name, m in model.named_modules() if isinstance(m, _READERS)}
     hooks = []
 
-    def on_rnn(module: nn.Module, args: tuple, out: object) -> object:
+    def on_rnn(module: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
         calls[0] += 1
+        if _tensors(args[1:]) or _tensors(kwargs):  # an initial state made elsewhere, as wide
+            calls[0] += 1  # as the layer: counted as unsafe, like a second call
         return _coded(rnn, out, coding) if coding is not None else None
 
     def on_reader(name: str, args: tuple, kwargs: dict, out: object) -> object:
@@ -185,7 +190,7 @@ def _run(model: nn.Module, example: torch.Tensor, rnn: nn.RNNBase,
 
     for name, module in modules.items():
         if module is rnn:
-            hooks.append(module.register_forward_hook(on_rnn))
+            hooks.append(module.register_forward_hook(on_rnn, with_kwargs=True))
             continue
         hooks.append(module.register_forward_hook(
             lambda m, a, k, o, name=name: on_reader(name, a, k, o), with_kwargs=True))
@@ -227,7 +232,8 @@ def readers(model: nn.Module, rnn_name: str, example: torch.Tensor) -> list[Read
     readers' outputs with their normal ones: a reader's input column that differs between
     the passes must carry one unit's code unchanged. Anything else (the output transformed
     before a reader, a LayerNorm or a convolution on it, a reader's initial state taken
-    from it, the codes reaching the model's output, the layer running twice) is not safe.
+    from it, the codes reaching the model's output, the layer running twice or from an
+    initial state made elsewhere) is not safe.
     """
     rnn = model.get_submodule(rnn_name)
     units = rnn.num_layers * _directions(rnn) * rnn.hidden_size
@@ -235,7 +241,11 @@ def readers(model: nn.Module, rnn_name: str, example: torch.Tensor) -> list[Read
         return None
     reference, _, calls = _run(model, example, rnn, None, None)
     outputs = {name[:-4]: v for name, v in reference.items() if name.endswith("#out")}
-    (a, out_a, calls_a), (b, out_b, _) = (_run(model, example, rnn, c, outputs) for c in _CODINGS)
+    try:
+        (a, out_a, calls_a), (b, out_b, _) = (_run(model, example, rnn, c, outputs)
+                                              for c in _CODINGS)
+    except (TypeError, RuntimeError, ValueError, IndexError):  # codes the model cannot take
+        return None
     if calls != 1 or calls_a != 1 or not _same(out_a, out_b):
         return None
     found = []
@@ -250,7 +260,7 @@ def readers(model: nn.Module, rnn_name: str, example: torch.Tensor) -> list[Read
         if not args_a or not _same(args_a[1:], args_b[1:]) or not _same(kw_a, kw_b):
             return None  # a reader's state or options taken from the recurrent layer
         reader = _columns(rnn, args_a[0], args_b[0], units)
-        if reader is None:
+        if reader is None or (any(reader) and getattr(model.get_submodule(name), "proj_size", 0)):
             return None
         if any(c is not None for c in reader):
             found.append(Reader(name, reader))
@@ -357,8 +367,6 @@ def recurrent_ratios(model: nn.Module, example: torch.Tensor, ratio: float | Map
     names = [n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
     if not isinstance(ratio, Mapping):
         return {name: float(ratio) for name in names}
-    from search.trial.compress._layers import WEIGHTED
-
     segment_of = {layer: s for s in SEGMENTS for layer in segments.get(s, ())}
     order = _run_order(model, example, None, (nn.RNNBase, *WEIGHTED))
     out = {}

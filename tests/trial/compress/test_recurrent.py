@@ -77,6 +77,34 @@ class _Normed(nn.Module):
         return self.head(self.norm(out[:, -1]))
 
 
+class _Decoder(nn.Module):
+    """An encoder GRU whose final state starts a decoder GRU: their widths are tied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.GRU(3, 32, batch_first=True)
+        self.decoder = nn.GRU(3, 32, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.encoder(x)
+        out, _ = self.decoder(x, h)
+        return self.head(out[:, -1])
+
+
+class _Embedding(nn.Module):
+    """A GRU whose last output is the model's output beside the head's (an embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 32, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1]), out[:, -1]
+
+
 MODELS = {
     "gru-1layer": lambda: GRUClassifier(layers=1, hidden=40),
     "gru-2layer": lambda: GRUClassifier(layers=2, hidden=64),
@@ -183,6 +211,20 @@ def test_a_reader_after_a_transformation_is_not_safe_and_the_width_stays():
     assert readers(model, "rnn", x[:1]) is None
     prune_structured(model, x[:1], 0.5, round_to=8)
     assert model.rnn.hidden_size == 32 and model(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize(("build", "name"), [(_Normed, "rnn"), (_Decoder, "encoder"),
+                                           (_Decoder, "decoder"), (_Embedding, "rnn")])
+def test_a_width_other_code_relies_on_is_not_safe(build, name):
+    """A LayerNorm between the GRU and its head, a decoder started from the encoder's state
+    (neither can be thinned alone), the GRU's output returned by the model: not safe, so
+    the width is kept."""
+    torch.manual_seed(0)
+    model = build().eval()
+    assert readers(model, name, torch.zeros(1, STEPS, 3)) is None
+    assert prune_recurrent(model, torch.zeros(1, STEPS, 3), {name: 0.5}, 8) == {}
+    prune_structured(model, torch.zeros(1, STEPS, 3), 0.5, round_to=8)  # runs, as it was
+    assert model.get_submodule(name).hidden_size == 32
 
 
 def test_readers_name_the_unit_of_each_column():
