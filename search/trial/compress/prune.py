@@ -160,8 +160,10 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
             _taylor_gradients(model, data, loss)
         pruner.step()
         model.zero_grad(set_to_none=True)
-        prune_recurrent(model, example, recurrent, round_to)
         _check_runs(model, example)
+        if recurrent:
+            prune_recurrent(model, example, recurrent, round_to)
+            _check_runs(model, example)
     prune_heads(model, head_ratio)
     return model
 

@@ -322,7 +322,9 @@ def prune_recurrent(model: nn.Module, example: torch.Tensor, ratios: Mapping[str
     layer's inner layers cannot be thinner than its last, which the consumer fixes. Layers
     are pruned in the order they run, each found in the model as it is by then.
     """
-    widths = {}
+    widths: dict[str, int] = {}
+    if not any(r > 0 for r in ratios.values()):
+        return widths
     for name in _run_order(model, example, set(ratios)):
         rnn = model.get_submodule(name)
         keep = recurrent_widths(rnn.hidden_size, ratios[name], round_to)
@@ -365,6 +367,8 @@ def recurrent_ratios(model: nn.Module, example: torch.Tensor, ratio: float | Map
     to run after it (the one that reads it, in the usual model), else of the last before
     it, else the largest ratio given."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+    if not names:
+        return {}
     if not isinstance(ratio, Mapping):
         return {name: float(ratio) for name in names}
     segment_of = {layer: s for s in SEGMENTS for layer in segments.get(s, ())}
