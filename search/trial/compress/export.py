@@ -148,14 +148,16 @@ def _layer_nodes(model: onnx.ModelProto, node_name: str) -> list[str]:
 def unrolled_layers(model: onnx.ModelProto, node_names: Mapping[str, str]) -> dict[str, list[str]]:
     """The layers exported unrolled (:class:`~search.trial.compress.unrolled.UnrolledGRU`),
     each with every node of its module: their first node is a MatMul, and their module holds
-    several (a Linear's holds one)."""
+    several (a Linear's holds one, even called twice: not with gates) and its gates' Sigmoid
+    and Tanh."""
     by_module: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         by_module.setdefault(_module_of(node.name), []).append(node)
     out = {}
     for layer, first in node_names.items():
         nodes = by_module.get(_module_of(first), [])
-        if sum(n.op_type == "MatMul" for n in nodes) > 1 and any(
+        ops = [n.op_type for n in nodes]
+        if ops.count("MatMul") > 1 and {"Sigmoid", "Tanh"} <= set(ops) and any(
                 n.name == first and n.op_type == "MatMul" for n in nodes):
             out[layer] = [n.name for n in nodes]
     return out

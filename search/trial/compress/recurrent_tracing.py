@@ -11,7 +11,7 @@ hidden width is left to :mod:`search.trial.compress.recurrent`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -61,7 +61,7 @@ class _Opaque(torch.autograd.Function):
         raise RuntimeError("only traced by torch-pruning, never differentiated")
 
 
-def _opaque_forward(module: nn.RNNBase):  # noqa: ANN202
+def _opaque_forward(module: nn.RNNBase) -> Callable[..., object]:
     """``module``'s forward as one :class:`_Opaque` node (an initial state is passed in
     untraced: what produces it is no input width of the layer)."""
     forward = type(module).forward
