@@ -38,6 +38,7 @@ from search.trial.compress import (
     prune_structured,
     teacher_outputs,
 )
+from search.trial.compress.distill import feature_taps
 from search.trial.compress.heads import prune_heads
 from search.trial.compress.prune import (
     attention_modules,
@@ -84,12 +85,16 @@ def student_layers(task: Task) -> list[Layer]:
 
 
 def model_facts(task: Task) -> ModelFacts:
-    """What the task's model offers the space: droppable blocks, attention, sparse init."""
+    """What the task's model offers the space: droppable blocks, attention, sparse init,
+    BatchNorm (bn_scale's signal) and feature taps (what feature distillation compares)."""
     teacher = task.teacher()
     example = task.example()
     return ModelFacts(droppable_blocks=len(droppable_blocks(teacher, example)),
                       attention=bool(attention_modules(teacher)),
-                      sparse_init=task.sparse_state is not None)
+                      sparse_init=task.sparse_state is not None,
+                      batchnorm=any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                    for m in teacher.modules()),
+                      feature_taps=bool(feature_taps(teacher, example)))
 
 
 def _fingerprint(state: dict[str, torch.Tensor]) -> str:
