@@ -52,7 +52,7 @@ def test_batchnorm_recalibration_rescues_one_shot_pruning(task):
 
 
 def test_layer_dropping_removes_the_least_changing_block(task):
-    from search.trial.compress.prune import drop_blocks, droppable_blocks
+    from search.trial.compress.blocks import drop_blocks, droppable_blocks
 
     model = task.teacher()
     example = task.train.x[:1]
@@ -115,8 +115,8 @@ def test_structured_pruning_thins_hidden_and_feed_forward_linears(family):
 
 
 def test_layer_dropping_keeps_the_transformer_encoder_calling_convention():
+    from search.trial.compress.blocks import DroppedBlock, drop_blocks, droppable_blocks
     from search.trial.compress.heads import prune_heads
-    from search.trial.compress.prune import DroppedBlock, drop_blocks, droppable_blocks
     from tests.families import EncoderClassifier
 
     torch.manual_seed(0)
