@@ -129,8 +129,10 @@ class _Reading:
         self.module, self.graph = module, graph
         inputs = [n for n in graph.nodes if n.op == "placeholder"]
         self.reach: set[fx.Node] = set(inputs[:1])  # the values computed from the input
-        for node in graph.nodes:
-            if any(arg in self.reach for arg in node.all_input_nodes):
+        for node in graph.nodes:  # a dropped branch's zero is a constant
+            if any(arg in self.reach for arg in node.all_input_nodes) and not (
+                    node.op == "call_module"
+                    and isinstance(module.get_submodule(node.target), DroppedBranch)):
                 self.reach.add(node)
         self.stream: dict[object, int] = {n: 0 for n in inputs[:1]}
         for node in graph.nodes:
@@ -172,22 +174,26 @@ class _Reading:
     def calls(self, target: str) -> bool:
         return any(n.op == "call_module" and n.target == target for n in self.graph.nodes)
 
-    def branches(self) -> list[str]:
+    def branches(self) -> dict[str, list[str]]:
         """Children (their targets) whose every call is added back onto the value it was
-        computed from, their output used by that add only."""
-        calls = {}
+        computed from, their output used by that add only; each with the children that
+        only fed it (a pre-norm), which go with it."""
+        found: dict[fx.Node, list[fx.Node]] = {}
         for node in self.graph.nodes:
             operands = _operands(node) if _is(node, _ADDS) else []
             for stream, branch in (operands, operands[::-1]) if len(operands) == 2 else ():
                 if (call := self._branch_call(stream, branch)) is not None:
-                    calls[call] = call.target
+                    found[call[0]] = call[1]
                     break
-        return [t for t in dict.fromkeys(calls.values()) if not any(
-            n.op == "call_module" and n.target == t and n not in calls for n in self.graph.nodes)]
+        used = {n for call, feeders in found.items() for n in (call, *feeders)}
+        shared = {n.target for n in self.graph.nodes if n.op == "call_module" and n not in used}
+        return {n.target: [f.target for f in feeders if f.target not in shared]
+                for n, feeders in found.items() if n.target not in shared}
 
-    def _branch_call(self, stream: object, branch: object) -> fx.Node | None:
+    def _branch_call(self, stream: object, branch: object) -> tuple[fx.Node, list[fx.Node]] | None:
         """The call of a child with parameters that computes ``branch`` from ``stream``
-        (through carrying ops on either side), or None."""
+        (through carrying ops on either side) and the calls with parameters that feed
+        it alone; None where there is none."""
         node = branch
         while not (isinstance(node, fx.Node) and node.op == "call_module"
                    and _has_params(self.module.get_submodule(node.target))):
@@ -196,10 +202,14 @@ class _Reading:
             node = self.carries(node)
         if len(node.users) != 1 or not isinstance(stream, fx.Node):
             return None
-        source = node.args[0] if node.args else None
+        source, feeders, alone = node.args[0] if node.args else None, [], True
         while source is not stream and source is not None:
+            alone = alone and len(source.users) == 1
+            if alone and source.op == "call_module" and _has_params(
+                    self.module.get_submodule(source.target)):
+                feeders.append(source)
             source = self.carries(source)
-        return node if source is stream else None
+        return (node, feeders) if source is stream else None
 
 
 class _Finder:
@@ -304,25 +314,34 @@ def rank_blocks(model: nn.Module, inputs: torch.Tensor) -> list[str]:
     return sorted(change, key=change.get)
 
 
-def _is_branch(model: nn.Module, name: str) -> bool:
-    """Whether the forward that calls ``name`` (the nearest enclosing module's that does)
-    adds its output back onto its input: read without an example, since a trial drops
-    the units its process ranked on another copy of the model."""
+def _feeders(model: nn.Module, name: str) -> list[str] | None:
+    """None for a block; for an inline branch, the layers that only fed it (a pre-norm).
+
+    Read from the forward that calls ``name`` (the nearest enclosing module's that
+    does), without an example: a trial drops the units its process ranked on another
+    copy of the model.
+    """
     parts = name.split(".")
     for cut in range(len(parts) - 1, -1, -1):
-        graph = _trace(model.get_submodule(".".join(parts[:cut])))
-        reading = _Reading(model.get_submodule(".".join(parts[:cut])), graph) if graph else None
+        owner = model.get_submodule(".".join(parts[:cut]))
+        graph = _trace(owner)
+        reading = _Reading(owner, graph) if graph is not None else None
         target = ".".join(parts[cut:])
         if reading is not None and reading.calls(target):
-            return target in reading.branches()
-    return False
+            feeders = reading.branches().get(target)
+            return None if feeders is None else [".".join([*parts[:cut], f]) for f in feeders]
+    return None
 
 
 def remove_blocks(model: nn.Module, names: list[str]) -> list[str]:
     """Replace the named blocks by :class:`DroppedBlock` identities and the named inline
-    branches by :class:`DroppedBranch` zeros; returns the names."""
-    replacements = {name: DroppedBranch() if _is_branch(model, name) else DroppedBlock()
-                    for name in names}
+    branches by :class:`DroppedBranch` zeros, with the layers that only fed them (whose
+    widths channel pruning could no longer follow); returns the names."""
+    replacements: dict[str, nn.Module] = {}
+    for name in names:
+        feeders = _feeders(model, name)
+        replacements[name] = DroppedBlock() if feeders is None else DroppedBranch()
+        replacements.update((feeder, DroppedBlock()) for feeder in feeders or ())
     modules = dict(model.named_modules())
     for name, replacement in replacements.items():
         parent, _, child = name.rpartition(".")
