@@ -162,6 +162,8 @@ class _Reading:
         input onto the stream (``x + x`` and ``x + bias`` are no residual)."""
         operands = _operands(node)
         for stream, branch in (operands, operands[::-1]) if len(operands) == 2 else ():
+            if not (isinstance(stream, fx.Node) and isinstance(branch, fx.Node)):
+                continue
             if stream in self.stream and branch in self.reach and self.stream.get(branch) != 0:
                 return self.stream[stream] + 1
         return None
