@@ -38,16 +38,10 @@ from search.trial.compress import (
     prune_structured,
     teacher_outputs,
 )
+from search.trial.compress.blocks import droppable_blocks, rank_blocks, remove_blocks
 from search.trial.compress.distill import feature_taps
 from search.trial.compress.heads import prune_heads
-from search.trial.compress.prune import (
-    attention_modules,
-    depth_segments,
-    droppable_blocks,
-    rank_blocks,
-    recalibrate_batchnorm,
-    remove_blocks,
-)
+from search.trial.compress.prune import attention_modules, depth_segments, recalibrate_batchnorm
 from search.trial.compress.sparsity import one_shot_scores
 from search.trial.evaluate import onnx_score
 
