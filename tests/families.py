@@ -106,6 +106,84 @@ def conv1d() -> nn.Module:
                          nn.Linear(32, CLASSES))
 
 
+class Block1d(nn.Module):
+    """A 1-D ResNet block under its user's own name: conv-bn-relu-conv-bn plus the input, or
+    plus its 1x1 projection where the block downsamples (then it changes the shape)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm1d(cout)
+        self.conv2 = nn.Conv1d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm1d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv1d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm1d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.down is None else self.down(x)
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet1d(nn.Module):
+    """A ResNet for sequences: stages of 64, 128 and 256 channels, two ``Block1d`` each, the
+    first of each downsampling (three of the six blocks keep their input's shape)."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(channels, 64, 7, 2, 3, bias=False),
+                                  nn.BatchNorm1d(64), nn.ReLU())
+        self.layer1 = nn.Sequential(Block1d(64, 64, 2), Block1d(64, 64))
+        self.layer2 = nn.Sequential(Block1d(64, 128, 2), Block1d(128, 128))
+        self.layer3 = nn.Sequential(Block1d(128, 256, 2), Block1d(256, 256))
+        self.fc = nn.Linear(256, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(x.mean(-1))
+
+
+class InlineResidualMLP(nn.Module):
+    """Residuals written in the model's own forward (``x = x + self.mlp1(x)``), no block
+    class: one plain, one pre-norm."""
+
+    def __init__(self, features: int = 64, dim: int = 64, hidden: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        self.mlp1 = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp2 = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.head = nn.Linear(dim, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.embed(x))
+        x = x + self.mlp1(x)
+        x = x + self.mlp2(self.norm2(x))
+        return self.head(x)
+
+
+class DenseBlock(nn.Module):
+    """A width-keeping Linear + GELU + dropout, named ``*Block`` as users name such layers,
+    but no residual: dropping it would not leave the network's function."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(nn.functional.gelu(self.linear(x)))
+
+
+def mlp_no_norm() -> nn.Module:
+    """An MLP with no normalisation layer (nothing to recalibrate) and width-keeping hidden
+    layers that are not residual."""
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), DenseBlock(128), DenseBlock(128),
+                         nn.Linear(128, CLASSES))
+
+
 def conv3d() -> nn.Module:
     """A video / volumetric classifier: 3-D convolutions over (frames, height, width)."""
     def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -252,6 +330,9 @@ FAMILIES: dict[str, tuple] = {
     "mlp": (mlp, (64,)),
     "conv1d": (conv1d, (4, 64)),
     "conv3d": (conv3d, (3, 4, 16, 16)),
+    "conv1d-resnet-custom": (ResNet1d, (4, 64)),
+    "inline-residual": (InlineResidualMLP, (64,)),
+    "mlp-no-bn": (mlp_no_norm, (64,)),
 }
 
 

@@ -151,7 +151,7 @@ def hypervolume_2d(points: np.ndarray, reference: tuple[float, float]) -> float:
     return float(area)
 
 
-def best_speedup(df: pd.DataFrame, max_drop: float = 1.0) -> float | None:
+def best_speedup(df: pd.DataFrame, max_drop: float) -> float | None:
     """Best speedup among trials within ``max_drop`` points of the reference's accuracy."""
     base = df.loc[df["reference"], "accuracy"]
     if df.empty or base.empty:

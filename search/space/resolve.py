@@ -28,6 +28,8 @@ class ModelFacts:
     droppable_blocks: int = 0  # residual blocks that can be replaced by the identity
     attention: bool = False  # has multi-head attention (heads can be removed)
     sparse_init: bool = False  # the task ships a pre-sparsified checkpoint
+    batchnorm: bool = True  # has BatchNorm layers (whose scales bn_scale importance reads)
+    feature_taps: bool = True  # has stages whose outputs feature distillation can compare
 
 
 # ``auto`` granularity: every compute layer its own precision up to this many layers, and
@@ -93,6 +95,8 @@ class ResolvedSpace:
     modes: tuple[str, ...]
     patterns: tuple[str, ...]
     inits: tuple[str, ...]
+    importances: tuple[str, ...] = ()  # channel importances this model has a signal for
+    distill_losses: tuple[str, ...] = ()  # distillation losses this model can take
     facts: ModelFacts = ModelFacts()
     unstructured_sparsity: FloatRange = FloatRange(low=0.0, high=0.0)
     # dimension -> why it is offered as it is on this profile and model (`search spaces`)
@@ -121,7 +125,10 @@ class ResolvedSpace:
             ("head_ratio", _text(p.head_ratio) if self.facts.attention else "0",
              "the model has multi-head attention" if self.facts.attention
              else "the model has no multi-head attention"),
+            ("structured_importance", ", ".join(self.importances),
+             why.get("structured_importance", "")),
             ("epochs", f"{d.epochs.low}-{d.epochs.high}", "distillation fine-tune; 0 = one-shot"),
+            ("distill_loss", ", ".join(self.distill_losses), why.get("distill_loss", "")),
             ("precision", f"{', '.join(precisions)} per {self._granularity_text()}",
              "what the profile runs for each layer's op type"),
             ("quant_mode", ", ".join(self.modes), why.get("quant_mode", "")),
@@ -262,6 +269,36 @@ def _inits(space: SearchSpace, facts: ModelFacts) -> tuple[str, ...]:
                     "task has no pre-sparsified checkpoint)")
 
 
+def _importances(space: SearchSpace, facts: ModelFacts) -> tuple[tuple[str, ...], str]:
+    """The channel importances with a signal in this model: ``bn_scale`` reads BatchNorm
+    scales, and without BatchNorm it ranks nothing (a BN-free MLP kept every width)."""
+    asked = tuple(space.pruning.structured_importance)
+    if facts.batchnorm:
+        return asked, "every importance the space lists"
+    return _without(asked, "bn_scale", "pruning.structured_importance", space,
+                    "the model has no BatchNorm, whose scales it ranks channels by")
+
+
+def _distill_losses(space: SearchSpace, facts: ModelFacts) -> tuple[tuple[str, ...], str]:
+    """The distillation losses this model can take: ``feature`` compares the outputs of its
+    stages, so a model without a stage that outputs a feature map or a sequence has none."""
+    asked = tuple(space.distillation.distill_loss)
+    if facts.feature_taps:
+        return asked, "every loss the space lists"
+    return _without(asked, "feature", "distillation.distill_loss", space,
+                    "no stage of the model outputs a feature map or a sequence to compare")
+
+
+def _without(asked: tuple[str, ...], name: str, key: str, space: SearchSpace,
+             why: str) -> tuple[tuple[str, ...], str]:
+    """``asked`` less ``name`` (with the reason), refusing a space left with nothing."""
+    kept = tuple(a for a in asked if a != name)
+    if not kept:
+        raise ConfigError(f"space {space.name!r}: {key} lists only {name!r}, which this model "
+                          f"cannot take ({why}); add another")
+    return kept, (f"{name} not offered: {why}" if name in asked else "every one the space lists")
+
+
 def _shared(per_layer: dict[str, tuple[str, ...]], names: list[str]) -> list[str]:
     """The precisions every one of ``names`` may run."""
     return [p for p in per_layer[names[0]] if all(p in per_layer[n] for n in names)]
@@ -309,6 +346,8 @@ def resolve_space(space: SearchSpace, profile: HardwareProfile,
     modes, modes_why = _modes(space, profile, layers)
     patterns, patterns_why = _patterns(space, profile)
     unstructured, unstructured_why = _unstructured(space, profile)
+    importances, importances_why = _importances(space, facts)
+    losses, losses_why = _distill_losses(space, facts)
     resolved = ResolvedSpace(
         space=space,
         granularity=granularity,
@@ -323,11 +362,14 @@ def resolve_space(space: SearchSpace, profile: HardwareProfile,
         modes=modes,
         patterns=patterns,
         inits=_inits(space, facts),
+        importances=importances,
+        distill_losses=losses,
         facts=facts,
         unstructured_sparsity=unstructured,
         reasons=(("unstructured_sparsity", unstructured_why), ("sparsity_pattern", patterns_why),
                  ("quant_mode", modes_why), ("activation_type", activation_why),
-                 ("activation_symmetric", symmetric_why)),
+                 ("activation_symmetric", symmetric_why),
+                 ("structured_importance", importances_why), ("distill_loss", losses_why)),
     )
     if quant.granularity == "uniform" and not resolved.common_precisions():
         raise ConfigError(

@@ -56,8 +56,8 @@ def seeds(resolved: ResolvedSpace) -> list[tuple[str, dict[str, Any]]]:
                              for g, p in resolved.group_precisions.items()}))
     tune = {"epochs": min(3, distil.epochs.high), "lr": _clip(3e-3, distil.lr),
             "temperature": _clip(4.0, distil.temperature), "alpha": _clip(0.5, distil.alpha),
-            "distill_loss": "response" if "response" in distil.distill_loss
-            else distil.distill_loss[0]}
+            "distill_loss": "response" if "response" in resolved.distill_losses
+            else resolved.distill_losses[0]}
     if "qat" in plan:
         plan = {**plan, "qat": False}
     out = []
@@ -67,7 +67,7 @@ def seeds(resolved: ResolvedSpace) -> list[tuple[str, dict[str, Any]]]:
             continue
         params = {**_UNCOMPRESSED, **plan, **tune, "drop_blocks": drop,
                   **_channels(resolved, _clip(ratio, pruning.structured_ratio)),
-                  "structured_importance": pruning.structured_importance[0]}
+                  "structured_importance": resolved.importances[0]}
         if all(params != p for _, p in out):  # a narrow range clips two seeds alike
             out.append((label, params))
     return out

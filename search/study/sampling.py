@@ -71,7 +71,7 @@ def _structure(draw: _Draw, resolved: ResolvedSpace, c: Choices) -> None:
         c.structured_ratio = _float(draw, "structured_ratio", pruning.structured_ratio)
     if c.structured_ratio > 0:
         c.structured_importance = _categorical(draw, "structured_importance",
-                                               pruning.structured_importance)
+                                               resolved.importances)
     if resolved.facts.attention:
         c.head_ratio = _float(draw, "head_ratio", pruning.head_ratio)
 
@@ -83,7 +83,7 @@ def _distillation(draw: _Draw, resolved: ResolvedSpace, c: Choices) -> None:
         c.lr = _float(draw, "lr", distil.lr)
         c.temperature = _float(draw, "temperature", distil.temperature)
         c.alpha = _float(draw, "alpha", distil.alpha)
-        c.distill_loss = _categorical(draw, "distill_loss", distil.distill_loss)
+        c.distill_loss = _categorical(draw, "distill_loss", resolved.distill_losses)
         if c.distill_loss != "response":
             c.distill_weight = _float(draw, "distill_weight", distil.distill_weight)
 

@@ -13,7 +13,7 @@ __all__ = ["loader_workers", "normalize", "split_stratified", "to_memory"]
 
 
 def loader_workers() -> int:
-    """DataLoader workers for the one-time read: the CPUs this process may use, at most 8."""
+    """Readers for the one-time read: the CPUs this process may use, at most 8."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -23,15 +23,20 @@ def loader_workers() -> int:
 
 def to_memory(dataset: torch.utils.data.Dataset, batch_size: int = 256) -> tuple[torch.Tensor,
                                                                                    torch.Tensor]:
-    """Every ``(x, y)`` of ``dataset`` stacked into two tensors (read in parallel workers)."""
-    workers = loader_workers()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=workers if workers > 1 else 0)
-    xs, ys = [], []
-    for x, y in loader:
-        xs.append(x)
-        ys.append(torch.as_tensor(y, dtype=torch.long))
-    return torch.cat(xs).float(), torch.cat(ys)
+    """Every ``(x, y)`` of ``dataset`` stacked into two tensors, read by a pool of threads.
+
+    Threads, not a DataLoader's forked workers: a process that runs Ray (a study's driver, a
+    worker, a notebook) holds threads whose locks a fork copies held, and a forked reader
+    then waits forever (seen in the test suite). Decoding and resizing images release the
+    GIL, so threads read in parallel all the same.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=loader_workers()) as pool:
+        items = list(pool.map(dataset.__getitem__, range(len(dataset)), chunksize=batch_size))
+    xs = torch.stack([torch.as_tensor(x) for x, _ in items]) if items else torch.empty(0)
+    ys = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
+    return xs.float(), ys
 
 
 def normalize(train: Split, *others: Split) -> list[Split]:

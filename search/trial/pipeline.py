@@ -38,15 +38,10 @@ from search.trial.compress import (
     prune_structured,
     teacher_outputs,
 )
+from search.trial.compress.blocks import droppable_blocks, rank_blocks, remove_blocks
+from search.trial.compress.distill import feature_taps
 from search.trial.compress.heads import prune_heads
-from search.trial.compress.prune import (
-    attention_modules,
-    depth_segments,
-    droppable_blocks,
-    rank_blocks,
-    recalibrate_batchnorm,
-    remove_blocks,
-)
+from search.trial.compress.prune import attention_modules, depth_segments, recalibrate_batchnorm
 from search.trial.compress.sparsity import one_shot_scores
 from search.trial.evaluate import onnx_score
 
@@ -84,12 +79,16 @@ def student_layers(task: Task) -> list[Layer]:
 
 
 def model_facts(task: Task) -> ModelFacts:
-    """What the task's model offers the space: droppable blocks, attention, sparse init."""
+    """What the task's model offers the space: droppable blocks, attention, sparse init,
+    BatchNorm (bn_scale's signal) and feature taps (what feature distillation compares)."""
     teacher = task.teacher()
     example = task.example()
     return ModelFacts(droppable_blocks=len(droppable_blocks(teacher, example)),
                       attention=bool(attention_modules(teacher)),
-                      sparse_init=task.sparse_state is not None)
+                      sparse_init=task.sparse_state is not None,
+                      batchnorm=any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                    for m in teacher.modules()),
+                      feature_taps=bool(feature_taps(teacher, example)))
 
 
 def _fingerprint(state: dict[str, torch.Tensor]) -> str:

@@ -321,3 +321,25 @@ def test_symmetric_activation_ranges_are_sampled_only_where_they_run_fast(profil
         (False, True)
     with pytest.raises(ValueError, match="fast_activation_symmetric lists"):
         Int8Settings(activation_symmetric=[False], fast_activation_symmetric=[True])
+
+
+def test_importances_and_losses_a_model_has_no_signal_for_are_not_offered(profile, layers,
+                                                                         tmp_path):
+    """bn_scale ranks channels by BatchNorm scales, feature distillation compares stage
+    outputs: a model without them is not offered them, and `search spaces` says why."""
+    plain = resolve_space(load_space("default"), profile, layers,
+                          ModelFacts(batchnorm=False, feature_taps=False))
+    assert "bn_scale" not in plain.importances and "magnitude" in plain.importances
+    assert plain.distill_losses == ("response", "relation")
+    why = {row[0]: row[2] for row in plain.describe()}
+    assert "no BatchNorm" in why["structured_importance"]
+    assert "feature not offered" in why["distill_loss"]
+    drawn = _draws(plain, n=60)
+    assert not {c.structured_importance for c in drawn} & {"bn_scale"}
+    assert not {c.distill_loss for c in drawn} & {"feature"}
+    full = resolve_space(load_space("default"), profile, layers, ModelFacts())
+    assert "bn_scale" in full.importances and "feature" in full.distill_losses
+    only = tmp_path / "only.yaml"
+    only.write_text(yaml.safe_dump({"pruning": {"structured_importance": ["bn_scale"]}}))
+    with pytest.raises(ConfigError, match="lists only 'bn_scale'.*no BatchNorm"):
+        resolve_space(load_space(only), profile, layers, ModelFacts(batchnorm=False))

@@ -101,7 +101,7 @@ def test_blocks_are_ranked_once_per_starting_model_and_drop_alike_in_every_trial
     the least-changing blocks go first."""
     from search.profiles import load_profile
     from search.trial import pipeline
-    from search.trial.compress.prune import rank_blocks
+    from search.trial.compress.blocks import rank_blocks
 
     profile = load_profile("cpu-avx2")
     pipeline._RANKINGS.clear()

@@ -1,10 +1,10 @@
 """The compression stages of a trial: prune, distil (with QAT), export, quantize."""
 
+from search.trial.compress.blocks import drop_blocks
 from search.trial.compress.distill import distill, teacher_outputs
 from search.trial.compress.export import compressible_layers, export_onnx, onnx_node_names
 from search.trial.compress.prune import (
     count_zero_fraction,
-    drop_blocks,
     prune_structured,
     prune_unstructured,
 )

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from search.trial.compress._layers import WEIGHTED
-from search.trial.compress.prune import attention_modules, droppable_blocks
+from search.trial.compress.blocks import droppable_blocks
+from search.trial.compress.prune import attention_modules
 
 __all__ = ["TECHNIQUES", "applicable"]
 

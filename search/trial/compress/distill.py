@@ -90,12 +90,25 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(distances(s), td) + 2.0 * F.smooth_l1_loss(angles(s), ta)
 
 
+def _tensor_of(out: object) -> torch.Tensor | None:
+    """A module's output as a tensor: itself, or a recurrent layer's output sequence (the
+    first of the ``(output, h_n)`` / ``(output, (h_n, c_n))`` it returns)."""
+    if isinstance(out, tuple | list) and out:
+        out = out[0]
+    return out if isinstance(out, torch.Tensor) else None
+
+
 def feature_taps(model: nn.Module, example: torch.Tensor, count: int = 3) -> list[str]:
-    """The last ``count`` top-level stages whose output is a feature map or token sequence."""
+    """The last ``count`` top-level stages whose output is a feature map or a sequence (a
+    recurrent layer's hidden states included): what feature distillation compares."""
     outputs: dict[str, bool] = {}
+
+    def is_feature(out: object) -> bool:
+        tensor = _tensor_of(out)
+        return tensor is not None and tensor.dim() >= 3
+
     hooks = [child.register_forward_hook(
-        lambda mod, args, out, name=name: outputs.__setitem__(
-            name, isinstance(out, torch.Tensor) and out.dim() >= 3))
+        lambda mod, args, out, name=name: outputs.__setitem__(name, is_feature(out)))
         for name, child in model.named_children()]
     with torch.no_grad():
         model.eval()(example)
@@ -115,7 +128,8 @@ class _Capture:
                 lambda mod, args, n=n: self.values.__setitem__(n, args[0])) for n in names]
         else:
             self.hooks = [modules[n].register_forward_hook(
-                lambda mod, args, out, n=n: self.values.__setitem__(n, out)) for n in names]
+                lambda mod, args, out, n=n: self.values.__setitem__(n, _tensor_of(out)))
+                for n in names]
 
     def close(self) -> None:
         for h in self.hooks:
@@ -147,7 +161,11 @@ def _teacher_taps(loss: str, teacher: nn.Module, probe: torch.Tensor) -> tuple[l
     """The teacher's modules whose outputs (inputs, when the bool says so) ``loss`` compares
     with the student's: none for response distillation."""
     if loss == "feature":
-        return feature_taps(teacher, probe), False
+        taps = feature_taps(teacher, probe)
+        if not taps:
+            raise TrialError("fine-tune", "feature distillation needs a stage whose output is a "
+                             "feature map or a sequence, and this model has none")
+        return taps, False
     if loss == "relation":
         head = output_layer(teacher, probe[:1])
         if head is None:

@@ -1,4 +1,5 @@
-"""Pruning: channels and attention heads (torch-pruning), whole residual blocks, weights.
+"""Pruning: channels and attention heads (torch-pruning), weights; whole residual blocks
+in :mod:`search.trial.compress.blocks`.
 
 Structured pruning really removes channels, rounded to the profile's channel
 multiple, since odd channel counts can run slower than the unpruned model.
@@ -8,10 +9,9 @@ measurement decides.
 
 from __future__ import annotations
 
-import re
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 import torch_pruning as tp
@@ -19,7 +19,14 @@ from torch import nn
 
 from search._base.names import CHANNEL_IMPORTANCES, SEGMENTS, ChannelImportance
 from search.tasks import Loss, Split, classification_loss, logits_of
-from search.trial.compress._layers import WEIGHTED
+from search.trial.compress._layers import WEIGHTED, observe
+from search.trial.compress.blocks import (  # their home before blocks.py
+    DroppedBlock,
+    drop_blocks,
+    droppable_blocks,
+    rank_blocks,
+    remove_blocks,
+)
 from search.trial.compress.heads import PrunedAttention, prune_heads
 from search.trial.compress.recurrent import prune_recurrent, recurrent_ratios
 from search.trial.compress.recurrent_tracing import InputsPruner, opaque_to_tracing
@@ -81,7 +88,7 @@ def depth_segments(model: nn.Module, example: torch.Tensor) -> dict[str, list[st
         fan_in = m.weight[0].numel()  # in / groups x kernel for a conv, in for a Linear
         macs[name] = float(out.numel() // out.shape[0] * fan_in)
 
-    _observe(model, modules, see, example)
+    observe(model, modules, see, example)
     total = sum(macs.values()) or 1.0
     out: dict[str, list[str]] = {s: [] for s in SEGMENTS}
     done = 0.0
@@ -225,99 +232,8 @@ def output_layer(model: nn.Module, example: torch.Tensor) -> str | None:
     a dense head's final convolution (None when there is none)."""
     ran: list[str] = []
     modules = {name: m for name, m in model.named_modules() if isinstance(m, WEIGHTED)}
-    _observe(model, modules, lambda name, x, out: ran.append(name), example)
+    observe(model, modules, lambda name, x, out: ran.append(name), example)
     return ran[-1] if ran else None
-
-
-class DroppedBlock(nn.Identity):
-    """What a dropped block leaves: returns its first input and ignores whatever else its
-    container passes (``nn.TransformerEncoder`` calls layers with ``src_mask=...``)."""
-
-    def forward(self, *args: object, **kwargs: object) -> object:
-        return args[0] if args else next(iter(kwargs.values()))
-
-
-_BLOCK_NAME = re.compile(r"(Block|Bottleneck|InvertedResidual|MBConv|EncoderLayer)$")
-
-
-@torch.no_grad()
-def _observe(model: nn.Module, modules: dict[str, nn.Module],
-             see: Callable[[str, torch.Tensor | None, object], None], inputs: torch.Tensor) -> None:
-    """One eval-mode forward pass calling ``see(name, input, output)`` for each module."""
-    hooks = [m.register_forward_hook(
-        lambda mod, args, out, name=name: see(name, args[0] if args else None, out))
-        for name, m in modules.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        model(inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-
-
-@torch.no_grad()
-def droppable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Residual blocks whose output has the shape of their input: removing one leaves
-    the identity path, so the network still runs (layer dropping).
-
-    A block is a module whose class name ends in Block, Bottleneck,
-    InvertedResidual, MBConv or EncoderLayer (torchvision's and PyTorch's names).
-    """
-    shapes: dict[str, bool] = {}
-
-    def same_shape(name: str, x: torch.Tensor | None, out: object) -> None:
-        shapes[name] = isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) \
-            and x.shape == out.shape
-
-    blocks = {name: m for name, m in model.named_modules()
-              if name and _BLOCK_NAME.search(type(m).__name__)}
-    _observe(model, blocks, same_shape, example)
-    return [name for name, ok in shapes.items() if ok and name not in _encoder_firsts(model)]
-
-
-def _encoder_firsts(model: nn.Module) -> set[str]:
-    """First layers of ``nn.TransformerEncoder`` s: the encoder reads their attention's
-    settings on every call, so they stay."""
-    return {f"{name}.layers.0" if name else "layers.0" for name, m in model.named_modules()
-            if isinstance(m, nn.TransformerEncoder)}
-
-
-@torch.no_grad()
-def rank_blocks(model: nn.Module, inputs: torch.Tensor) -> list[str]:
-    """The droppable residual blocks, the one that changes its input least first.
-
-    Importance of a block: ``||f(x) - x||^2 / ||x||^2`` on ``inputs`` (a
-    block that barely changes its input is the cheapest to lose).
-    """
-    modules = dict(model.named_modules())
-    change: dict[str, float] = {}
-
-    def relative_change(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        change[name] = float(((out - x) ** 2).sum() / (x**2).sum().clamp_min(1e-12))
-
-    names = droppable_blocks(model, inputs[:1])
-    _observe(model, {name: modules[name] for name in names}, relative_change, inputs)
-    return sorted(change, key=change.get)
-
-
-def remove_blocks(model: nn.Module, names: list[str]) -> list[str]:
-    """Replace the named blocks by :class:`DroppedBlock` identities; returns the names."""
-    modules = dict(model.named_modules())
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, DroppedBlock())
-    return list(names)
-
-
-@torch.no_grad()
-def drop_blocks(model: nn.Module, n: int, inputs: torch.Tensor) -> list[str]:
-    """Drop the ``n`` least important residual blocks (:func:`rank_blocks` on ``inputs``);
-    returns the dropped blocks' names."""
-    if n <= 0:
-        return []
-    return remove_blocks(model, rank_blocks(model, inputs)[:n])
 
 
 def prune_unstructured(model: nn.Module, sparsity: float, criterion: str = "magnitude",

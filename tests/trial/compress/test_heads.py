@@ -6,8 +6,9 @@ import onnxruntime as ort
 import torch
 
 from search.trial.compress import compressible_layers, export_onnx, onnx_node_names
+from search.trial.compress.blocks import droppable_blocks
 from search.trial.compress.heads import PrunedAttention, prune_heads
-from search.trial.compress.prune import attention_modules, droppable_blocks, prune_structured
+from search.trial.compress.prune import attention_modules, prune_structured
 from tests.support.models import TinyViT
 
 

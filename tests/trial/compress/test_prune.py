@@ -52,7 +52,7 @@ def test_batchnorm_recalibration_rescues_one_shot_pruning(task):
 
 
 def test_layer_dropping_removes_the_least_changing_block(task):
-    from search.trial.compress.prune import drop_blocks, droppable_blocks
+    from search.trial.compress.blocks import drop_blocks, droppable_blocks
 
     model = task.teacher()
     example = task.train.x[:1]
@@ -115,8 +115,8 @@ def test_structured_pruning_thins_hidden_and_feed_forward_linears(family):
 
 
 def test_layer_dropping_keeps_the_transformer_encoder_calling_convention():
+    from search.trial.compress.blocks import DroppedBlock, drop_blocks, droppable_blocks
     from search.trial.compress.heads import prune_heads
-    from search.trial.compress.prune import DroppedBlock, drop_blocks, droppable_blocks
     from tests.families import EncoderClassifier
 
     torch.manual_seed(0)
@@ -189,3 +189,211 @@ def test_taylor_gradients_taken_in_chunks_equal_one_batch(task):
     F.cross_entropy(whole(task.train.x[idx]), task.train.y[idx]).backward()
     for a, b in zip(chunked.parameters(), whole.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+# layer dropping by structure: residual units found whatever their classes are called
+
+
+def _dropped_still_runs_and_exports(model, x, names):
+    """Drop ``names``; the model still runs, and its ONNX export agrees with it in ORT."""
+    import onnxruntime as ort
+
+    from search.trial.compress import export_onnx
+    from search.trial.compress.blocks import remove_blocks
+
+    remove_blocks(model, names)
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    exported = export_onnx(model, tuple(x.shape[1:]))
+    session = ort.InferenceSession(exported, providers=["CPUExecutionProvider"])
+    assert abs(session.run(None, {"input": x.numpy()})[0] - expected).max() < 1e-4
+    return exported
+
+
+def test_a_custom_named_conv1d_resnet_offers_exactly_its_shape_keeping_blocks():
+    from search.trial.compress.blocks import DroppedBlock, droppable_blocks, rank_blocks
+    from tests.families import ResNet1d
+
+    torch.manual_seed(0)
+    model = ResNet1d().eval()
+    x = torch.randn(4, 4, 64)
+    # each stage's first Block1d downsamples: the other three keep their input's shape
+    assert droppable_blocks(model, x[:1]) == ["layer1.1", "layer2.1", "layer3.1"]
+    assert sorted(rank_blocks(model, x)) == ["layer1.1", "layer2.1", "layer3.1"]
+    before = sum(p.numel() for p in model.parameters())
+    _dropped_still_runs_and_exports(model, x, ["layer2.1", "layer3.1"])
+    assert isinstance(model.layer2[1], DroppedBlock) and isinstance(model.layer3[1], DroppedBlock)
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert droppable_blocks(model, x[:1]) == ["layer1.1"]  # what a drop leaves is no block
+
+
+class ResUnit(nn.Module):
+    """A residual wrapper around whatever body it is given (an ``nn.Sequential``)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return nn.functional.relu(x + self.body(x))
+
+
+class ConvBlock(nn.Sequential):
+    """conv + bn + relu of equal widths: keeps its input's shape, named ``*Block``, and is
+    no residual."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels),
+                         nn.ReLU())
+
+
+def _sequential_body(channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels),
+                         nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1))
+
+
+def test_a_residual_wrapper_is_a_block_and_a_plain_shape_keeping_stack_is_not():
+    from search.trial.compress.blocks import droppable_blocks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                          ResUnit(_sequential_body(8)),  # residual under an odd name
+                          nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                        nn.ReLU()),  # shape-keeping, not residual
+                          ConvBlock(8),  # named like a block, not residual
+                          ResUnit(nn.Sequential(ResUnit(_sequential_body(8)), nn.ReLU())),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    # the outermost residual of the nested ones, never the unit inside it
+    assert droppable_blocks(model, x[:1]) == ["1", "4"]
+    _dropped_still_runs_and_exports(model, x, ["1", "4"])
+
+
+class InlineCNN(nn.Module):
+    """Residuals written inline: a branch added back onto its input, a branch fed through a
+    norm, and a projection added onto something it was not computed from (no residual)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = _sequential_body(8)
+        self.norm = nn.BatchNorm2d(8)
+        self.mlp = nn.Sequential(nn.Conv2d(8, 16, 1), nn.GELU(), nn.Conv2d(16, 8, 1))
+        self.side = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y + self.branch(y)
+        y = y + 0.5 * self.mlp(self.norm(y))
+        y = y + self.side(x)  # computed from the input, not from y: dropping it is no identity
+        return self.head(y.mean((2, 3)))
+
+
+def test_an_inline_residual_branch_is_dropped_with_its_compute():
+    import onnx
+
+    from search.trial.compress.blocks import (
+        DroppedBlock,
+        DroppedBranch,
+        drop_blocks,
+        droppable_blocks,
+        rank_blocks,
+    )
+
+    torch.manual_seed(0)
+    model = InlineCNN().eval()
+    x = torch.randn(4, 3, 16, 16)
+    assert droppable_blocks(model, x[:1]) == ["branch", "mlp"]
+    with torch.no_grad():
+        model.mlp[2].weight.mul_(1e-3)  # the mlp now adds almost nothing: it goes first
+    assert rank_blocks(model, x) == ["mlp", "branch"]
+    assert drop_blocks(model, 1, x) == ["mlp"] and isinstance(model.mlp, DroppedBranch)
+    assert isinstance(model.norm, DroppedBlock)  # it fed the mlp alone: it goes with it
+    assert droppable_blocks(model, x[:1]) == ["branch"]  # a dropped branch is no branch
+    exported = _dropped_still_runs_and_exports(model, x, ["branch"])
+    # only the stem, the side projection and the head compute; the norm that fed the
+    # dropped mlp is dead code the exporter left out
+    ops = [n.op_type for n in onnx.load_from_string(exported).graph.node]
+    assert ops.count("Conv") == 2 and "BatchNormalization" not in ops, ops
+
+
+def test_inline_residual_family_runs_through_structured_pruning_after_a_drop():
+    from search.trial.compress.blocks import drop_blocks
+    from tests.families import InlineResidualMLP
+
+    torch.manual_seed(0)
+    model = InlineResidualMLP().eval()
+    x = torch.randn(8, 64)
+    assert sorted(drop_blocks(model, 1, x)) in (["mlp1"], ["mlp2"])
+    prune_structured(model, x[:1], 0.5, round_to=8)
+    assert model(x).shape == (8, 10)
+
+
+def _by_class_name(model, example):
+    """The rule before structure was read: a class name ending in a block name, and an
+    output of the input's shape."""
+    from search.trial.compress._layers import observe
+    from search.trial.compress.blocks import _BLOCK_NAME
+
+    kept = {}
+
+    def see(name, x, out):
+        kept[name] = x.shape == out.shape
+
+    named = {n: m for n, m in model.named_modules() if n and _BLOCK_NAME.search(type(m).__name__)}
+    observe(model, named, see, example)
+    return [n for n, ok in kept.items() if ok]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_torchvision_blocks_are_the_ones_their_class_names_gave(arch):
+    import torchvision
+
+    from search.trial.compress.blocks import droppable_blocks
+
+    model = getattr(torchvision.models, arch)(num_classes=10).eval()
+    example = torch.randn(1, 3, 32, 32)
+    found = droppable_blocks(model, example)
+    assert found == _by_class_name(model, example)
+    assert found == {"resnet18": ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"],
+                     "mobilenet_v2": [f"features.{i}" for i in (3, 5, 6, 8, 9, 10, 12, 13, 15,
+                                                                16)]}[arch]
+
+
+def test_a_vision_transformers_blocks_not_their_mlp_inside():
+    """torchvision's ``EncoderBlock`` holds an ``MLPBlock``: a shape-keeping ``*Block`` the
+    name rule also offered, nested in the residual, and no residual itself."""
+    from search.trial.compress.blocks import droppable_blocks
+    from tests.families import vit
+
+    model = vit().eval()
+    example = torch.randn(1, 3, 32, 32)
+    blocks = ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"]
+    assert droppable_blocks(model, example) == blocks
+    assert _by_class_name(model, example) == [blocks[0] + ".mlp", blocks[0],
+                                               blocks[1] + ".mlp", blocks[1]]
+
+
+class _Gated(nn.Module):
+    """A residual whose forward branches on a tensor's value: torch.fx cannot read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            return x
+        return x + self.linear(x)
+
+
+class GatedBlock(_Gated):
+    pass
+
+
+def test_an_untraceable_module_falls_back_on_its_class_name():
+    from search.trial.compress.blocks import droppable_blocks
+
+    model = nn.Sequential(nn.Linear(8, 16), _Gated(), GatedBlock(), nn.Linear(16, 10)).eval()
+    assert droppable_blocks(model, torch.randn(1, 8)) == ["2"]
