@@ -23,13 +23,20 @@ from search._base.records import Choices, TrialRecord
 from search.tasks import Split, Task
 from search.trial.compress.applicable import TECHNIQUES, applicable
 from search.trial.pipeline import compress, prune_student, student_layers
-from tests.families import CLASSES, FAMILIES
+from tests.families import CLASSES
+from tests.families import FAMILIES as BUILT_THE_USUAL_WAYS
+from tests.support.recurrent_families import RECURRENT_FAMILIES
+
+FAMILIES = {**BUILT_THE_USUAL_WAYS, **RECURRENT_FAMILIES}
 
 _FP32 = {"structured", "drop_blocks", "heads", "sparsity", "fp32"}
 # cells whose verdict is pinned: layer dropping goes by structure, not by class names
 _OFFERED = {("conv1d-resnet-custom", "drop_blocks"): True,
             ("inline-residual", "drop_blocks"): True,
-            ("mlp-no-bn", "drop_blocks"): False}
+            ("mlp-no-bn", "drop_blocks"): False,
+            # recurrent layers have a width of their own (hidden units), pruned by our code
+            ("gru", "structured"): True, ("gru-2layer", "structured"): True,
+            ("bilstm-2layer", "structured"): True}
 _RESULTS: dict[tuple[str, str], str] = {}
 
 
