@@ -80,6 +80,7 @@ class StudyKey:
     REFINED = "refined"  # {source trial: refined accuracy}, adopted or not
     REFINE_SECONDS = "refine_seconds"  # {source trial: seconds its refinement took}
     REMEASURED = "remeasured"  # {trial: side-by-side latency statistics}
+    SEEDED = "seeded"  # the precisions the enqueued starting points took, once they were
 
 
 def _declared(cls: type) -> frozenset[str]:

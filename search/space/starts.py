@@ -44,16 +44,23 @@ def baselines(resolved: ResolvedSpace) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def seeds(resolved: ResolvedSpace) -> list[tuple[str, dict[str, Any]]]:
+def seeds(resolved: ResolvedSpace, *,
+          reference_precisions: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """Known-good combinations enqueued after the baselines, so the sampler starts from a
-    strong front: channels pruned (and a block dropped) at the fastest precision every
-    layer may run, recovered by distillation. Only values the space offers are used."""
+    strong front: channels pruned (and a block dropped) at the most compressed precision
+    every layer may run, or with ``reference_precisions`` at the reference's (where uniform
+    int8 measured slower than the reference: a GRU's int8 runs unrolled, about 3x slower
+    than its fp32 kernel at hidden 128), recovered by distillation. Only values the space
+    offers are used."""
     pruning, distil = resolved.space.pruning, resolved.space.distillation
     if distil.epochs.high < 1 or pruning.structured_ratio.high <= 0:
         return []
-    plan = (_int8_params(resolved) if _all_int8(resolved) else
-            _plan(resolved, {g: max(p, key=_RANK.index)
-                             for g, p in resolved.group_precisions.items()}))
+    if reference_precisions:
+        plan = _plan(resolved, _reference_plan(resolved))
+    else:
+        plan = (_int8_params(resolved) if _all_int8(resolved) else
+                _plan(resolved, {g: max(p, key=_RANK.index)
+                                 for g, p in resolved.group_precisions.items()}))
     tune = {"epochs": min(3, distil.epochs.high), "lr": _clip(3e-3, distil.lr),
             "temperature": _clip(4.0, distil.temperature), "alpha": _clip(0.5, distil.alpha),
             "distill_loss": "response" if "response" in resolved.distill_losses

@@ -128,6 +128,8 @@ class Driver:
         self.stage_time: dict[str, float] = {}  # wall seconds of each kind of task, summed
         # an enqueued baseline or seed is exactly what it says, whatever the space fixes
         self._pinned = dict(baselines(resolved) + seeds(resolved))
+        self._seeds_pending = StudyKey.SEEDED not in study.user_attrs and not any(
+            TrialKey.SEED_CONFIG in t.user_attrs for t in study.get_trials(deepcopy=False))
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -191,6 +193,7 @@ class Driver:
                     return
             else:
                 while len(self.in_flight) < self.parallel and done + len(self.in_flight) < s.budget:
+                    self._enqueue_seeds(done)
                     state = self._start_trial()
                     if state in COUNTED:  # answered from the cache
                         done += 1
@@ -208,6 +211,30 @@ class Driver:
                 if self.n_failed >= max_failures:
                     raise SearchError(f"{self.n_failed} trials failed; stopping. The last "
                                       "failure reason is in trials.csv and MLflow.")
+
+    def _enqueue_seeds(self, done: int) -> None:
+        """Enqueue the known-good starting points once the baselines have run, at the most
+        compressed precisions, or at the reference's where uniform int8 measured slower than
+        the reference (their latency decided by measurement, not by a precision's name)."""
+        if not self._seeds_pending:
+            return
+        unfinished = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+        if any(TrialKey.BASELINE in t.user_attrs
+               for t in self.study.get_trials(deepcopy=False, states=unfinished)):
+            return
+        df = self.frame
+        ref = df.loc[df["reference"], "latency_ms"] if len(df) else pd.Series(dtype=float)
+        int8 = df.loc[df["baseline"] == "int8", "latency_ms"] if len(df) else ref
+        slower = bool(len(ref) and len(int8) and float(int8.iloc[0]) >= float(ref.iloc[0]))
+        left = max(0, self.settings.budget - done - len(self.in_flight))
+        for label, params in seeds(self.resolved, reference_precisions=slower)[:left]:
+            self.study.enqueue_trial(params, user_attrs={TrialKey.SEED_CONFIG: label})
+            self._pinned[label] = params
+        self.study.set_user_attr(StudyKey.SEEDED, "reference" if slower else "most compressed")
+        self._seeds_pending = False
+        if slower:
+            log.info("uniform int8 measured slower than the reference: the starting points keep "
+                     "the reference's precisions")
 
     def _start_trial(self) -> optuna.trial.TrialState | None:
         """Ask for a trial and start screening it, or answer it from the cache."""

@@ -39,7 +39,7 @@ from search.results.tracking import Tracker, default_tracking_uri
 from search.results.trial_logging import MlflowTrialLogger
 from search.space.resolve import ResolvedSpace, resolve_space
 from search.space.schema import SearchSpace
-from search.space.starts import baselines, seeds
+from search.space.starts import baselines
 from search.study.driver import Driver
 from search.study.execution import Executor, connect, plan_parallel
 from search.study.latency_source import latency_source, self_calibrate
@@ -309,12 +309,10 @@ def _open_study(cfg: SearchConfig, task: Task, profile: HardwareProfile,
         log.warning("preflight: %s", note)
     fail_stale(study)
     if not study.get_trials(deepcopy=False):
-        anchors = baselines(resolved)
-        for i, (label, params) in enumerate(anchors):
+        for i, (label, params) in enumerate(baselines(resolved)):
             study.enqueue_trial(params, user_attrs={TrialKey.BASELINE: label,
                                                     TrialKey.REFERENCE: i == 0})
-        for label, params in seeds(resolved)[: max(0, cfg.budget - len(anchors))]:
-            study.enqueue_trial(params, user_attrs={TrialKey.SEED_CONFIG: label})
+        # the seeds follow once the baselines are measured (search.study.driver)
     study.set_metric_names(["accuracy", "latency_ms"])
     warning = task.teacher_info.get("warning")
     study.set_user_attr(StudyKey.WARNINGS, ([warning] if warning else []) + removed)

@@ -343,3 +343,17 @@ def test_importances_and_losses_a_model_has_no_signal_for_are_not_offered(profil
     only.write_text(yaml.safe_dump({"pruning": {"structured_importance": ["bn_scale"]}}))
     with pytest.raises(ConfigError, match="lists only 'bn_scale'.*no BatchNorm"):
         resolve_space(load_space(only), profile, layers, ModelFacts(batchnorm=False))
+
+
+def test_seeds_keep_the_references_precisions_where_int8_measured_slower(profile, layers):
+    """The driver asks for these when uniform int8 ran slower than the reference (a GRU's
+    unrolled int8): the same structures and fine-tunes, the reference's precisions."""
+    resolved = resolve_space(load_space("default"), profile, layers,
+                             ModelFacts(droppable_blocks=1))
+    fast, kept = dict(seeds(resolved)), dict(seeds(resolved, reference_precisions=True))
+    assert set(fast) == set(kept)
+    reference = {k: v for k, v in baselines(resolved)[0][1].items() if k.startswith("precision")}
+    for label, params in kept.items():
+        assert {k: v for k, v in params.items() if k.startswith("precision")} == reference
+        same = {k: v for k, v in params.items() if not k.startswith("precision")}
+        assert same.items() <= fast[label].items()
