@@ -12,7 +12,7 @@ import pandas as pd
 
 from search._base.attrs import StudyKey, TrialKey
 
-__all__ = ["COLUMNS", "HV_ACCURACY_SPAN", "best_speedup", "feasible", "hypervolume",
+__all__ = ["COLUMNS", "HV_ACCURACY_SPAN", "best_speedup", "chosen_point", "feasible", "hypervolume",
            "hypervolume_2d", "mark_front", "pareto_mask", "readable_front", "trials_frame",
            "within_drop"]
 
@@ -151,20 +151,34 @@ def hypervolume_2d(points: np.ndarray, reference: tuple[float, float]) -> float:
     return float(area)
 
 
-def best_speedup(df: pd.DataFrame, max_drop: float) -> float | None:
-    """Best speedup among trials within ``max_drop`` points of the reference's accuracy."""
+def chosen_point(df: pd.DataFrame, max_drop: float) -> pd.Series | None:
+    """The point a study reports: the fastest trial within ``max_drop`` points of the
+    reference's accuracy on validation (the only split selection reads), by its speedup
+    measured side by side where there is one. None when no trial is within the drop."""
     base = df.loc[df["reference"], "accuracy"]
     if df.empty or base.empty:
         return None
     ok = df[df["accuracy"] >= float(base.iloc[0]) - max_drop]
-    if not len(ok):
-        return None
     if "speedup_remeasured" in ok and ok["speedup_remeasured"].notna().any():
         # measured side by side with the reference after the study: only those count. A
         # trial left out of that (dominated, e.g. the source of a refinement, same model
         # size) would bring its screening-time number, measured at another moment
-        return float(ok["speedup_remeasured"].max())
-    return float(ok["speedup"].max())
+        ok = ok[ok["speedup_remeasured"].notna()].assign(_speedup=ok["speedup_remeasured"])
+    else:
+        ok = ok.assign(_speedup=ok["speedup"])
+    if not len(ok):
+        return None
+    return ok.sort_values("_speedup", ascending=False, kind="stable").iloc[0].drop("_speedup")
+
+
+def best_speedup(df: pd.DataFrame, max_drop: float) -> float | None:
+    """The speedup of :func:`chosen_point` (the best within ``max_drop`` points)."""
+    best = chosen_point(df, max_drop)
+    if best is None:
+        return None
+    remeasured = best.get("speedup_remeasured")
+    return float(remeasured if remeasured is not None and pd.notna(remeasured)
+                 else best["speedup"])
 
 
 def within_drop(rows: pd.DataFrame, df: pd.DataFrame, max_drop: float) -> pd.Series:

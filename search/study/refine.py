@@ -274,6 +274,7 @@ def remeasure_front(study: optuna.Study, executor: Executor | LocalExecutor, out
     samples = executor.result(executor.submit_on_device(_interleaved, models, executor.profile,
                                       executor.task.input_shape, rounds))
     stats = {n: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v),
-                 "rounds": len(v)} for n, v in samples.items()}
+                 "rounds": len(v), "samples_ms": [round(s, 6) for s in v]}
+             for n, v in samples.items()}
     study.set_user_attr(StudyKey.REMEASURED, {str(n): s for n, s in stats.items()})
     return stats  # type: ignore[return-value]
