@@ -10,6 +10,7 @@ moment and resumed by rerunning the same command.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -47,7 +48,7 @@ from search.study.preflight import preflight
 from search.study.refine import refine_epochs, refine_front, remeasure_front
 from search.study.sampling import make_sampler
 from search.study.storage import create_or_load_study, open_storage
-from search.tasks import Task, TaskOptions, check_task, load_task
+from search.tasks import Task, TaskOptions, check_task, load_task, top1_accuracy
 from search.trial.pipeline import model_facts, student_layers
 
 __all__ = ["StudyResult", "run_search"]
@@ -314,9 +315,30 @@ def _open_study(cfg: SearchConfig, task: Task, profile: HardwareProfile,
                                                     TrialKey.REFERENCE: i == 0})
         # the seeds follow once the baselines are measured (search.study.driver)
     study.set_metric_names(["accuracy", "latency_ms"])
-    warning = task.teacher_info.get("warning")
-    study.set_user_attr(StudyKey.WARNINGS, ([warning] if warning else []) + removed)
+    small = _eval_set_warning(task, cfg.report_drop)
+    if small:
+        log.warning("%s", small)
+    shown = [w for w in (task.teacher_info.get("warning"), small) if w]
+    study.set_user_attr(StudyKey.WARNINGS, shown + removed)
     return study, resolved
+
+
+def _eval_set_warning(task: Task, drop: float) -> str | None:
+    """Say when the validation split is too small to tell ``drop`` points of top-1 apart from
+    chance: the fastest point within the drop is then chosen by a handful of samples.
+    Several standard errors of fp32's accuracy should fit in the allowed drop."""
+    if task.metric is not top1_accuracy or drop <= 0:
+        return None
+    n = len(task.val.y)
+    p = min(max(float(task.teacher_info.get("test_accuracy", 90.0)) / 100, 0.01), 0.99)
+    se = 100 * math.sqrt(p * (1 - p) / n)
+    if drop >= 3 * se:
+        return None
+    return (f"the validation split has {n} samples: one point of accuracy is {n / 100:.1f} "
+            f"samples, and fp32's accuracy has a standard error of about {se:.2f} points, so "
+            f"the allowed drop of {drop:g} point(s) is {drop / se:.1f} standard errors; the "
+            "point chosen within it may miss it on test (a larger validation split, or a "
+            "larger --max-accuracy-drop, resolves it)")
 
 
 def _run_trials(cfg: SearchConfig, study: optuna.Study, resolved: ResolvedSpace,
