@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import re
+import types
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -207,7 +208,7 @@ def _named(name: object) -> str:
 def _file_type(hint: Any) -> Any:  # noqa: ANN401
     """A setting's type as a config file gives it: paths as strings, whole numbers strict
     (``true`` is not 1)."""
-    if get_origin(hint) in (Union, getattr(__import__("types"), "UnionType", Union)):
+    if get_origin(hint) in (Union, types.UnionType):
         args = [a for a in get_args(hint) if a is not type(None)]
         hint = args[0] if len(args) == 1 else hint
     if hint is Path:
