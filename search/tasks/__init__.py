@@ -56,6 +56,7 @@ TASKS: dict[str, str] = {
     "digits": "search.tasks.digits",
     "cifar10": "search.tasks.cifar10",
     "imagefolder": "search.tasks.imagefolder",
+    "signals": "search.tasks.signals",
 }
 
 Factory = Callable[[int, TaskOptions], Task]
