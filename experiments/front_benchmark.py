@@ -20,6 +20,7 @@ read what it left, selecting exactly as the product does, on validation only:
 
     python experiments/front_benchmark.py --profile host --budget 20 --seeds 0 1 2
     python experiments/front_benchmark.py --profile host --budget 50 --arch resnet18 --seeds 0
+    python experiments/front_benchmark.py --task signals --arch gru --budget 16 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -200,6 +201,7 @@ def main() -> None:
     parser.add_argument("--profile", default="host")
     parser.add_argument("--budget", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--task", default="digits", help="a built-in task or module:function")
     parser.add_argument("--arch")
     parser.add_argument("--space", default="default")
     parser.add_argument("--drop", type=float, default=1.0)
@@ -211,9 +213,11 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         config = SearchConfig(profile=args.profile, budget=args.budget, seed=seed, arch=args.arch,
+                              task=args.task,
                               space=args.space, runs_root=root, refine=args.refine,
                               early_stopping=not args.no_early_stopping,
-                              study_name=f"bench-{args.arch or 'digits'}-{args.profile}-s{seed}")
+                              study_name=f"bench-{args.task.replace(':', '.')}-{args.arch or 'default'}-"
+                                         f"{args.profile}-s{seed}")
         result = run_search(config, show_progress=False)
         study = result.load_study()
         df = result.trials
