@@ -127,7 +127,9 @@ class Driver:
         self.frame = trials_frame(study)  # the study's table as of the last completed trial
         self.stage_time: dict[str, float] = {}  # wall seconds of each kind of task, summed
         # an enqueued baseline or seed is exactly what it says, whatever the space fixes
-        self._pinned = dict(baselines(resolved) + seeds(resolved))
+        # a resumed study pins its seeds at the precisions they were enqueued at
+        kept = study.user_attrs.get(StudyKey.SEEDED) == "reference"
+        self._pinned = dict(baselines(resolved) + seeds(resolved, reference_precisions=kept))
         self._seeds_pending = StudyKey.SEEDED not in study.user_attrs and not any(
             TrialKey.SEED_CONFIG in t.user_attrs for t in study.get_trials(deepcopy=False))
 
@@ -223,8 +225,8 @@ class Driver:
                for t in self.study.get_trials(deepcopy=False, states=unfinished)):
             return
         df = self.frame
-        ref = df.loc[df["reference"], "latency_ms"] if len(df) else pd.Series(dtype=float)
-        int8 = df.loc[df["baseline"] == "int8", "latency_ms"] if len(df) else ref
+        ref = df.loc[df["reference"], "latency_ms"]
+        int8 = df.loc[df["baseline"] == "int8", "latency_ms"]
         slower = bool(len(ref) and len(int8) and float(int8.iloc[0]) >= float(ref.iloc[0]))
         left = max(0, self.settings.budget - done - len(self.in_flight))
         for label, params in seeds(self.resolved, reference_precisions=slower)[:left]:
