@@ -144,18 +144,19 @@ def _settings(args: argparse.Namespace) -> dict[str, object]:
     return values
 
 
-def _print_front(shown) -> None:  # noqa: ANN001
+def _print_front(shown, metric: str = "accuracy") -> None:  # noqa: ANN001
     """What a user can deploy first (within the allowed drop), then the rest of the front."""
     import pandas as pd
 
     usable = shown["within_drop"] if "within_drop" in shown else pd.Series(True, index=shown.index)
     table = shown[[c for c in _FRONT_COLUMNS if c in shown.columns]]
+    table = table.rename(columns={"accuracy": metric, "test_accuracy": f"test_{metric}"})
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:.3f}".format):
         print(table[usable].to_string(index=False) if usable.any() else
-              "no point of the front is within the allowed accuracy drop")
+              f"no point of the front is within the allowed {metric} drop")
         if (~usable).any():
-            print("\nthe rest of the front, beyond the allowed accuracy drop:")
+            print(f"\nthe rest of the front, beyond the allowed {metric} drop:")
             print(table[~usable].to_string(index=False))
 
 
@@ -164,9 +165,10 @@ def _print_result(result) -> None:  # noqa: ANN001
     print(f"\nPareto front of {result.study_name} ({n_front} of {len(result.trials)} "
           f"completed trials, {result.n_pruned} stopped early, {result.n_failed} failed; "
           "baselines shown for reference):")
-    _print_front(result.front)
+    _print_front(result.front, result.metric)
     if result.best_speedup is not None:
-        print(f"\nbest speedup within the allowed accuracy drop: {result.best_speedup:.2f}x")
+        print(f"\nbest speedup within the allowed {result.metric} drop: "
+              f"{result.best_speedup:.2f}x")
     print(f"\nwrote {result.output_dir / 'pareto.csv'} and {result.output_dir / 'trials.csv'}")
     from search._base.redact import redact
 
@@ -276,7 +278,8 @@ def _report(args: argparse.Namespace) -> int:
     df = trials_frame(study)
     drop = study.user_attrs.get(StudyKey.MAX_ACCURACY_DROP)
     print(f"{args.study}: {len(df)} completed trials, front of {int(df['on_front'].sum())}")
-    _print_front(readable_front(df, REPORT_DROP if drop is None else drop))
+    _print_front(readable_front(df, REPORT_DROP if drop is None else drop),
+                 (study.user_attrs.get(StudyKey.METRIC) or {}).get("name", "accuracy"))
     return 0
 
 

@@ -77,6 +77,9 @@ class StudyKey:
     WARNINGS = "warnings"  # shown at the end of summary.md
     MAX_ACCURACY_DROP = "max_accuracy_drop"  # the constraints, None when unset
     MAX_LATENCY_MS = "max_latency_ms"
+    # {"name": the task's metric as a person reads it (accuracy, mAP, mIoU), "decoding": what
+    # runs after the network outside the measured latency, "" when nothing does}
+    METRIC = "metric"
     REFINED = "refined"  # {source trial: refined accuracy}, adopted or not
     REFINE_SECONDS = "refine_seconds"  # {source trial: seconds its refinement took}
     REMEASURED = "remeasured"  # {trial: side-by-side latency statistics}

@@ -60,19 +60,24 @@ def _unfinished_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
 
 
 def _summary(cfg: SearchConfig, df: pd.DataFrame, front: pd.DataFrame, failed: list,
-             best: float | None, n_pruned: int = 0) -> str:
+             best: float | None, n_pruned: int = 0, metric: dict | None = None) -> str:
     """A short human summary of the study (summary.md)."""
+    metric = metric or {}
+    name = metric.get("name", "accuracy")
     lines = [f"# {cfg.study_name}", "",
              f"- profile `{cfg.profile}`, task `{cfg.task}`, space `{cfg.space}`, "
              f"sampler `{cfg.sampler}`, seed {cfg.seed}",
+             f"- metric: {name} on the validation split (test beside it); the allowed drop is "
+             f"in {name} points",
              f"- {len(df)} completed trials, {n_pruned} stopped early (could not reach the front) "
              f"of a budget of {cfg.budget}, {len(failed)} failed",
              f"- latency: {', '.join(sorted(set(df['latency_source'].dropna()))) or 'n/a'}"
+             + (f", the network's alone ({metric['decoding']})" if metric.get("decoding") else "")
              + _noisy_note(df, cfg),
              f"- best speedup within {cfg.report_drop:g} point(s) of the reference"
              + (" (measured side by side with it after the study, where re-measured)"
                 if "speedup_remeasured" in df else "") + ": "
-             + (f"{best:.2f}x" if best else "n/a"), ""] + front_markdown(front, cfg.report_drop)
+             + (f"{best:.2f}x" if best else "n/a"), ""] + front_markdown(front, cfg.report_drop, name)
     return "\n".join(lines) + "\n"
 
 
@@ -87,6 +92,8 @@ def write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, inte
     """The study's files (trials, front, plots, models, settings, summary), then its MLflow
     parent run completed from them; returns (trials, the front as shown to users)."""
     out = Path(cfg.output_dir)
+    metric = study.user_attrs.get(StudyKey.METRIC) or {}
+    name = metric.get("name", "accuracy")
     df = trials_frame(study)
     failed = [t for t in study.get_trials(deepcopy=False)
               if t.state == optuna.trial.TrialState.FAIL]
@@ -99,18 +106,20 @@ def write_outputs(study: optuna.Study, cfg: SearchConfig, tracker: Tracker, inte
     all_rows.to_csv(out / "trials.csv", index=False)
     # pareto.csv: the front, plus the baselines as reference rows (on_front tells which is which)
     shown = readable_front(df, cfg.report_drop)  # what a user can deploy first
-    shown.to_csv(out / "pareto.csv", index=False)
+    # the accuracy columns hold the task's metric: the file says which
+    shown.assign(metric=name).to_csv(out / "pareto.csv", index=False)
     artifacts = [out / "pareto.csv", out / "trials.csv"]
     if len(df):
         title = f"{cfg.study_name}: {len(df)} trials, front of {len(front)}"
-        artifacts.append(plot_front(df, out / "pareto.png", title, cfg.report_drop))
-        artifacts.append(write_html(df, out / "pareto.html", title))
+        artifacts.append(plot_front(df, out / "pareto.png", title, cfg.report_drop, name))
+        artifacts.append(write_html(df, out / "pareto.html", title, name))
     models = _copy_front_models(out, front)
     artifacts.append(out / "front_models")
     best = best_speedup(df, cfg.report_drop) if len(df) else None
     artifacts += _write_settings(out, cfg, profile)
     summary = out / "summary.md"
-    summary.write_text(_summary(cfg, df, shown[shown["on_front"]], failed, best, len(pruned))
+    summary.write_text(_summary(cfg, df, shown[shown["on_front"]], failed, best, len(pruned),
+                                metric)
                        + _warning_lines(study.user_attrs.get(StudyKey.WARNINGS, [])))
     artifacts.append(summary)
     if not server_reachable(tracker.uri):

@@ -16,24 +16,25 @@ from search.results.pareto import HV_ACCURACY_SPAN, within_drop
 __all__ = ["front_markdown", "plot_front", "write_html"]
 
 
-def front_markdown(front: pd.DataFrame, max_drop: float) -> list[str]:
+def front_markdown(front: pd.DataFrame, max_drop: float, metric: str = "accuracy") -> list[str]:
     """Markdown tables of a ``readable_front``'s rows: those within ``max_drop`` first, the
     rest of the front below them under their own heading (listed, not hidden)."""
     usable = front["within_drop"] if "within_drop" in front else pd.Series(True, index=front.index)
     lines = [f"Within {max_drop:g} point(s) of the reference, fastest first:", ""]
-    lines += _markdown_rows(front[usable])
+    lines += _markdown_rows(front[usable], metric)
     if (~usable).any():
         lines += ["", f"The rest of the front, more than {max_drop:g} point(s) below the reference:",
-                  ""] + _markdown_rows(front[~usable])
+                  ""] + _markdown_rows(front[~usable], metric)
     return lines
 
 
-def _markdown_rows(rows: pd.DataFrame) -> list[str]:
+def _markdown_rows(rows: pd.DataFrame, metric: str = "accuracy") -> list[str]:
     """One row per point; with a re-measurement, its side-by-side speedup beside the trial's
     own (the trial's was measured alone, at another moment of a possibly busy machine)."""
     side = "speedup_remeasured" in rows and rows["speedup_remeasured"].notna().any()
     extra = (" side by side |", "---|") if side else ("", "")
-    lines = [f"| trial | accuracy % | latency ms | speedup |{extra[0]} precisions |",
+    unit = " %" if metric == "accuracy" else ""
+    lines = [f"| trial | {metric}{unit} | latency ms | speedup |{extra[0]} precisions |",
              f"|---|---|---|---|{extra[1]}---|"]
     for _, r in rows.iterrows():
         label = f" ({r['baseline']})" if r.get("baseline") else ""
@@ -46,17 +47,19 @@ def _markdown_rows(rows: pd.DataFrame) -> list[str]:
     return lines
 
 
-def plot_front(df: pd.DataFrame, path: Path, title: str, max_drop: float | None = None) -> Path:
+def plot_front(df: pd.DataFrame, path: Path, title: str, max_drop: float | None = None,
+               metric: str = "accuracy") -> Path:
     """Accuracy against latency, the front highlighted, written as a PNG."""
     import matplotlib.pyplot as plt
 
-    fig = _draw_front(df, title, max_drop)
+    fig = _draw_front(df, title, max_drop, metric)
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def _draw_front(df: pd.DataFrame, title: str, max_drop: float | None):  # noqa: ANN202
+def _draw_front(df: pd.DataFrame, title: str, max_drop: float | None,  # noqa: ANN202
+                metric: str = "accuracy"):
     """The figure of ``plot_front``. Latency on a log axis: one slow trial no longer squashes
     the fast region; accuracies far below the reference sit on the bottom edge as markers."""
     import matplotlib
@@ -91,7 +94,7 @@ def _draw_front(df: pd.DataFrame, title: str, max_drop: float | None):  # noqa: 
     ax.xaxis.set_major_formatter(ScalarFormatter())
     source = ", ".join(sorted(set(df["latency_source"].dropna()))) or "n/a"
     ax.set_xlabel(f"latency, ms, log scale ({source})")
-    ax.set_ylabel("validation accuracy, %")
+    ax.set_ylabel(f"validation {metric}" + (", %" if metric == "accuracy" else ", points"))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=7)
@@ -124,7 +127,7 @@ def _mark_allowed_drop(ax, df: pd.DataFrame, max_drop: float | None) -> None:  #
                label=f"allowed drop ({max_drop:g} point(s))")
 
 
-def write_html(df: pd.DataFrame, path: Path, title: str) -> Path:
+def write_html(df: pd.DataFrame, path: Path, title: str, metric: str = "accuracy") -> Path:
     """An interactive accuracy/latency plot that works offline: inline SVG, no external script.
 
     Hovering a point shows its trial, accuracy, latency, speedup and precisions;
@@ -132,11 +135,11 @@ def write_html(df: pd.DataFrame, path: Path, title: str) -> Path:
     """
     from html import escape
 
-    svg = _plot_svg(df)
+    svg = _plot_svg(df, metric)
     cols = ["trial", "accuracy", "test_accuracy", "latency_ms", "latency_source", "speedup",
             "size_mb", "precisions", "sparsity", "on_front", "baseline"]
     cols = [c for c in cols if c in df.columns]
-    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
+    head = "".join(f"<th>{escape(c.replace('accuracy', metric))}</th>" for c in cols)
     rows = "".join(
         "<tr>" + "".join(f"<td>{escape(f'{r[c]:.3f}' if isinstance(r[c], float) else str(r[c]))}"
                          "</td>" for c in cols) + "</tr>"
@@ -149,7 +152,7 @@ def write_html(df: pd.DataFrame, path: Path, title: str) -> Path:
 td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12px}} th{{cursor:pointer;background:#eee}}
 </style></head><body>
 <h2>{escape(title)}</h2>
-<p>Validation accuracy against latency; red: Pareto front. Hover a point for details.</p>
+<p>Validation {escape(metric)} against latency; red: Pareto front. Hover a point for details.</p>
 {svg}
 <h3>Trials</h3><table id="trials"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
 <script>
@@ -167,7 +170,7 @@ document.querySelectorAll('#trials th').forEach((th, i) => th.onclick = () => {{
     return path
 
 
-def _plot_svg(df: pd.DataFrame) -> str:
+def _plot_svg(df: pd.DataFrame, metric: str = "accuracy") -> str:
     """Accuracy against latency as inline SVG: every trial a point (its details on hover),
     the front red and joined by a line."""
     from html import escape
@@ -186,7 +189,8 @@ def _plot_svg(df: pd.DataFrame) -> str:
 
     points = []
     for _, r in df.iterrows():
-        tip = (f"trial {r['trial']}: accuracy {r['accuracy']:.2f}%, latency "
+        tip = (f"trial {r['trial']}: {metric} {r['accuracy']:.2f}"
+               f"{'%' if metric == 'accuracy' else ''}, latency "
                f"{r['latency_ms']:.3f} ms ({r['latency_source']}), speedup {r['speedup']:.2f}x, "
                f"{r['precisions']}")
         color = "#d62728" if r["on_front"] else "#9e9e9e"
@@ -210,4 +214,4 @@ def _plot_svg(df: pd.DataFrame) -> str:
 {''.join(points)}
 <text x="{width / 2}" y="{height - 12}" text-anchor="middle">latency, ms</text>
 <text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})"
- text-anchor="middle">accuracy, %</text></svg>"""
+ text-anchor="middle">{escape(metric)}{', %' if metric == 'accuracy' else ''}</text></svg>"""

@@ -116,6 +116,7 @@ class Tracker:
         self.parent_id = self._find_or_create_parent()
         self.logged: dict[int, str] = {}  # trial -> child run, fully logged
         self._partial: dict[int, str] = {}  # trial -> child run created but not completed
+        self.metric = "accuracy"  # the task's metric: what each child run's "accuracy" holds
         self.refresh()
 
     def _find_or_create_parent(self) -> str:

@@ -56,6 +56,7 @@ def log_frozen(tracker: Tracker, trial: optuna.trial.FrozenTrial,
         "latency_source": a.get(TrialKey.LATENCY_SOURCE, ""),
         "device": a.get(TrialKey.DEVICE, ""),
         "baseline": a.get(TrialKey.BASELINE, ""),
+        "metric": tracker.metric,  # what "accuracy" holds: top-1, mAP, mIoU, ...
     }
     if complete:
         tags["latency_noisy"] = str(bool(a.get(TrialKey.LATENCY_NOISY, False))).lower()

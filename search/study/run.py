@@ -70,6 +70,7 @@ class StudyResult:
     n_failed: int
     wall_s: float
     interrupted: bool = False
+    metric: str = "accuracy"  # the task's metric, what the accuracy columns hold
     n_pruned: int = 0  # stopped early: could not reach the front at their latency
     phases: dict[str, float] = field(default_factory=dict)  # setup, trials, finish (seconds)
     storage: str = ""  # the Optuna storage URL, password redacted: safe to print or share
@@ -208,7 +209,9 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
     # artifacts beside the default local store; a tracking server keeps its own
     tracker = Tracker(tracking_uri, cfg.study_name,
                       root / "mlartifacts" if cfg.tracking_uri is None else None, cfg.experiment_name)
-    tracker.log_study_params(_study_params(cfg, profile))
+    tracker.metric = task.metric_name
+    tracker.log_study_params({**_study_params(cfg, profile), "metric": task.metric_name,
+                              "decoding": task.decoding or "none"})
     started = connect(cfg.ray_address, profile, measurable, cfg.latency)
     try:
         source, choice = latency_source(cfg, profile, study, why, architecture)
@@ -254,7 +257,7 @@ def _run_locked(cfg: SearchConfig, profile: HardwareProfile, space: SearchSpace,
         tracking_uri=tracking_uri, parent_run_id=tracker.parent_id,
         best_speedup=best_speedup(df, cfg.report_drop) if len(df) else None,
         n_failed=len(study.get_trials(deepcopy=False, states=(states.FAIL,))),
-        wall_s=time.perf_counter() - start, interrupted=interrupted,
+        wall_s=time.perf_counter() - start, interrupted=interrupted, metric=task.metric_name,
         n_pruned=len(study.get_trials(deepcopy=False, states=(states.PRUNED,))),
         phases=phases, storage=redact(cfg.storage), _storage_url=cfg.storage,
     )
@@ -281,7 +284,8 @@ def _load_teacher(cfg: SearchConfig) -> Task:
     info = task.teacher_info
     origin = (f"from {info['teacher']}" if info.get("teacher") else
               f"trained in {info['trained_s']:.0f} s" if info.get("trained_s") else "cached")
-    log.info("teacher: test accuracy %.2f%% (%s)", info.get("test_accuracy", float("nan")), origin)
+    log.info("teacher: test %s %.2f (%s)", task.metric_name, info.get("test_accuracy", float("nan")),
+             origin)
     return task
 
 
@@ -314,7 +318,10 @@ def _open_study(cfg: SearchConfig, task: Task, profile: HardwareProfile,
             study.enqueue_trial(params, user_attrs={TrialKey.BASELINE: label,
                                                     TrialKey.REFERENCE: i == 0})
         # the seeds follow once the baselines are measured (search.study.driver)
-    study.set_metric_names(["accuracy", "latency_ms"])
+    study.set_metric_names([task.metric_name, "latency_ms"])
+    study.set_user_attr(StudyKey.METRIC, {"name": task.metric_name, "decoding": task.decoding})
+    if task.decoding:
+        log.info("latency: the network's alone; %s", task.decoding)
     small = _eval_set_warning(task, cfg.report_drop)
     if small:
         log.warning("%s", small)

@@ -57,6 +57,8 @@ TASKS: dict[str, str] = {
     "cifar10": "search.tasks.cifar10",
     "imagefolder": "search.tasks.imagefolder",
     "signals": "search.tasks.signals",
+    "digits-detection": "search.tasks.digits_detection",
+    "digits-segmentation": "search.tasks.digits_segmentation",
 }
 
 Factory = Callable[[int, TaskOptions], Task]

@@ -53,14 +53,17 @@ def logits_of(output: object) -> torch.Tensor:
     """The main logits of a classifier's output. In training mode torchvision's GoogLeNet
     and Inception v3 return named tuples with auxiliary logits, Hugging Face models an
     object with ``.logits``; training losses take the main head's. A dict must hold them
-    under ``"logits"``, first: the exported model's first output is what gets scored."""
+    under ``"logits"`` (or ``"out"``, as torchvision's segmenters do), first: the exported
+    model's first output is what gets scored."""
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, dict):
-        if next(iter(output), None) != "logits":
+    if isinstance(output, dict):  # torchvision's segmenters return {"out": ..., "aux": ...}
+        first = next(iter(output), None)
+        if first not in ("logits", "out"):
             raise TypeError(f"the model returned a dict with keys {list(output)}; its first "
-                            "key must be 'logits' (the ONNX model's first output is scored)")
-        return output["logits"]
+                            "key must be 'logits' or 'out' (the ONNX model's first output is "
+                            "scored)")
+        return output[first]
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
@@ -142,6 +145,12 @@ class Task:
     # are kept while the student is fine-tuned on this task
     sparse_state: dict[str, torch.Tensor] | None = None
     loss: Loss | None = None
+    # what a person reads the metric as ("accuracy", "mAP", "mIoU", "R^2"): in points, higher
+    # is better; the allowed drop is in its points
+    metric_name: str = "accuracy"
+    # what runs after the network outside the measured graph (a detector's decoding and
+    # NMS), and what it costs: said beside every latency; "" when nothing does
+    decoding: str = ""
 
     @property
     def training_loss(self) -> Loss:

@@ -22,7 +22,7 @@ from search.tasks._arch import arch_builder
 from search.tasks._base import Split, Task, TaskOptions
 from search.tasks._teacher import TEACHER_SEED, TrainSettings, resolve_teacher, train_classifier
 
-__all__ = ["DigitsResNet", "check", "make_task"]
+__all__ = ["DigitsResNet", "check", "glyph_splits", "make_task"]
 
 SIZE = 32
 _TRAIN = {"epochs": 12, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-4, "shift": 2}
@@ -116,6 +116,16 @@ def _splits(seed_split: int = 0) -> tuple[Split, Split, Split, str]:
     images = (images - mean) / std
     parts = [Split(images[i], labels[i]) for i in (train, val, test)]
     return parts[0], parts[1], parts[2], digest
+
+
+def glyph_splits() -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """The 8x8 glyphs (0..16) and labels of the train, val and test splits (the task's own
+    60/20/20 split), and the data's digest: what the canvas tasks paste."""
+    raw, target = _load_digits()
+    digest = hashlib.sha256(raw.tobytes() + target.tobytes()).hexdigest()
+    idx = _split_indices(target, 0, digest)
+    return {name: (raw[i], target[i]) for name, i in zip(("train", "val", "test"), idx,
+                                                           strict=True)}, digest
 
 
 def check(options: TaskOptions) -> None:

@@ -26,7 +26,7 @@ EXPECTED_TRIAL = {
     "refined_from", "screened_accuracy", "screen_seconds", "failure", "pruned_reason",
     "accuracy_drop", "constraint_values"}
 EXPECTED_STUDY = {"task", "latency_source", "preflight", "warnings", "max_accuracy_drop",
-                  "max_latency_ms", "refined", "refine_seconds", "remeasured", "seeded"}
+                  "max_latency_ms", "refined", "refine_seconds", "remeasured", "seeded", "metric"}
 
 
 def _is_attrs(node: ast.AST, aliases: set[str]) -> bool:

@@ -20,6 +20,7 @@ from torch import nn
 from search._base.names import CHANNEL_IMPORTANCES, SEGMENTS, ChannelImportance
 from search.tasks import Loss, Split, classification_loss, logits_of
 from search.trial.compress._layers import WEIGHTED, observe
+from search.trial.compress._norms import GroupNormPruner
 from search.trial.compress.blocks import (  # their home before blocks.py
     DroppedBlock,
     drop_blocks,
@@ -40,6 +41,7 @@ __all__ = [
     "drop_blocks",
     "droppable_blocks",
     "output_layer",
+    "output_layers",
     "prune_structured",
     "prune_unstructured",
     "rank_blocks",
@@ -159,7 +161,8 @@ def prune_structured(model: nn.Module, example: torch.Tensor, ratio: float | Map
                 # recurrent hidden widths are ours (prune_recurrent), whatever ``keep`` says
                 ignored_layers=[*keep, *(m for m in model.modules() if isinstance(m, nn.RNNBase))],
                 round_to=round_to,
-                customized_pruners=dict.fromkeys((nn.RNN, nn.GRU, nn.LSTM), InputsPruner()),
+                customized_pruners={**dict.fromkeys((nn.RNN, nn.GRU, nn.LSTM), InputsPruner()),
+                                    nn.GroupNorm: GroupNormPruner()},
             )
         if importance == "taylor":
             if data is None:
@@ -210,8 +213,7 @@ def _default_keep(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, .
     with the layer feeding them)."""
     split = [sub for m in model.modules() if isinstance(m, PrunedAttention)
              for sub in m.modules() if isinstance(sub, nn.Linear)]
-    head = output_layer(model, example)
-    output = [model.get_submodule(head)] if head is not None else []
+    output = [model.get_submodule(name) for name in output_layers(model, example)]
     recurrent = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
     return (*output, *split, *recurrent, *_hardcoded_widths(model))
 
@@ -234,6 +236,61 @@ def output_layer(model: nn.Module, example: torch.Tensor) -> str | None:
     modules = {name: m for name, m in model.named_modules() if isinstance(m, WEIGHTED)}
     observe(model, modules, lambda name, x, out: ran.append(name), example)
     return ran[-1] if ran else None
+
+
+def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Every Conv/Linear layer whose output reaches the model's output through no other
+    Conv/Linear: a classifier's last layer, and all of a dense head's final convolutions
+    (a detector's class, box and centerness maps). Their widths are the model's contract
+    (classes, box coordinates), and torch-pruning's dependency walk through the reshapes and
+    concatenations after them takes minutes on a detector. Read from the autograd graph of one
+    forward pass; the last layer to run where the graph cannot be had."""
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, WEIGHTED)}
+    made: dict[object, str] = {}
+
+    def see(name: str, x: torch.Tensor | None, out: object) -> None:
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            made.setdefault(out.grad_fn, name)
+
+    outputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: see(name, None, out))
+             for name, m in modules.items()]
+    was_training = model.training
+    try:
+        with torch.enable_grad():
+            model.eval()
+            out = model(example)
+            stack = [out]
+            while stack:  # tensors anywhere in a tuple, list or dict of outputs
+                item = stack.pop()
+                if isinstance(item, torch.Tensor):
+                    outputs.append(item)
+                elif isinstance(item, dict):
+                    stack.extend(item.values())
+                elif isinstance(item, tuple | list):
+                    stack.extend(item)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    found: list[str] = []
+    seen: set[object] = set()
+    frontier = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while frontier:
+        node = frontier.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in made:
+            if made[node] not in found:
+                found.append(made[node])
+            continue
+        frontier.extend(n for n, _ in node.next_functions)
+    if not found:
+        last = output_layer(model, example)
+        return [last] if last is not None else []
+    order = list(modules)
+    return sorted(found, key=order.index)
 
 
 def prune_unstructured(model: nn.Module, sparsity: float, criterion: str = "magnitude",
