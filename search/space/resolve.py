@@ -30,6 +30,10 @@ class ModelFacts:
     sparse_init: bool = False  # the task ships a pre-sparsified checkpoint
     batchnorm: bool = True  # has BatchNorm layers (whose scales bn_scale importance reads)
     feature_taps: bool = True  # has stages whose outputs feature distillation can compare
+    # one output layer taking one vector per sample (or per token): relation distillation
+    # compares the distances between those embeddings; a detector's several dense heads or
+    # a segmenter's per-pixel 1x1 convolution have none
+    embedding: bool = True
 
 
 # ``auto`` granularity: every compute layer its own precision up to this many layers, and
@@ -283,10 +287,19 @@ def _distill_losses(space: SearchSpace, facts: ModelFacts) -> tuple[tuple[str, .
     """The distillation losses this model can take: ``feature`` compares the outputs of its
     stages, so a model without a stage that outputs a feature map or a sequence has none."""
     asked = tuple(space.distillation.distill_loss)
-    if facts.feature_taps:
-        return asked, "every loss the space lists"
-    return _without(asked, "feature", "distillation.distill_loss", space,
-                    "no stage of the model outputs a feature map or a sequence to compare")
+    notes = []
+    if not facts.feature_taps:
+        asked, note = _without(asked, "feature", "distillation.distill_loss", space,
+                               "no stage of the model outputs a feature map or a sequence to "
+                               "compare")
+        notes.append(note)
+    if not facts.embedding:
+        asked, note = _without(asked, "relation", "distillation.distill_loss", space,
+                               "the model's output layers take no per-sample embedding (dense "
+                               "heads) whose distances it compares")
+        notes.append(note)
+    notes = [n for n in notes if not n.startswith("every")]
+    return asked, "; ".join(notes) or "every loss the space lists"
 
 
 def _without(asked: tuple[str, ...], name: str, key: str, space: SearchSpace,

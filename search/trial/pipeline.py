@@ -38,10 +38,16 @@ from search.trial.compress import (
     prune_structured,
     teacher_outputs,
 )
+from search.trial.compress._layers import observe
 from search.trial.compress.blocks import droppable_blocks, rank_blocks, remove_blocks
 from search.trial.compress.distill import feature_taps
 from search.trial.compress.heads import prune_heads
-from search.trial.compress.prune import attention_modules, depth_segments, recalibrate_batchnorm
+from search.trial.compress.prune import (
+    attention_modules,
+    depth_segments,
+    output_layers,
+    recalibrate_batchnorm,
+)
 from search.trial.compress.sparsity import one_shot_scores
 from search.trial.evaluate import onnx_score
 
@@ -88,7 +94,20 @@ def model_facts(task: Task) -> ModelFacts:
                       sparse_init=task.sparse_state is not None,
                       batchnorm=any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                     for m in teacher.modules()),
-                      feature_taps=bool(feature_taps(teacher, example)))
+                      feature_taps=bool(feature_taps(teacher, example)),
+                      embedding=_has_embedding(teacher, example))
+
+
+def _has_embedding(model: nn.Module, example: torch.Tensor) -> bool:
+    """One output layer whose input is a vector per sample or per token (what relation
+    distillation compares), not a detector's dense heads or a per-pixel convolution."""
+    names = output_layers(model, example)
+    if len(names) != 1:
+        return False
+    seen: list[int] = []
+    observe(model, {names[0]: model.get_submodule(names[0])},
+            lambda name, x, out: seen.append(x.dim() if x is not None else 0), example)
+    return bool(seen) and seen[-1] in (2, 3)
 
 
 def _fingerprint(state: dict[str, torch.Tensor]) -> str:

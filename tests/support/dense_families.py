@@ -110,28 +110,58 @@ def dense_task(name: str, n_train: int = 64, n_eval: int = 16) -> Task:
     return Task(**common, num_classes=SEG_CLASSES, metric=MeanIoU(SEG_CLASSES), metric_name="mIoU")
 
 
+class _Stages(nn.Module):
+    """A user's own small backbone and FPN: three stride-2 conv stages, torchvision's
+    ``FeaturePyramidNetwork`` over the last two (strides 4 and 8 on 32x32 canvases)."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+
+        def stage(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU(), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU())
+        self.stem, self.stage1, self.stage2 = stage(1, 16), stage(16, width), stage(width, 2 * width)
+        self.fpn = FeaturePyramidNetwork([width, 2 * width], width)
+        self.out_channels = width
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        c1 = self.stage1(self.stem(x))
+        return self.fpn({"p2": c1, "p3": self.stage2(c1)})
+
+
+def tiny_fcos() -> nn.Module:
+    """A detector of the user's own making: ``_Stages`` + torchvision's FCOS head (one
+    GroupNorm conv per branch), 3 classes."""
+    from torchvision.models.detection.fcos import FCOSHead
+
+    return FCOSNetwork(backbone=_Stages(), head=FCOSHead(32, 1, DET_CLASSES, num_convs=1))
+
+
 def make_detector_task(seed: int, options):  # noqa: ANN001, ANN201 - a --task plugin
-    """A user's own detector task, unlike the bundled one: torchvision's FCOS on a
-    MobileNetV3 backbone (4 head convolutions, GroupNorm heads as torchvision builds them),
-    3 classes of digits on 64x64 canvases, decoded by the plugin's FCOSDecoder."""
+    """A user's own detector task, unlike the bundled one (its own backbone and FPN levels,
+    32x32 canvases, 3 classes of digits), decoded by the plugin's own FCOSDecoder."""
     from search.tasks import TrainSettings, cached_teacher, train_classifier
     from search.tasks.canvases import make_canvases
     from search.tasks.digits import glyph_splits
 
     glyphs, _ = glyph_splits()
     parts = {}
-    for i, (name, n) in enumerate((("train", 600), ("val", 120), ("test", 120))):
+    for i, (name, n) in enumerate((("train", 800), ("val", 150), ("test", 150))):
         images, labels = glyphs[name]
         keep = labels < DET_CLASSES
-        c = make_canvases(images[keep], labels[keep], n, DET_IMAGE[-1], seed=300 + i,
-                          scale=(16, 28))
+        c = make_canvases(images[keep], labels[keep], n, 32, seed=300 + i, scale=(10, 16))
         parts[name] = Split((c.images - 0.1) / 0.3, c.boxes)
-    decoder = _decoder(fcos_mobilenet, DET_IMAGE)
-    recipe = TrainSettings(epochs=options.teacher_epochs or 6, batch_size=32, lr=2e-3, shift=0)
+    sizes = tiny_fcos().level_sizes(torch.zeros(1, 1, 32, 32))
+    decoder = FCOSDecoder(DET_CLASSES, (32, 32), tuple(sizes), anchor_sizes=(4, 8))
+    recipe = TrainSettings(epochs=options.teacher_epochs or 8, batch_size=32, lr=3e-3, shift=0)
     state, info = cached_teacher(
-        "fcos-mobilenet-digits", {"version": 1, "seed": seed, **recipe.as_dict()},
-        lambda: train_classifier(fcos_mobilenet, parts["train"], recipe, seed, loss=decoder.loss))
-    return Task(name="fcos-mobilenet-digits", make_model=fcos_mobilenet, teacher_state=state,
-                train=parts["train"], val=parts["val"], test=parts["test"], input_shape=DET_IMAGE,
-                num_classes=DET_CLASSES, teacher_info=info, metric=DetectionMetric(decoder),
-                loss=decoder.loss, metric_name="mAP", calibration_cap=128)
+        "tiny-fcos-digits", {"version": 1, "seed": seed, **recipe.as_dict()},
+        lambda: train_classifier(tiny_fcos, parts["train"], recipe, seed, loss=decoder.loss))
+    return Task(name="tiny-fcos-digits", make_model=tiny_fcos, teacher_state=state,
+                train=parts["train"], val=parts["val"], test=parts["test"],
+                input_shape=(1, 32, 32), num_classes=DET_CLASSES, teacher_info=info,
+                metric=DetectionMetric(decoder), loss=decoder.loss, metric_name="mAP",
+                decoding="FCOS decoding and NMS in Python after the network",
+                calibration_cap=128)
