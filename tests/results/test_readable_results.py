@@ -96,7 +96,9 @@ def test_a_re_measured_front_shows_its_side_by_side_speedup_beside_the_trials_ow
     shown = readable_front(df, 1.0)
     text = _summary(SearchConfig(profile="t4-gpu", budget=6, study_name="readable"), df,
                     shown[shown["on_front"]], [], best_speedup(df, 1.0))
-    assert "side by side" in text.splitlines()[5] and ": 3.00x" in text.splitlines()[5]
+    best = next(line for line in text.splitlines() if line.startswith("- best speedup"))
+    assert "side by side" in best and ": 3.00x" in best
+    assert "- metric: accuracy on the validation split" in text  # a classifier's metric
     row = next(line for line in text.splitlines() if line.startswith("| 2 |"))
     assert row.split("|")[4].strip() == "3.33x" and row.split("|")[5].strip() == "3.00x"
     slow = next(line for line in text.splitlines() if line.startswith("| 3 |"))

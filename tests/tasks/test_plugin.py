@@ -37,7 +37,8 @@ def on_path(plugin_dir, monkeypatch, tmp_path):
     ("blobs_task:no_options", ["must accept (seed, options)"]),
     ("broken_task:make_task", ["importing 'broken_task' failed", "no GPU in this plugin"]),
     ("blobs_task:", ["module:function"]),
-    ("mnist", ["unknown task 'mnist'", "cifar10, digits, imagefolder", "module:function"]),
+    ("mnist", ["unknown task 'mnist'", "cifar10, digits, digits-detection, digits-segmentation",
+               "module:function"]),
 ])
 def test_bad_task_specs_name_what_is_wrong(on_path, spec, words):
     with pytest.raises(ConfigError) as err:

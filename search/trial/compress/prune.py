@@ -243,8 +243,9 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     Conv/Linear: a classifier's last layer, and all of a dense head's final convolutions
     (a detector's class, box and centerness maps). Their widths are the model's contract
     (classes, box coordinates), and torch-pruning's dependency walk through the reshapes and
-    concatenations after them takes minutes on a detector. Read from the autograd graph of one
-    forward pass; the last layer to run where the graph cannot be had."""
+    concatenations after them takes minutes on a detector. Read from the autograd graph of the
+    scored output (:func:`logits_of`) of one forward pass; the last layer to run where the
+    graph cannot be had."""
     modules = {name: m for name, m in model.named_modules() if isinstance(m, WEIGHTED)}
     made: dict[object, str] = {}
 
@@ -252,30 +253,21 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
         if isinstance(out, torch.Tensor) and out.grad_fn is not None:
             made.setdefault(out.grad_fn, name)
 
-    outputs: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda mod, args, out, name=name: see(name, None, out))
              for name, m in modules.items()]
     was_training = model.training
     try:
         with torch.enable_grad():
             model.eval()
-            out = model(example)
-            stack = [out]
-            while stack:  # tensors anywhere in a tuple, list or dict of outputs
-                item = stack.pop()
-                if isinstance(item, torch.Tensor):
-                    outputs.append(item)
-                elif isinstance(item, dict):
-                    stack.extend(item.values())
-                elif isinstance(item, tuple | list):
-                    stack.extend(item)
+            # the scored output only: a model that also returns its features keeps them thin
+            output = logits_of(model(example))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
     found: list[str] = []
     seen: set[object] = set()
-    frontier = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    frontier = [output.grad_fn] if output.grad_fn is not None else []
     while frontier:
         node = frontier.pop()
         if node is None or node in seen:
