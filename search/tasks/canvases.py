@@ -15,7 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_OBJECTS", "Canvases", "make_canvases"]
+from search._base.errors import ConfigError
+from search.tasks._base import Split, TaskOptions
+
+__all__ = ["MAX_OBJECTS", "Canvases", "canvas_splits", "check_generated", "make_canvases"]
 
 MAX_OBJECTS = 4  # digits per canvas at most (boxes are padded to this many)
 
@@ -71,3 +74,31 @@ def make_canvases(glyphs: np.ndarray, labels: np.ndarray, n: int, size: int, see
     images += noise * rng.standard_normal(images.shape).astype(np.float32)
     return Canvases(torch.from_numpy(images[:, None]), torch.from_numpy(boxes),
                     torch.from_numpy(masks))
+
+
+def canvas_splits(sizes: dict[str, int], size: int, seed: int,
+                  labels: str) -> tuple[dict[str, Split], str]:
+    """Train/val/test canvases of ``size`` px, ``sizes[split]`` of each, every split pasting
+    its own share of the digits' glyphs; images normalised, labels the padded ``boxes`` or
+    the per-pixel ``masks``. Returns them with the glyphs' digest (a teacher's cache key)."""
+    from search.tasks.digits import glyph_splits
+
+    glyphs, digest = glyph_splits()
+    parts = {}
+    for i, (name, (images, classes)) in enumerate(glyphs.items()):
+        c = make_canvases(images, classes, sizes[name], size, seed=seed + i)
+        parts[name] = Split((c.images - 0.1) / 0.3, getattr(c, labels))
+    return parts, digest
+
+
+def check_generated(task: str, model: str, options: TaskOptions) -> None:
+    """A canvas task's options: its data is generated and its model fixed, so only
+    --teacher and --teacher-epochs apply."""
+    for name, value in (("--data-dir", options.data_dir), ("--arch", options.arch),
+                        ("--image-size", options.image_size)):
+        if value is not None:
+            raise ConfigError(f"{name} does not apply to the {task} task (generated canvases, "
+                              f"{model}); bring your own model as a plugin task (see "
+                              "docs/dense-prediction.md)")
+    if options.teacher_epochs is not None and options.teacher_epochs < 1:
+        raise ConfigError(f"--teacher-epochs must be at least 1, got {options.teacher_epochs}")

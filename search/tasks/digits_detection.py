@@ -15,12 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from search._base.errors import ConfigError
 from search.tasks._base import Split, Task, TaskOptions
 from search.tasks._teacher import TEACHER_SEED, TrainSettings, resolve_teacher, train_classifier
-from search.tasks.canvases import make_canvases
+from search.tasks.canvases import canvas_splits, check_generated
 from search.tasks.detection import DetectionMetric, FCOSDecoder, FCOSNetwork, decoding_note
-from search.tasks.digits import glyph_splits
 
 __all__ = ["SIZE", "check", "fcos_resnet18", "make_task"]
 
@@ -45,24 +43,12 @@ def fcos_resnet18(num_classes: int = 10, channels: int = CHANNELS, head_convs: i
 
 def check(options: TaskOptions) -> None:
     """The canvases are generated: only --teacher and --teacher-epochs apply."""
-    for name, value in (("--data-dir", options.data_dir), ("--arch", options.arch),
-                        ("--image-size", options.image_size)):
-        if value is not None:
-            raise ConfigError(f"{name} does not apply to the digits-detection task (generated "
-                              f"{SIZE}x{SIZE} canvases, an FCOS ResNet-18); bring your own "
-                              "detector as a plugin task (see docs/your-model.md)")
-    if options.teacher_epochs is not None and options.teacher_epochs < 1:
-        raise ConfigError(f"--teacher-epochs must be at least 1, got {options.teacher_epochs}")
+    check_generated("digits-detection", "an FCOS ResNet-18", options)
 
 
 def splits() -> tuple[dict[str, Split], str]:
-    """Train/val/test canvases (normalised images, padded boxes) and the glyphs' digest."""
-    glyphs, digest = glyph_splits()
-    parts = {}
-    for i, (name, (images, labels)) in enumerate(glyphs.items()):
-        c = make_canvases(images, labels, SIZES[name], SIZE, seed=100 + i)
-        parts[name] = Split((c.images - 0.1) / 0.3, c.boxes)
-    return parts, digest
+    """Train/val/test canvases and the glyphs' digest."""
+    return canvas_splits(SIZES, SIZE, 100, "boxes")
 
 
 def make_task(seed: int = 0, options: TaskOptions | None = None) -> Task:

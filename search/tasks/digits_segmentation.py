@@ -17,11 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search._base.errors import ConfigError
 from search.tasks._base import Split, Task, TaskOptions
 from search.tasks._teacher import TEACHER_SEED, TrainSettings, resolve_teacher, train_classifier
-from search.tasks.canvases import make_canvases
-from search.tasks.digits import glyph_splits
+from search.tasks.canvases import canvas_splits, check_generated
 from search.tasks.segmentation import MeanIoU
 
 __all__ = ["SIZE", "UNet", "check", "make_task"]
@@ -82,24 +80,12 @@ class UNet(nn.Module):
 
 def check(options: TaskOptions) -> None:
     """The canvases are generated: only --teacher and --teacher-epochs apply."""
-    for name, value in (("--data-dir", options.data_dir), ("--arch", options.arch),
-                        ("--image-size", options.image_size)):
-        if value is not None:
-            raise ConfigError(f"{name} does not apply to the digits-segmentation task (generated "
-                              f"{SIZE}x{SIZE} canvases, a U-Net); bring your own segmenter as a "
-                              "plugin task (see docs/your-model.md)")
-    if options.teacher_epochs is not None and options.teacher_epochs < 1:
-        raise ConfigError(f"--teacher-epochs must be at least 1, got {options.teacher_epochs}")
+    check_generated("digits-segmentation", "a U-Net", options)
 
 
 def splits() -> tuple[dict[str, Split], str]:
-    """Train/val/test canvases (normalised images, per-pixel classes) and the glyphs' digest."""
-    glyphs, digest = glyph_splits()
-    parts = {}
-    for i, (name, (images, labels)) in enumerate(glyphs.items()):
-        c = make_canvases(images, labels, SIZES[name], SIZE, seed=200 + i)
-        parts[name] = Split((c.images - 0.1) / 0.3, c.masks)
-    return parts, digest
+    """Train/val/test canvases and the glyphs' digest."""
+    return canvas_splits(SIZES, SIZE, 200, "masks")
 
 
 def make_task(seed: int = 0, options: TaskOptions | None = None) -> Task:
