@@ -109,7 +109,7 @@ def test_a_users_detector_runs_a_study_end_to_end(tmp_path, fast_profile_path, m
     study = tmp_path / "search-runs" / "tests.support.dense_families.make_detector_task-fast-host"
     trials = pd.read_csv(study / "trials.csv")
     assert (trials["state"] == "FAIL").sum() == 0, trials.get("failure")
-    assert (trials["state"] != "FAIL").sum() == 6
+    assert (trials["state"] != "FAIL").sum() >= 6  # the budget, plus any refinement adopted
     reference = trials[trials["reference"].fillna(False).astype(bool)].iloc[0]
     assert reference["accuracy"] > 5.0  # the teacher learned to find digits (mAP points)
     assert (pd.read_csv(study / "pareto.csv")["metric"] == "mAP").all()
