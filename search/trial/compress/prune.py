@@ -253,6 +253,8 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
         if isinstance(out, torch.Tensor) and out.grad_fn is not None:
             made.setdefault(out.grad_fn, name)
 
+    # hooks of its own, not _layers.observe: observe runs without gradients, and the graph is
+    # what is read here
     hooks = [m.register_forward_hook(lambda mod, args, out, name=name: see(name, None, out))
              for name, m in modules.items()]
     was_training = model.training
