@@ -9,11 +9,13 @@ weights, calibrated on the task's training images).
 
     python experiments/dense_int8.py --task digits-detection --rounds 7
     python experiments/dense_int8.py --task digits-segmentation
+    python experiments/dense_int8.py --task digits-detection --qat-epochs 2
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 from search._base.records import Choices, TrialRecord
@@ -31,6 +33,10 @@ def main() -> None:
     parser.add_argument("--profile", default="cpu-avx512-vnni")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calibration-samples", type=int, default=256)
+    parser.add_argument("--qat-epochs", type=int, default=0,
+                        help="also fine-tune each int8 encoding with fake quantization (QAT) "
+                             "and response distillation for this many epochs")
+    parser.add_argument("--qat-lr", type=float, default=1e-4)
     args = parser.parse_args()
     profile = load_profile(args.profile)
     task = load_task(args.task, 0, TaskOptions())
@@ -43,6 +49,10 @@ def main() -> None:
                                                activation_type="int8",
                                                calibration_samples=args.calibration_samples),
     }
+    if args.qat_epochs:
+        for name in [n for n in variants if n.startswith("int8")]:
+            variants[f"{name}, QAT {args.qat_epochs} epochs"] = dataclasses.replace(
+                variants[name], qat=True, epochs=args.qat_epochs, lr=args.qat_lr)
     records = {name: compress(TrialRecord(i, c), task, profile, threads=2)
                for i, (name, c) in enumerate(variants.items())}
     extra = None

@@ -196,6 +196,52 @@ def _time_to_share(study: optuna.Study, df: pd.DataFrame, share: float = 0.9) ->
     return 1.0
 
 
+def study_row(config: SearchConfig, drop: float) -> dict:
+    """Run the study ``config`` says and read what it left, as the module docstring says:
+    the chosen point (on validation), its test drop with a bootstrap interval, speedups,
+    hypervolume, time to 90 % of it, and the waste against its oracle floor."""
+    result = run_search(config, show_progress=False)
+    study = result.load_study()
+    df = result.trials
+    chosen = _chosen(study, df, drop)
+    pruned = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
+    row = {"seed": config.seed, **chosen, "hypervolume": hypervolume(df), "wall_s": result.wall_s,
+           "pruned": pruned, **_time_shares(study, df, drop),
+           "trials_s": result.phases.get("trials", 0.0),
+           "n_done": int(df["refined_from"].isna().sum()) + pruned,
+           "refine_s": result.phases.get("refine", 0.0),
+           "hv90": _time_to_share(study, df),
+           "n_starts": sum(TrialKey.BASELINE in t.user_attrs or TrialKey.SEED_CONFIG in t.user_attrs
+                           for t in study.get_trials(deepcopy=False))}
+    row["excess"] = row["wasted"] - row["floor"]
+    if chosen:
+        task = load_task(config.task, config.seed, TaskOptions.of(config))
+        reference = int(df.loc[df["reference"], "trial"].iloc[0])
+        row["drop_lo"], row["drop_hi"] = _bootstrap_drop(
+            task, model_path(result.output_dir, reference).read_bytes(),
+            model_path(result.output_dir, chosen["trial"]).read_bytes(), task.test)
+        row["test_samples"] = len(task.test.y)
+    return row
+
+
+def row_line(row: dict, drop: float) -> str:
+    """One study's row as a sentence."""
+    if "speedup" not in row:
+        return f"seed {row['seed']}: no point within {drop:g} pt on validation"
+    return (f"seed {row['seed']}: chosen on validation (fp32 {row['ref_val']:.2f} val, "
+            f"{row['ref_test']:.2f} test): trial {row['trial']} at {row['val']:.2f} val / "
+            f"{row['test']:.2f} test, test drop {row['test_drop']:+.2f} pt (95 % bootstrap "
+            f"{row['drop_lo']:+.2f} to {row['drop_hi']:+.2f} over {row['test_samples']} test "
+            f"samples), {'within' if row['test_drop'] <= drop + 1e-9 else 'MISSES'} "
+            f"{drop:g} pt on test; {row['speedup']:.2f}x fp32 (rounds "
+            f"{row['speedup_lo']:.2f}-{row['speedup_hi']:.2f}x), {row['vs_int8']:.2f}x "
+            f"uniform int8; hypervolume {row['hypervolume']:.3f}, 90 % of it at "
+            f"{100 * row['hv90']:.0f}% of the trial time; wall {row['wall_s']:.0f} s (refine "
+            f"{row['refine_s']:.0f} s); {row['pruned']} stopped early; "
+            f"{100 * row['wasted']:.0f}% of trial time wasted, oracle floor "
+            f"{100 * row['floor']:.0f}%, excess {100 * row['excess']:.0f} points")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="host")
@@ -218,38 +264,8 @@ def main() -> None:
                               early_stopping=not args.no_early_stopping,
                               study_name=f"bench-{args.task.replace(':', '.')}-{args.arch or 'default'}-"
                                          f"{args.profile}-s{seed}")
-        result = run_search(config, show_progress=False)
-        study = result.load_study()
-        df = result.trials
-        chosen = _chosen(study, df, args.drop)
-        pruned = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
-        row = {"seed": seed, **chosen, "hypervolume": hypervolume(df), "wall_s": result.wall_s,
-               "pruned": pruned, **_time_shares(study, df, args.drop),
-               "refine_s": result.phases.get("refine", 0.0),
-               "hv90": _time_to_share(study, df)}
-        row["excess"] = row["wasted"] - row["floor"]
-        if chosen:
-            task = load_task(config.task, seed, TaskOptions.of(config))
-            reference = int(df.loc[df["reference"], "trial"].iloc[0])
-            row["drop_lo"], row["drop_hi"] = _bootstrap_drop(
-                task, model_path(result.output_dir, reference).read_bytes(),
-                model_path(result.output_dir, chosen["trial"]).read_bytes(), task.test)
-        rows.append(row)
-        if not chosen:
-            print(f"seed {seed}: no point within {args.drop:g} pt on validation", flush=True)
-            continue
-        print(f"seed {seed}: chosen on validation (fp32 {row['ref_val']:.2f} val, "
-              f"{row['ref_test']:.2f} test): trial {row['trial']} at {row['val']:.2f} val / "
-              f"{row['test']:.2f} test, test drop {row['test_drop']:+.2f} pt (95 % bootstrap "
-              f"{row['drop_lo']:+.2f} to {row['drop_hi']:+.2f} over {len(task.test.y)} test "
-              f"samples), {'within' if row['test_drop'] <= args.drop + 1e-9 else 'MISSES'} "
-              f"{args.drop:g} pt on test; {row['speedup']:.2f}x fp32 (rounds "
-              f"{row['speedup_lo']:.2f}-{row['speedup_hi']:.2f}x), {row['vs_int8']:.2f}x "
-              f"uniform int8; hypervolume {row['hypervolume']:.3f}, 90 % of it at "
-              f"{100 * row['hv90']:.0f}% of the trial time; wall {row['wall_s']:.0f} s (refine "
-              f"{row['refine_s']:.0f} s); {pruned} stopped early; "
-              f"{100 * row['wasted']:.0f}% of trial time wasted, oracle floor "
-              f"{100 * row['floor']:.0f}%, excess {100 * row['excess']:.0f} points", flush=True)
+        rows.append(study_row(config, args.drop))
+        print(row_line(rows[-1], args.drop), flush=True)
     chosen = [r for r in rows if "speedup" in r]
     if len(rows) > 1 and chosen:
         med = {k: statistics.median(r[k] for r in chosen) for k in

@@ -124,6 +124,10 @@ class SearchConfig:
     latency: LatencyMode = setting("auto", "measure on the device, predict with the profile's "
                                            "latency model, or auto: measure where the device is "
                                            "reachable (default)")
+    time_limit_s: float | None = setting(None, "seconds after which no new trial starts: the "
+                                               "study ends with fewer than --budget trials, "
+                                               "then refines (default: none)",
+                                         flag="--time-limit", gt=0)
     grace_period_s: float = setting(30.0, "seconds running trials get to finish after Ctrl-C "
                                           "(default 30)", flag="--grace-period", ge=0)
     batch_size: int | None = setting(None, "inputs per inference that latency is measured or "

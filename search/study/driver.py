@@ -130,6 +130,7 @@ class Driver:
         # a resumed study pins its seeds at the precisions they were enqueued at
         kept = study.user_attrs.get(StudyKey.SEEDED) == "reference"
         self._pinned = dict(baselines(resolved) + seeds(resolved, reference_precisions=kept))
+        self._n_baselines = len(baselines(resolved))  # a time limit never cuts them
         self._seeds_pending = StudyKey.SEEDED not in study.user_attrs and not any(
             TrialKey.SEED_CONFIG in t.user_attrs for t in study.get_trials(deepcopy=False))
 
@@ -188,10 +189,16 @@ class Driver:
         s = self.settings
         max_failures = s.failure_limit
         deadline: float | None = None
+        closing = None if s.time_limit_s is None else time.monotonic() + s.time_limit_s
         while done < s.budget:
             if stop.is_set():
                 deadline = deadline or time.monotonic() + s.grace_period_s
                 if not self.in_flight or time.monotonic() > deadline:
+                    return
+            elif closing is not None and time.monotonic() > closing and done >= self._n_baselines:
+                if not self.in_flight:
+                    log.info("time limit (%.0f s) reached after %d of %d trials: no new trial "
+                             "started", s.time_limit_s, done, s.budget)
                     return
             else:
                 while len(self.in_flight) < self.parallel and done + len(self.in_flight) < s.budget:

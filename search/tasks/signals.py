@@ -10,10 +10,13 @@ Two models, written as their users write them:
 - the default, a 1-D ResNet whose residual class has its own name (``ResUnit``, not
   torchvision's): layer dropping finds its blocks by their structure;
 - ``--arch gru``: a 2-layer GRU (hidden 128) over 40 steps with a Linear on the last step,
-  99 % of its parameters in the GRU.
+  99 % of its parameters in the GRU;
+- ``--arch transformer``: ``nn.TransformerEncoder`` (2 layers, width 64, 4 heads) over
+  the same 40 steps, mean-pooled into a Linear.
 
     search --task signals --profile cpu-avx512-vnni --budget 20
     search --task signals --arch gru --profile cpu-avx512-vnni --budget 16
+    search --task signals --arch transformer --profile cpu-avx512-vnni --budget 16
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from search._base.errors import ConfigError
 from search.tasks._base import Split, Task, TaskOptions
 from search.tasks._teacher import TEACHER_SEED, TrainSettings, resolve_teacher, train_classifier
 
-__all__ = ["CLASSES", "GRUClassifier", "SequenceResNet", "check", "make_task", "signals"]
+__all__ = ["CLASSES", "GRUClassifier", "SequenceResNet", "SignalTransformer", "check",
+           "make_task", "signals"]
 
 CLASSES = 6
 CHANNELS = 4
@@ -91,20 +95,39 @@ class GRUClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
+class SignalTransformer(nn.Module):
+    """``nn.TransformerEncoder`` over the steps of ``(N, steps, CHANNELS)``: each step
+    embedded by a Linear plus a learned position, the encoder's outputs mean-pooled into a
+    Linear, as a user writes a small sequence transformer."""
+
+    def __init__(self, steps: int = 40, width: int = 64, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(CHANNELS, width)
+        self.position = nn.Parameter(torch.zeros(1, steps, width))
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width,
+                                           dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x) + self.position).mean(1))
+
+
 # per model: steps, noise, whether time comes first (a GRU's batch_first input), epochs
-_MODELS = {None: (SequenceResNet, 128, 2.0, False, 8), "gru": (GRUClassifier, 40, 1.2, True, 12)}
+_MODELS = {None: (SequenceResNet, 128, 2.0, False, 8), "gru": (GRUClassifier, 40, 1.2, True, 12),
+           "transformer": (SignalTransformer, 40, 1.2, True, 12)}
 SPLITS = (6000, 2000, 2000)
 
 
 def check(options: TaskOptions) -> None:
-    """The signals are generated: only --arch (the default 1-D ResNet or gru), --teacher and
-    --teacher-epochs apply."""
+    """The signals are generated: only --arch (the default 1-D ResNet, gru or transformer),
+    --teacher and --teacher-epochs apply."""
     if options.data_dir is not None or options.image_size is not None:
         raise ConfigError("--data-dir and --image-size do not apply to the signals task (its "
                           "data is generated)")
     if options.arch not in _MODELS:
         raise ConfigError(f"--arch {options.arch!r} is not a model of the signals task; choose "
-                          "gru, or leave --arch out for its 1-D ResNet")
+                          "gru or transformer, or leave --arch out for its 1-D ResNet")
     if options.teacher_epochs is not None and options.teacher_epochs < 1:
         raise ConfigError(f"--teacher-epochs must be at least 1, got {options.teacher_epochs}")
 

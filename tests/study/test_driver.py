@@ -22,6 +22,14 @@ def test_repeated_choices_are_answered_from_the_cache_and_count_once_each(task, 
         assert (tmp_path / "models" / f"trial-{t.number}.onnx").exists()
 
 
+def test_a_time_limit_ends_the_study_early_but_never_before_its_baselines(task, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="search"):
+        study, _ = run_driver(task, tmp_path, ONE_SHOT_TWO_MODELS, budget=50, time_limit_s=1e-3)
+    assert n_done(study) == 2  # fp32 and uniform int8 ran; nothing after the limit started
+    assert [t.user_attrs.get("baseline") for t in study.trials] == ["fp32", "int8"]
+    assert "time limit (0 s) reached after 2 of 50 trials" in caplog.text
+
+
 def test_a_constraint_marks_lossy_trials_infeasible(task, tmp_path):
     study, _ = run_driver(task, tmp_path, ONE_SHOT_TWO_MODELS, budget=2, max_accuracy_drop=0.0,
                     max_latency_ms=1e-6)

@@ -1,11 +1,19 @@
-"""The generated signals task: eval splits that resolve a point, and its two models."""
+"""The generated signals task: eval splits that resolve a point, and its three models."""
 
 import pytest
 import torch
 
 from search._base.errors import ConfigError
 from search.tasks import TaskOptions
-from search.tasks.signals import CLASSES, SPLITS, GRUClassifier, SequenceResNet, check, signals
+from search.tasks.signals import (
+    CLASSES,
+    SPLITS,
+    GRUClassifier,
+    SequenceResNet,
+    SignalTransformer,
+    check,
+    signals,
+)
 from search.trial.compress.blocks import droppable_blocks
 
 
@@ -27,6 +35,13 @@ def test_the_resnets_blocks_are_found_by_structure_and_the_gru_runs():
     assert droppable_blocks(SequenceResNet().eval(), example) == [
         "stages.0", "stages.1", "stages.3", "stages.5"]
     assert GRUClassifier()(torch.zeros(2, 40, 4)).shape == (2, CLASSES)
+
+
+def test_the_transformer_is_torchs_own_encoder_and_a_layer_of_it_can_be_dropped():
+    model = SignalTransformer().eval()
+    assert isinstance(model.encoder, torch.nn.TransformerEncoder)
+    assert model(torch.zeros(2, 40, 4)).shape == (2, CLASSES)
+    assert "encoder.layers.1" in droppable_blocks(model, torch.zeros(1, 40, 4))
 
 
 @pytest.mark.parametrize("options, said", [
