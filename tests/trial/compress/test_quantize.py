@@ -4,10 +4,17 @@ from collections import Counter
 
 import onnx
 import pytest
+import torch
 
 from search._base.ort import make_session
 from search._base.records import Choices
-from search.trial.compress import apply_precision_plan, export_onnx, onnx_node_names
+from search.trial.compress import (
+    apply_precision_plan,
+    compressible_layers,
+    export_onnx,
+    onnx_node_names,
+)
+from search.trial.compress.quantize import output_tail
 from search.trial.evaluate import onnx_accuracy
 from tests.support.profiles import host_reduce_range
 
@@ -248,3 +255,41 @@ def test_an_int8_lstm_runs_as_onnx_runtimes_dynamic_lstm_in_every_layer(mode):
         session = make_session(out, threads=1)
         got = session.run(None, {session.get_inputs()[0].name: x[:8].numpy()})[0]
         assert np.abs(got - expected).max() < 0.05
+
+
+class _TwoHeads(torch.nn.Module):
+    """A shared conv, then a class head and a box head whose outputs, of ranges a hundred
+    times apart, are concatenated into one output as a detector's are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.cls = torch.nn.Conv2d(8, 2, 1)
+        self.box = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        return torch.cat([self.cls(h).flatten(2), 100 * self.box(h).flatten(2)], 1)
+
+
+def test_what_follows_the_last_layers_stays_float_so_merged_outputs_keep_their_own_scales():
+    torch.manual_seed(0)
+    model = _TwoHeads().eval()
+    x = torch.randn(64, 1, 8, 8)
+    fp32 = export_onnx(model, (1, 8, 8))
+    proto = onnx.load_from_string(fp32)
+    graph = proto.graph
+    tail = output_tail(graph)
+    assert {n.op_type for n in graph.node if n.name in tail} >= {"Concat"}
+    assert not {n.name for n in graph.node if n.op_type == "Conv"} & tail
+    plan = {"body": "int8", "cls": "int8", "box": "int8"}
+    int8 = apply_precision_plan(fp32, plan, onnx_node_names(proto, compressible_layers(model, x[:1])),
+                                Choices(precisions=plan, calibration_samples=64), x,
+                                reduce_range=host_reduce_range())
+    producers = {o: n.op_type for n in onnx.load_from_string(int8).graph.node for o in n.output}
+    out = onnx.load_from_string(int8).graph.output[0].name
+    assert producers[out] == "Concat"  # not a QuantizeLinear -> DequantizeLinear of the merge
+    got = make_session(int8, threads=1).run(None, {"input": x.numpy()})[0]
+    want = model(x).detach().numpy()
+    cls_error = abs(got[:, :2] - want[:, :2]).max() / abs(want[:, :2]).max()
+    assert cls_error < 0.05  # one scale for both would leave the class logits a step or two
