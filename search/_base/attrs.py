@@ -84,7 +84,8 @@ class StudyKey:
     REFINE_SECONDS = "refine_seconds"  # {source trial: seconds its refinement took}
     REMEASURED = "remeasured"  # {trial: side-by-side latency statistics}
     SEEDED = "seeded"  # the precisions the starting points were enqueued at: "reference"
-    # where uniform int8 measured slower than the reference, else "most compressed"
+    # where uniform int8 measured slower than the reference, "most compressed, first layer
+    # kept" where it lost more than the allowed drop, else "most compressed"
 
 
 def _declared(cls: type) -> frozenset[str]:

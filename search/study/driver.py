@@ -96,6 +96,9 @@ def fine_tune_prospect(frame: pd.DataFrame,
     return needed, float(df["accuracy"].max()), "the best accuracy so far"
 
 
+_FIRST_KEPT = "most compressed, first layer kept"  # StudyKey.SEEDED after a lossy int8
+
+
 @dataclass
 class _InFlight:
     trial: optuna.Trial
@@ -128,8 +131,10 @@ class Driver:
         self.stage_time: dict[str, float] = {}  # wall seconds of each kind of task, summed
         # an enqueued baseline or seed is exactly what it says, whatever the space fixes
         # a resumed study pins its seeds at the precisions they were enqueued at
-        kept = study.user_attrs.get(StudyKey.SEEDED) == "reference"
-        self._pinned = dict(baselines(resolved) + seeds(resolved, reference_precisions=kept))
+        seeded = study.user_attrs.get(StudyKey.SEEDED, "")
+        self._pinned = dict(baselines(resolved) + seeds(
+            resolved, reference_precisions=seeded == "reference",
+            first_kept=seeded == _FIRST_KEPT))
         self._n_baselines = len(baselines(resolved))  # a time limit never cuts them
         self._seeds_pending = StudyKey.SEEDED not in study.user_attrs and not any(
             TrialKey.SEED_CONFIG in t.user_attrs for t in study.get_trials(deepcopy=False))
@@ -232,18 +237,26 @@ class Driver:
                for t in self.study.get_trials(deepcopy=False, states=unfinished)):
             return
         df = self.frame
-        ref = df.loc[df["reference"], "latency_ms"]
-        int8 = df.loc[df["baseline"] == "int8", "latency_ms"]
-        slower = bool(len(ref) and len(int8) and float(int8.iloc[0]) >= float(ref.iloc[0]))
+        ref, int8 = df[df["reference"]], df[df["baseline"] == "int8"]
+        both = bool(len(ref) and len(int8))
+        slower = both and float(int8["latency_ms"].iloc[0]) >= float(ref["latency_ms"].iloc[0])
+        lost = float(ref["accuracy"].iloc[0] - int8["accuracy"].iloc[0]) if both else 0.0
+        first_kept = not slower and lost > self.settings.report_drop
         left = max(0, self.settings.budget - done - len(self.in_flight))
-        for label, params in seeds(self.resolved, reference_precisions=slower)[:left]:
+        for label, params in seeds(self.resolved, reference_precisions=slower,
+                                   first_kept=first_kept)[:left]:
             self.study.enqueue_trial(params, user_attrs={TrialKey.SEED_CONFIG: label})
             self._pinned[label] = params
-        self.study.set_user_attr(StudyKey.SEEDED, "reference" if slower else "most compressed")
+        self.study.set_user_attr(StudyKey.SEEDED, "reference" if slower else
+                                 _FIRST_KEPT if first_kept else "most compressed")
         self._seeds_pending = False
         if slower:
             log.info("uniform int8 measured slower than the reference: the starting points keep "
                      "the reference's precisions")
+        elif first_kept:
+            log.info("uniform int8 lost %.2f points (more than %g): the starting points keep "
+                     "the first layer at the reference's precision", lost,
+                     self.settings.report_drop)
 
     def _start_trial(self) -> optuna.trial.TrialState | None:
         """Ask for a trial and start screening it, or answer it from the cache."""

@@ -357,3 +357,22 @@ def test_seeds_keep_the_references_precisions_where_int8_measured_slower(profile
         assert {k: v for k, v in params.items() if k.startswith("precision")} == reference
         same = {k: v for k, v in params.items() if not k.startswith("precision")}
         assert same.items() <= fast[label].items()
+
+
+def test_seeds_keep_the_first_layer_at_the_references_precision_where_int8_lost_too_much(
+        profile, layers):
+    """After a lossy uniform int8 the driver asks for these: that int8 plan with its first
+    group at fp32 as a start of its own, and the pruned starts on the same plan."""
+    resolved = resolve_space(load_space("default"), profile, layers,
+                             ModelFacts(droppable_blocks=1))
+    plain, kept = dict(seeds(resolved)), dict(seeds(resolved, first_kept=True))
+    first = next(iter(resolved.group_precisions))
+    assert list(kept) == ["int8-first-fp32", *plain]
+    start = kept["int8-first-fp32"]
+    int8 = dict(baselines(resolved))["int8"]
+    assert start == {**int8, f"precision.{first}": "fp32"}
+    for label in plain:
+        assert kept[label] == {**plain[label], f"precision.{first}": "fp32"}
+    # a GRU's slower int8 keeps every layer at the reference's precision already
+    assert "int8-first-fp32" not in dict(seeds(resolved, reference_precisions=True,
+                                               first_kept=True))
