@@ -40,6 +40,7 @@ from search._base.attrs import (
     reference_accuracy,
 )
 from search._base.errors import SearchError
+from search._base.names import scored
 from search._base.paths import model_path
 from search._base.records import Choices, TrialRecord
 from search.config import SearchConfig
@@ -136,6 +137,7 @@ class Driver:
             resolved, reference_precisions=seeded == "reference",
             first_kept=seeded == _FIRST_KEPT))
         self._n_baselines = len(baselines(resolved))  # a time limit never cuts them
+        self._metric = study.user_attrs.get(StudyKey.METRIC, {}).get("name", "accuracy")
         self._seeds_pending = StudyKey.SEEDED not in study.user_attrs and not any(
             TrialKey.SEED_CONFIG in t.user_attrs for t in study.get_trials(deepcopy=False))
 
@@ -254,8 +256,8 @@ class Driver:
             log.info("uniform int8 measured slower than the reference: the starting points keep "
                      "the reference's precisions")
         elif first_kept:
-            log.info("uniform int8 lost %.2f points (more than %g): the starting points keep "
-                     "the first layer at the reference's precision", lost,
+            log.info("uniform int8 lost %.2f %s points (more than %g): the starting points "
+                     "keep the first layer at the reference's precision", lost, self._metric,
                      self.settings.report_drop)
 
     def _start_trial(self) -> optuna.trial.TrialState | None:
@@ -338,8 +340,8 @@ class Driver:
                 and needed >= expected:
             return self._prune(trial, record, (
                 f"cannot reach the front at {record.latency.median_ms:.3f} ms: a trial at least "
-                f"as fast already has {needed:.2f}%, and a fine-tune is not expected to beat "
-                f"{expected:.2f}% ({why})"))
+                f"as fast already has {scored(needed, self._metric)}, and a fine-tune is not "
+                f"expected to beat {scored(expected, self._metric)} ({why})"))
         if self.settings.early_stopping:
             record.needed_accuracy = self._fine_tune_bar(needed)
         self._submit(self.executor.submit_finetune(record), trial, "finetune")

@@ -26,6 +26,7 @@ from typing import Any
 import optuna
 
 from search._base.attrs import StudyKey, TrialKey, constraint_values, record_attrs, reference_accuracy
+from search._base.names import scored
 from search._base.paths import model_path
 from search._base.records import Choices, LatencyStats, TrialRecord
 from search.config import SearchConfig
@@ -197,11 +198,13 @@ def _adopt(study: optuna.Study, source: optuna.trial.FrozenTrial, record: TrialR
            output_dir: Path) -> int | None:
     """Add the refinement as a trial when it beats its source; record it either way."""
     before = source.values[0] if source.values else None  # None: it was stopped early
-    was = f"{before:.2f}%" if before is not None else "stopped early"
+    metric = study.user_attrs.get(StudyKey.METRIC, {}).get("name", "accuracy")
+    was = scored(before, metric) if before is not None else "stopped early"
     if record.accuracy is None or (before is not None and record.accuracy <= before):
         _mark_refined(study, source.number, record)
-        log.info("trial %d refined to %.2f%% (was %s): kept as it was", source.number,
-                 record.accuracy or float("nan"), was)
+        log.info("trial %d refined to %s (was %s): kept as it was", source.number,
+                 scored(record.accuracy if record.accuracy is not None else float("nan"), metric),
+                 was)
         return None
     number = len(study.get_trials(deepcopy=False))
     path = model_path(output_dir, number)
@@ -230,8 +233,8 @@ def _adopt(study: optuna.Study, source: optuna.trial.FrozenTrial, record: TrialR
         params=params, distributions=distributions, values=[record.accuracy, _latency_ms(source)],
         user_attrs=attrs))
     _mark_refined(study, source.number, record)
-    log.info("trial %d refined to %.2f%% (was %s): added as trial %d", source.number,
-             record.accuracy, was, number)
+    log.info("trial %d refined to %s (was %s): added as trial %d", source.number,
+             scored(record.accuracy, metric), was, number)
     return number
 
 

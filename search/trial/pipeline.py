@@ -21,6 +21,7 @@ from torch import nn
 
 from search._base import faults as _faults
 from search._base.errors import TrialError
+from search._base.names import scored
 from search._base.records import Layer, TrialRecord
 from search.latency import Calibration, measure_latency, predict_latency
 from search.profiles import HardwareProfile, measurable_here
@@ -320,9 +321,11 @@ class _EarlyStop:
         remaining = self.epochs - epoch - 1
         reach = accuracy + remaining * max(gain, 1.0) + 1.0
         if reach < needed:
+            metric = self.task.metric_name
             self.record.stopped = (
-                f"after epoch {epoch + 1} of {self.epochs}: {accuracy:.2f}% on validation, at "
-                f"most about {reach:.2f}% reachable in its {self.epochs} epochs, {needed:.2f}% "
+                f"after epoch {epoch + 1} of {self.epochs}: {scored(accuracy, metric)} on "
+                f"validation, at most about {scored(reach, metric)} reachable in its "
+                f"{self.epochs} epochs, {scored(needed, metric)} "
                 "needed to reach the front (if it is faster than every trial within 10 "
                 "points, it gets a turn at the refinement's longer fine-tune)")
             return True
