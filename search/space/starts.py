@@ -61,7 +61,8 @@ def seeds(resolved: ResolvedSpace, *, reference_precisions: bool = False,
     """
     pruning, distil = resolved.space.pruning, resolved.space.distillation
     out: list[tuple[str, dict[str, Any]]] = []
-    kept = first_kept and not reference_precisions and _first_keepable(resolved)
+    kept = (first_kept and not reference_precisions and "teacher" in resolved.inits
+            and _first_keepable(resolved))
     if kept:
         out.append((f"int8-first-{kept}", {**_UNCOMPRESSED, **_channels(resolved, 0.0),
                                             **_keep_first(resolved, _int8_params(resolved))}))
