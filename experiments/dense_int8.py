@@ -23,6 +23,7 @@ from search.latency import measure_latency
 from search.profiles import load_profile
 from search.tasks import TaskOptions, load_task
 from search.tasks.detection import DetectionMetric
+from search.trial.compress.exact_int8 import exact_int8_twin, int8_saturates_here
 from search.trial.evaluate import onnx_score
 from search.trial.pipeline import compress, student_layers
 
@@ -58,7 +59,9 @@ def main() -> None:
     extra = None
     if isinstance(task.metric, DetectionMetric):
         at50 = DetectionMetric(task.metric.decoder, iou="0.5")
-        extra = ("mAP@.5 test", lambda r: onnx_score(r.onnx_model, task.test, at50, threads=2))
+        extra = ("mAP@.5 test", lambda r: onnx_score(
+            exact_int8_twin(r.onnx_model) if int8_saturates_here() else r.onnx_model,
+            task.test, at50, threads=2))
     rounds: dict[str, list[float]] = {name: [] for name in records}
     for _ in range(args.rounds):
         for name, r in records.items():

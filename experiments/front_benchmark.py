@@ -165,8 +165,10 @@ def _bootstrap_drop(task, reference: bytes, chosen: bytes, split, rounds: int = 
     import torch
 
     from search._base.ort import as_input, make_session
+    from search.trial.compress.exact_int8 import exact_int8_twin, int8_saturates_here
 
-    def outputs(model: bytes) -> torch.Tensor:
+    def outputs(model: bytes) -> torch.Tensor:  # scored as the product scores it
+        model = exact_int8_twin(model) if int8_saturates_here() else model
         session = make_session(model, threads=1, spinning=False)
         return torch.from_numpy(session.run(None, {"input": as_input(split.x.numpy())})[0])
 

@@ -22,6 +22,7 @@ from search.latency.calibration import (
 from search.profiles import HardwareProfile
 from search.results.tracking import Tracker
 from search.study.execution import device_reachable
+from search.trial.compress.exact_int8 import int8_saturates_here
 
 __all__ = ["latency_source", "self_calibrate"]
 
@@ -44,6 +45,10 @@ def latency_source(cfg: SearchConfig, profile: HardwareProfile, study: optuna.St
             " or choose another --study-name"
         )
     study.set_user_attr(StudyKey.LATENCY_SOURCE, source)
+    if int8_saturates_here():
+        log.info("accuracy: this CPU has no VNNI, and ONNX Runtime's uint8 x int8 kernels "
+                 "saturate on it; int8 models are scored through an exact twin (the same "
+                 "values as uint8 x uint8), as an int8 device computes them")
     if source == "measured":
         return source, None
     if profile.latency_model is None:

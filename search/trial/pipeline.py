@@ -42,6 +42,7 @@ from search.trial.compress import (
 from search.trial.compress._layers import observe
 from search.trial.compress.blocks import droppable_blocks, rank_blocks, remove_blocks
 from search.trial.compress.distill import feature_taps
+from search.trial.compress.exact_int8 import exact_int8_twin, int8_saturates_here
 from search.trial.compress.heads import prune_heads
 from search.trial.compress.prune import (
     attention_modules,
@@ -221,8 +222,10 @@ def _export_and_quantize(record: TrialRecord, task: Task, profile: HardwareProfi
 
 def _score(record: TrialRecord, task: Task, final: bytes, threads: int) -> None:
     with _stage(record, "evaluate"):
-        record.accuracy = onnx_score(final, task.val, task.metric, threads=threads)
-        record.test_accuracy = onnx_score(final, task.test, task.metric, threads=threads)
+        # what an int8 device computes, not what this CPU's saturating kernels would
+        scored_model = exact_int8_twin(final) if int8_saturates_here() else final
+        record.accuracy = onnx_score(scored_model, task.val, task.metric, threads=threads)
+        record.test_accuracy = onnx_score(scored_model, task.test, task.metric, threads=threads)
     record.onnx_model = final
     record.size_mb = len(final) / 1e6
 
