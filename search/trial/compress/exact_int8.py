@@ -56,4 +56,11 @@ def exact_int8_twin(model: bytes) -> bytes:
             shift(node.input[2])  # the zero point: activations follow it from int8 to uint8
             if node.op_type == "DequantizeLinear":
                 shift(node.input[0])  # stored int8 weights
-    return proto.SerializeToString() if shifted else model
+    if not shifted:
+        return model
+    graph = proto.graph
+    for info in (*graph.value_info, *graph.input, *graph.output):  # shape inference's types
+        tensor_type = info.type.tensor_type
+        if tensor_type.elem_type == onnx.TensorProto.INT8:
+            tensor_type.elem_type = onnx.TensorProto.UINT8
+    return proto.SerializeToString()

@@ -17,16 +17,21 @@ def _saturating_int8(activation_type: str = "uint8") -> tuple[bytes, np.ndarray]
     """A convolution whose int8 products, added in pairs, overflow 16 bits: large positive
     weights on inputs near the top of their range."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1)).eval()
-    with torch.no_grad():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 4, 3, padding=1)).eval()
+    with torch.no_grad():  # (two layers: the tensor between them has a declared int8 type)
         model[0].weight.uniform_(0.5, 1.0)
+        model[2].weight.uniform_(0.5, 1.0)
     x = torch.rand(8, 1, 8, 8) * 0.2 + 0.8
     fp32 = export_onnx(model, (1, 8, 8))
     names = onnx_node_names(onnx.load_from_string(fp32), compressible_layers(model, x[:1]))
-    plan = {"0": "int8"}
+    plan = {"0": "int8", "2": "int8"}
     choices = Choices(precisions=plan, calibration_samples=8, activation_type=activation_type,
                       activation_symmetric=activation_type == "int8")
-    return apply_precision_plan(fp32, plan, names, choices, x, reduce_range=False), x.numpy()
+    int8 = apply_precision_plan(fp32, plan, names, choices, x, reduce_range=False)
+    # with every tensor's type declared, as a shape-inferred model (t4-gpu's) has them
+    return onnx.shape_inference.infer_shapes(onnx.load_from_string(int8)).SerializeToString(), \
+        x.numpy()
 
 
 def _run(model: bytes, x: np.ndarray) -> np.ndarray:
