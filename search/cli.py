@@ -270,7 +270,7 @@ def _load_study(args: argparse.Namespace):  # noqa: ANN202
 
 def _report(args: argparse.Namespace) -> int:
     """``search report --study S``: the front table, from the Optuna storage alone."""
-    from search._base.attrs import StudyKey
+    from search._base.attrs import StudyKey, metric_name
     from search.config import REPORT_DROP
     from search.results.pareto import readable_front, trials_frame
 
@@ -279,7 +279,7 @@ def _report(args: argparse.Namespace) -> int:
     drop = study.user_attrs.get(StudyKey.MAX_ACCURACY_DROP)
     print(f"{args.study}: {len(df)} completed trials, front of {int(df['on_front'].sum())}")
     _print_front(readable_front(df, REPORT_DROP if drop is None else drop),
-                 (study.user_attrs.get(StudyKey.METRIC) or {}).get("name", "accuracy"))
+                 metric_name(study))
     return 0
 
 

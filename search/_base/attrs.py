@@ -16,7 +16,7 @@ import optuna
 from search._base.records import TrialRecord
 
 __all__ = ["COUNTED", "STALE", "StudyKey", "TrialKey", "constraint_values", "fail_stale",
-           "failure_reason", "n_constraints", "n_done", "record_attrs", "reference_accuracy"]
+           "failure_reason", "metric_name", "n_constraints", "n_done", "record_attrs", "reference_accuracy"]
 
 STALE = "driver stopped mid-trial"  # the reason of a trial a dead driver left RUNNING
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -120,6 +120,11 @@ def reference_accuracy(study: optuna.Study) -> float | None:
         if t.user_attrs.get(TrialKey.REFERENCE):
             return float(t.values[0])
     return None
+
+
+def metric_name(study: optuna.Study) -> str:
+    """The task's metric the study's accuracies are in ("accuracy", "mAP", "mIoU", ...)."""
+    return (study.user_attrs.get(StudyKey.METRIC) or {}).get("name", "accuracy")
 
 
 def n_constraints(study: optuna.Study) -> int:

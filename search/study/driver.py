@@ -34,6 +34,7 @@ from search._base.attrs import (
     StudyKey,
     TrialKey,
     constraint_values,
+    metric_name,
     n_constraints,
     n_done,
     record_attrs,
@@ -133,11 +134,11 @@ class Driver:
         # an enqueued baseline or seed is exactly what it says, whatever the space fixes
         # a resumed study pins its seeds at the precisions they were enqueued at
         seeded = study.user_attrs.get(StudyKey.SEEDED, "")
-        self._pinned = dict(baselines(resolved) + seeds(
-            resolved, reference_precisions=seeded == "reference",
-            first_kept=seeded == _FIRST_KEPT))
-        self._n_baselines = len(baselines(resolved))  # a time limit never cuts them
-        self._metric = study.user_attrs.get(StudyKey.METRIC, {}).get("name", "accuracy")
+        anchors = baselines(resolved)
+        self._pinned = dict(anchors + seeds(resolved, reference_precisions=seeded == "reference",
+                                            first_kept=seeded == _FIRST_KEPT))
+        self._n_baselines = len(anchors)  # a time limit never cuts them
+        self._metric = metric_name(study)
         self._seeds_pending = StudyKey.SEEDED not in study.user_attrs and not any(
             TrialKey.SEED_CONFIG in t.user_attrs for t in study.get_trials(deepcopy=False))
 

@@ -25,7 +25,14 @@ from typing import Any
 
 import optuna
 
-from search._base.attrs import StudyKey, TrialKey, constraint_values, record_attrs, reference_accuracy
+from search._base.attrs import (
+    StudyKey,
+    TrialKey,
+    constraint_values,
+    metric_name,
+    record_attrs,
+    reference_accuracy,
+)
 from search._base.names import scored
 from search._base.paths import model_path
 from search._base.records import Choices, LatencyStats, TrialRecord
@@ -198,7 +205,7 @@ def _adopt(study: optuna.Study, source: optuna.trial.FrozenTrial, record: TrialR
            output_dir: Path) -> int | None:
     """Add the refinement as a trial when it beats its source; record it either way."""
     before = source.values[0] if source.values else None  # None: it was stopped early
-    metric = study.user_attrs.get(StudyKey.METRIC, {}).get("name", "accuracy")
+    metric = metric_name(study)
     was = scored(before, metric) if before is not None else "stopped early"
     if record.accuracy is None or (before is not None and record.accuracy <= before):
         _mark_refined(study, source.number, record)
