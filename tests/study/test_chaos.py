@@ -137,7 +137,9 @@ def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fas
     import yaml
 
     profile = yaml.safe_load(fast_profile_path.read_text())
-    profile["measure"]["min_time_s"] = 2.0  # same name: the warm Ray's device resource
+    # same name: the warm Ray's device resource; one side-by-side round, as each of its
+    # measurements lasts 2 s too
+    profile["measure"].update(min_time_s=2.0, side_by_side_rounds=1)
     long_measure = slow_trials / "fast-host.yaml"
     long_measure.write_text(yaml.safe_dump(profile))
     killed: list[str] = []
@@ -167,7 +169,8 @@ def test_ray_workers_killed_mid_trial_still_end_with_the_budget(slow_trials, fas
     thread.start()
     try:
         config = SearchConfig(profile=str(long_measure), budget=3, runs_root=slow_trials,
-                              space="quick.yaml", study_name="worker-kill", parallel=1)
+                              space="quick.yaml", study_name="worker-kill", parallel=1,
+                              refine=0)  # refinement is not what a kill tests
         result = run_search(config, show_progress=False)
     finally:
         stop.set()
@@ -319,7 +322,8 @@ def test_disk_full_stops_clearly_and_a_rerun_finishes(slow_trials, fast_profile_
     _mount_tmpfs(small, "8m")
     try:
         storage = f"sqlite:///{slow_trials / 'search-runs' / 'optuna.db'}"
-        args = _command(fast_profile_path, 4, "full", "--output-dir", str(small / "out"))[3:]
+        args = _command(fast_profile_path, 4, "full", "--output-dir", str(small / "out"),
+                        "--refine", "0")[3:]
         filled: list[Path] = []
 
         def fill_after_two_trials() -> None:
@@ -405,14 +409,15 @@ def test_tracking_server_restarted_mid_study(slow_trials, fast_profile_path, mon
     try:
         helper.start()
         capsys.readouterr()
-        code = main(_command(fast_profile_path, 6, "outage", "--tracking-uri", tracking)[3:])
+        code = main(_command(fast_profile_path, 5, "outage", "--tracking-uri", tracking,
+                             "--refine", "0")[3:])
         helper.join(timeout=60)
         err = capsys.readouterr().err
         assert not errors, errors
         assert len(servers) == 2, "the study ended before the server was back"
         assert code == 0, err[-3000:]
         assert "unreachable" in err or "logged later" in err
-        assert len(_trials(storage, "outage", COMPLETE)) == 6
+        assert len(_trials(storage, "outage", COMPLETE)) == 5
         _assert_mlflow_matches(tracking, storage, "outage")
         parents, _ = _children_runs(tracking)
         client = MlflowClient(tracking)
