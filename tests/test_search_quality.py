@@ -151,7 +151,7 @@ def test_nsga2_and_gp_drive_a_real_study(name, tmp_path, fast_profile_path, quic
     result = run_search(SearchConfig(profile=str(fast_profile_path), budget=budget,
                                      runs_root=tmp_path,
                                      space=quick_space, study_name=name, sampler=name,
-                                     latency="predict", early_stopping=False),
+                                     latency="predict", early_stopping=False, refine=0),
                         show_progress=False)
     assert sorted(result.trials["trial"]) == list(range(budget))
     assert result.trials["on_front"].any()

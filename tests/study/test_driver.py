@@ -74,7 +74,7 @@ def test_parallel_two_on_one_node_runs_trials_together(tmp_path, fast_profile_pa
     start..complete intervals overlap), and the budget is met with no trial doubled."""
     result = run_search(SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=tmp_path,
                                      space=quick_space, study_name="two", latency="predict",
-                                     parallel=2), show_progress=False)
+                                     parallel=2, refine=0), show_progress=False)
     assert sorted(result.trials["trial"]) == [0, 1, 2]
     study = optuna.load_study(study_name="two",
                               storage=f"sqlite:///{(tmp_path / 'optuna.db').resolve()}")

@@ -124,7 +124,8 @@ def test_a_fault_in_each_stage_fails_that_trial_and_the_study_goes_on(tmp_path, 
     monkeypatch.setenv("SEARCH_FAULTS", ",".join(f"{s}@{n}" for s, n in faults.items()))
     (tmp_path / "quick.yaml").write_text(QUICK_SPACE)
     config = SearchConfig(profile=str(fast_profile_path), budget=3, runs_root=tmp_path,
-                          space=str(tmp_path / "quick.yaml"), study_name="faulty", parallel=1)
+                          space=str(tmp_path / "quick.yaml"), study_name="faulty", parallel=1,
+                          refine=0)
     result = run_search(config, show_progress=False)
     from search.profiles import load_profile, measurable_here
 

@@ -15,6 +15,7 @@ from search.tasks.digits import glyph_splits
 from search.tasks.segmentation import MeanIoU
 from search.trial.compress.prune import output_layers, prune_structured
 from tests.support.dense_families import fcos_small
+from tests.support.helpers import write_space
 
 
 def test_canvases_boxes_hold_their_masks():
@@ -95,15 +96,17 @@ def test_a_users_detector_runs_a_study_end_to_end(tmp_path, fast_profile_path, m
                                                   capsys):
     """A detector plugin unlike the bundled one (its own backbone, torchvision's FPN over two
     levels, a one-conv GroupNorm FCOS head, 32x32 canvases), through the command: every
-    trial completes, and every output names the metric."""
+    trial completes, and every output names the metric. The default space but for
+    fine-tunes of at most one epoch (distillation on dense outputs runs all the same)."""
     from search.cli import main
 
     monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, "one-epoch", distillation={"epochs": {"low": 0, "high": 1}})
     capsys.readouterr()
     code = main(["--task", "tests.support.dense_families:make_detector_task",
                  "--profile", str(fast_profile_path), "--budget", "6", "--teacher-epochs", "8",
-                 "--refine", "1", "--refine-epochs", "1", "--quiet"])
+                 "--space", space, "--refine", "1", "--refine-epochs", "1", "--quiet"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     study = tmp_path / "search-runs" / "tests.support.dense_families.make_detector_task-fast-host"
