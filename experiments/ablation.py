@@ -18,7 +18,7 @@ hypervolume, the share of trial time at which 90 % of it was reached, and the wa
 its oracle floor. The table gives the median over seeds with the range.
 
     python experiments/ablation.py --profile host --budget 20 --seeds 0 1 2 \\
-        --families digits digits/mobilenet_v3_small signals/transformer
+        --families digits digits/mobilenet_v2 signals/transformer
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--families", nargs="+", default=["digits"],
-                        help="task or task/arch, e.g. digits/mobilenet_v3_small")
+                        help="task or task/arch, e.g. digits/mobilenet_v2")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--drop", type=float, default=1.0)
     parser.add_argument("--runs-root", type=Path)
@@ -92,8 +92,8 @@ def main() -> None:
     print(f"\nmedian (range) over seeds {' '.join(map(str, args.seeds))}; budget {args.budget}; "
           f"profile {args.profile}; selection on validation within {args.drop:g} point(s)\n")
     print("| family | variant | best within drop, x fp32 | test drop | misses on test | "
-          "hypervolume | 90 % of it at | trials | wall s | waste / floor / excess % |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "hypervolume | 90 % of it at | trials | wall s | waste / floor / excess % | oracle-savable % |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (family, name), rows in table.items():
         misses = sum("speedup" not in r or r["test_drop"] > args.drop + 1e-9 for r in rows)
         cells = [family, name,
@@ -105,7 +105,8 @@ def main() -> None:
                  _median_range([r["n_done"] for r in rows], ".0f"),
                  _median_range([r["wall_s"] for r in rows], ".0f"),
                  " / ".join(_median_range([100 * r[k] for r in rows], ".0f")
-                            for k in ("wasted", "floor", "excess"))]
+                            for k in ("wasted", "floor", "excess")),
+                 _median_range([100 * r["savable"] for r in rows], ".0f")]
         print("| " + " | ".join(cells) + " |")
     print(f"studies under {root}")
 
