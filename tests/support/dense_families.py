@@ -148,7 +148,7 @@ def make_detector_task(seed: int, options):  # noqa: ANN001, ANN201 - a --task p
 
     glyphs, _ = glyph_splits()
     parts = {}
-    for i, (name, n) in enumerate((("train", 800), ("val", 150), ("test", 150))):
+    for i, (name, n) in enumerate((("train", 480), ("val", 120), ("test", 120))):
         images, labels = glyphs[name]
         keep = labels < DET_CLASSES
         c = make_canvases(images[keep], labels[keep], n, 32, seed=300 + i, scale=(10, 16))
@@ -157,7 +157,7 @@ def make_detector_task(seed: int, options):  # noqa: ANN001, ANN201 - a --task p
     decoder = FCOSDecoder(DET_CLASSES, (32, 32), tuple(sizes), anchor_sizes=(4, 8))
     recipe = TrainSettings(epochs=options.teacher_epochs or 8, batch_size=32, lr=3e-3, shift=0)
     state, info = cached_teacher(
-        "tiny-fcos-digits", {"version": 1, "seed": seed, **recipe.as_dict()},
+        "tiny-fcos-digits", {"version": 2, "seed": seed, **recipe.as_dict()},
         lambda: train_classifier(tiny_fcos, parts["train"], recipe, seed, loss=decoder.loss))
     return Task(name="tiny-fcos-digits", make_model=tiny_fcos, teacher_state=state,
                 train=parts["train"], val=parts["val"], test=parts["test"],
