@@ -85,8 +85,9 @@ def _time_shares(study: optuna.Study, df: pd.DataFrame, drop: float) -> dict[str
         train["useful" if kind == "front" else "wasted"] += \
             t.user_attrs.get(TrialKey.TIMINGS, {}).get("train", 0.0)
         if kind != "front" and TrialKey.CACHED_FROM not in t.user_attrs:  # a cached trial cost nothing
-            screening += _screen_seconds(t)
-            beyond += max(_trial_seconds(t) - _screen_seconds(t), 0.0)
+            screened = _screen_seconds(t)
+            screening += screened
+            beyond += max(_trial_seconds(t) - screened, 0.0)
     total = sum(seconds.values())
     shares = {k: v / total if total else float("nan") for k, v in seconds.items()}
     shares["dominated"] += shares["near"]

@@ -21,7 +21,7 @@ _RANK = list(PRECISIONS)  # least to most compressed
 
 # A start's fine-tune is a screen, not its last word: the refinement after the budget gives
 # the front's members 12 epochs. With 3 epochs here, the starts of budget-50 studies of the
-# default task ended dominated by refined faster trials, 6-7 % of the trial time each
+# default task ended dominated by refined faster trials, 6-8 % of the trial time each
 _START_EPOCHS = 1
 
 _UNCOMPRESSED: dict[str, Any] = {
